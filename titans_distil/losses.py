@@ -71,32 +71,42 @@ class TopKTeacher:
         return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
 
 
+def _chunk_losses(logits, target, teacher, rows, kind, temperature):
+    """Summed KD divergence and cross-entropy of one chunk of rows (fp32 logits)."""
+    ce = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+    if teacher is None:
+        return logits.new_zeros(()), ce
+    kd = (teacher.divergence(logits, rows, kind, temperature) * (target != IGNORE_INDEX)).sum()
+    return kd, ce
+
+
 class _ChunkedDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, head_weight, labels, teacher, kind, temperature, alpha, chunk_size):
-        grad_hidden = torch.zeros_like(hidden)
+        track = hidden.requires_grad or head_weight.requires_grad
+        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
         grad_weight = torch.zeros_like(head_weight) if head_weight.requires_grad else None
         n_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)
         kd_total = hidden.new_zeros((), dtype=torch.float32)
         ce_total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            with torch.enable_grad():
-                chunk = hidden[rows].detach().requires_grad_(True)
+            with torch.enable_grad() if track else torch.no_grad():
+                chunk = hidden[rows].detach().requires_grad_(grad_hidden is not None)
                 weight = head_weight.detach().requires_grad_(grad_weight is not None)
-                logits = (chunk @ weight.T).float()
-                target = labels[rows]
-                kd = (teacher.divergence(logits, rows, kind, temperature) * (target != IGNORE_INDEX)).sum()
-                ce = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+                kd, ce = _chunk_losses((chunk @ weight.T).float(), labels[rows], teacher, rows, kind, temperature)
                 loss = (alpha * temperature**2 * kd + (1.0 - alpha) * ce) / n_tokens
-            wrt = (chunk, weight) if grad_weight is not None else (chunk,)
-            grads = torch.autograd.grad(loss, wrt)
-            grad_hidden[rows] = grads[0]
-            if grad_weight is not None:
-                grad_weight += grads[1]
+            if track:
+                wrt = [t for t in (chunk, weight) if t.requires_grad]
+                grads = list(torch.autograd.grad(loss, wrt))
+                if grad_hidden is not None:
+                    grad_hidden[rows] = grads.pop(0)
+                if grad_weight is not None:
+                    grad_weight += grads.pop(0)
             kd_total += kd.detach()
             ce_total += ce.detach()
-        ctx.save_for_backward(grad_hidden, *(() if grad_weight is None else (grad_weight,)))
+        ctx.has_grad = (grad_hidden is not None, grad_weight is not None)
+        ctx.save_for_backward(*[g for g in (grad_hidden, grad_weight) if g is not None])
         kd_mean, ce_mean = kd_total / n_tokens, ce_total / n_tokens
         loss = alpha * temperature**2 * kd_mean + (1.0 - alpha) * ce_mean
         ctx.mark_non_differentiable(kd_mean, ce_mean)
@@ -104,16 +114,17 @@ class _ChunkedDistillation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        grads = ctx.saved_tensors
-        grad_weight = grads[1] * grad_loss if len(grads) > 1 else None
-        return grads[0] * grad_loss, grad_weight, None, None, None, None, None, None
+        saved = iter(ctx.saved_tensors)
+        grad_hidden = next(saved) * grad_loss if ctx.has_grad[0] else None
+        grad_weight = next(saved) * grad_loss if ctx.has_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def distillation_loss(
     student_hidden: torch.Tensor,
     head_weight: torch.Tensor,
     labels: torch.Tensor,
-    teacher: DenseTeacher | TopKTeacher,
+    teacher: DenseTeacher | TopKTeacher | None,
     *,
     kind: str = "kl",
     temperature: float = 1.0,
@@ -123,7 +134,7 @@ def distillation_loss(
     """(loss, mean KD divergence, mean cross-entropy) over the positions whose label is not -100.
 
     `student_hidden` is (N, H) (flatten batch and time first), `labels` (N,) the next-token ids, and the
-    teacher's rows line up with the student's.
+    teacher's rows line up with the student's. `teacher=None` gives plain cross-entropy (KD term 0).
     """
     if kind not in KD_KINDS:
         raise ValueError(f"unknown KD loss {kind!r}; choose one of {', '.join(KD_KINDS)}")

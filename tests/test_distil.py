@@ -1,0 +1,159 @@
+"""End-to-end distillation runs through the CLI: resume after SIGKILL, multi-process, bad input, offline cache."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from titans_distil.cli import distil
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def tiny_args(teacher, corpus, out, name, *extra):
+    return ["--teacher", str(teacher), "--data", str(corpus), "--student-layers", "2", "--max-length", "32",
+            "--batch-size", "2", "--validation-fraction", "0.2", "--eval-batches", "2", "--precision", "fp32",
+            "--output-dir", str(out), "--run-name", name, *map(str, extra)]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def run_cli(*args, env_extra=None, launcher=(PY, str(ROOT / "distil.py"))):
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([*launcher, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+
+
+def test_sigkill_and_resume_reproduces_uninterrupted_losses(tiny_teacher_dir, small_corpus, tmp_path):
+    common = ("--max-steps", 8, "--save-every", 3, "--eval-every", 0, "--lr", "3e-3")
+    full = run_cli(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "full", *common))
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([PY, str(ROOT / "distil.py"), *tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "killed", *common)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoints" / "step-000003"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists() and not (tmp_path / "killed" / "final").exists(), "the run must be killed mid-way"
+
+    resumed = run_cli(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "killed", *common, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed" in resumed.stdout + resumed.stderr
+    want, got = losses(tmp_path / "full"), losses(tmp_path / "killed")
+    assert sorted(got) == list(range(1, 9))
+    assert got == want  # bit-identical per-step losses
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_teacher_dir, small_corpus, tmp_path):
+    common = ("--max-steps", 3, "--save-every", 0, "--eval-every", 0, "--lr", "3e-3")
+    one = run_cli(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "one", *common))
+    assert one.returncode == 0, one.stderr[-2000:]
+    args = tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "two", *common)
+    args[args.index("--batch-size") + 1] = "1"  # 2 processes x 1 = the single process's batch of 2
+    launch = [PY, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+    two = run_cli(*args, launcher=[*launch, "--multi_gpu", str(ROOT / "distil.py")])  # gloo on a CPU-only host
+    assert two.returncode == 0, two.stderr[-3000:]
+    want, got = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(got) == [1, 2, 3]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-4)
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["val_ppl"] == pytest.approx(json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])["val_ppl"], rel=1e-5)
+    # Accelerate's --cpu launcher starts one process without MPI: refused instead of silently training alone.
+    alone = run_cli(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "alone", *common), launcher=[*launch, "--cpu", str(ROOT / "distil.py")])
+    assert alone.returncode != 0 and "started a single process (Accelerate needs MPI for that)" in alone.stderr
+
+
+def invoke(*args):
+    result = CliRunner().invoke(distil, [str(a) for a in args])
+    return result.exit_code, result.output.strip()
+
+
+def test_bad_input_is_one_line_error_and_touches_nothing(tiny_teacher_dir, small_corpus, tmp_path):
+    base = tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "r", "--max-steps", 1)
+    # A foreign run in the way: refused, files untouched.
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text('{"precious": true}')
+    code, out = invoke(*base)
+    assert code == 1 and out == f"Error: {tmp_path / 'r'} already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another --run-name"
+    assert (tmp_path / "r" / "config.json").read_text() == '{"precious": true}'
+    # Resume with a different config.
+    (tmp_path / "r" / "config.json").write_text(json.dumps({"teacher": "other"}))
+    code, out = invoke(*base, "--resume")
+    assert code == 1 and "was started with a different config (teacher: run has 'other'" in out and "\n" not in out
+
+    cases = [
+        (["--teacher", str(tmp_path / "nope")], "does not exist; pass an existing folder, a .gguf file, a Hub id or 'embedded'"),
+        (["--max-length", "4096"], "--max-length 4096 exceeds the teacher's 1024 positions; pass --max-length 1024 or less"),
+        (["--data", str(tmp_path / "empty")], "empty"),
+        (["--data", str(tmp_path / "short")], "fewer than --max-length 32; use a larger --data or a smaller --max-length"),
+        (["--student-layers", "9"], "--student-layers 9 is out of range; the teacher has 4 layers"),
+    ]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "short").mkdir()
+    for name in "abcde":
+        (tmp_path / "short" / f"{name}.txt").write_text("print('hello')\n")
+    for extra, message in cases:
+        code, out = invoke(*base, "--run-name", "fresh", *extra)
+        assert code == 1 and message in out and "\n" not in out, (extra, out)
+        assert not (tmp_path / "fresh").exists()
+    for flag, value in [("--lr", "-1"), ("--batch-size", "0"), ("--alpha", "1.5"), ("--loss", "mse")]:
+        code, out = invoke(*base, flag, value)
+        assert code == 2 and f"Invalid value for '{flag}'" in out
+
+
+def test_tokenizer_larger_than_teacher_vocab_is_refused(tiny_teacher_dir, small_corpus, tmp_path):
+    small_vocab = tmp_path / "small-vocab"
+    config = LlamaConfig(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    LlamaForCausalLM(config).save_pretrained(small_vocab)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (small_vocab / name).write_bytes((tiny_teacher_dir / name).read_bytes())
+    code, out = invoke(*tiny_args(small_vocab, small_corpus, tmp_path, "v", "--max-steps", 1))
+    assert code == 1 and out == "Error: the teacher's tokenizer has 49152 tokens but its embeddings only 1000; use the tokenizer that belongs to this teacher"
+
+
+def test_teacher_cache_trains_without_the_teacher(tiny_teacher_dir, small_corpus, tmp_path):
+    data = ["--teacher", str(tiny_teacher_dir), "--data", str(small_corpus), "--max-length", "32", "--validation-fraction", "0.2",
+            "--max-train-blocks", "8", "--precision", "fp32"]
+    code, out = invoke("cache-teacher", *data, "--output", tmp_path / "cache", "--top-k", "16", "--blocks-per-shard", "3")
+    assert code == 0, out
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["n_blocks"] == 8 and len(manifest["shards"]) == 3 and manifest["top_k"] == 16
+    args = [*data, "--student-layers", "2", "--batch-size", "2", "--max-steps", "2", "--eval-batches", "1",
+            "--output-dir", tmp_path, "--teacher-cache", tmp_path / "cache"]
+    code, out = invoke(*args, "--run-name", "cached")
+    assert code == 0, out
+    assert len(losses(tmp_path / "cached")) == 2
+    code, out = invoke(*args, "--run-name", "jsd", "--loss", "jsd")
+    assert code == 1 and "a --teacher-cache holds only top-k logits, use --loss kl" in out
+    code, out = invoke(*[a if a != "32" else "16" for a in map(str, args)], "--run-name", "len")
+    assert code == 1 and "was made with max_length=32, this run uses 16" in out
+
+
+@pytest.mark.slow
+def test_few_steps_on_the_embedded_teacher(embedded_dir, small_corpus, tmp_path):
+    result = run_cli("--data", small_corpus, "--student-layers", "3", "--max-length", "128", "--batch-size", "2", "--max-steps", "3",
+                     "--eval-every", "3", "--eval-batches", "1", "--output-dir", tmp_path, "--run-name", "e2e")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "e2e" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["teacher_val_ppl"] < rows[0]["val_ppl"]  # a 3-layer cut of the teacher starts worse than it
+    assert all(torch.isfinite(torch.tensor(r.get("loss", 0.0))) for r in rows)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "e2e" / "final")
+    assert student.config.num_hidden_layers == 3 and student.config.teacher_layers == [0, 14, 29]
+    assert f"student saved to {tmp_path / 'e2e' / 'final'}" in result.stdout

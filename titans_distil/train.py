@@ -1,0 +1,323 @@
+"""The distillation loop: teacher and student over packed token blocks, through Accelerate.
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` blocks per process. Every process draws the
+same global batch of block indices from a seeded, resumable sampler and keeps its own slice, so the data
+order does not depend on the process count and a resumed run sees exactly the blocks it would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from . import checkpoint as ckpt
+from .data import BlockSampler, load_blocks
+from .errors import UserError
+from .losses import DenseTeacher, distillation_loss
+from .student import build_student, pick_layers
+from .teacher import load_teacher, load_teacher_config
+from .teacher_cache import TeacherCache
+
+# Fields that may differ when a run is resumed; every other field must match the run's config.json.
+RESUMABLE_FIELDS = {"max_steps", "num_epochs", "eval_every", "eval_batches", "save_every", "tracker", "resume", "overwrite"}
+
+
+@dataclass
+class DistilConfig:
+    teacher: str = "embedded"
+    data: str = "stdlib"
+    student_layers: str = "6"
+    use_mac: bool = False
+    segment_len: int = 256
+    persistent_tokens: int = 16
+    memory_layers: str | None = None
+    memory_chunk_size: int = 64
+    memory_depth: int = 2
+    update_rule: str = "surprise"
+    max_length: int = 512
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_steps: int | None = None
+    num_epochs: float | None = None
+    lr: float = 5e-4
+    warmup: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    temperature: float = 1.0
+    alpha: float = 0.9
+    loss: str = "kl"
+    kd_chunk_size: int = 256
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    teacher_cache: str | None = None
+    max_train_blocks: int | None = None
+    validation_fraction: float = 0.05
+    run_name: str = "student"
+    output_dir: str = "runs"
+    resume: bool = False
+    overwrite: bool = False
+    seed: int = 0
+    tracker: str = "none"
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 100
+
+    def identity(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE_FIELDS}
+
+    def mac_settings(self) -> dict | None:
+        if not self.use_mac:
+            return None
+        settings = {
+            "segment_len": self.segment_len,
+            "num_persistent_tokens": self.persistent_tokens,
+            "memory_chunk_size": self.memory_chunk_size,
+            "memory_depth": self.memory_depth,
+            "update_rule": self.update_rule,
+        }
+        if self.memory_layers is not None:
+            settings["memory_layers"] = [int(i) for i in self.memory_layers.split(",") if i.strip()]
+        return settings
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' means bf16 where the hardware has it (CUDA with bf16, or a CPU with AVX-512 bf16 / AMX)."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    cpu_flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "bf16" if ("avx512_bf16" in cpu_flags or "amx_bf16" in cpu_flags) else "fp32"
+
+
+def has_accelerator() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
+
+
+def check_launch_environment() -> None:
+    """`accelerate launch --cpu --num_processes N` (N > 1) starts ONE process unless MPI is set up; say so."""
+    env = os.environ
+    asked_for_many = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and "MASTER_ADDR" in env
+    started_many = any(k in env for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if asked_for_many and not started_many:
+        raise UserError("`accelerate launch --cpu --num_processes N` started a single process (Accelerate needs MPI for that); "
+                        "use `accelerate launch --multi_gpu --num_processes N distil.py ...` or `torchrun --nproc_per_node N distil.py ...`, which run over gloo on CPU")
+
+
+def prepare_run_dir(cfg: DistilConfig, is_main: bool) -> Path:
+    """Refuse to clobber another run; on --resume insist the config is the same."""
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    config_file = run_dir / "config.json"
+    if cfg.resume:
+        if not config_file.is_file():
+            raise UserError(f"--resume: {run_dir} holds no run to resume; drop --resume to start it")
+        saved = json.loads(config_file.read_text())
+        diff = {k: (saved.get(k), v) for k, v in cfg.identity().items() if saved.get(k) != v}
+        if diff:
+            shown = ", ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in list(diff.items())[:3])
+            raise UserError(f"--resume: {run_dir} was started with a different config ({shown}); use the same flags or a new --run-name")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.overwrite:
+            raise UserError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another --run-name")
+        if is_main:
+            shutil.rmtree(run_dir)
+    return run_dir
+
+
+class Distiller(torch.nn.Module):
+    """Student + loss in one module, so DDP sees the whole student forward (including the chunked head)."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+
+    def forward(self, input_ids, teacher_targets, *, kind, temperature, alpha, chunk_size):
+        out = self.student.model(input_ids=input_ids)
+        hidden = out.last_hidden_state[:, :-1].reshape(-1, out.last_hidden_state.shape[-1])
+        labels = input_ids[:, 1:].reshape(-1)
+        loss, kd, ce = distillation_loss(
+            hidden, self.student.lm_head.weight, labels, teacher_targets,
+            kind=kind, temperature=temperature, alpha=alpha, chunk_size=chunk_size,
+        )
+        return loss, kd, ce, getattr(out, "memory_stats", None) or {}
+
+
+def teacher_targets(teacher, input_ids: torch.Tensor) -> DenseTeacher:
+    with torch.inference_mode():
+        hidden = teacher.model(input_ids=input_ids).last_hidden_state[:, :-1]
+    return DenseTeacher(hidden.reshape(-1, hidden.shape[-1]), teacher.lm_head.weight)
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, batch_size: int, accelerator: Accelerator, chunk_size: int) -> float:
+    """exp(mean next-token cross-entropy) over `blocks`, computed with the chunked head (no full logits)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids = blocks[start:start + batch_size].to(accelerator.device)
+        with accelerator.autocast():
+            hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+            _, _, ce = distillation_loss(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, ids[:, 1:].reshape(-1), None, alpha=0.0, chunk_size=chunk_size)
+        n = ids[:, 1:].numel()
+        total, count = total + ce.item() * n, count + n
+    model.train(was_training)
+    return math.exp(total / max(count, 1))
+
+
+def distil(cfg: DistilConfig) -> Path:
+    """Run (or resume) a distillation; return the folder holding the final student."""
+    precision = resolve_precision(cfg.precision)
+    check_launch_environment()
+    accelerator = Accelerator(
+        # cpu=True on hosts without an accelerator: Accelerate then joins torchrun's processes over gloo
+        # (with cpu=False it would treat each of them as a lone single-process run).
+        cpu=not has_accelerator(), mixed_precision="no" if precision == "fp32" else precision,
+        log_with=None if cfg.tracker == "none" else cfg.tracker, project_dir=cfg.output_dir,
+    )
+    is_main = accelerator.is_main_process
+    # Validate everything cheap before touching the run folder.
+    teacher_config = load_teacher_config(cfg.teacher)
+    if cfg.max_length > teacher_config.max_position_embeddings:
+        raise UserError(f"--max-length {cfg.max_length} exceeds the teacher's {teacher_config.max_position_embeddings} positions; pass --max-length {teacher_config.max_position_embeddings} or less")
+    layers = pick_layers(teacher_config.num_hidden_layers, cfg.student_layers)
+    if cfg.teacher_cache and cfg.loss != "kl":
+        raise UserError(f"--loss {cfg.loss} needs the full teacher distribution; a --teacher-cache holds only top-k logits, use --loss kl")
+    run_dir = prepare_run_dir(cfg, is_main)
+    accelerator.wait_for_everyone()
+
+    set_seed(cfg.seed)
+    teacher_dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+    teacher, tokenizer = load_teacher(cfg.teacher)  # fp32: the student starts from exact teacher weights
+    if len(tokenizer) > teacher.config.vocab_size:
+        raise UserError(f"the teacher's tokenizer has {len(tokenizer)} tokens but its embeddings only {teacher.config.vocab_size}; use the tokenizer that belongs to this teacher")
+    with accelerator.main_process_first():
+        train_blocks = load_blocks(cfg.data, tokenizer, cfg.max_length, "train", seed=cfg.seed, validation_fraction=cfg.validation_fraction, max_blocks=cfg.max_train_blocks)
+        val_blocks = load_blocks(cfg.data, tokenizer, cfg.max_length, "validation", seed=cfg.seed, validation_fraction=cfg.validation_fraction, max_blocks=cfg.eval_batches * cfg.batch_size * accelerator.num_processes)
+    cache = None
+    if cfg.teacher_cache:
+        cache = TeacherCache(cfg.teacher_cache)
+        cache.check_compatible(cfg, tokenizer, len(train_blocks))
+    student = build_student(teacher, layers, cfg.mac_settings())
+    teacher.to(teacher_dtype)
+    if cache is not None:
+        del teacher  # the cache stands in for the teacher: it is never run
+        teacher = None
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    student.train()
+
+    global_batch = cfg.batch_size * accelerator.num_processes
+    sampler = BlockSampler(len(train_blocks), global_batch, seed=cfg.seed)
+    steps_per_epoch = max(len(sampler) // cfg.grad_accum, 1)
+    total_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil((cfg.num_epochs or 1.0) * steps_per_epoch)
+
+    distiller = Distiller(student)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup, total_steps)
+    distiller, optimizer = accelerator.prepare(distiller, optimizer)
+    if teacher is not None:
+        teacher.to(accelerator.device)
+
+    step, metrics_file = 0, run_dir / "metrics.jsonl"
+    if cfg.resume and (latest := ckpt.latest_checkpoint(run_dir)) is not None:
+        state = ckpt.load_checkpoint(latest, accelerator.unwrap_model(distiller).student, optimizer)
+        step = state["step"]
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        if is_main:  # forget metrics logged after the checkpoint: those steps run again
+            kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= step] if metrics_file.exists() else []
+            metrics_file.write_text("".join(line + "\n" for line in kept))
+        accelerator.print(f"resumed {run_dir} from {latest.name}")
+    elif is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "teacher_layers": layers, "precision_resolved": precision}, indent=2))
+        metrics_file.write_text("")
+    if cfg.tracker != "none":
+        accelerator.init_trackers(cfg.run_name, config={k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
+
+    def log(record: dict) -> None:
+        if is_main:
+            with open(metrics_file, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if cfg.tracker != "none":
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def evaluate() -> dict:
+        unwrapped = accelerator.unwrap_model(distiller).student
+        record = {"val_ppl": perplexity(unwrapped, val_blocks, cfg.batch_size, accelerator, cfg.kd_chunk_size)}
+        if not cfg.resume and step == 0 and teacher is not None:
+            record["teacher_val_ppl"] = perplexity(teacher, val_blocks, cfg.batch_size, accelerator, cfg.kd_chunk_size)
+        return record
+
+    if step == 0:
+        log({"step": 0, **evaluate()})
+    batches = sampler.forever()
+    rank = accelerator.process_index
+    bar = tqdm(total=total_steps, initial=step, desc=f"distil {cfg.run_name}", unit="step", disable=not is_main, dynamic_ncols=True)
+    tokens_per_step = global_batch * cfg.grad_accum * cfg.max_length
+    while step < total_steps:
+        started = time.perf_counter()
+        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+        stats_sum: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            indices = next(batches)
+            ids = train_blocks[indices[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]].to(accelerator.device)
+            if cache is not None:
+                targets = cache.targets(indices[rank * cfg.batch_size:(rank + 1) * cfg.batch_size], accelerator.device)
+            else:
+                targets = teacher_targets(teacher, ids)
+            sync = micro == cfg.grad_accum - 1
+            with accelerator.no_sync(distiller) if not sync else contextlib.nullcontext(), accelerator.autocast():
+                loss, kd, ce, stats = distiller(ids, targets, kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha, chunk_size=cfg.kd_chunk_size)
+                accelerator.backward(loss / cfg.grad_accum)
+            for key, value in (("loss", loss), ("kd", kd), ("ce", ce)):
+                totals[key] += accelerator.reduce(value.detach(), "mean").item() / cfg.grad_accum
+            for key, value in stats.items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + float(value) / cfg.grad_accum
+        grad_norm = accelerator.clip_grad_norm_(distiller.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.perf_counter() - started
+        record = {"step": step, **{k: round(v, 6) for k, v in totals.items()}, "lr": scheduler.get_last_lr()[0],
+                  "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(tokens_per_step / elapsed, 1),
+                  **{f"mem_{k}": round(v, 6) for k, v in stats_sum.items()}}
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
+            record.update(evaluate())
+        log(record)
+        bar.set_postfix({"loss": f"{totals['loss']:.3f}", "kd": f"{totals['kd']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}",
+                         **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}),
+                         **({"surprise": f"{stats_sum['surprise_norm']:.3g}"} if "surprise_norm" in stats_sum else {})})
+        bar.update(1)
+        if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
+            accelerator.wait_for_everyone()
+            if is_main:
+                ckpt.save_checkpoint(run_dir, step, accelerator.unwrap_model(distiller).student, optimizer,
+                                     {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()})
+    bar.close()
+
+    final = run_dir / "final"
+    accelerator.wait_for_everyone()
+    if is_main:
+        student = accelerator.unwrap_model(distiller).student
+        student.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+    accelerator.end_training()
+    return final
