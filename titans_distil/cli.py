@@ -27,11 +27,9 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .data import DataError
-
         try:
             return fn(*args, **kwargs)
-        except (UserError, DataError) as err:
+        except UserError as err:
             raise click.ClickException(str(err)) from None
 
     return wrapper

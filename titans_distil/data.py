@@ -61,6 +61,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import UserError
+
 __all__ = [
     "DEFAULT_DATA_SPEC",
     "DEFAULT_HUB_MAX_DOCUMENTS",
@@ -104,7 +106,7 @@ _ROW_FIELDS = ("text", "content", "code")
 _NUMBER_RE = re.compile(r"[-+]?(?:\d[\d_]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf|infinity)", re.I)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data problem the user can fix; the message is one line naming the problem and the fix."""
 
 
