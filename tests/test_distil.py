@@ -35,8 +35,12 @@ def run_cli(*args, env_extra=None, launcher=(PY, str(ROOT / "distil.py"))):
     return subprocess.run([*launcher, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
 
 
-def test_sigkill_and_resume_reproduces_uninterrupted_losses(tiny_teacher_dir, small_corpus, tmp_path):
-    common = ("--max-steps", 8, "--save-every", 3, "--eval-every", 0, "--lr", "3e-3")
+MAC_FLAGS = ("--use-mac", "--segment-len", 16, "--memory-chunk-size", 8, "--persistent-tokens", 4, "--memory-layers", "1")
+
+
+@pytest.mark.parametrize("student", ["llama", "mac"])
+def test_sigkill_and_resume_reproduces_uninterrupted_losses(tiny_teacher_dir, small_corpus, tmp_path, student):
+    common = ("--max-steps", 8, "--save-every", 3, "--eval-every", 0, "--lr", "3e-3", *(MAC_FLAGS if student == "mac" else ()))
     full = run_cli(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "full", *common))
     assert full.returncode == 0, full.stderr[-2000:]
 

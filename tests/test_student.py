@@ -47,3 +47,19 @@ def test_teacher_errors(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(UserError, match="is a 'gpt2' model; the student is built from Llama layers"):
         load_teacher(str(tmp_path))
+
+
+@pytest.mark.parametrize("rule", ["surprise", "ema"])
+def test_mac_student_of_the_embedded_teacher_stays_finite_on_real_code(embedded_dir, rule):
+    """Regression: real hidden states share a dominant direction; the default memory rates must not diverge."""
+    from titans_distil.data import load_blocks
+
+    teacher, tokenizer = load_teacher("embedded")
+    student = build_student(teacher, [0, 6, 12, 17, 23, 29], {"segment_len": 256}).eval()
+    assert student.config.memory_layers  # the default places memory in some layers
+    ids = load_blocks("stdlib", tokenizer, 2048, "validation", max_blocks=1)
+    with torch.no_grad():
+        out = student.model(input_ids=ids, update_rule=rule)
+    assert torch.isfinite(out.last_hidden_state).all()
+    assert all(torch.isfinite(v) for v in out.memory_stats.values())
+    assert out.memory_stats["updated_tokens"] == 2048

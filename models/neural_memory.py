@@ -1,0 +1,493 @@
+"""Titans neural long-term memory (Behrouz, Zhong, Mirrokni, arXiv 2501.00663, §3), chunked and streaming.
+
+This file travels inside exported checkpoints: it imports only torch and the standard library.
+
+Equations (paper §3.1), per token t with input x_t of width D; memory width Dm (``memory_dim``)
+------------------------------------------------------------------------------------------------
+    k_t = l2norm(silu(W_K x_t)),  q_t = l2norm(silu(W_Q x_t)),  v_t = W_V x_t
+    M(x) = W_L silu(... silu(W_1 x))        an MLP of ``depth`` L without biases, hidden width Dm*expansion
+    loss  l(M; x_t) = ||M(k_t) - v_t||^2    (summed over features, paper eq. 12)
+    theta_t = max_lr * sigmoid(w_theta.x_t + b_theta)    learning rate
+    eta_t   = sigmoid(w_eta.x_t + b_eta)                  momentum
+    alpha_t = sigmoid(w_alpha.x_t + b_alpha)              forgetting
+    S_t = eta_t S_{t-1} - theta_t grad l(M_{t-1}; x_t)    surprise with momentum (eqs. 9-10)
+    M_t = (1 - alpha_t) M_{t-1} + S_t                      forgetting (eq. 13)
+    y_t = out_proj(M(q_t))                                 retrieval without update (eq. 15)
+
+The weights of M are fast weights: one copy per batch element, initialised from learnable parameters
+(``initial_weights``, the meta-learned initial memory). W_K, W_V, W_Q, the gates, ``out_proj`` and the initial
+weights are ordinary parameters trained by autograd through the unrolled memory updates.
+
+Chunked parallel form (paper §3.2)
+----------------------------------
+The stream is cut into chunks of C = ``chunk_size`` tokens, counted from the start of the stream. Inside a chunk,
+every gradient u_j is taken at the chunk-start weights W_0; momentum and forgetting are still applied token by
+token (with per-token gates) and carried across chunks. The recurrences are linear in u_j, so the chunk-end
+state is closed form, with E_i = prod_{l<=i} eta_l, beta_i = prod_{l<=i} (1 - alpha_l), b_i = beta_C / beta_i:
+
+    S_C = E_C S_0 - sum_j (E_C / E_j) theta_j u_j
+    W_C = beta_C W_0 + (sum_i b_i E_i) S_0 - sum_j c_j u_j,     c_j = theta_j sum_{i>=j} b_i E_i / E_j
+
+All ratios are computed in log space (cumulative sums of log-sigmoids, a masked C x C matrix of exponentiated
+differences, every exponent <= 0), so tiny eta or 1 - alpha never divide by ~0. sum_j w_j u_j is the gradient
+of the weighted loss sum_j w_j l_j at W_0: the MLP backward is written by hand with batched matmuls
+(silu'(z) = sigmoid(z) (1 + z (1 - sigmoid(z)))), per-token gradients are never materialised, and the two
+weighted sums (for S and for W) share one backward pass. Everything is built from differentiable torch ops,
+so ordinary autograd trains the parameters through the unrolled updates. Chunks run sequentially.
+
+Read-out: every token of chunk c is read with the weights at the START of chunk c. This keeps the module causal;
+with C = 1 it is exactly y_t = M_{t-1}(q_t), then the update with token t (``paper_memory.py``).
+
+Streaming: ``MemoryState`` holds the weights and momenta at the last chunk boundary plus the raw inputs of the
+incomplete current chunk (``pending``). ``forward`` prepends the pending rows, applies every complete chunk and
+keeps the remainder pending; pending tokens are read with the current (chunk-start) weights. Feeding a
+sequence at once or in arbitrary pieces (e.g. token by token) gives the same outputs and state.
+
+Update rules: "surprise" (above); "none" (frozen memory: read-outs only, the state is returned unchanged and
+inputs are not accumulated); "ema", a gradient-free moving average that is NOT in the paper: only the last MLP
+layer moves, toward the one-shot association of the token,
+    W_L <- (1 - r_t) W_L + r_t v_t phi_t^T / (||phi_t||^2 + eps),   r_t = theta_t / max_lr in (0, 1),
+with phi_t the input features of the last layer for k_t (at the chunk-start weights; phi_t = k_t for depth 1).
+The closed form per chunk is the same log-space product as above; other layers and the momentum are untouched.
+
+Deviations from the paper, and why
+----------------------------------
+- No 1-D depthwise-separable convolution after the q/k/v projections (paper §4.4): it would add a
+  convolution cache to the streaming state; the host model can add one before this module if wanted.
+- A single memory head (no multi-head split): the MAC host gives each layer its own memory.
+- Gates are per token inside a chunk (the paper suggests chunk-constant gates for speed); the log-space closed
+  form makes per-token gates as cheap, and with C = 1 the recurrence is exactly the paper's.
+- Read-out uses the chunk-start weights (causality, see above), not weights updated inside the chunk.
+- The memory MLP has no biases and no residual/LayerNorm wrapper (the paper's M is a plain MLP; the TTT-style
+  residual of titans-pytorch is left out).
+- The fast-weight state and the memory math run in float32 (float64 if the input is float64) whatever the input
+  dtype, and autocast is disabled inside; outputs are returned in the input dtype.
+- The "ema" rule and the "none" rule are additions for ablations (see above).
+
+Default hyper-parameters (gate biases are logits of the initial gate values; gate weights start at zero, so
+every token starts with the same gates and the data dependence is learned):
+- ``init_lr = 0.01`` (theta_0; min(0.01, max_lr / 10) for another max_lr), ``max_lr = 0.1``: inside a chunk
+  the C gradients taken at W_0 add up, and keys made by silu-then-l2norm share a large common direction, so the
+  stable step shrinks with C. Measured with the defaults (depth 2, C = 64, inputs of unit RMS, D = 128, 384,
+  576, random and repeated-pattern streams up to 16k tokens): theta_0 = 0.01 is stable and learns the repeated
+  associations (loss / 3); 0.03 diverges. The ceiling max_lr = 0.1 leaves the learned gate 10x headroom (ample
+  for small chunks: with C = 1 and unit keys a step moves M(k) by 2 theta (v - M(k))), and makes the "ema"
+  rate r_0 = theta_0 / max_lr = 0.1.
+- ``init_momentum = 0.9``: the usual heavy-ball value (eta close to 1 keeps past surprise).
+- ``init_decay = 0.001``: weak forgetting, half-life ~700 tokens: the memory outlives a sliding attention
+  window yet cannot grow without bound.
+- ``initial_weights``: normal with std 1/sqrt(fan_in) (with unit-norm keys the memory starts near its linear
+  regime with O(1) outputs). ``to_values``: normal with std 1/sqrt(dim * memory_dim), so ||v|| ~ RMS(x) ~ 1
+  like the unit keys; with the default nn.Linear init ||v|| grows like sqrt(D) and the memory's fit to v
+  diverged at D = 576 even with theta_0 = 0.003. The host should feed RMS-normalised hidden states (raw
+  residual streams with outlier tokens make v, hence the surprise, huge).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MemoryState", "NeuralMemory", "UPDATE_RULES"]
+
+UPDATE_RULES = ("surprise", "none", "ema")
+
+
+class MemoryState(NamedTuple):
+    """Per-batch-element memory state. Tensors are float32 (float64 for float64 inputs)."""
+
+    weights: tuple[Tensor, ...]  # fast weights at the last chunk boundary, one (B, out, in) per MLP layer
+    momentum: tuple[Tensor, ...]  # the surprise S, same shapes
+    pending: Tensor  # (B, n_pending, D) raw inputs of the incomplete current chunk, n_pending < chunk_size
+    position: int = 0  # tokens consumed since init_state (applied + pending)
+
+    def detach(self) -> MemoryState:
+        """Cut the autograd graph (truncated back-propagation through time)."""
+        return MemoryState(
+            tuple(w.detach() for w in self.weights),
+            tuple(s.detach() for s in self.momentum),
+            self.pending.detach(),
+            self.position,
+        )
+
+    def to(self, *args, **kwargs) -> MemoryState:
+        """``Tensor.to`` on every tensor (device moves; keep the dtype float32)."""
+        return MemoryState(
+            tuple(w.to(*args, **kwargs) for w in self.weights),
+            tuple(s.to(*args, **kwargs) for s in self.momentum),
+            self.pending.to(*args, **kwargs),
+            self.position,
+        )
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+def _silu_grad(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def _no_autocast(device: torch.device):
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except (RuntimeError, ValueError):  # a device type without autocast support
+        return contextlib.nullcontext()
+
+
+class NeuralMemory(nn.Module):
+    """Titans neural long-term memory, chunked training form with streaming state (see the module docstring).
+
+    Args:
+        dim: input/output width D.
+        memory_dim: width Dm of keys, values, queries and of the memory MLP's input/output (default D).
+        depth: number of linear layers L of the memory MLP (>= 1).
+        expansion: hidden width of the memory MLP is round(memory_dim * expansion) (used when depth >= 2).
+        chunk_size: tokens per chunk C (gradients inside a chunk are taken at the chunk-start weights).
+        max_lr: upper bound of the learning-rate gate theta_t.
+        init_lr: initial theta (gate bias = logit(init_lr / max_lr)), in (0, max_lr); default
+            min(0.01, max_lr / 10).
+        init_momentum: initial eta, in (0, 1).
+        init_decay: initial alpha, in (0, 1).
+        ema_eps: epsilon of the "ema" rule's normalisation.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        memory_dim: int | None = None,
+        depth: int = 2,
+        expansion: float = 2,
+        chunk_size: int = 64,
+        max_lr: float = 0.1,
+        init_lr: float | None = None,
+        init_momentum: float = 0.9,
+        init_decay: float = 0.001,
+        ema_eps: float = 1e-6,
+    ):
+        super().__init__()
+        memory_dim = dim if memory_dim is None else memory_dim
+
+        def _check(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(f"NeuralMemory: {msg}")
+
+        def _is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        _check(_is_int(dim) and dim >= 1, f"dim must be an integer >= 1, got {dim!r}")
+        _check(
+            _is_int(memory_dim) and memory_dim >= 1, f"memory_dim must be an integer >= 1, got {memory_dim!r}"
+        )
+        _check(_is_int(depth) and depth >= 1, f"depth must be an integer >= 1, got {depth!r}")
+        _check(
+            _is_int(chunk_size) and chunk_size >= 1, f"chunk_size must be an integer >= 1, got {chunk_size!r}"
+        )
+        _check(
+            isinstance(expansion, (int, float)) and expansion > 0, f"expansion must be > 0, got {expansion!r}"
+        )
+        hidden = max(1, int(round(memory_dim * expansion)))
+        _check(isinstance(max_lr, (int, float)) and max_lr > 0, f"max_lr must be > 0, got {max_lr!r}")
+        init_lr = min(0.01, max_lr / 10) if init_lr is None else init_lr
+        _check(0 < init_lr < max_lr, f"init_lr must be in (0, max_lr={max_lr}), got {init_lr!r}")
+        _check(0 < init_momentum < 1, f"init_momentum must be in (0, 1), got {init_momentum!r}")
+        _check(0 < init_decay < 1, f"init_decay must be in (0, 1), got {init_decay!r}")
+        _check(ema_eps > 0, f"ema_eps must be > 0, got {ema_eps!r}")
+
+        self.dim, self.memory_dim, self.depth, self.hidden_dim = dim, memory_dim, depth, hidden
+        self.chunk_size, self.max_lr, self.ema_eps = chunk_size, float(max_lr), float(ema_eps)
+        self.init_lr, self.init_momentum, self.init_decay = (
+            float(init_lr),
+            float(init_momentum),
+            float(init_decay),
+        )
+
+        self.to_keys = nn.Linear(dim, memory_dim, bias=False)
+        self.to_values = nn.Linear(dim, memory_dim, bias=False)
+        self.to_queries = nn.Linear(dim, memory_dim, bias=False)
+        # rows: learning rate theta, momentum eta, forgetting alpha (raw nn.Parameters, so a host model's generic
+        # nn.Linear re-initialisation does not wipe the bias init; call reset_parameters() to restore it)
+        self.gate_weight = nn.Parameter(torch.empty(3, dim))
+        self.gate_bias = nn.Parameter(torch.empty(3))
+        dims = [memory_dim] + [hidden] * (depth - 1) + [memory_dim]
+        self.initial_weights = nn.ParameterList(
+            [nn.Parameter(torch.empty(d_out, d_in)) for d_in, d_out in zip(dims[:-1], dims[1:])]
+        )
+        self.out_proj = nn.Linear(memory_dim, dim, bias=False)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ parameters and state
+
+    def reset_parameters(self) -> None:
+        """(Re)initialise every parameter; host models should call this from their ``_init_weights``."""
+        for lin in (self.to_keys, self.to_queries, self.out_proj):
+            lin.reset_parameters()
+        with torch.no_grad():
+            self.to_values.weight.normal_(0.0, (self.dim * self.memory_dim) ** -0.5)
+            self.gate_weight.zero_()
+            self.gate_bias.copy_(
+                torch.tensor(
+                    [_logit(self.init_lr / self.max_lr), _logit(self.init_momentum), _logit(self.init_decay)]
+                )
+            )
+            for w in self.initial_weights:
+                w.normal_(0.0, w.shape[1] ** -0.5)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, memory_dim={self.memory_dim}, depth={self.depth}, hidden_dim={self.hidden_dim}, "
+            f"chunk_size={self.chunk_size}, max_lr={self.max_lr}"
+        )
+
+    def init_state(self, batch_size: int, device=None, dtype: torch.dtype = torch.float32) -> MemoryState:
+        """Initial state: the learnable initial weights expanded over the batch (still differentiable), zero
+        momentum, nothing pending."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(
+                f"NeuralMemory.init_state: batch_size must be an integer >= 1, got {batch_size!r}"
+            )
+        device = self.initial_weights[0].device if device is None else torch.device(device)
+        weights = tuple(
+            w.to(device=device, dtype=dtype).unsqueeze(0).expand(batch_size, -1, -1)
+            for w in self.initial_weights
+        )
+        momentum = tuple(
+            torch.zeros(batch_size, *w.shape, device=device, dtype=dtype) for w in self.initial_weights
+        )
+        pending = torch.zeros(batch_size, 0, self.dim, device=device, dtype=dtype)
+        return MemoryState(weights, momentum, pending, 0)
+
+    def state_to_dict(self, state: MemoryState, prefix: str = "") -> dict[str, Tensor]:
+        """Flat, detached, contiguous tensors (safetensors-ready): ``{prefix}weights.{i}``, ``{prefix}momentum.{i}``,
+        ``{prefix}pending``, ``{prefix}position`` (int64 scalar)."""
+        out = {}
+        for i, (w, s) in enumerate(zip(state.weights, state.momentum)):
+            out[f"{prefix}weights.{i}"] = w.detach().contiguous()
+            out[f"{prefix}momentum.{i}"] = s.detach().contiguous()
+        out[f"{prefix}pending"] = state.pending.detach().contiguous()
+        out[f"{prefix}position"] = torch.tensor(int(state.position), dtype=torch.int64)
+        return out
+
+    def state_from_dict(self, tensors: dict[str, Tensor], prefix: str = "") -> MemoryState:
+        """Inverse of :meth:`state_to_dict`; checks the keys and shapes against this module's configuration."""
+        names = [f"{prefix}{kind}.{i}" for kind in ("weights", "momentum") for i in range(self.depth)]
+        names += [f"{prefix}pending", f"{prefix}position"]
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ValueError(f"NeuralMemory.state_from_dict: missing keys {missing}")
+        weights = tuple(tensors[f"{prefix}weights.{i}"] for i in range(self.depth))
+        momentum = tuple(tensors[f"{prefix}momentum.{i}"] for i in range(self.depth))
+        pending = tensors[f"{prefix}pending"]
+        batch = pending.shape[0]
+        for i, p in enumerate(self.initial_weights):
+            for kind, t in (("weights", weights[i]), ("momentum", momentum[i])):
+                if tuple(t.shape) != (batch, *p.shape):
+                    raise ValueError(
+                        f"NeuralMemory.state_from_dict: {prefix}{kind}.{i} has shape {tuple(t.shape)}, "
+                        f"expected {(batch, *p.shape)}"
+                    )
+        if pending.ndim != 3 or pending.shape[2] != self.dim or pending.shape[1] >= self.chunk_size:
+            raise ValueError(
+                f"NeuralMemory.state_from_dict: {prefix}pending has shape {tuple(pending.shape)}, expected "
+                f"(B, n < {self.chunk_size}, {self.dim})"
+            )
+        return MemoryState(weights, momentum, pending, int(tensors[f"{prefix}position"].item()))
+
+    # ------------------------------------------------------------------ building blocks
+
+    def _linear(self, x: Tensor, layer: nn.Linear) -> Tensor:
+        return F.linear(x, layer.weight.to(x.dtype))
+
+    def _queries(self, x: Tensor) -> Tensor:
+        return F.normalize(F.silu(self._linear(x, self.to_queries)), dim=-1, eps=1e-12)
+
+    def _keys(self, x: Tensor) -> Tensor:
+        return F.normalize(F.silu(self._linear(x, self.to_keys)), dim=-1, eps=1e-12)
+
+    def _gate_logits(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.gate_weight.to(x.dtype), self.gate_bias.to(x.dtype))
+
+    @staticmethod
+    def _mlp(weights, h: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Memory MLP on rows h (B, n, in); returns output, layer inputs [h_0..h_{L-1}] and pre-activations."""
+        inputs, pre = [], []
+        for i, w in enumerate(weights):
+            if i:
+                h = F.silu(pre[-1])
+            inputs.append(h)
+            pre.append(torch.matmul(h, w.transpose(-1, -2)))
+        return pre[-1], inputs, pre
+
+    def _check_input(self, x: Tensor, state: MemoryState | None, what: str) -> None:
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"NeuralMemory.{what}: expected input of shape (B, T, {self.dim}), got {tuple(x.shape)}"
+            )
+        if state is not None:
+            if len(state.weights) != self.depth or len(state.momentum) != self.depth:
+                raise ValueError(
+                    f"NeuralMemory.{what}: state has {len(state.weights)} weight tensors, expected depth {self.depth}"
+                )
+            if state.weights[0].shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"NeuralMemory.{what}: state batch size {state.weights[0].shape[0]} != input batch size {x.shape[0]}"
+                )
+
+    @staticmethod
+    def _compute_dtype(x: Tensor) -> torch.dtype:
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    # ------------------------------------------------------------------ public API
+
+    def retrieve(self, state: MemoryState, x: Tensor) -> Tensor:
+        """(B, T, D) -> (B, T, D): out_proj(M(q(x))) with ``state.weights``; no update, pending rows ignored."""
+        self._check_input(x, state, "retrieve")
+        dt = self._compute_dtype(x)
+        with _no_autocast(x.device):
+            q = self._queries(x.to(dt))
+            y, _, _ = self._mlp([w.to(dt) for w in state.weights], q)
+            return self._linear(y, self.out_proj).to(x.dtype)
+
+    def forward(
+        self,
+        x: Tensor,
+        state: MemoryState | None = None,
+        update_rule: str = "surprise",
+        queries: Tensor | None = None,
+    ) -> tuple[Tensor, MemoryState, dict[str, Tensor]]:
+        """Read out, then write x into the memory.
+
+        Keys, values and gates come from ``x``; read-out queries from ``queries`` if given, else from ``x``.
+        ``update_rule``: "surprise" (Titans), "ema" (gradient-free, last layer only) or "none" (frozen).
+
+        Returns the read-outs (B, T, D) in x's dtype (each token read with its chunk-start weights), the new
+        state and detached scalar stats over the tokens whose update was applied in this call (the complete
+        chunks): "surprise_norm" (mean Frobenius norm of the per-token associative-loss gradient at the
+        chunk-start weights, exact, never materialised), "lr_mean", "momentum_mean", "decay_mean" (means of the
+        theta, eta, alpha gates; "ema" uses only theta) and "updated_tokens" (per sequence). All are 0 when no
+        token was applied (rule "none", or only pending tokens).
+        """
+        if update_rule not in UPDATE_RULES:
+            raise ValueError(
+                f"NeuralMemory.forward: unknown update_rule {update_rule!r}; expected one of {UPDATE_RULES}"
+            )
+        self._check_input(x, state, "forward")
+        if queries is not None and tuple(queries.shape) != tuple(x.shape):
+            raise ValueError(
+                f"NeuralMemory.forward: queries must have the shape of x {tuple(x.shape)}, got {tuple(queries.shape)}"
+            )
+        B, T, _ = x.shape
+        dt = self._compute_dtype(x)
+        if state is None:
+            state = self.init_state(B, device=x.device, dtype=dt)
+        with _no_autocast(x.device):
+            y, new_state, stats = self._forward(
+                x.to(dt), state, update_rule, None if queries is None else queries.to(dt)
+            )
+        return y.to(x.dtype), new_state, stats
+
+    def _zero_stats(self, device) -> dict[str, Tensor]:
+        z = torch.zeros((), device=device)
+        return {k: z for k in ("surprise_norm", "lr_mean", "momentum_mean", "decay_mean", "updated_tokens")}
+
+    def _forward(self, x: Tensor, state: MemoryState, rule: str, queries: Tensor | None):
+        dt, C = x.dtype, self.chunk_size
+        B, T, _ = x.shape
+        W = [w.to(dt) for w in state.weights]
+        q = self._queries(x if queries is None else queries)
+
+        if rule == "none" or T == 0:
+            y, _, _ = self._mlp(W, q)
+            return self._linear(y, self.out_proj), state, self._zero_stats(x.device)
+
+        S = [s.to(dt) for s in state.momentum]
+        P = state.pending.shape[1]
+        full = torch.cat([state.pending.to(dt), x], dim=1) if P else x
+        N = (P + T) // C
+        n_applied = N * C
+        # read-out rows aligned with `full`; the P pending rows were read out in earlier calls (dummy zeros here)
+        if P:
+            q = torch.cat([q.new_zeros(B, P, q.shape[-1]), q], dim=1)
+
+        reads = []
+        stats = self._zero_stats(x.device)
+        if N:
+            xa = full[:, :n_applied]
+            k = self._keys(xa).view(B, N, C, -1)
+            v = self._linear(xa, self.to_values).view(B, N, C, -1)
+            a = self._gate_logits(xa).view(B, N, C, 3)
+            theta = self.max_lr * torch.sigmoid(a[..., 0])
+            gnorm = []
+            if rule == "surprise":
+                log_eta = F.logsigmoid(a[..., 1])  # log eta
+                log_keep = F.logsigmoid(-a[..., 2])  # log(1 - alpha)
+                cE = torch.cumsum(log_eta, -1)  # log E_i
+                cB = torch.cumsum(log_keep, -1)  # log beta_i
+                cE_C, cB_C = cE[..., -1:], cB[..., -1:]
+                mom_coef = theta * torch.exp(cE_C - cE)  # theta_j E_C / E_j
+                row = cB_C - cB + cE  # log(b_i E_i)
+                diff = row.unsqueeze(-1) - cE.unsqueeze(-2)  # [i, j] = log(b_i E_i / E_j)
+                causal = torch.ones(C, C, dtype=torch.bool, device=x.device).tril()
+                w_coef = theta * torch.exp(diff.masked_fill(~causal, float("-inf"))).sum(-2)  # c_j
+                s0_coef = torch.exp(row).sum(-1)  # sum_i b_i E_i
+                E_C, beta_C = torch.exp(cE_C[..., 0]), torch.exp(cB_C[..., 0])
+            else:  # ema: r_t = theta_t / max_lr
+                log_keep = F.logsigmoid(-a[..., 0])
+                cR = torch.cumsum(log_keep, -1)
+                ema_coef = torch.sigmoid(a[..., 0]) * torch.exp(cR[..., -1:] - cR)  # r_j prod_{i>j} (1 - r_i)
+                keep_C = torch.exp(cR[..., -1])
+
+            for c in range(N):
+                kc, vc = k[:, c], v[:, c]
+                out, inputs, pre = self._mlp(W, torch.cat([kc, q[:, c * C : (c + 1) * C]], dim=1))
+                reads.append(out[:, C:])
+                delta = 2 * (out[:, :C] - vc)  # d l_j / d M(k_j), unweighted
+                if rule == "surprise":
+                    wc, sc = w_coef[:, c, :, None], mom_coef[:, c, :, None]
+                    e, b, s0 = E_C[:, c, None, None], beta_C[:, c, None, None], s0_coef[:, c, None, None]
+                    new_W, new_S, sq = [None] * self.depth, [None] * self.depth, 0
+                    for i in reversed(range(self.depth)):
+                        h, dT = inputs[i][:, :C], delta.transpose(1, 2)
+                        with torch.no_grad():
+                            sq = sq + delta.square().sum(-1) * h.square().sum(-1)
+                        # sum_j w_j u_j = delta^T diag(w) h, fused with the decayed state by baddbmm
+                        new_S[i] = torch.baddbmm(S[i] * e, dT, h * sc, alpha=-1)
+                        new_W[i] = torch.baddbmm((W[i] * b).addcmul_(S[i], s0), dT, h * wc, alpha=-1)
+                        if i:
+                            delta = torch.matmul(delta, W[i]) * _silu_grad(pre[i - 1][:, :C])
+                    W, S = new_W, new_S
+                else:
+                    phi = inputs[-1][:, :C]
+                    phi_n = phi / (phi.square().sum(-1, keepdim=True) + self.ema_eps)
+                    with torch.no_grad():
+                        sq = 0
+                        d = delta
+                        for i in reversed(range(self.depth)):
+                            sq = sq + d.square().sum(-1) * inputs[i][:, :C].square().sum(-1)
+                            if i:
+                                d = torch.matmul(d, W[i]) * _silu_grad(pre[i - 1][:, :C])
+                    assoc = torch.matmul(vc.transpose(1, 2), ema_coef[:, c].unsqueeze(-1) * phi_n)
+                    W = W[:-1] + [keep_C[:, c, None, None] * W[-1] + assoc]
+                gnorm.append(sq.sqrt())
+
+            with torch.no_grad():
+                stats = {
+                    "surprise_norm": torch.cat(gnorm, dim=1).mean().float(),
+                    "lr_mean": theta.mean().float(),
+                    "momentum_mean": torch.sigmoid(a[..., 1]).mean().float(),
+                    "decay_mean": torch.sigmoid(a[..., 2]).mean().float(),
+                    "updated_tokens": torch.tensor(float(n_applied), device=x.device),
+                }
+        if n_applied < P + T:
+            out, _, _ = self._mlp(W, q[:, n_applied:])
+            reads.append(out)
+        y = torch.cat(reads, dim=1)[:, P:] if len(reads) > 1 or P else reads[0]
+        # clone: a view would pin the whole input's storage (and alias the caller's tensor)
+        new_state = MemoryState(tuple(W), tuple(S), full[:, n_applied:].clone(), state.position + T)
+        return self._linear(y, self.out_proj), new_state, stats

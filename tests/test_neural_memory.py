@@ -1,0 +1,419 @@
+"""Tests of the chunked Titans neural memory (models/neural_memory.py) against independent references:
+the token-by-token paper oracle (models/paper_memory.py, autograd gradients) and a plain loop over chunks
+written here (gradient at the chunk-start weights by autograd, then token-by-token momentum and forgetting)."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from titans_distil.models.neural_memory import MemoryState, NeuralMemory
+from titans_distil.models.paper_memory import PaperMemory
+
+D, DM = 16, 12  # input width, memory width (different, to catch transposed shapes)
+F64 = torch.float64
+
+
+def make_memory(depth=2, chunk_size=4, dtype=F64, seed=0, **kw) -> NeuralMemory:
+    """A memory whose every parameter is perturbed, so gates depend on the data and nothing is symmetric."""
+    torch.manual_seed(seed)
+    m = NeuralMemory(D, memory_dim=DM, depth=depth, chunk_size=chunk_size, **kw).to(dtype)
+    with torch.no_grad():
+        m.gate_weight.normal_(0.0, 0.5 * D**-0.5)
+        m.gate_bias.add_(0.3 * torch.randn(3, dtype=dtype))
+        for w in m.initial_weights:
+            w.add_(0.2 * torch.randn_like(w) * w.shape[1] ** -0.5)
+        m.to_values.weight.mul_(4.0)
+    return m
+
+
+def rand_x(B=2, T=13, dtype=F64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, D, generator=g, dtype=dtype)
+
+
+def mlp(weights, x):
+    for i, w in enumerate(weights):
+        if i:
+            x = F.silu(x)
+        x = x @ w.transpose(-1, -2)
+    return x
+
+
+def projections(m: NeuralMemory, x):
+    k = F.normalize(F.silu(x @ m.to_keys.weight.T), dim=-1)
+    v = x @ m.to_values.weight.T
+    q = F.normalize(F.silu(x @ m.to_queries.weight.T), dim=-1)
+    g = x @ m.gate_weight.T + m.gate_bias
+    return k, v, q, g
+
+
+def chunk_loop_reference(m: NeuralMemory, x, C, differentiable=False):
+    """Sequential loop over chunks: read-outs with the chunk-start weights; for a complete chunk, each token's
+    gradient at the chunk-start weights (autograd), then momentum and forgetting token by token.
+    differentiable=True keeps the graph (create_graph) so parameter gradients can be compared."""
+    B, T, _ = x.shape
+    W = [w.unsqueeze(0).expand(B, -1, -1) for w in m.initial_weights]
+    if not differentiable:
+        W = [w.detach().clone() for w in W]
+    S = [torch.zeros_like(w) for w in W]
+    with torch.set_grad_enabled(differentiable):
+        k, v, q, g = projections(m, x)
+    theta, eta, alpha = (
+        m.max_lr * torch.sigmoid(g[..., 0]),
+        torch.sigmoid(g[..., 1]),
+        torch.sigmoid(g[..., 2]),
+    )
+    ys = []
+    for s in range(0, T, C):
+        e = min(s + C, T)
+        ys.append(mlp(W, q[:, s:e]))
+        if e - s < C:
+            break
+        W0 = W if differentiable else [w.detach().requires_grad_() for w in W]
+        for j in range(s, e):
+            loss = (mlp(W0, k[:, j : j + 1]) - v[:, j : j + 1]).pow(2).sum()
+            u = torch.autograd.grad(loss, W0, create_graph=differentiable)
+            S = [eta[:, j, None, None] * a - theta[:, j, None, None] * b for a, b in zip(S, u)]
+            W = [(1 - alpha[:, j, None, None]) * a + b for a, b in zip(W, S)]
+    y = torch.cat(ys, 1) @ m.out_proj.weight.T
+    return (y, W, S) if differentiable else (y.detach(), W, S)
+
+
+def ema_reference(m: NeuralMemory, x, C, eps):
+    """Token loop of the "ema" rule: W_L <- (1 - r) W_L + r v phi^T / (|phi|^2 + eps), phi at chunk-start weights."""
+    B, T, _ = x.shape
+    W = [w.detach().unsqueeze(0).expand(B, -1, -1).clone() for w in m.initial_weights]
+    with torch.no_grad():
+        k, v, q, g = projections(m, x)
+        r = torch.sigmoid(g[..., 0])
+        ys = []
+        for s in range(0, T, C):
+            e = min(s + C, T)
+            ys.append(mlp(W, q[:, s:e]))
+            if e - s < C:
+                break
+            phi = mlp(W[:-1], k[:, s:e])
+            phi = F.silu(phi) if len(W) > 1 else phi  # input features of the last layer
+            for j in range(e - s):
+                assoc = (
+                    v[:, s + j, :, None]
+                    * phi[:, j, None, :]
+                    / (phi[:, j].pow(2).sum(-1)[:, None, None] + eps)
+                )
+                rj = r[:, s + j, None, None]
+                W[-1] = (1 - rj) * W[-1] + rj * assoc
+    return torch.cat(ys, 1) @ m.out_proj.weight.T, W
+
+
+def assert_close(a, b, tol):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------- paper oracle (chunk_size = 1)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-9), (torch.float32, 1e-5)])
+def test_chunk1_equals_paper_oracle(depth, dtype, tol):
+    m = make_memory(depth, chunk_size=1, dtype=dtype, max_lr=1.0, init_lr=0.1)
+    paper = PaperMemory(D, DM, depth=depth, max_lr=1.0).to(dtype)
+    paper.load_state_dict(m.state_dict())
+    x, qx = rand_x(dtype=dtype), rand_x(dtype=dtype, seed=7)
+    with torch.no_grad():
+        y, state, _ = m(x, queries=qx)
+        y_ref, w_ref, s_ref = paper(x, queries=qx)
+    assert y.dtype == dtype and state.weights[0].dtype == dtype
+    assert_close(y, y_ref, tol)
+    for a, b in zip(state.weights + state.momentum, tuple(w_ref) + tuple(s_ref)):
+        assert_close(a, b, tol)
+    assert state.pending.shape == (2, 0, D) and state.position == x.shape[1]
+
+
+def test_chunk1_meta_gradients_equal_paper_oracle():
+    """Gradients through the unrolled updates (the hand-written backward, differentiated by autograd) equal the
+    oracle's double backward through torch.autograd.grad(create_graph=True)."""
+    m = make_memory(2, chunk_size=1, max_lr=1.0, init_lr=0.1)
+    paper = PaperMemory(D, DM, depth=2, max_lr=1.0).to(F64)
+    paper.load_state_dict(m.state_dict())
+    x = rand_x(T=8)
+    probe = torch.randn(2, 8, D, dtype=F64)
+    y, state, _ = m(x)
+    (y * probe).sum().add(state.weights[0].square().sum()).backward()
+    y_ref, w_ref, _ = paper(x)
+    (y_ref * probe).sum().add(w_ref[0].square().sum()).backward()
+    for (name, a), (_, b) in zip(m.named_parameters(), paper.named_parameters()):
+        assert a.grad is not None and b.grad is not None, name
+        assert_close(a.grad, b.grad, 1e-8)
+
+
+# ---------------------------------------------------------------- chunked form
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("C,T", [(4, 32), (8, 32), (16, 48), (4, 37), (8, 37), (16, 37)])
+def test_chunked_equals_sequential_chunk_loop(depth, C, T):
+    m = make_memory(depth, chunk_size=C)
+    x = rand_x(T=T)
+    with torch.no_grad():
+        y, state, _ = m(x)
+    y_ref, w_ref, s_ref = chunk_loop_reference(m, x, C)
+    assert_close(y, y_ref, 1e-9)
+    for a, b in zip(state.weights + state.momentum, tuple(w_ref) + tuple(s_ref)):
+        assert_close(a, b, 1e-9)
+    n_applied = T // C * C
+    assert torch.equal(state.pending, x[:, n_applied:])
+    assert state.position == T
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_chunked_meta_gradients_equal_sequential_chunk_loop(depth):
+    """Parameter gradients through the chunked closed form (log-space coefficients, hand-written backward)
+    equal autograd through the plain loop (double backward through torch.autograd.grad)."""
+    m = make_memory(depth, chunk_size=4)
+    x, probe = rand_x(T=14), torch.randn(2, 14, D, dtype=F64)
+    grads = []
+    for chunked in (True, False):
+        m.zero_grad()
+        if chunked:
+            y, state, _ = m(x)
+            W, S = state.weights, state.momentum
+        else:
+            y, W, S = chunk_loop_reference(m, x, 4, differentiable=True)
+        ((y * probe).sum() + sum(t.square().sum() for t in (*W, *S))).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for name in grads[0]:
+        assert_close(grads[0][name], grads[1][name], 1e-8)
+
+
+def test_extreme_gates_stay_finite_and_exact():
+    """eta ~ 1e-12 and 1 - alpha ~ 1e-12: products underflow in float32; the log-space form must not divide."""
+    m = make_memory(2, chunk_size=16, dtype=torch.float32)
+    with torch.no_grad():
+        m.gate_bias[1] = -28.0  # eta ~ 7e-13
+        m.gate_bias[2] = 28.0  # alpha ~ 1 - 7e-13
+    x = rand_x(T=40, dtype=torch.float32)
+    with torch.no_grad():
+        y, state, _ = m(x)
+    assert all(torch.isfinite(t).all() for t in (y, *state.weights, *state.momentum))
+    m64 = m.to(F64)
+    y_ref, w_ref, s_ref = chunk_loop_reference(m64, x.to(F64), 16)
+    assert_close(y.to(F64), y_ref, 1e-4)
+    for a, b in zip(state.weights + state.momentum, tuple(w_ref) + tuple(s_ref)):
+        assert_close(a.to(F64), b, 1e-4)
+
+
+# ---------------------------------------------------------------- streaming and causality
+
+
+@pytest.mark.parametrize("rule", ["surprise", "ema"])
+def test_streaming_in_random_pieces_equals_at_once(rule):
+    m = make_memory(2, chunk_size=5)
+    x, qx = rand_x(T=41), rand_x(T=41, seed=3)
+    with torch.no_grad():
+        y_all, st_all, _ = m(x, update_rule=rule, queries=qx)
+        rng = random.Random(0)
+        # token by token, then random pieces (including empty ones and ones longer than chunk_size)
+        for sizes in ([1] * 41, None):
+            if sizes is None:
+                sizes, left = [], 41
+                while left:
+                    sizes.append(min(left, rng.choice([0, 1, 2, 3, 4, 5, 6, 9, 12])))
+                    left -= sizes[-1]
+            state, ys, pos = None, [], 0
+            for n in sizes:
+                y, state, _ = m(x[:, pos : pos + n], state, update_rule=rule, queries=qx[:, pos : pos + n])
+                ys.append(y)
+                pos += n
+            assert_close(torch.cat(ys, 1), y_all, 1e-10)
+            for a, b in zip(state.weights + state.momentum, st_all.weights + st_all.momentum):
+                assert_close(a, b, 1e-10)
+            assert torch.equal(state.pending, st_all.pending) and state.position == st_all.position == 41
+
+
+@pytest.mark.parametrize("C", [1, 4])
+def test_causality(C):
+    m = make_memory(2, chunk_size=C)
+    x = rand_x(T=18)
+    with torch.no_grad():
+        y, _, _ = m(x)
+        for j in (0, 3, 5, 11, 17):
+            x2 = x.clone()
+            x2[:, j] += 3.0 * torch.randn(2, D, dtype=F64)
+            y2, _, _ = m(x2)
+            assert torch.equal(y2[:, :j], y[:, :j]), j
+            assert not torch.allclose(y2[:, j:], y[:, j:]), j
+
+
+def test_retrieve_uses_state_weights_only():
+    m = make_memory(2, chunk_size=4)
+    x = rand_x(T=10)
+    with torch.no_grad():
+        y, state, _ = m(x)
+        assert_close(m.retrieve(m.init_state(2, dtype=F64), x[:, :4]), y[:, :4], 1e-12)
+        assert_close(m.retrieve(state, x[:, 8:]), y[:, 8:], 1e-12)  # pending tokens: chunk-start weights
+
+
+# ---------------------------------------------------------------- update rules
+
+
+def test_update_rule_none_leaves_state_unchanged():
+    m = make_memory(2, chunk_size=4)
+    with torch.no_grad():
+        _, state, _ = m(rand_x(T=10))  # 2 pending tokens
+        x = rand_x(T=7, seed=5)
+        y, state2, stats = m(x, state, update_rule="none")
+        assert state2.position == state.position and torch.equal(state2.pending, state.pending)
+        for a, b in zip(state2.weights + state2.momentum, state.weights + state.momentum):
+            assert torch.equal(a, b)
+        assert_close(y, m.retrieve(state, x), 1e-12)
+        assert all(float(v) == 0.0 for v in stats.values())
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("C", [1, 4])
+def test_update_rule_ema(depth, C):
+    m = make_memory(depth, chunk_size=C)
+    x = rand_x(T=14)
+    with torch.no_grad():
+        y, state, _ = m(x, update_rule="ema")
+    y_ref, w_ref = ema_reference(m, x, C, m.ema_eps)
+    assert_close(y, y_ref, 1e-9)
+    assert_close(state.weights[-1], w_ref[-1], 1e-9)
+    init = m.init_state(2, dtype=F64)
+    assert not torch.allclose(state.weights[-1], init.weights[-1])
+    for a, b in zip(state.weights[:-1] + state.momentum, init.weights[:-1] + init.momentum):
+        assert torch.equal(a, b)  # other layers and the momentum untouched
+
+
+def test_unknown_update_rule_raises():
+    m = make_memory(1)
+    with pytest.raises(ValueError, match="unknown update_rule 'sgd'"):
+        m(rand_x(), update_rule="sgd")
+
+
+# ---------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("rule", ["surprise", "ema"])
+def test_gradients_reach_every_parameter(rule):
+    m = make_memory(2, chunk_size=4, dtype=torch.float32)
+    x = rand_x(T=10, dtype=torch.float32)
+    y, state, _ = m(x, update_rule=rule)
+    (y.square().sum() + sum(w.square().sum() for w in state.weights)).backward()
+    expected = dict(m.named_parameters())
+    if rule == "ema":  # ema uses only the learning-rate gate
+        expected.pop("gate_weight")
+        assert m.gate_weight.grad[0].abs().sum() > 0
+    for name, p in expected.items():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_bf16_input_keeps_float32_state():
+    m = make_memory(2, chunk_size=4, dtype=torch.float32)
+    x = rand_x(T=10, dtype=torch.float32).to(torch.bfloat16)
+    with torch.no_grad():
+        y, state, stats = m(x)
+        y32, state32, _ = m(x.float())
+    assert y.dtype == torch.bfloat16 and state.weights[0].dtype == torch.float32
+    assert state.pending.dtype == torch.float32
+    assert_close(y.float(), y32, 2e-2)
+    assert_close(state.weights[1], state32.weights[1], 1e-6)
+
+
+def test_stats():
+    m = make_memory(2, chunk_size=4, dtype=torch.float32)
+    x = rand_x(T=10, dtype=torch.float32)
+    _, state, stats = m(x)
+    assert set(stats) >= {"surprise_norm", "lr_mean", "momentum_mean", "decay_mean"}
+    assert all(v.ndim == 0 and not v.requires_grad and torch.isfinite(v) for v in stats.values())
+    assert (
+        stats["surprise_norm"] > 0 and 0 < stats["lr_mean"] < m.max_lr and float(stats["updated_tokens"]) == 8
+    )
+    assert 0 < stats["momentum_mean"] < 1 and 0 < stats["decay_mean"] < 1
+    _, _, stats = m(x[:, :1], state)  # only a pending token: nothing applied
+    assert float(stats["updated_tokens"]) == 0 and float(stats["surprise_norm"]) == 0
+    # surprise_norm is the mean Frobenius norm of the per-token gradients, checked at chunk_size 1
+    m1 = make_memory(2, chunk_size=1, dtype=F64)
+    x1 = rand_x(T=3)
+    _, _, st = m1(x1[:, :1])
+    k, v, _, _ = projections(m1, x1[:, :1])
+    W = [w.detach().unsqueeze(0).expand(2, -1, -1).clone().requires_grad_() for w in m1.initial_weights]
+    norms = []
+    for b in range(2):
+        grads = torch.autograd.grad((mlp([w[b] for w in W], k[b]) - v[b]).pow(2).sum(), W)
+        norms.append(sum(g.square().sum() for g in grads).sqrt())
+    assert_close(st["surprise_norm"].double(), torch.stack(norms).mean().detach(), 1e-5)
+
+
+def test_default_init_is_stable_on_a_long_stream():
+    torch.manual_seed(0)
+    m = NeuralMemory(64)  # defaults: depth 2, chunk 64
+    base = torch.randn(1, 32, 64)
+    x = base[:, torch.randint(0, 32, (2048,))] + 0.1 * torch.randn(1, 2048, 64)
+    with torch.no_grad():
+        k, v = m._keys(x[:, :256]), m.to_values(x[:, :256])
+        before = (mlp(m.init_state(1).weights, k) - v).square().sum(-1).mean()
+        y, state, _ = m(x)
+        after = (mlp(state.weights, k) - v).square().sum(-1).mean()
+    assert torch.isfinite(y).all() and all(torch.isfinite(w).all() for w in state.weights)
+    assert after < 0.7 * before  # the memory learned the repeated associations
+
+
+# ---------------------------------------------------------------- state (de)serialisation and validation
+
+
+def test_state_dict_round_trip(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    m = make_memory(2, chunk_size=4, dtype=torch.float32)
+    x = rand_x(T=14, dtype=torch.float32)
+    with torch.no_grad():
+        _, state, _ = m(x[:, :6])
+        flat = m.state_to_dict(state, prefix="layers.3.memory.")
+        safetensors_torch.save_file(flat, str(tmp_path / "state.safetensors"))
+        loaded = m.state_from_dict(
+            safetensors_torch.load_file(str(tmp_path / "state.safetensors")), "layers.3.memory."
+        )
+        assert isinstance(loaded, MemoryState) and loaded.position == 6 and loaded.pending.shape == (2, 2, D)
+        y_a, st_a, _ = m(x[:, 6:], state)
+        y_b, st_b, _ = m(x[:, 6:], loaded)
+    assert torch.equal(y_a, y_b)
+    for a, b in zip(st_a.weights + st_a.momentum, st_b.weights + st_b.momentum):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="missing keys"):
+        m.state_from_dict({k: v for k, v in flat.items() if not k.endswith("momentum.1")}, "layers.3.memory.")
+    with pytest.raises(ValueError, match="weights.0 has shape"):
+        m.state_from_dict({**flat, "layers.3.memory.weights.0": torch.zeros(2, 3, 3)}, "layers.3.memory.")
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(depth=0), "depth must be an integer >= 1"),
+        (dict(chunk_size=0), "chunk_size must be an integer >= 1"),
+        (dict(memory_dim=0), "memory_dim must be an integer >= 1"),
+        (dict(expansion=0), "expansion must be > 0"),
+        (dict(max_lr=0.0), "max_lr must be > 0"),
+        (dict(max_lr=0.1, init_lr=0.2), "init_lr must be in"),
+        (dict(init_momentum=1.0), "init_momentum must be in"),
+        (dict(init_decay=0.0), "init_decay must be in"),
+    ],
+)
+def test_bad_constructor_args_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NeuralMemory(D, **kwargs)
+    with pytest.raises(ValueError, match="dim must be an integer >= 1"):
+        NeuralMemory(0)
+
+
+def test_bad_inputs_raise():
+    m = make_memory(2)
+    x = rand_x()
+    with pytest.raises(ValueError, match=r"expected input of shape \(B, T, 16\)"):
+        m(x[..., :5])
+    with pytest.raises(ValueError, match="state batch size 3 != input batch size 2"):
+        m(x, m.init_state(3))
+    with pytest.raises(ValueError, match="queries must have the shape of x"):
+        m(x, queries=x[:, :4])
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        m.init_state(0)
