@@ -50,6 +50,10 @@ class MACLlamaConfig(LlamaConfig):
         SmolLM2-135M hidden states (64-token chunks, momentum 0.9): rates up to 0.005 stay stable over 2048
         tokens in every layer tried, 0.006 diverges in some and 0.01 in all, because real hidden states share a
         dominant direction and the gradients of a chunk, all taken at its start, add up.
+    memory_max_grad_norm (`float`, *optional*, defaults to 1.0):
+        Each token's associative-loss gradient is clipped to this norm (per memory layer) before it enters the
+        surprise, so the fast weights cannot explode while the projections and gates are trained; `None` gives
+        the paper's unclipped update.
     update_rule (`str`, defaults to `"surprise"`):
         Memory update at test time: `"surprise"` (the paper's momentum + forgetting), `"ema"` (gradient-free
         moving average of the last memory layer) or `"none"` (frozen memory). Can be overridden per call.
@@ -65,6 +69,7 @@ class MACLlamaConfig(LlamaConfig):
     memory_expansion: int | float = 2
     memory_dim: int | None = None
     memory_max_lr: int | float = 0.004
+    memory_max_grad_norm: int | float | None = 1.0
     update_rule: str = "surprise"
 
     def __post_init__(self, **kwargs):

@@ -355,6 +355,7 @@ class MACLlamaDecoderLayer(GradientCheckpointingLayer):
                 chunk_size=config.memory_chunk_size,
                 max_lr=config.memory_max_lr,
                 init_lr=config.memory_max_lr / 2,
+                max_grad_norm=config.memory_max_grad_norm,
             )
             # zero: the read-out path starts closed (see the module docstring)
             self.memory_gate = nn.Parameter(torch.zeros(config.hidden_size))

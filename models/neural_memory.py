@@ -63,6 +63,12 @@ Deviations from the paper, and why
 - The fast-weight state and the memory math run in float32 (float64 if the input is float64) whatever the input
   dtype, and autocast is disabled inside; outputs are returned in the input dtype.
 - The "ema" rule and the "none" rule are additions for ablations (see above).
+- Optional per-token gradient clipping (``max_grad_norm``, off by default; the MAC host turns it on): each
+  token's gradient is scaled, layer by layer, to norm <= max_grad_norm before it enters the surprise. Real
+  hidden states share a dominant direction, so the C gradients of a chunk (all at W_0) add up coherently, and a
+  model whose projections and gates are being trained drifts into rates where the unclipped recurrence
+  explodes (seen: NaN after 7 distillation steps). Clipped tokens bound every chunk's update, so the fast
+  weights can grow at most linearly over a sequence. Per-token norms are free here: ||u_j|| = ||delta_j|| ||h_j||.
 
 Default hyper-parameters (gate biases are logits of the initial gate values; gate weights start at zero, so
 every token starts with the same gates and the data dependence is learned):
@@ -156,6 +162,8 @@ class NeuralMemory(nn.Module):
         init_momentum: initial eta, in (0, 1).
         init_decay: initial alpha, in (0, 1).
         ema_eps: epsilon of the "ema" rule's normalisation.
+        max_grad_norm: if set, each token's gradient u_j is clipped per memory layer to this norm before it enters
+            the surprise (None: the paper's unclipped update).
     """
 
     def __init__(
@@ -170,6 +178,7 @@ class NeuralMemory(nn.Module):
         init_momentum: float = 0.9,
         init_decay: float = 0.001,
         ema_eps: float = 1e-6,
+        max_grad_norm: float | None = None,
     ):
         super().__init__()
         memory_dim = dim if memory_dim is None else memory_dim
@@ -199,6 +208,8 @@ class NeuralMemory(nn.Module):
         _check(0 < init_momentum < 1, f"init_momentum must be in (0, 1), got {init_momentum!r}")
         _check(0 < init_decay < 1, f"init_decay must be in (0, 1), got {init_decay!r}")
         _check(ema_eps > 0, f"ema_eps must be > 0, got {ema_eps!r}")
+        _check(max_grad_norm is None or max_grad_norm > 0, f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
 
         self.dim, self.memory_dim, self.depth, self.hidden_dim = dim, memory_dim, depth, hidden
         self.chunk_size, self.max_lr, self.ema_eps = chunk_size, float(max_lr), float(ema_eps)
@@ -454,11 +465,15 @@ class NeuralMemory(nn.Module):
                     new_W, new_S, sq = [None] * self.depth, [None] * self.depth, 0
                     for i in reversed(range(self.depth)):
                         h, dT = inputs[i][:, :C], delta.transpose(1, 2)
-                        with torch.no_grad():
-                            sq = sq + delta.square().sum(-1) * h.square().sum(-1)
+                        token_sq = delta.square().sum(-1) * h.square().sum(-1)  # ||u_j||^2 = ||delta_j||^2 ||h_j||^2
+                        sq = sq + token_sq.detach()
+                        layer_wc, layer_sc = wc, sc
+                        if self.max_grad_norm is not None:  # clip each token's gradient for this layer
+                            clip = (self.max_grad_norm / token_sq.clamp_min(1e-24).sqrt()).clamp(max=1.0)[..., None]
+                            layer_wc, layer_sc = wc * clip, sc * clip
                         # sum_j w_j u_j = delta^T diag(w) h, fused with the decayed state by baddbmm
-                        new_S[i] = torch.baddbmm(S[i] * e, dT, h * sc, alpha=-1)
-                        new_W[i] = torch.baddbmm((W[i] * b).addcmul_(S[i], s0), dT, h * wc, alpha=-1)
+                        new_S[i] = torch.baddbmm(S[i] * e, dT, h * layer_sc, alpha=-1)
+                        new_W[i] = torch.baddbmm((W[i] * b).addcmul_(S[i], s0), dT, h * layer_wc, alpha=-1)
                         if i:
                             delta = torch.matmul(delta, W[i]) * _silu_grad(pre[i - 1][:, :C])
                     W, S = new_W, new_S

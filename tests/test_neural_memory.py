@@ -74,6 +74,8 @@ def chunk_loop_reference(m: NeuralMemory, x, C, differentiable=False):
         for j in range(s, e):
             loss = (mlp(W0, k[:, j : j + 1]) - v[:, j : j + 1]).pow(2).sum()
             u = torch.autograd.grad(loss, W0, create_graph=differentiable)
+            if m.max_grad_norm is not None:  # per token, per layer (batch rows apart)
+                u = [g * (m.max_grad_norm / g.flatten(1).norm(dim=1)).clamp(max=1.0)[:, None, None] for g in u]
             S = [eta[:, j, None, None] * a - theta[:, j, None, None] * b for a, b in zip(S, u)]
             W = [(1 - alpha[:, j, None, None]) * a + b for a, b in zip(W, S)]
     y = torch.cat(ys, 1) @ m.out_proj.weight.T
@@ -148,6 +150,21 @@ def test_chunk1_meta_gradients_equal_paper_oracle():
 
 
 # ---------------------------------------------------------------- chunked form
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_clipped_chunked_equals_clipped_sequential_loop(depth):
+    m = make_memory(depth, chunk_size=8, max_grad_norm=0.05)
+    x = rand_x(T=32)
+    with torch.no_grad():
+        y, state, stats = m(x)
+        unclipped = make_memory(depth, chunk_size=8)(x)[1]
+    assert stats["surprise_norm"] > 0.05  # the clip is active
+    y_ref, w_ref, s_ref = chunk_loop_reference(m, x, 8)
+    assert_close(y, y_ref, 1e-9)
+    for a, b in zip(state.weights + state.momentum, tuple(w_ref) + tuple(s_ref)):
+        assert_close(a, b, 1e-9)
+    assert not torch.allclose(state.weights[-1], unclipped.weights[-1])
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])

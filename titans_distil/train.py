@@ -291,13 +291,17 @@ def distil(cfg: DistilConfig) -> Path:
             for key, value in stats.items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + float(value) / cfg.grad_accum
         grad_norm = accelerator.clip_grad_norm_(distiller.parameters(), cfg.max_grad_norm)
-        optimizer.step()
+        finite = math.isfinite(totals["loss"]) and math.isfinite(float(grad_norm))
+        if finite:
+            optimizer.step()
+        else:  # one bad batch must not poison the weights: skip the update, keep the data position moving
+            bar.write(f"step {step + 1}: non-finite loss or gradient, update skipped")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         elapsed = time.perf_counter() - started
         record = {"step": step, **{k: round(v, 6) for k, v in totals.items()}, "lr": scheduler.get_last_lr()[0],
-                  "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(tokens_per_step / elapsed, 1),
+                  "grad_norm": round(float(grad_norm), 4), **({} if finite else {"skipped": True}), "tokens_per_s": round(tokens_per_step / elapsed, 1),
                   **{f"mem_{k}": round(v, 6) for k, v in stats_sum.items()}}
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
             record.update(evaluate())
