@@ -108,6 +108,9 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tiny_teacher_dir, small
         (["--data", str(tmp_path / "empty")], "empty"),
         (["--data", str(tmp_path / "short")], "fewer than --max-length 32; use a larger --data or a smaller --max-length"),
         (["--student-layers", "9"], "--student-layers 9 is out of range; the teacher has 4 layers"),
+        (["--use-mac", "--segment-len", "16", "--memory-chunk-size", "6"], "invalid memory settings: memory_chunk_size (6) must divide segment_len (16)"),
+        (["--use-mac", "--memory-layers", "x"], "--memory-layers 'x' is not a comma-separated list of student layer indices"),
+        (["--use-mac", "--memory-layers", "5"], "invalid memory settings: memory_layers [5] holds indices [5] outside 0..1"),
     ]
     (tmp_path / "empty").mkdir()
     (tmp_path / "short").mkdir()

@@ -74,6 +74,8 @@ def _data_options(fn):
 @click.option("--num-epochs", type=click.FloatRange(min=0.0, min_open=True), default=None, help="Train for this many passes over the data instead of --max-steps.")
 @click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=5e-4, show_default=True, help="Peak learning rate (AdamW, cosine decay).")
 @click.option("--warmup", type=NON_NEGATIVE, default=10, show_default=True, help="Linear warm-up steps.")
+@click.option("--weight-decay", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="AdamW weight decay.")
+@click.option("--max-grad-norm", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True, help="Clip the student's gradient norm.")
 @click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True, help="KD softmax temperature.")
 @click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.9, show_default=True, help="Weight of the KD loss; 1 - alpha goes to next-token cross-entropy (0 = CE only).")
 @click.option("--loss", "loss_kind", type=click.Choice(["kl", "rkl", "jsd"]), default="kl", show_default=True, help="KD divergence: forward KL, reverse KL or Jensen-Shannon.")
@@ -98,7 +100,7 @@ def distil(ctx, max_steps, num_epochs, loss_kind, max_length, use_mac, save_ever
     Examples:
       python distil.py --max-steps 100                        # plain Llama student from the embedded teacher
       python distil.py --use-mac --segment-len 256            # MAC student with neural memory
-      accelerate launch --num_processes 2 --cpu distil.py ... # data-parallel on CPU
+      torchrun --nproc_per_node 2 distil.py ...              # data-parallel (gloo on CPU)
       python distil.py cache-teacher --output cache/smol      # store teacher top-k logits once
     """
     if ctx.invoked_subcommand is not None:

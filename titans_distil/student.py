@@ -46,7 +46,10 @@ def student_config(teacher_config, layers: list[int], mac: dict | None = None):
         return LlamaConfig(**values)
     from .models.configuration_mac_llama import MACLlamaConfig
 
-    return MACLlamaConfig(**values, **mac)
+    try:
+        return MACLlamaConfig(**values, **mac)
+    except ValueError as err:  # the config names its fields; the flags are the same names with dashes
+        raise UserError(f"invalid memory settings: {err}") from None
 
 
 def build_student(teacher, layers: list[int], mac: dict | None = None):

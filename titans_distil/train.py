@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from .data import BlockSampler, load_blocks
 from .errors import UserError
 from .losses import DenseTeacher, distillation_loss
-from .student import build_student, pick_layers
+from .student import build_student, pick_layers, student_config
 from .teacher import load_teacher, load_teacher_config
 from .teacher_cache import TeacherCache
 
@@ -89,7 +89,10 @@ class DistilConfig:
             "update_rule": self.update_rule,
         }
         if self.memory_layers is not None:
-            settings["memory_layers"] = [int(i) for i in self.memory_layers.split(",") if i.strip()]
+            try:
+                settings["memory_layers"] = [int(i) for i in self.memory_layers.split(",") if i.strip()]
+            except ValueError:
+                raise UserError(f"--memory-layers {self.memory_layers!r} is not a comma-separated list of student layer indices (e.g. 1,4)") from None
         return settings
 
 
@@ -196,6 +199,7 @@ def distil(cfg: DistilConfig) -> Path:
     if cfg.max_length > teacher_config.max_position_embeddings:
         raise UserError(f"--max-length {cfg.max_length} exceeds the teacher's {teacher_config.max_position_embeddings} positions; pass --max-length {teacher_config.max_position_embeddings} or less")
     layers = pick_layers(teacher_config.num_hidden_layers, cfg.student_layers)
+    student_config(teacher_config, layers, cfg.mac_settings())  # invalid memory settings fail here, not later
     if cfg.teacher_cache and cfg.loss != "kl":
         raise UserError(f"--loss {cfg.loss} needs the full teacher distribution; a --teacher-cache holds only top-k logits, use --loss kl")
     run_dir = prepare_run_dir(cfg, is_main)
