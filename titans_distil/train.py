@@ -282,7 +282,9 @@ def distil(cfg: DistilConfig) -> Path:
         for micro in range(cfg.grad_accum):
             indices = next(batches)
             ids = train_blocks[indices[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]].to(accelerator.device)
-            if cache is not None:
+            if cfg.alpha == 0:  # cross-entropy only: the teacher is not needed
+                targets = None
+            elif cache is not None:
                 targets = cache.targets(indices[rank * cfg.batch_size:(rank + 1) * cfg.batch_size], accelerator.device)
             else:
                 targets = teacher_targets(teacher, ids)
