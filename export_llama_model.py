@@ -1,6 +1,10 @@
-"""plain LlamaForCausalLM export — not yet available."""
+"""Export a student without memory as a plain LlamaForCausalLM folder (stock transformers / vLLM), optionally
+pushed to the Hub.
 
-from titans_distil.cli import not_yet
+    python export_llama_model.py --run runs/plain [--checkpoint latest] [--output DIR] [--push-to-hub OWNER/NAME]
+"""
+
+from titans_distil.export_cli import export_llama
 
 if __name__ == "__main__":
-    not_yet("export_llama_model.py", "the export issue: plain LlamaForCausalLM export")()
+    export_llama()

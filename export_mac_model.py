@@ -1,6 +1,9 @@
-"""Hugging Face trust_remote_code export of MAC students — not yet available."""
+"""Export a MAC (Titans memory) student as a trust_remote_code Hugging Face folder, optionally pushed to the Hub.
 
-from titans_distil.cli import not_yet
+    python export_mac_model.py --run runs/demo [--checkpoint latest] [--output DIR] [--push-to-hub OWNER/NAME]
+"""
+
+from titans_distil.export_cli import export_mac
 
 if __name__ == "__main__":
-    not_yet("export_mac_model.py", "the export issue: Hugging Face trust_remote_code export of MAC students")()
+    export_mac()

@@ -341,6 +341,22 @@ def model_shapes(config) -> dict[str, tuple]:
     return {name: tuple(t.shape) for name, t in empty_model(config).state_dict().items()}
 
 
+def build_model(model_class, config, dtype):
+    """`model_class(config)` with parameters in `dtype` the way `from_pretrained` builds it: under that default
+    dtype, so buffers computed in float32 on purpose (rotary frequencies) stay float32. (`.to(dtype)` would
+    round them too, and a bf16 model would then not match the same export loaded by transformers.)"""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = model_class(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.config.dtype = dtype
+    return model
+
+
 def run_model_config(run: Run) -> dict:
     """The student's model config as the run saved it (final/ or its newest checkpoint)."""
     for folder in [run.dir / "final", *[p for _, p in reversed(_step_dirs(run.dir))]]:
@@ -377,7 +393,7 @@ def load_student(run: Run, checkpoint: Checkpoint, dtype=None):
     _, model_class = model_classes(run.kind)
     stored = {t.dtype for t in state.values() if t.is_floating_point()}
     torch_dtype = dtype or (stored.pop() if len(stored) == 1 else torch.float32)
-    model = model_class(config).to(torch_dtype)
+    model = build_model(model_class, config, torch_dtype)
     model.load_state_dict({k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False)
     if config.tie_word_embeddings:
         model.tie_weights()

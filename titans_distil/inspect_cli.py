@@ -78,12 +78,24 @@ def _folder_config(folder: Path) -> dict:
     return config
 
 
+def folder_tokenizer(folder: Path, values: dict):
+    """A model folder's tokenizer without running its remote code: AutoTokenizer would import the folder's
+    configuration file (trust_remote_code) just to learn the model type; hand it the project's config instead."""
+    from transformers import AutoTokenizer
+
+    from .export import _quiet, kind_of_config, make_config
+
+    with _quiet():
+        return AutoTokenizer.from_pretrained(folder, config=make_config(values, kind_of_config(values)))
+
+
 def load_folder_model(folder: Path, dtype=None):
     """A model folder (export, checkpoint, final/) loaded with the project's classes (no remote code run)."""
     import torch
 
     from .export import (
         _weight_files,
+        build_model,
         check_fit,
         kind_of_config,
         make_config,
@@ -105,7 +117,7 @@ def load_folder_model(folder: Path, dtype=None):
     _, model_class = model_classes(kind)
     stored = {t.dtype for t in state.values() if t.is_floating_point()}
     dtype = dtype or (stored.pop() if len(stored) == 1 else torch.float32)
-    model = model_class(config).to(dtype)
+    model = build_model(model_class, config, dtype)
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False)
     if config.tie_word_embeddings:
         model.tie_weights()
@@ -126,7 +138,7 @@ def _probe_ids(tokenizer, length: int):
 # ------------------------------------------------------------------------------------------------ weights
 
 
-@inspect_model.command()
+@inspect_model.command(short_help="Tensor names, dtypes, shapes, norms (safetensors only).")
 @click.argument("path")
 @click.option("--filter", "pattern", default=None, help="Only tensors whose name matches this regular expression.")
 @click.option("--no-stats", is_flag=True, help="Headers only (names, dtypes, shapes): no tensor data is read.")
@@ -181,7 +193,7 @@ def weights(path, pattern, no_stats):
 # ------------------------------------------------------------------------------------------------ architecture
 
 
-@inspect_model.command()
+@inspect_model.command(short_help="Config vs weights: missing, unexpected, mis-shaped.")
 @click.argument("folder")
 @click.option("--weights", "weights_path", default=None, help="Check these weights (file or folder) against FOLDER's config instead of FOLDER's own.")
 @user_errors
@@ -214,7 +226,7 @@ def architecture(folder, weights_path):
 # ------------------------------------------------------------------------------------------------ verify
 
 
-@inspect_model.command()
+@inspect_model.command(short_help="Reload an export without titans-distil; compare with the checkpoint.")
 @click.argument("export_dir", metavar="EXPORT")
 @click.option("--run", "run_dir", default=None, help="Compare with this run's checkpoint (default: with the export's own weights in titans-distil's classes).")
 @click.option("--checkpoint", default="latest", show_default=True, help="Checkpoint of --run to compare with.")
@@ -229,11 +241,13 @@ def verify(export_dir, run_dir, checkpoint, tokens, new_tokens, atol):
     import torch
 
     from .export import (
+        _weight_files,
         file_hashes,
         foreign_imports,
         kind_of_config,
         load_run,
         load_student,
+        read_headers,
         resolve_checkpoint,
         run_isolated,
     )
@@ -252,12 +266,13 @@ def verify(export_dir, run_dir, checkpoint, tokens, new_tokens, atol):
     if run_dir:
         run = load_run(run_dir)
         ckpt = resolve_checkpoint(run, checkpoint)
-        reference, where = load_student(run, ckpt), f"checkpoint {ckpt.label}"
+        stored = {dtype for dtype, _ in read_headers(_weight_files(export, str(export)), str(export)).values()}
+        dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(stored.pop()) if len(stored) == 1 else None
+        # the checkpoint cast to the export's dtype (--dtype bfloat16 exports compare with a bf16 reference)
+        reference, where = load_student(run, ckpt, dtype), f"checkpoint {ckpt.label}" + (f" cast to {str(dtype).removeprefix('torch.')}" if dtype else "")
     else:
         reference, where = load_folder_model(export), "the export's weights in titans-distil's own classes"
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(export, trust_remote_code=kind == "mac")
+    tokenizer = folder_tokenizer(export, values)
     length = tokens or (min(2 * reference.config.segment_len + 8, reference.config.max_position_embeddings - new_tokens) if kind == "mac" else 64)
     ids = _probe_ids(tokenizer, length)
     rules = list(UPDATE_RULES) if kind == "mac" else [None]
@@ -309,7 +324,7 @@ def _tokenizer_facts(tokenizer) -> dict:
     }
 
 
-@inspect_model.command()
+@inspect_model.command(short_help="Teacher vs student vs export tokenizer.")
 @click.option("--run", "run_dir", required=True, help="Run folder: its teacher's tokenizer and the student's (final/).")
 @click.option("--export", "export_dir", default=None, help="Also check this export folder's tokenizer and config.")
 @user_errors
@@ -317,8 +332,6 @@ def tokenizers(run_dir, export_dir):
     """Check that teacher, student and export share one tokenizer: vocabulary, special tokens, chat template, and
     that it fits the models' embeddings."""
     _quiet_libraries()
-    from transformers import AutoTokenizer
-
     from .export import load_run, run_model_config, run_tokenizer
     from .teacher import load_tokenizer
 
@@ -327,7 +340,7 @@ def tokenizers(run_dir, export_dir):
     vocab_sizes = {"student": run_model_config(run).get("vocab_size")}
     if export_dir:
         values = _folder_config(Path(export_dir))
-        columns["export"] = AutoTokenizer.from_pretrained(export_dir, trust_remote_code=values["model_type"] == "mac_llama")
+        columns["export"] = folder_tokenizer(Path(export_dir), values)
         vocab_sizes["export"] = values.get("vocab_size")
     facts = {name: _tokenizer_facts(tok) for name, tok in columns.items()}
     rows = list(next(iter(facts.values())))
@@ -353,7 +366,7 @@ def tokenizers(run_dir, export_dir):
 # ------------------------------------------------------------------------------------------------ compare
 
 
-@inspect_model.command()
+@inspect_model.command(short_help="Student vs teacher: KL, top-1 agreement, perplexity.")
 @click.option("--run", "run_dir", required=True, help="Run folder (teacher, data and split come from its config).")
 @click.option("--checkpoint", default="latest", show_default=True, help="Student checkpoint of the run.")
 @click.option("--export", "export_dir", default=None, help="Compare this export folder instead of a checkpoint.")
@@ -410,7 +423,7 @@ def compare(run_dir, checkpoint, export_dir, blocks, max_length, dtype):
 # ------------------------------------------------------------------------------------------------ examples
 
 
-@inspect_model.command()
+@inspect_model.command(short_help="Decode a few training blocks of a run.")
 @click.option("--run", "run_dir", required=True, help="Run folder (data, tokenizer and split come from its config).")
 @click.option("--count", type=click.IntRange(min=1), default=3, show_default=True, help="Blocks to show.")
 @click.option("--split", type=click.Choice(["train", "validation"]), default="train", show_default=True)
