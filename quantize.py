@@ -1,6 +1,6 @@
-"""bitsandbytes 8-bit and 4-bit — not yet available."""
+"""Quantize a teacher, a plain student or a MAC student with bitsandbytes (8-bit or 4-bit): `python quantize.py --help`."""
 
-from titans_distil.cli import not_yet
+from titans_distil.quantize import quantize_command
 
 if __name__ == "__main__":
-    not_yet("quantize.py", "the quantization issue: bitsandbytes 8-bit and 4-bit")()
+    quantize_command()

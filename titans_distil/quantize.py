@@ -14,8 +14,10 @@ output folder), then the unquantized model is measured, the quantized model is s
 to `--output` before it ever runs, reloaded from there and measured, and only then moved into place.
 
 Saving before running matters on CPUs with AVX512-bf16: bitsandbytes 0.50.2 re-packs 4-bit weights for its CPU
-kernel on the first eval forward, and `state_dict()` after that writes the 4-bit block scales transposed (a
-silently corrupted checkpoint). `save_quantized` refuses such a model instead of writing it.
+kernel on the first eval forward, and `state_dict()` after that writes the 4-bit block scales transposed (or, with
+double quantization, re-quantized): a silently corrupted checkpoint. `save_quantized` refuses such a model instead of writing it. The same re-packed
+kernel passes no gradient to its input, so to train the memory parts of a 4-bit MAC model on such a CPU call
+`model.train()` before its first forward (train-mode layers are never re-packed).
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ from .errors import UserError
 
 BITS = (8, 4)
 # LLM.int8() outlier threshold: activation columns holding a value >= this are multiplied in 16-bit, the rest in int8.
-# bitsandbytes' 6.0 was tuned on >= 6.7B models; on SmolLM2-135M (8 x 512 stdlib tokens) it costs +1.76% perplexity,
-# 2.0 costs +0.38% and 1.0 +0.14% (same footprint; CPU time grows as fewer columns stay int8).
+# bitsandbytes' 6.0 comes from the outlier features of >= 6.7B models (LLM.int8() paper); on SmolLM2-135M (8 x 512
+# stdlib validation tokens) it costs +1.76% perplexity, 2.0 costs +0.38%, 1.0 +0.14%: same footprint, more CPU time
+# as fewer columns stay int8.
 DEFAULT_INT8_THRESHOLD = 2.0
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -330,6 +333,32 @@ def load_quantized(folder: str | os.PathLike):
 # ------------------------------------------------------------------------------------------ measurements
 
 
+def memory_footprint(model) -> int:
+    """Bytes held by the model's tensors: parameters and buffers (tied weights once) plus bitsandbytes' quantization
+    constants, which live outside them (4-bit block scales `quant_state.absmax`, their own scales with double
+    quantization, code books; 8-bit row scales `SCB`). transformers' `get_memory_footprint` counts only the former.
+    Measure before the first forward: on AVX512-bf16 CPUs bitsandbytes then converts 4-bit scales to bfloat16."""
+    seen, total = set(), 0
+
+    def add(tensor) -> None:
+        nonlocal total
+        if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+
+    for tensor in [*model.parameters(), *model.buffers()]:
+        add(tensor)
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        add(getattr(weight, "SCB", None))
+        state = getattr(weight, "quant_state", None)
+        while state is not None:  # a 4-bit QuantState, then (double quantization) the state of its scales
+            for name in ("absmax", "code", "offset"):
+                add(getattr(state, name, None))
+            state = getattr(state, "state2", None)
+    return total
+
+
 def weight_bytes(folder: str | os.PathLike) -> int:
     """Bytes of the weight files of a model folder."""
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
@@ -474,7 +503,7 @@ def _kept_description(source: Source) -> list[str]:
     kept = ["embeddings", "norms", "lm_head" + (" (tied to the embeddings)" if source.config.get("tie_word_embeddings") else "")]
     if source.memory_layers:
         layers = ",".join(str(i) for i in source.memory_layers)
-        kept.append(f"memory modules, persistent tokens and read-out gates of layers {layers}")
+        kept.append(f"memory modules, persistent tokens and read-out gates of layer{'s' * (len(source.memory_layers) > 1)} {layers}")
     return kept
 
 
@@ -482,7 +511,9 @@ def _load_tokenizer(source: Source):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source.path)
+        # an exported MAC folder's config.json names its own config class (auto_map): without trust_remote_code
+        # AutoTokenizer would stop and ask whether to run that code
+        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=source.remote)
     except (OSError, ValueError, TypeError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"--model_path {source.spec} has no usable tokenizer ({first[:120]}); save the tokenizer into "
@@ -511,7 +542,7 @@ def quantize(model_path: str, output: str, spec: QuantSpec, *, overwrite: bool =
     start = time.perf_counter()
     reference = load_model(source)
     ref = greedy_reference(reference, tokenizer, prompts, new_tokens) if prompts else None
-    before = Measurement(reference.get_memory_footprint(), weight_bytes(source.path),
+    before = Measurement(memory_footprint(reference), weight_bytes(source.path),
                          perplexity(reference, blocks) if blocks is not None else None, None, _dtype_name(reference))
     before.seconds = time.perf_counter() - start
     del reference
@@ -526,7 +557,7 @@ def quantize(model_path: str, output: str, spec: QuantSpec, *, overwrite: bool =
         log("measuring the quantized model (reloaded from its folder)")
         start = time.perf_counter()
         model = load_quantized(tmp)
-        after = Measurement(model.get_memory_footprint(), weight_bytes(tmp),
+        after = Measurement(memory_footprint(model), weight_bytes(tmp),
                             perplexity(model, blocks) if blocks is not None else None,
                             greedy_agreement(model, ref) if ref is not None else None, spec.label)
         written = None
