@@ -161,11 +161,3 @@ def not_yet(name: str, issue: str):
 
     command.help = f"Not yet available: {issue}."
     return command
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main():
-    """titans-distil: distil Llama teachers into Titans-memory students, export and serve them."""
-
-
-main.add_command(distil)
