@@ -1,6 +1,10 @@
-"""InferenceMemoryWrapper packages — not yet available."""
+"""Package any Llama (Hub id, local folder, .gguf, the embedded teacher) with an inference-time memory, as a
+trust_remote_code folder for plain transformers.
 
-from titans_distil.cli import not_yet
+    python package_model.py --help
+"""
+
+from titans_distil.package import package
 
 if __name__ == "__main__":
-    not_yet("package_model.py", "the export issue: InferenceMemoryWrapper packages")()
+    package()

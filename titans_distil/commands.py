@@ -5,12 +5,13 @@ import click
 from .cli import distil
 from .export_cli import export_llama, export_mac
 from .inspect_cli import inspect_model
+from .package import package
 from .quantize import quantize_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
-    """titans-distil: distil Llama teachers into Titans-memory students, export, inspect and quantize them."""
+    """titans-distil: distil Llama teachers into Titans-memory students, export, inspect, quantize and package them."""
 
 
 main.add_command(distil, "distil")
@@ -18,3 +19,4 @@ main.add_command(export_mac, "export-mac")
 main.add_command(export_llama, "export-llama")
 main.add_command(inspect_model, "inspect")
 main.add_command(quantize_command, "quantize")
+main.add_command(package, "package")
