@@ -35,12 +35,7 @@ MAC_FLAGS = ("--use-mac", "--segment-len", 16, "--memory-chunk-size", 8, "--pers
 TOKEN = "hf_testTOKEN0123456789secret"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def invoke(command, *args):

@@ -16,13 +16,7 @@ MAC_FIELDS = ("segment_len", "num_persistent_tokens", "memory_layers", "memory_c
               "memory_expansion", "memory_dim", "memory_max_lr", "update_rule")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~50x faster on one thread when other processes share the two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mac_model(seed=0, open_gates=True, **overrides):

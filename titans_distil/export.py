@@ -374,7 +374,6 @@ def _describe(config: dict) -> str:
 
 def load_student(run: Run, checkpoint: Checkpoint, dtype=None):
     """The run's student (built from the run's own config) holding the checkpoint's weights, in eval mode."""
-    import torch
 
     reference = run_model_config(run)
     if kind_of_config(reference) != run.kind:
@@ -390,7 +389,13 @@ def load_student(run: Run, checkpoint: Checkpoint, dtype=None):
     if not fit.ok:
         raise UserError(f"checkpoint {checkpoint.label} does not fit run {run.dir}'s {_describe(reference)} ({fit.summary()}); it belongs to another architecture or size, pass a checkpoint of this run")
     state = read_weights(checkpoint.files, checkpoint.label)
-    _, model_class = model_classes(run.kind)
+    return instantiate(model_classes(run.kind)[1], config, state, dtype)
+
+
+def instantiate(model_class, config, state: dict, dtype=None):
+    """A model of `model_class` holding `state` (weights already checked to fit), in the stored or given dtype."""
+    import torch
+
     stored = {t.dtype for t in state.values() if t.is_floating_point()}
     torch_dtype = dtype or (stored.pop() if len(stored) == 1 else torch.float32)
     model = build_model(model_class, config, torch_dtype)

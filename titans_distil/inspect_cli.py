@@ -91,12 +91,10 @@ def folder_tokenizer(folder: Path, values: dict):
 
 def load_folder_model(folder: Path, dtype=None):
     """A model folder (export, checkpoint, final/) loaded with the project's classes (no remote code run)."""
-    import torch
-
     from .export import (
         _weight_files,
-        build_model,
         check_fit,
+        instantiate,
         kind_of_config,
         make_config,
         model_classes,
@@ -113,15 +111,7 @@ def load_folder_model(folder: Path, dtype=None):
     fit = check_fit(model_shapes(config), {n: s for n, (_, s) in headers.items()}, bool(config.tie_word_embeddings))
     if not fit.ok:
         raise UserError(f"the weights in {folder} do not fit its config.json ({fit.summary()}); the folder is damaged, export it again")
-    state = read_weights(files, str(folder))
-    _, model_class = model_classes(kind)
-    stored = {t.dtype for t in state.values() if t.is_floating_point()}
-    dtype = dtype or (stored.pop() if len(stored) == 1 else torch.float32)
-    model = build_model(model_class, config, dtype)
-    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model.eval()
+    return instantiate(model_classes(kind)[1], config, read_weights(files, str(folder)), dtype)
 
 
 def _probe_ids(tokenizer, length: int):
