@@ -1,6 +1,10 @@
-"""transformers generation with memory updates — not yet available."""
+"""Generate with transformers (no vLLM), carrying a per-user memory through prompts and generated tokens.
 
-from titans_distil.cli import not_yet
+    python no_vllm_inference.py --model_path DIR [--use_mac] --update-rule none|ema|surprise --prompt TEXT
+                                [--interactive] [--memory-in FILE] [--memory-out FILE]
+"""
+
+from titans_distil.generate import no_vllm_inference
 
 if __name__ == "__main__":
-    not_yet("no_vllm_inference.py", "the serving issue: transformers generation with memory updates")()
+    no_vllm_inference()

@@ -170,7 +170,7 @@ def test_console_script_groups_the_root_commands_and_stubs_say_not_yet():
     from titans_distil.commands import main
 
     out = CliRunner().invoke(main, ["--help"]).output
-    for name in ("distil", "export-mac", "export-llama", "inspect", "quantize", "package"):
+    for name in ("distil", "export-mac", "export-llama", "inspect", "quantize", "package", "generate"):
         assert f"  {name} " in out
     stub = subprocess.run([PY, str(ROOT / "vllm_inference.py")], capture_output=True, text=True)
     assert stub.returncode == 2 and "not yet available (the serving issue" in stub.stderr

@@ -4,6 +4,7 @@ import click
 
 from .cli import distil
 from .export_cli import export_llama, export_mac
+from .generate import no_vllm_inference
 from .inspect_cli import inspect_model
 from .package import package
 from .quantize import quantize_command
@@ -11,7 +12,7 @@ from .quantize import quantize_command
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
-    """titans-distil: distil Llama teachers into Titans-memory students, export, inspect, quantize and package them."""
+    """titans-distil: distil Llama teachers into Titans-memory students, export, inspect, quantize, package and generate with them."""
 
 
 main.add_command(distil, "distil")
@@ -20,3 +21,4 @@ main.add_command(export_llama, "export-llama")
 main.add_command(inspect_model, "inspect")
 main.add_command(quantize_command, "quantize")
 main.add_command(package, "package")
+main.add_command(no_vllm_inference, "generate")

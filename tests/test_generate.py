@@ -1,0 +1,231 @@
+"""`no_vllm_inference.py`: transformers generation with a per-user memory (MAC cache memory, packaged wrapper
+memory, plain Llama without memory). Tiny models with the real tokenizer; nothing is downloaded."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import save_file
+from titans_distil.models.configuration_mac_llama import MACLlamaConfig
+from titans_distil.models.modeling_mac_llama import MACLlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from titans_distil.errors import UserError
+from titans_distil.generate import (
+    Session,
+    load_mac_memory,
+    load_model,
+    mac_cache,
+    mac_fingerprint,
+    mac_states,
+    no_vllm_inference,
+    save_mac_memory,
+)
+from titans_distil.package import package_llama_with_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1,
+            eos_token_id=2, pad_token_id=2, segment_len=16, memory_chunk_size=4, num_persistent_tokens=4,
+            memory_layers=[1])
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_mac(seed=0, **overrides):
+    """A tiny MAC model with the read-out gates opened (so the memory changes the logits)."""
+    torch.manual_seed(seed)
+    model = MACLlamaForCausalLM(MACLlamaConfig(**dict(TINY, **overrides))).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if layer.memory_gate is not None:
+                layer.memory_gate.normal_(0.0, 1.0)
+    return model
+
+
+def save_mac_folder(model, tokenizer_dir, out: Path) -> Path:
+    """A trust_remote_code MAC folder like export_mac_model.py writes (config auto_map + model files)."""
+    try:
+        MACLlamaConfig.register_for_auto_class()
+        MACLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+        model.save_pretrained(out)
+    finally:
+        MACLlamaConfig._auto_class = MACLlamaForCausalLM._auto_class = None
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mac_dir(tiny_teacher_dir, tmp_path_factory):
+    return save_mac_folder(tiny_mac(), tiny_teacher_dir, tmp_path_factory.mktemp("gen") / "tiny-mac")
+
+
+def invoke(*args, input=None):
+    result = CliRunner().invoke(no_vllm_inference, [str(a) for a in args], input=input)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout.strip(), result.stderr.strip()
+
+
+def ids_for(length, seed):
+    return torch.randint(3, TINY["vocab_size"], (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def next_logits(model, states, ids, rule="surprise"):
+    """Next-token logits of a session seeded with `states` ({} = the initial memory) reading `ids`."""
+    return model(ids, past_key_values=mac_cache(model, states), use_cache=True, update_rule=rule).logits[0, -1]
+
+
+# ------------------------------------------------------------------------------------------------- memory files
+
+
+@pytest.mark.parametrize("rule", ["surprise", "ema"])
+def test_mac_memory_file_round_trip_gives_identical_logits(tmp_path, rule):
+    model = tiny_mac()
+    cache = mac_cache(model)
+    with torch.no_grad():  # 37 tokens: 2 segments + a partial one, a pending (incomplete) memory chunk
+        model(ids_for(37, seed=1), past_key_values=cache, use_cache=True, update_rule=rule)
+    states = mac_states(model, cache)
+    assert states[1].pending.shape[1] == 37 % TINY["memory_chunk_size"] and states[1].position == 37
+    save_mac_memory(model, states, tmp_path / "alice.safetensors")
+    loaded = load_mac_memory(model, tmp_path / "alice.safetensors")
+    for a, b in zip(states[1].weights + states[1].momentum + (states[1].pending,),
+                    loaded[1].weights + loaded[1].momentum + (loaded[1].pending,)):
+        assert torch.equal(a, b)
+
+    probe = ids_for(21, seed=2)
+    remembered = next_logits(model, states, probe, rule)
+    assert torch.equal(next_logits(model, loaded, probe, rule), remembered)
+    assert torch.equal(next_logits(tiny_mac(), load_mac_memory(tiny_mac(), tmp_path / "alice.safetensors"), probe, rule), remembered)
+    assert (next_logits(model, {}, probe, rule) - remembered).abs().max() > 1e-3  # the memory matters
+
+
+def test_session_save_then_load_continues_with_the_same_memory(mac_dir, tmp_path):
+    model, tokenizer = load_model(str(mac_dir))
+    session = Session(model, tokenizer, update_rule="surprise")
+    session.generate("def add(a, b):", max_new_tokens=5)
+    session.generate("return a + b", max_new_tokens=3)
+    # every prompt and generated token went through the cache (and its memory)
+    assert session.cache.seen_tokens == len(session.ids)
+    session.save_memory(tmp_path / "m.safetensors")
+    other = Session(*load_model(str(mac_dir)), update_rule="surprise")
+    other.load_memory(tmp_path / "m.safetensors")
+    probe = torch.tensor([tokenizer("class Stack:")["input_ids"]])
+    expected = next_logits(model, mac_states(model, session.cache), probe)
+    assert torch.equal(next_logits(other.model, other.seed_states, probe), expected)
+    with torch.no_grad():
+        out = other.model(probe, past_key_values=other.cache, use_cache=True, update_rule="surprise").logits[0, -1]
+    assert torch.equal(out, expected)
+
+
+def test_wrong_model_and_wrong_shape_memory_files_are_refused(tmp_path):
+    model = tiny_mac()
+    path = tmp_path / "m.safetensors"
+    save_mac_memory(model, mac_states(model, None), path)
+
+    other = tiny_mac(seed=1)
+    with pytest.raises(UserError) as err:
+        load_mac_memory(other, path)
+    assert str(err.value) == (f"{path} was saved from a different model (fingerprint {mac_fingerprint(model)[:16]}, "
+                              f"this model has {mac_fingerprint(other)[:16]}); use the model that wrote it, or start without --memory-in")
+
+    with safe_open(path, framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    good_shape = tuple(tensors["layers.1.weights.0"].shape)
+    bad = dict(tensors, **{"layers.1.weights.0": torch.zeros(1, good_shape[1] + 1, good_shape[2])})
+    save_file(bad, tmp_path / "shape.safetensors", metadata=metadata)
+    with pytest.raises(UserError) as err:
+        load_mac_memory(model, tmp_path / "shape.safetensors")
+    assert str(err.value) == (f"{tmp_path / 'shape.safetensors'}: tensor layers.1.weights.0 has shape "
+                              f"{(1, good_shape[1] + 1, good_shape[2])}, this model expects {good_shape}")
+
+    bad = dict(tensors, **{"layers.1.momentum.1": tensors["layers.1.momentum.1"].double()})
+    save_file(bad, tmp_path / "dtype.safetensors", metadata=metadata)
+    with pytest.raises(UserError, match=r"tensor layers\.1\.momentum\.1 has dtype torch\.float64, this model expects torch\.float32$"):
+        load_mac_memory(model, tmp_path / "dtype.safetensors")
+
+    (tmp_path / "evil.safetensors").write_bytes(b"\x80\x04K\x01.")  # a pickle
+    with pytest.raises(UserError, match="is not a safetensors memory file"):
+        load_mac_memory(model, tmp_path / "evil.safetensors")
+    with pytest.raises(UserError, match="does not exist"):
+        load_mac_memory(model, tmp_path / "nope.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------- the command
+
+
+@pytest.mark.parametrize("rule", ["none", "ema", "surprise"])
+def test_cli_greedy_generation_of_a_mac_folder(mac_dir, rule):
+    code, out, err = invoke("--model_path", mac_dir, "--use_mac", "--update-rule", rule, "--prompt", "def add(a, b):",
+                            "--no-chat-template", "--max-tokens", 6)
+    assert code == 0, err
+    model = AutoModelForCausalLM.from_pretrained(mac_dir, trust_remote_code=True).eval()
+    tok = AutoTokenizer.from_pretrained(mac_dir)
+    ids = tok("def add(a, b):", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=6, do_sample=False, update_rule=rule, pad_token_id=2)
+    text = tok.decode(expected[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert out and out == text
+
+
+def test_cli_memory_out_then_in_and_interactive(mac_dir, tmp_path):
+    mem = tmp_path / "alice.safetensors"
+    code, out, err = invoke("--model_path", mac_dir, "--update-rule", "surprise", "--prompt", "My name is Alice.",
+                            "--max-tokens", 4, "--memory-out", mem)
+    assert code == 0 and out and err == f"memory saved to {mem}" and mem.is_file()
+    code, out, err = invoke("--model_path", mac_dir, "--update-rule", "surprise", "--memory-in", mem, "--interactive",
+                            "--max-tokens", 3, input=f"What is my name?\n/save {tmp_path / 'b.safetensors'}\n/reset\nhi\n\n")
+    assert code == 0 and out, err
+    assert f"(memory saved to {tmp_path / 'b.safetensors'})" in err and "(memory cleared)" in err
+    model, _ = load_model(str(mac_dir))
+    load_mac_memory(model, tmp_path / "b.safetensors")  # a valid memory file of this model
+
+
+def test_cli_packaged_wrapper_uses_its_own_memory_files(tiny_teacher_dir, tmp_path):
+    package = package_llama_with_memory(str(tiny_teacher_dir), tmp_path / "pkg", memory_slots=16, recent_slots=8)
+    mem = tmp_path / "w.safetensors"
+    code, out, err = invoke("--model_path", package, "--update-rule", "ema", "--prompt", "Velmora is a city.",
+                            "--no-chat-template", "--max-tokens", 4, "--memory-out", mem)
+    assert code == 0 and out, err
+    model = AutoModelForCausalLM.from_pretrained(package, trust_remote_code=True)
+    model.load_memory(mem)
+    assert model.memory_info()["slots_filled"] > 0
+    code, out, err = invoke("--model_path", package, "--update-rule", "surprise", "--prompt", "Where?", "--max-tokens", 3, "--no-chat-template",
+                            "--memory-in", mem, "--temperature", 0.8, "--top-p", 0.9)
+    assert code == 0 and out, err
+    code, out, err = invoke("--model_path", package, "--use_mac", "--prompt", "x")
+    assert code == 1 and err == f"Error: --use_mac: {package} is not a MAC model (model_type 'memory_llama')"
+
+
+def test_cli_refuses_memory_for_a_plain_llama_and_bad_memory_files(tiny_teacher_dir, mac_dir, tmp_path):
+    d = tiny_teacher_dir
+    code, out, err = invoke("--model_path", d, "--update-rule", "surprise", "--prompt", "x")
+    assert code == 1 and err == ("Error: --update-rule surprise: this model has no memory (model_type 'llama'); use "
+                                 "--update-rule none, a MAC export or a package_model.py folder")
+    code, out, err = invoke("--model_path", d, "--memory-in", tmp_path / "m.safetensors", "--prompt", "x")
+    assert code == 1 and err == (f"Error: --memory-in: {d} has no memory (model_type 'llama'); use a MAC export or a "
+                                 "package_model.py folder")
+    code, out, err = invoke("--model_path", d, "--use_mac", "--prompt", "x")
+    assert code == 1 and err == f"Error: --use_mac: {d} is not a MAC model (model_type 'llama')"
+    code, out, err = invoke("--model_path", d, "--prompt", "x", "--max-tokens", 3)  # no memory: plain generation
+    assert code == 0 and out, err
+
+    other = save_mac_folder(tiny_mac(seed=3), d, tmp_path / "other-mac")
+    mem = tmp_path / "other.safetensors"
+    assert invoke("--model_path", other, "--update-rule", "ema", "--prompt", "x", "--max-tokens", 2, "--memory-out", mem)[0] == 0
+    code, out, err = invoke("--model_path", mac_dir, "--memory-in", mem, "--prompt", "x")
+    assert code == 1 and err.startswith(f"Error: {mem} was saved from a different model (fingerprint ") and "\n" not in err
+    code, out, err = invoke("--model_path", mac_dir)
+    assert code == 1 and err == "Error: nothing to do: give --prompt, --prompts-file or --interactive"
+
+
+def test_root_script_runs_the_command(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "no_vllm_inference.py"), "--model_path", str(tmp_path / "nope"),
+                           "--prompt", "x"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"Error: --model_path {tmp_path / 'nope'} is not a model folder (no config.json)"

@@ -1,0 +1,441 @@
+"""Generation with transformers (no vLLM) and a per-user memory: `no_vllm_inference.py`.
+
+Three kinds of model folder are served:
+
+* **MAC** (`model_type: mac_llama`, an `export_mac_model.py` folder or a run's `final/`): the Titans memory lives
+  in the `MACCache` that carries the stream through `generate()`. A *session* is one stream: it starts at position 0
+  with a fresh `MACCache` whose memory layers are seeded from a memory file (or the model's initial memory), and
+  every prompt and generated token of the session passes through the cache (turns continue the same stream). The
+  memory file holds, per memory layer, the fast-weight state after the session (`weights.j`, `momentum.j`, the
+  incomplete chunk `pending` and `position`, from `NeuralMemory.state_to_dict`) and metadata with a model
+  fingerprint; a later session seeded from it retrieves from exactly that state.
+* **Packaged wrapper** (`model_type: memory_llama`, `package_model.py`): its memory lives in the model and persists
+  across `generate()` calls; files go through its own `save_memory` / `load_memory`.
+* **Plain Llama**: no memory (only `--update-rule none`, no memory files).
+
+Memory files are safetensors and are never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import torch
+
+from .cli import POSITIVE, _quiet_libraries, user_errors
+from .errors import UserError
+
+MAC_MEMORY_FORMAT = "titans-distil-mac-memory/1"
+UPDATE_RULES = ("none", "ema", "surprise")
+# config fields that decide the memory's layout and meaning (the fingerprint hashes them)
+_ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "segment_len", "num_persistent_tokens",
+                "memory_layers", "memory_chunk_size", "memory_depth", "memory_expansion", "memory_dim",
+                "memory_max_lr", "memory_max_grad_norm")
+_FINGERPRINT_SAMPLES = 64
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def model_kind(model) -> str:
+    """'mac', 'memory' (packaged wrapper) or 'llama' (anything else: no memory)."""
+    model_type = getattr(model.config, "model_type", "")
+    if model_type == "mac_llama":
+        return "mac"
+    if model_type == "memory_llama" and hasattr(model, "load_memory"):
+        return "memory"
+    return "llama"
+
+
+def load_model(path: str, dtype: str = "auto"):
+    """(model, tokenizer) from a trust_remote_code folder; a run's `final/` (a MAC config without `auto_map`) is
+    loaded with the project's own classes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"--model_path {path} is not a model folder (no config.json)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{config_file} is not valid JSON ({err})") from None
+    kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
+    try:
+        if config.get("model_type") == "mac_llama" and "AutoModelForCausalLM" not in config.get("auto_map", {}):
+            from .models.modeling_mac_llama import MACLlamaForCausalLM
+
+            model = MACLlamaForCausalLM.from_pretrained(folder, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
+    return model.eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------- MAC memory files
+
+
+def mac_memory_layers(model) -> list[int]:
+    return [i for i, layer in enumerate(model.model.layers) if layer.memory is not None]
+
+
+def mac_fingerprint(model) -> str:
+    """sha256 of the architecture fields and of a fixed sample of every weight tensor (names, shapes, values)."""
+    digest = hashlib.sha256()
+    config = model.config.to_dict()
+    digest.update(json.dumps({k: config.get(k) for k in _ARCH_FIELDS}, sort_keys=True).encode())
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        count = flat.numel()
+        steps = min(count, _FINGERPRINT_SAMPLES)
+        idx = torch.arange(steps, dtype=torch.int64) * max(count - 1, 0) // max(steps - 1, 1)
+        sample = flat[idx.to(flat.device)].float().cpu().numpy().tobytes() if count else b""
+        digest.update(f"{name}|{tuple(tensor.shape)}|".encode())
+        digest.update(sample)
+    return digest.hexdigest()
+
+
+def _state_dtype(model) -> torch.dtype:
+    return torch.float64 if model.dtype == torch.float64 else torch.float32
+
+
+def mac_cache(model, states: dict | None = None):
+    """A fresh `MACCache` (position 0); memory layers seeded with `states` {layer: MemoryState} if given."""
+    # the model's own module: a trust_remote_code model has its own copies of the classes
+    cache = sys.modules[type(model).__module__].MACCache(model.config)
+    for i, state in (states or {}).items():
+        cache.layers[i].state = cache.layers[i].segment_state = state
+    return cache
+
+
+def mac_states(model, cache) -> dict:
+    """{layer: MemoryState} after the tokens the cache has seen (initial states for a cache that saw none)."""
+    out = {}
+    for i in mac_memory_layers(model):
+        state = cache.layers[i].state if cache is not None else None
+        if state is None:
+            state = model.model.layers[i].memory.init_state(1, dtype=_state_dtype(model))
+        out[i] = state
+    return out
+
+
+def save_mac_memory(model, states: dict, path) -> None:
+    """Write {layer: MemoryState} (batch 1) to a safetensors memory file with the model's fingerprint."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, state in states.items():
+        memory = model.model.layers[i].memory
+        for name, tensor in memory.state_to_dict(state, prefix=f"layers.{i}.").items():
+            tensors[name] = tensor.detach().to("cpu").contiguous()
+    metadata = {"format": MAC_MEMORY_FORMAT, "fingerprint": mac_fingerprint(model),
+                "memory_layers": json.dumps(sorted(states)), "dtype": str(_state_dtype(model)).removeprefix("torch.")}
+    path = os.fspath(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_mac_memory(model, path) -> dict:
+    """{layer: MemoryState} from a file written by `save_mac_memory` for this model; one-line `UserError` for a
+    missing or foreign file, another model's memory, and tensors of the wrong names, shapes or dtypes."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"memory file {path} does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # safetensors raises its own error types
+        raise UserError(f"{path} is not a safetensors memory file ({str(err).splitlines()[0]})") from None
+    if metadata.get("format") != MAC_MEMORY_FORMAT:
+        raise UserError(f"{path} is not a MAC memory file (format {metadata.get('format')!r}, expected {MAC_MEMORY_FORMAT!r})")
+    mine, theirs = mac_fingerprint(model), metadata.get("fingerprint", "")
+    if theirs != mine:
+        raise UserError(f"{path} was saved from a different model (fingerprint {theirs[:16]}, this model has "
+                        f"{mine[:16]}); use the model that wrote it, or start without --memory-in")
+    dtype = _state_dtype(model)
+    layers = mac_memory_layers(model)
+    states = {}
+    for i in layers:
+        memory = model.model.layers[i].memory
+        prefix = f"layers.{i}."
+        expected = {}
+        for j, w in enumerate(memory.initial_weights):
+            expected[f"{prefix}weights.{j}"] = (1, *w.shape)
+            expected[f"{prefix}momentum.{j}"] = (1, *w.shape)
+        for key, shape in expected.items():
+            if key not in tensors:
+                raise UserError(f"{path} has no tensor {key}; it holds memory for layers "
+                                f"{metadata.get('memory_layers', '?')}, this model's memory layers are {layers}")
+            tensor = tensors[key]
+            if tuple(tensor.shape) != shape:
+                raise UserError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, this model expects {shape}")
+            if tensor.dtype != dtype:
+                raise UserError(f"{path}: tensor {key} has dtype {tensor.dtype}, this model expects {dtype}")
+        pending, position = tensors.get(f"{prefix}pending"), tensors.get(f"{prefix}position")
+        if pending is None or position is None:
+            raise UserError(f"{path} has no tensor {prefix}{'pending' if pending is None else 'position'}")
+        if pending.dim() != 3 or pending.shape[0] != 1 or pending.shape[2] != memory.dim or pending.shape[1] >= memory.chunk_size:
+            raise UserError(f"{path}: tensor {prefix}pending has shape {tuple(pending.shape)}, this model expects "
+                            f"(1, n < {memory.chunk_size}, {memory.dim})")
+        if pending.dtype != dtype:
+            raise UserError(f"{path}: tensor {prefix}pending has dtype {pending.dtype}, this model expects {dtype}")
+        if position.dim() != 0 or position.dtype != torch.int64 or int(position) % memory.chunk_size != pending.shape[1]:
+            raise UserError(f"{path}: tensor {prefix}position does not match its pending chunk")
+        device = memory.initial_weights[0].device
+        state_type = type(memory.init_state(1, device=device, dtype=dtype))  # the model's own MemoryState
+        states[i] = state_type(
+            tuple(tensors[f"{prefix}weights.{j}"].to(device) for j in range(memory.depth)),
+            tuple(tensors[f"{prefix}momentum.{j}"].to(device) for j in range(memory.depth)),
+            pending.to(device),
+            int(position),
+        )
+    extra = sorted(set(tensors) - {f"layers.{i}.{n}" for i in layers for n in
+                                   [*(f"{k}.{j}" for k in ("weights", "momentum")
+                                      for j in range(model.model.layers[i].memory.depth)), "pending", "position"]})
+    if extra:
+        raise UserError(f"{path} holds tensors this model does not have: {', '.join(extra[:3])}")
+    return states
+
+
+# ----------------------------------------------------------------------------------------------- sessions
+
+
+@dataclass
+class Session:
+    """One user's stream: the tokens fed so far, the generation cache and (MAC) the memory inside it."""
+
+    model: object
+    tokenizer: object
+    update_rule: str = "none"
+    chat_template: bool = False
+    kind: str = field(init=False)
+    ids: list = field(default_factory=list)
+    cache: object = None
+    seed_states: dict | None = None  # MAC: memory the session started from (None: the model's initial memory)
+    history: list = field(default_factory=list)
+    fed_text: str = ""
+
+    def __post_init__(self):
+        self.kind = model_kind(self.model)
+        if self.kind == "llama" and self.update_rule != "none":
+            raise UserError(f"--update-rule {self.update_rule}: this model has no memory (model_type "
+                            f"{self.model.config.model_type!r}); use --update-rule none, a MAC export or a package_model.py folder")
+        self.reset()
+
+    # -- memory
+
+    def reset(self, keep_seed: bool = False) -> None:
+        """Start a new stream; the memory goes back to the seed (keep_seed) or to empty."""
+        if not keep_seed:
+            self.seed_states = None
+            if self.kind == "memory":
+                self.model.reset_memory()
+        self.ids, self.history, self.fed_text = [], [], ""
+        self.cache = mac_cache(self.model, self.seed_states) if self.kind == "mac" else None
+
+    def load_memory(self, path) -> None:
+        if self.kind == "llama":
+            raise UserError(f"--memory-in {path}: this model has no memory (model_type {self.model.config.model_type!r})")
+        if self.kind == "memory":
+            try:
+                self.model.load_memory(path)
+            except ValueError as err:
+                raise UserError(str(err)) from None
+            self.reset(keep_seed=True)
+        else:
+            self.seed_states = load_mac_memory(self.model, path)
+            self.reset(keep_seed=True)
+
+    def save_memory(self, path) -> None:
+        if self.kind == "llama":
+            raise UserError(f"cannot save {path}: this model has no memory (model_type {self.model.config.model_type!r})")
+        if self.kind == "memory":
+            self.model.save_memory(path)
+        else:
+            save_mac_memory(self.model, mac_states(self.model, self.cache), path)
+
+    # -- prompts
+
+    def turn_ids(self, prompt: str) -> list[int]:
+        """Tokens that continue the stream with a new user turn."""
+        tok = self.tokenizer
+        if self.chat_template:
+            messages = self.history + [{"role": "user", "content": prompt}]
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            previous = tok.apply_chat_template(self.history, tokenize=False) if self.history else ""
+            for prefix in (self.fed_text, previous):
+                if prefix and text.startswith(prefix):
+                    text = text[len(prefix):]
+                    break
+            self.history = messages
+            self.fed_text += text
+            return tok(text, add_special_tokens=False)["input_ids"]
+        if not self.ids:
+            self.fed_text += prompt
+            return tok(prompt)["input_ids"]
+        text = prompt if self.fed_text[-1:].isspace() else "\n" + prompt
+        self.fed_text += text
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int, streamer=None, do_sample=False, temperature=1.0,
+                 top_p=1.0) -> str:
+        new = self.turn_ids(prompt)
+        if self.kind == "memory":  # the memory carries the earlier turns; the model sees this turn only
+            ids, past = new, None
+        else:
+            ids, past = self.ids + new, self.cache
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if self.kind == "llama" and limit and len(ids) + max_new_tokens > limit:
+            raise UserError(f"the conversation ({len(ids)} tokens + {max_new_tokens} new) exceeds the model's {limit} "
+                            "positions; /reset or lower --max-tokens")
+        if self.kind == "llama" and past is None:
+            from transformers import DynamicCache
+
+            past = self.cache = DynamicCache(config=self.model.config)
+        input_ids = torch.tensor([ids], device=self.model.device)
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, streamer=streamer,
+                      attention_mask=torch.ones_like(input_ids), pad_token_id=self._pad_id())
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if self.kind == "mac":
+            kwargs.update(update_rule=self.update_rule, past_key_values=past)
+        elif self.kind == "memory":
+            kwargs.update(use_memory=True, update_rule=self.update_rule)
+        else:
+            kwargs.update(past_key_values=past)
+        out = self.model.generate(input_ids, **kwargs)[0].tolist()
+        generated = out[len(ids):]
+        if self.kind == "mac" and generated:
+            # generate() never feeds its last token back; feed it so the memory (and the stream) hold every token
+            self.model(torch.tensor([generated[-1:]], device=self.model.device), past_key_values=self.cache,
+                       use_cache=True, update_rule=self.update_rule)
+        self.ids = out if self.kind != "memory" else []
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        self.fed_text += self.tokenizer.decode(generated, skip_special_tokens=False)
+        if self.chat_template:
+            self.history = self.history + [{"role": "assistant", "content": text}]
+        return text
+
+    def _pad_id(self):
+        tok = self.tokenizer
+        if tok.pad_token_id is not None:
+            return tok.pad_token_id
+        eos = self.model.generation_config.eos_token_id
+        return eos[0] if isinstance(eos, list) else eos
+
+
+# ----------------------------------------------------------------------------------------------- command
+
+
+@click.command(name="no_vllm_inference.py", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--model_path", "--model-path", "model_path", required=True, type=click.Path(file_okay=False),
+              help="A MAC export / run's final folder, a package_model.py folder or a plain Llama folder.")
+@click.option("--use_mac", "--use-mac", "use_mac", is_flag=True, help="Require a MAC (Titans memory) model.")
+@click.option("--update-rule", type=click.Choice(UPDATE_RULES), default="none", show_default=True,
+              help="Memory update while reading the prompt and generating (none: read only).")
+@click.option("--prompt", default=None, help="Prompt (the first turn of the session).")
+@click.option("--prompts-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="A text file of prompts, one per non-empty line: further turns of the same session.")
+@click.option("--max-tokens", type=POSITIVE, default=128, show_default=True, help="New tokens per prompt.")
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=None,
+              help="Sample with this temperature (default: greedy).")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, help="Nucleus sampling (implies sampling).")
+@click.option("--chat-template/--no-chat-template", default=None,
+              help="Wrap prompts in the tokenizer's chat template. [default: on when the tokenizer has one]")
+@click.option("--interactive", is_flag=True, help="Chat on stdin: /reset clears the memory, /save FILE writes it, an empty line or EOF quits.")
+@click.option("--memory-in", type=click.Path(dir_okay=False), default=None, help="Start from this memory file.")
+@click.option("--memory-out", type=click.Path(dir_okay=False), default=None, help="Write the memory here after the session.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (sampling).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+              help="Load the weights in this dtype.")
+@user_errors
+def no_vllm_inference(model_path, use_mac, update_rule, prompt, prompts_file, max_tokens, temperature, top_p,
+                      chat_template, interactive, memory_in, memory_out, seed, dtype):
+    """Generate with transformers, carrying a per-user memory through prompts and generated tokens.
+
+    \b
+    Examples:
+      python no_vllm_inference.py --model_path exports/demo-mac --use_mac --update-rule surprise --prompt "def f(x):"
+      python no_vllm_inference.py --model_path exports/demo-mac --prompts-file notes.txt --update-rule surprise --memory-out alice.safetensors
+      python no_vllm_inference.py --model_path exports/demo-mac --memory-in alice.safetensors --interactive
+      python no_vllm_inference.py --model_path packaged/smol-memory --update-rule ema --temperature 0.7 --top-p 0.9 --prompt "Hi"
+    """
+    _quiet_libraries()
+    prompts = [prompt] if prompt is not None else []
+    if prompts_file:
+        prompts += [line.rstrip("\n") for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts and not interactive:
+        raise UserError("nothing to do: give --prompt, --prompts-file or --interactive")
+    if memory_out and Path(memory_out).is_dir():
+        raise UserError(f"--memory-out {memory_out} is a folder; give a file name")
+    from transformers import TextStreamer, set_seed
+
+    model, tokenizer = load_model(model_path, dtype)
+    kind = model_kind(model)
+    if use_mac and kind != "mac":
+        raise UserError(f"--use_mac: {model_path} is not a MAC model (model_type {model.config.model_type!r})")
+    if kind == "llama" and (memory_in or memory_out):
+        flag = "--memory-in" if memory_in else "--memory-out"
+        raise UserError(f"{flag}: {model_path} has no memory (model_type {model.config.model_type!r}); "
+                        "use a MAC export or a package_model.py folder")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template and not has_template:
+        raise UserError(f"--chat-template: the tokenizer of {model_path} has no chat template")
+    session = Session(model, tokenizer, update_rule=update_rule,
+                      chat_template=has_template if chat_template is None else chat_template)
+    if memory_in:
+        session.load_memory(memory_in)
+    set_seed(seed)
+    sample = temperature is not None or top_p is not None
+    if temperature == 0:
+        sample = False
+    options = dict(do_sample=sample, temperature=temperature if temperature else 1.0, top_p=top_p or 1.0)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+    for text in prompts:
+        if interactive or len(prompts) > 1:
+            click.echo(f"> {text}")
+        session.generate(text, max_tokens, streamer=streamer, **options)
+    if interactive:
+        while True:
+            click.echo("> ", nl=False, err=True)
+            line = sys.stdin.readline()
+            if not line or not line.strip():
+                break
+            line = line.strip()
+            if line == "/reset":
+                session.reset()
+                click.echo("(memory cleared)", err=True)
+                continue
+            if line.startswith("/save"):
+                target = line[len("/save"):].strip()
+                if not target:
+                    click.echo("usage: /save FILE", err=True)
+                    continue
+                try:
+                    session.save_memory(target)
+                    click.echo(f"(memory saved to {target})", err=True)
+                except UserError as err:
+                    click.echo(f"Error: {err}", err=True)
+                continue
+            session.generate(line, max_tokens, streamer=streamer, **options)
+    if memory_out:
+        session.save_memory(memory_out)
+        click.echo(f"memory saved to {memory_out}", err=True)
