@@ -15,6 +15,7 @@ from titans_distil.models.modeling_mac_llama import MACLlamaForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from titans_distil.errors import UserError
+from titans_distil.export import save_with_model_code
 from titans_distil.generate import (
     Session,
     load_mac_memory,
@@ -49,12 +50,7 @@ def tiny_mac(seed=0, **overrides):
 
 def save_mac_folder(model, tokenizer_dir, out: Path) -> Path:
     """A trust_remote_code MAC folder like export_mac_model.py writes (config auto_map + model files)."""
-    try:
-        MACLlamaConfig.register_for_auto_class()
-        MACLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-        model.save_pretrained(out)
-    finally:
-        MACLlamaConfig._auto_class = MACLlamaForCausalLM._auto_class = None
+    save_with_model_code(model, out)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     return out
 

@@ -9,6 +9,8 @@ from titans_distil.models.modeling_mac_llama import MACCache, MACLlamaForCausalL
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from titans_distil.export import save_with_model_code
+
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, bos_token_id=None, eos_token_id=None)
 SEG, CHUNK = 16, 4
@@ -302,13 +304,7 @@ def test_save_and_load_round_trip(tmp_path, tied):
 def test_trust_remote_code_export_is_self_contained(tmp_path):
     """The model files copied next to the weights load through AutoModelForCausalLM with trust_remote_code."""
     model = mac_model()
-    config_class, model_class = type(model.config), type(model)
-    try:
-        config_class.register_for_auto_class()
-        model_class.register_for_auto_class("AutoModelForCausalLM")
-        model.save_pretrained(tmp_path)
-    finally:
-        config_class._auto_class = model_class._auto_class = None
+    save_with_model_code(model, tmp_path)
     assert {"modeling_mac_llama.py", "configuration_mac_llama.py", "neural_memory.py"} <= {
         p.name for p in tmp_path.iterdir()}
     remote = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()

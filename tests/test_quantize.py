@@ -14,6 +14,7 @@ from titans_distil.models.configuration_mac_llama import MACLlamaConfig
 from titans_distil.models.modeling_mac_llama import MACLlamaForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from titans_distil.export import save_with_model_code
 from titans_distil.quantize import (
     DEFAULT_INT8_THRESHOLD,
     MAC_MODEL_FILES,
@@ -72,12 +73,7 @@ def mac_dir(tmp_path_factory, tokenizer):
     """An exported MAC student: model files next to the weights, auto_map in config.json."""
     out = tmp_path_factory.mktemp("tiny-mac-export")
     model = tiny_mac()
-    try:
-        MACLlamaConfig.register_for_auto_class()
-        MACLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-        model.save_pretrained(out)
-    finally:
-        MACLlamaConfig._auto_class = MACLlamaForCausalLM._auto_class = None
+    save_with_model_code(model, out)
     tokenizer.save_pretrained(out)
     assert json.loads((out / "config.json").read_text())["auto_map"]
     return out

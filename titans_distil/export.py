@@ -72,6 +72,25 @@ class Run:
         return "mac" if self.config.get("use_mac") else "llama"
 
 
+def save_with_model_code(model, out, **save_kwargs) -> None:
+    """`save_pretrained` that also copies the model's code files and writes `auto_map` (a trust_remote_code folder).
+
+    transformers does that only for classes registered for an auto class; the registration is undone afterwards so
+    later plain saves of the same classes stay plain. A class loaded as remote code is registered already.
+    """
+    config_class, model_class = type(model.config), type(model)
+    if model_class._auto_class is not None:
+        model.save_pretrained(out, **save_kwargs)
+        return
+    before = (config_class._auto_class, model_class._auto_class)
+    try:
+        config_class.register_for_auto_class()
+        model_class.register_for_auto_class("AutoModelForCausalLM")
+        model.save_pretrained(out, **save_kwargs)
+    finally:
+        config_class._auto_class, model_class._auto_class = before
+
+
 def load_run(run_dir: str | os.PathLike) -> Run:
     path = Path(run_dir).expanduser()
     if not path.is_dir():
@@ -670,15 +689,11 @@ def export_model(run_dir, kind: str, checkpoint: str = "latest", output=None, *,
     model.config._name_or_path = ""  # not the local path of the run (make_config already dropped the saved one)
 
     with atomic_folder(out, overwrite, [run.dir, *([ckpt.folder] if ckpt.folder else ckpt.files)]) as tmp:
-        config_class, model_class = type(model.config), type(model)
-        try:
-            if kind == "mac":  # makes save_pretrained copy the model files and write auto_map
-                config_class.register_for_auto_class()
-                model_class.register_for_auto_class("AutoModelForCausalLM")
-            with _quiet():
+        with _quiet():
+            if kind == "mac":
+                save_with_model_code(model, tmp, max_shard_size=max_shard_size)
+            else:
                 model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        finally:
-            config_class._auto_class = model_class._auto_class = None
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(run, ckpt, kind, model.config, push_to_hub, out.name))
         _check_export(tmp, model, tokenizer, kind)

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .export import save_with_model_code
 
 BITS = (8, 4)
 # LLM.int8() outlier threshold: activation columns holding a value >= this are multiplied in 16-bit, the rest in int8.
@@ -298,16 +299,9 @@ def save_quantized(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
             "pass; bitsandbytes 0.50.2 cannot save them intact. Save the model before running it (or reload it from a "
             "saved folder)")
     out = Path(out_dir)
-    model_class, config_class = type(model), type(model.config)
     is_mac = getattr(model.config, "model_type", None) == "mac_llama"
-    if is_mac and model_class._auto_class is None:  # the installed classes: register so the model files travel
-        before = (config_class._auto_class, model_class._auto_class)
-        try:
-            config_class.register_for_auto_class()
-            model_class.register_for_auto_class("AutoModelForCausalLM")
-            model.save_pretrained(out)
-        finally:
-            config_class._auto_class, model_class._auto_class = before
+    if is_mac:  # the model files travel with the weights
+        save_with_model_code(model, out)
     else:
         model.save_pretrained(out)
     if is_mac:
