@@ -1,6 +1,10 @@
-"""vLLM plugin and offline inference — not yet available."""
+"""Generate with vLLM (batched) or serve the model with vLLM's OpenAI-compatible server.
 
-from titans_distil.cli import not_yet
+    python vllm_inference.py --model_path DIR [--use_mac] --prompt TEXT [--prompt TEXT ...] [--prompts-file FILE]
+    python vllm_inference.py --model_path DIR --serve [--port 8000] [-- extra vllm serve arguments]
+"""
 
-if __name__ == "__main__":
-    not_yet("vllm_inference.py", "the serving issue: vLLM plugin and offline inference")()
+from titans_distil.serving import vllm_inference
+
+if __name__ == "__main__":  # vLLM's engine runs in spawned processes that re-import this module
+    vllm_inference()

@@ -166,11 +166,9 @@ def test_few_steps_on_the_embedded_teacher(embedded_dir, small_corpus, tmp_path)
     assert f"student saved to {tmp_path / 'e2e' / 'final'}" in result.stdout
 
 
-def test_console_script_groups_the_root_commands_and_stubs_say_not_yet():
+def test_console_script_groups_the_root_commands():
     from titans_distil.commands import main
 
     out = CliRunner().invoke(main, ["--help"]).output
-    for name in ("distil", "export-mac", "export-llama", "inspect", "quantize", "package", "generate"):
+    for name in ("distil", "export-mac", "export-llama", "inspect", "quantize", "package", "generate", "vllm"):
         assert f"  {name} " in out
-    stub = subprocess.run([PY, str(ROOT / "vllm_inference.py")], capture_output=True, text=True)
-    assert stub.returncode == 2 and "not yet available (the serving issue" in stub.stderr

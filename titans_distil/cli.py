@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 
 import click
 
@@ -149,15 +148,3 @@ def cache_teacher(teacher, data, max_length, max_train_blocks, validation_fracti
     out = write_teacher_cache(model, tokenizer, blocks, output, top_k=top_k, batch_size=batch_size,
                               blocks_per_shard=blocks_per_shard, manifest=manifest)
     click.echo(f"teacher cache ({len(blocks)} sequences, top-{top_k}) written to {out}")
-
-
-def not_yet(name: str, issue: str):
-    """A root script whose feature another issue delivers: says so and exits non-zero."""
-
-    @click.command(name=name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    def command():
-        click.echo(f"{name}: not yet available ({issue}).", err=True)
-        sys.exit(2)
-
-    command.help = f"Not yet available: {issue}."
-    return command

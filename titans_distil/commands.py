@@ -8,11 +8,12 @@ from .generate import no_vllm_inference
 from .inspect_cli import inspect_model
 from .package import package
 from .quantize import quantize_command
+from .serving import vllm_inference
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
-    """titans-distil: distil Llama teachers into Titans-memory students, export, inspect, quantize, package and generate with them."""
+    """titans-distil: distil Llama teachers into Titans-memory students, export, inspect, quantize, package, generate with and serve them."""
 
 
 main.add_command(distil, "distil")
@@ -22,3 +23,4 @@ main.add_command(inspect_model, "inspect")
 main.add_command(quantize_command, "quantize")
 main.add_command(package, "package")
 main.add_command(no_vllm_inference, "generate")
+main.add_command(vllm_inference, "vllm")

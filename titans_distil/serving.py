@@ -1,0 +1,212 @@
+"""Generation and serving with vLLM: `vllm_inference.py` (offline, batched) and its `--serve` mode (the
+OpenAI-compatible server, `vllm serve`).
+
+MAC folders are served through the project's vLLM plugin (`titans_distil.vllm_plugin`): one segment
+(`max_model_len` = `segment_len`) with frozen memory. Plain Llama folders are served by stock vLLM. Packaged
+wrappers (`package_model.py`) keep learning in every layer and are not servable by vLLM: use
+`no_vllm_inference.py` for them and for memories that learn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .cli import POSITIVE, _quiet_libraries, user_errors
+from .errors import UserError
+
+UPDATE_RULES = ("none", "ema", "surprise")
+DEFAULT_CPU_KVCACHE_GIB = "2"
+
+
+def prepare_environment() -> None:
+    """What vLLM needs on a CPU host: an explicit KV-cache size (its default asks for more memory than a NUMA
+    node reports free here). A value the user exported wins."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
+
+
+def serving_overrides(model_path: str, use_mac: bool, update_rule: str) -> tuple[str, dict | None]:
+    """Check a model folder against what vLLM can serve; return its kind ('mac' or 'llama') and the config
+    overrides to pass to vLLM (a MAC checkpoint whose default rule learns is served with its memory frozen)."""
+    path = Path(model_path)
+    if not path.is_dir():
+        raise UserError(f"--model_path {model_path} is not a folder; give an export_mac_model.py / export_llama_model.py folder")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{model_path} holds no config.json; give an export_mac_model.py / export_llama_model.py folder")
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type")
+    if model_type == "memory_llama":
+        raise UserError(f"{model_path} is a package_model.py wrapper, whose memory learns inside every layer; vLLM "
+                        "cannot serve it: use no_vllm_inference.py")
+    kind = "mac" if model_type == "mac_llama" else "llama"
+    if use_mac and kind != "mac":
+        raise UserError(f"--use_mac: {model_path} is not a MAC model (model_type {model_type!r})")
+    if kind == "mac" and "auto_map" not in config:
+        raise UserError(f"{model_path} is a training checkpoint, not an export; run export_mac_model.py first")
+    if update_rule != "none":
+        if kind == "mac":
+            raise UserError(f"--update-rule {update_rule}: vLLM serves MAC models with frozen memory only; use "
+                            f"no_vllm_inference.py --update-rule {update_rule} to let the memory learn")
+        raise UserError(f"--update-rule {update_rule}: {model_path} has no memory (model_type {model_type!r})")
+    overrides = {"update_rule": "none"} if kind == "mac" and config.get("update_rule") != "none" else None
+    if overrides:
+        click.echo(f"note: serving with frozen memory (update_rule none); the checkpoint's default "
+                   f"{config.get('update_rule')!r} applies to transformers generation", err=True)
+    return kind, overrides
+
+
+def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str]:
+    out = list(prompts)
+    if prompts_file:
+        out += [line.rstrip("\n") for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not out:
+        raise UserError("nothing to generate: give --prompt (repeatable) or --prompts-file, or --serve")
+    return out
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[list[int]]:
+    if chat_template:
+        return [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True,
+                                                   add_generation_prompt=True, return_dict=False)) for p in prompts]
+    return [tokenizer(p).input_ids for p in prompts]
+
+
+def generate(model_path: str, prompts: list[str], *, use_mac: bool = False, update_rule: str = "none",
+             chat_template: bool | None = None, max_tokens: int = 128, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, ignore_eos: bool = False, seed: int = 0, dtype: str = "auto",
+             max_model_len: int | None = None, max_num_seqs: int = 16, enforce_eager: bool = True) -> list[dict]:
+    """Batched offline generation; one dict per prompt (prompt, completion, token_ids, finish_reason)."""
+    _, overrides = serving_overrides(model_path, use_mac, update_rule)
+    prepare_environment()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=True)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template and not has_template:
+        raise UserError(f"--chat-template: the tokenizer of {model_path} has no chat template")
+    token_ids = encode_prompts(tokenizer, prompts, has_template if chat_template is None else chat_template)
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_path, trust_remote_code=True, dtype=dtype, hf_overrides=overrides, seed=seed,
+              max_model_len=max_model_len, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager)
+    limit = llm.llm_engine.model_config.max_model_len
+    for i, ids in enumerate(token_ids):
+        if len(ids) >= limit:
+            raise UserError(f"prompt {i + 1} has {len(ids)} tokens; this model serves at most {limit} (max_model_len) "
+                            "including the answer: shorten it")
+        if len(ids) + max_tokens > limit:
+            click.echo(f"note: prompt {i + 1} ({len(ids)} tokens) leaves room for {limit - len(ids)} new tokens "
+                       f"(max_model_len {limit})", err=True)
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens,
+                            ignore_eos=ignore_eos)
+    start = time.perf_counter()
+    results = llm.generate([{"prompt_token_ids": ids} for ids in token_ids], params, use_tqdm=True)
+    elapsed = time.perf_counter() - start
+    new_tokens = sum(len(r.outputs[0].token_ids) for r in results)
+    click.echo(f"{len(prompts)} prompts, {new_tokens} new tokens in {elapsed:.2f} s "
+               f"({new_tokens / max(elapsed, 1e-9):.1f} tokens/s)", err=True)
+    return [{"prompt": p, "completion": r.outputs[0].text, "token_ids": list(r.outputs[0].token_ids),
+             "finish_reason": r.outputs[0].finish_reason} for p, r in zip(prompts, results)]
+
+
+def serve_argv(model_path: str, overrides: dict | None, *, host: str, port: int, dtype: str,
+               max_model_len: int | None, max_num_seqs: int, enforce_eager: bool, extra: tuple[str, ...]) -> list[str]:
+    """The `vllm serve` command line for a folder."""
+    vllm = shutil.which("vllm", path=str(Path(sys.executable).parent)) or shutil.which("vllm")
+    command = [vllm, "serve"] if vllm else [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
+    argv = command + [model_path, "--trust-remote-code", "--host", host, "--port", str(port), "--dtype", dtype,
+                      "--max-num-seqs", str(max_num_seqs)]
+    if overrides:
+        argv += ["--hf-overrides", json.dumps(overrides)]
+    if max_model_len:
+        argv += ["--max-model-len", str(max_model_len)]
+    if enforce_eager:
+        argv.append("--enforce-eager")
+    return argv + list(extra)
+
+
+@click.command(name="vllm_inference.py", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--model_path", "--model-path", "model_path", required=True,
+              help="An export_mac_model.py folder (served by the titans-distil vLLM plugin) or a plain Llama folder.")
+@click.option("--use_mac", "--use-mac", "use_mac", is_flag=True, help="Require a MAC (Titans memory) model.")
+@click.option("--update-rule", type=click.Choice(UPDATE_RULES), default="none", show_default=True,
+              help="vLLM serves MAC memories frozen: 'ema'/'surprise' are refused (use no_vllm_inference.py).")
+@click.option("--prompt", "prompts", multiple=True, help="A prompt; repeat for a batch.")
+@click.option("--prompts-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="A text file of prompts, one per non-empty line (all generated as one batch).")
+@click.option("--chat-template/--no-chat-template", default=None,
+              help="Wrap each prompt in the tokenizer's chat template as a user turn. [default: on when it has one]")
+@click.option("--max-tokens", type=POSITIVE, default=128, show_default=True, help="New tokens per prompt.")
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
+@click.option("--ignore-eos", is_flag=True, help="Always generate --max-tokens tokens (benchmarks).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@click.option("--max-model-len", type=POSITIVE, default=None,
+              help="Tokens per request (prompt + answer). [default: the model's; segment_len for MAC]")
+@click.option("--max-num-seqs", type=POSITIVE, default=16, show_default=True, help="Requests batched per step.")
+@click.option("--enforce-eager/--compile", default=True, show_default=True,
+              help="Skip vLLM's torch.compile (it costs minutes at start on CPU; MAC memory layers always run eager).")
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON lines.")
+@click.option("--serve", is_flag=True, help="Start the OpenAI-compatible server (`vllm serve`) instead; arguments "
+              "after `--` go to vllm serve.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="--serve: address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="--serve: port.")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+@user_errors
+def vllm_inference(model_path, use_mac, update_rule, prompts, prompts_file, chat_template, max_tokens, temperature,
+                   top_p, top_k, ignore_eos, seed, dtype, max_model_len, max_num_seqs, enforce_eager, output, serve, host, port,
+                   vllm_args):
+    """Generate with vLLM (batched), or serve the model with vLLM's OpenAI-compatible server.
+
+    MAC models are served with frozen memory and up to one segment (segment_len tokens) per request; for memories
+    that learn, and for package_model.py folders, use no_vllm_inference.py. On CPU, VLLM_CPU_KVCACHE_SPACE defaults
+    to 2 (GiB).
+
+    \b
+    Examples:
+      python vllm_inference.py --model_path exports/demo-mac --use_mac --prompt "def add(a, b):" --no-chat-template
+      python vllm_inference.py --model_path exports/demo-mac --prompts-file prompts.txt --temperature 0.7 --top-p 0.9 --output out.jsonl
+      python vllm_inference.py --model_path exports/demo-mac --serve --port 8000
+      python vllm_inference.py --model_path exports/plain-llama --serve -- --served-model-name plain
+    """
+    _quiet_libraries()
+    if output and Path(output).is_dir():
+        raise UserError(f"--output {output} is a folder; give a file name")
+    if vllm_args and not serve:
+        raise UserError(f"unexpected arguments {' '.join(vllm_args)}: extra arguments go to vllm serve (--serve)")
+    if serve:
+        if prompts or prompts_file or output:
+            raise UserError("--serve starts a server: --prompt, --prompts-file and --output do not apply")
+        _, overrides = serving_overrides(model_path, use_mac, update_rule)
+        prepare_environment()
+        argv = serve_argv(model_path, overrides, host=host, port=port, dtype=dtype, max_model_len=max_model_len,
+                          max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, extra=vllm_args)
+        click.echo("+ " + " ".join(argv), err=True)
+        sys.stdout.flush()
+        os.execv(argv[0], argv)
+    results = generate(model_path, read_prompts(prompts, prompts_file), use_mac=use_mac, update_rule=update_rule,
+                       chat_template=chat_template, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                       top_k=top_k, ignore_eos=ignore_eos, seed=seed, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                       enforce_eager=enforce_eager)
+    for i, result in enumerate(results):
+        if len(results) > 1:
+            click.echo(f"### {i + 1}: {result['prompt']}")
+        click.echo(result["completion"])
+    if output:
+        with open(output, "w", encoding="utf-8") as f:
+            for result in results:
+                f.write(json.dumps(result) + "\n")
+        click.echo(f"results written to {output}", err=True)
