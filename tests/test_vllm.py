@@ -1,0 +1,185 @@
+"""vLLM serving: greedy parity with transformers on a MAC export and a plain Llama export (through
+`vllm_inference.py`), the OpenAI-compatible server answering the `openai` client, and the refusals.
+
+Every vLLM engine start costs ~30 s here, so there are three (MAC, Llama, server); refusals happen before one.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from titans_distil.export import save_with_model_code
+from titans_distil.models.configuration_mac_llama import MACLlamaConfig
+from titans_distil.models.modeling_mac_llama import MACLlamaForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+PROMPTS = ["def fibonacci(n):", "The capital of France is", "import os\nimport sys\n", "Once upon a time",
+           "class Stack:\n    def push(self, item):", "for i in range(10):", "# Compute the mean of a list",
+           "Hello, my name is"]
+NEW_TOKENS = 32
+SMALL = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+             num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1,
+             eos_token_id=2, pad_token_id=2, initializer_range=0.1)  # head_dim 64: a size vLLM's CPU kernels take
+
+
+@pytest.fixture(scope="module")
+def mac_dir(tmp_path_factory, embedded_dir) -> Path:
+    """A tiny MAC export with two memory layers; its default rule learns ("surprise"), so serving must freeze it.
+    Gates and persistent tokens are large so that a wrong read-out or prefix changes the greedy tokens."""
+    out = tmp_path_factory.mktemp("mac")
+    config = MACLlamaConfig(**SMALL, segment_len=128, num_persistent_tokens=4, memory_layers=[1, 3],
+                            memory_chunk_size=16, update_rule="surprise")
+    torch.manual_seed(0)
+    model = MACLlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if layer.memory is not None:
+                layer.memory_gate.normal_(0, 3.0)
+                layer.persistent_tokens.normal_(0, 1.0)
+    save_with_model_code(model, out)
+    AutoTokenizer.from_pretrained(embedded_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, embedded_dir) -> Path:
+    out = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(1)
+    LlamaForCausalLM(LlamaConfig(**SMALL)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(embedded_dir).save_pretrained(out)
+    return out
+
+
+def hf_greedy(path: Path, prompt_ids: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Token-by-token greedy decoding by full recomputation (no cache, EOS ignored), memory frozen."""
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+    extra = {"update_rule": "none"} if model.config.model_type == "mac_llama" else {}
+    outputs = []
+    for ids in prompt_ids:
+        ids = list(ids)
+        for _ in range(new_tokens):
+            with torch.no_grad():
+                logits = model(torch.tensor([ids]), use_cache=False, **extra).logits
+            ids.append(int(logits[0, -1].argmax()))
+        outputs.append(ids[-new_tokens:])
+    return outputs
+
+
+def run_script(*args, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.run([PY, str(ROOT / "vllm_inference.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.mark.parametrize("kind", ["mac", "llama"])
+def test_vllm_greedy_equals_transformers_greedy(kind, mac_dir, llama_dir, tmp_path, one_thread):
+    path = mac_dir if kind == "mac" else llama_dir
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(p.replace("\n", " ") for p in PROMPTS) + "\n")
+    prompts = prompts_file.read_text().splitlines()
+    result = run_script("--model_path", path, "--prompts-file", prompts_file, "--no-chat-template", "--max-tokens",
+                        NEW_TOKENS, "--ignore-eos", "--dtype", "float32", "--output", tmp_path / "out.jsonl",
+                        *(["--use_mac"] if kind == "mac" else []))
+    assert result.returncode == 0, result.stderr[-3000:]
+    if kind == "mac":
+        assert "note: serving with frozen memory (update_rule none)" in result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == prompts
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    expected = hf_greedy(path, [tokenizer(p).input_ids for p in prompts], NEW_TOKENS)
+    assert [row["token_ids"] for row in rows] == expected
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_server_answers_completion_and_chat(mac_dir, tmp_path, one_thread):
+    import urllib.request
+
+    from openai import OpenAI
+
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([PY, str(ROOT / "vllm_inference.py"), "--model_path", str(mac_dir), "--serve", "--port",
+                               str(port), "--dtype", "float32", "--", "--served-model-name", "tiny-mac"],
+                              stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, "server did not come up in 300 s"
+            time.sleep(1)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        tokenizer = AutoTokenizer.from_pretrained(mac_dir)
+
+        completion = client.completions.create(model="tiny-mac", prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                                               extra_body={"ignore_eos": True})
+        expected = hf_greedy(mac_dir, [tokenizer(PROMPTS[0]).input_ids], 8)[0]
+        assert completion.choices[0].text == tokenizer.decode(expected)
+        assert completion.usage.completion_tokens == 8
+
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        chat = client.chat.completions.create(model="tiny-mac", messages=messages, max_tokens=8, temperature=0,
+                                              extra_body={"ignore_eos": True})
+        chat_ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+        expected = hf_greedy(mac_dir, [list(chat_ids)], 8)[0]
+        assert chat.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+        assert chat.usage.completion_tokens == 8
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+
+
+def test_unservable_requests_are_refused_with_a_message(mac_dir, llama_dir, tmp_path):
+    def refused(*args, message):
+        result = run_script(*args)
+        assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == f"Error: {message}", result.stderr
+
+    refused("--model_path", mac_dir, "--update-rule", "surprise", "--prompt", "hi",
+            message="--update-rule surprise: vLLM serves MAC models with frozen memory only; use no_vllm_inference.py "
+                    "--update-rule surprise to let the memory learn")
+    refused("--model_path", llama_dir, "--update-rule", "ema", "--prompt", "hi",
+            message=f"--update-rule ema: {llama_dir} has no memory (model_type 'llama')")
+    refused("--model_path", llama_dir, "--use_mac", "--prompt", "hi",
+            message=f"--use_mac: {llama_dir} is not a MAC model (model_type 'llama')")
+    wrapper = tmp_path / "wrapper"
+    wrapper.mkdir()
+    (wrapper / "config.json").write_text(json.dumps({"model_type": "memory_llama"}))
+    refused("--model_path", wrapper, "--prompt", "hi",
+            message=f"{wrapper} is a package_model.py wrapper, whose memory learns inside every layer; vLLM cannot "
+                    "serve it: use no_vllm_inference.py")
+    refused("--model_path", mac_dir, message="nothing to generate: give --prompt (repeatable) or --prompts-file, or --serve")
+
+    # straight through vLLM (the plugin): a learning rule and a context longer than a segment, before any engine
+    probe = (
+        "import sys\nfrom vllm import LLM\n"
+        "for kwargs in ({}, {'hf_overrides': {'update_rule': 'none'}, 'max_model_len': 512}):\n"
+        "    try:\n        LLM(sys.argv[1], trust_remote_code=True, dtype='float32', enforce_eager=True, **kwargs)\n"
+        "    except Exception as err:\n        print('REFUSED', ' '.join(str(err).split()))\n"
+    )
+    result = subprocess.run([PY, "-c", probe, str(mac_dir)], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
+    lines = [line for line in result.stdout.splitlines() if line.startswith("REFUSED")]
+    assert len(lines) == 2, result.stdout + result.stderr[-3000:]
+    assert ("this MAC checkpoint's update_rule is 'surprise', but vLLM serves MAC models with frozen memory only; pass "
+            "--hf-overrides '{\"update_rule\": \"none\"}'") in lines[0]
+    assert ("max_model_len 512 exceeds this MAC model's segment_len 128: vLLM serves one segment; pass --max-model-len "
+            "128 or less") in lines[1]
