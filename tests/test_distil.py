@@ -67,18 +67,20 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_teacher
     common = ("--max-steps", 3, "--save-every", 0, "--eval-every", 0, "--lr", "3e-3")
     one = run_cli(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "one", *common))
     assert one.returncode == 0, one.stderr[-2000:]
-    args = tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "two", *common)
-    args[args.index("--batch-size") + 1] = "1"  # 2 processes x 1 = the single process's batch of 2
+    want = losses(tmp_path / "one")
+    for launcher in ("accelerate", "torchrun"):  # bin/train-distributed: gloo on a CPU-only host
+        args = tiny_args(tiny_teacher_dir, small_corpus, tmp_path, launcher, *common)
+        args[args.index("--batch-size") + 1] = "1"  # 2 processes x 1 = the single process's batch of 2
+        two = run_cli(*args, launcher=[str(ROOT / "bin" / "train-distributed"), "--launcher", launcher, "2"])
+        assert two.returncode == 0, two.stderr[-3000:]
+        got = losses(tmp_path / launcher)
+        assert sorted(got) == [1, 2, 3]
+        for step in want:
+            assert got[step] == pytest.approx(want[step], rel=1e-4)
+        rows = [json.loads(line) for line in (tmp_path / launcher / "metrics.jsonl").read_text().splitlines()]
+        assert rows[0]["val_ppl"] == pytest.approx(json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])["val_ppl"], rel=1e-5)
     launch = [PY, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
-    two = run_cli(*args, launcher=[*launch, "--multi_gpu", str(ROOT / "distil.py")])  # gloo on a CPU-only host
-    assert two.returncode == 0, two.stderr[-3000:]
-    want, got = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert sorted(got) == [1, 2, 3]
-    for step in want:
-        assert got[step] == pytest.approx(want[step], rel=1e-4)
-    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["val_ppl"] == pytest.approx(json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])["val_ppl"], rel=1e-5)
     # Accelerate's --cpu launcher starts one process without MPI: refused instead of silently training alone.
     alone = run_cli(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "alone", *common), launcher=[*launch, "--cpu", str(ROOT / "distil.py")])
     assert alone.returncode != 0 and "started a single process (Accelerate needs MPI for that)" in alone.stderr

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from titans_distil.models.configuration_mac_llama import MACLlamaConfig
+from titans_distil.models.modeling_mac_llama import MACLlamaForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from titans_distil.export import save_with_model_code
-from titans_distil.models.configuration_mac_llama import MACLlamaConfig
-from titans_distil.models.modeling_mac_llama import MACLlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -629,8 +629,10 @@ def model_card(run: Run, checkpoint: Checkpoint, kind: str, config, repo_id: str
         lines += ["`trust_remote_code=True` runs the three model files shipped here (`configuration_mac_llama.py`, "
                   "`modeling_mac_llama.py`, `neural_memory.py`; they import only torch, transformers and the standard "
                   "library). Read them before you run them. Batched inputs must be right-padded.", "",
-                  "vLLM: this architecture is not built into vLLM. It is to be served through the titans-distil vLLM plugin "
-                  "(the serving issue of the project; not yet available), which registers `MACLlamaForCausalLM`.", ""]
+                  "vLLM: with titans-distil installed, its vLLM plugin registers `MACLlamaForCausalLM`; vLLM then serves "
+                  f"this folder with frozen memory (`update_rule` none) and up to one segment ({config.segment_len} tokens: "
+                  "prompt + answer) per request: `python vllm_inference.py --model_path " + where + " --serve`, or "
+                  "`vllm serve " + where + " --trust-remote-code --hf-overrides '{\"update_rule\": \"none\"}'`.", ""]
     else:
         lines += ["This is a stock `LlamaForCausalLM`: transformers, vLLM (`vllm serve " + where + "`), llama.cpp "
                   "converters and other Llama tooling load it without extra code.", ""]
