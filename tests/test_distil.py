@@ -172,5 +172,5 @@ def test_console_script_groups_the_root_commands():
     from titans_distil.commands import main
 
     out = CliRunner().invoke(main, ["--help"]).output
-    for name in ("distil", "export-mac", "export-llama", "inspect", "quantize", "package", "generate", "vllm"):
+    for name in ("distil", "export-mac", "export-llama", "inspect", "quantize", "package", "generate", "vllm", "recall"):
         assert f"  {name} " in out

@@ -8,6 +8,7 @@ from .generate import no_vllm_inference
 from .inspect_cli import inspect_model
 from .package import package
 from .quantize import quantize_command
+from .recall import recall_experiment
 from .serving import vllm_inference
 
 
@@ -24,3 +25,4 @@ main.add_command(quantize_command, "quantize")
 main.add_command(package, "package")
 main.add_command(no_vllm_inference, "generate")
 main.add_command(vllm_inference, "vllm")
+main.add_command(recall_experiment, "recall")

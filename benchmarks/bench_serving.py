@@ -1,0 +1,151 @@
+"""Serving throughput and memory-update latency of a MAC export, in one run:
+
+1. vLLM on the MAC export vs vLLM on a plain Llama student with the same layers (the MAC weights without the
+   memory parts, saved as a stock LlamaForCausalLM): output tokens/s on a batch of prompts (target >= 0.8x);
+2. vLLM vs transformers `generate()` on the same MAC export and prompts, memory frozen on both sides as vLLM
+   serves it (target >= 5x): transformers once with the prompts as one batch (possible here because they have
+   equal lengths; MAC models refuse left padding) and once one prompt at a time (what `no_vllm_inference.py`
+   does, and what prompts of different lengths need);
+3. transformers generation latency of one prompt with the `surprise` update rule vs `none` (target <= 1.5x).
+
+Prompts are real standard-library source cut to exactly --prompt-tokens tokens, so transformers can batch them
+without padding; every request generates exactly --new-tokens tokens (EOS ignored), greedy. Times are medians of
+--repeats runs after one warm-up; the vLLM engines are started once each (~30 s apiece on CPU, not timed).
+
+    .venv/bin/python export_mac_model.py --run runs/demo            # once: exports/demo-mac
+    .venv/bin/python benchmarks/bench_serving.py                      # ~4 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_serving.py --model exports/demo-mac --prompts 16 --dtype float32
+"""
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="exports/demo-mac", help="a MAC export folder (export_mac_model.py)")
+    parser.add_argument("--prompts", type=int, default=16, help="batch of prompts")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    return parser.parse_args(argv)
+
+
+def make_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
+    """`count` windows of exactly `length` tokens from the standard library's own sources."""
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for name in sorted(stdlib.glob("*.py")):
+        ids = tokenizer(name.read_text(encoding="utf-8", errors="replace")).input_ids
+        if len(ids) >= length:
+            out.append(ids[:length])
+        if len(out) == count:
+            return out
+    raise SystemExit(f"not enough standard-library files of {length} tokens")
+
+
+def plain_llama_twin(mac_dir: Path, out: Path) -> Path:
+    """The MAC export's Llama weights (no memory, persistent tokens or gates) as a stock LlamaForCausalLM folder."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    config = json.loads((mac_dir / "config.json").read_text())
+    llama_fields = LlamaConfig().to_dict().keys()
+    llama = LlamaConfig(**{k: v for k, v in config.items() if k in llama_fields and k not in ("model_type", "architectures")})
+    llama.architectures = ["LlamaForCausalLM"]
+    llama.save_pretrained(out)
+    weights = {}
+    for shard in sorted(mac_dir.glob("*.safetensors")):
+        weights.update({k: v for k, v in load_file(shard).items()
+                        if not any(part in k for part in (".memory.", ".memory_gate", ".persistent_tokens"))})
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    AutoTokenizer.from_pretrained(mac_dir).save_pretrained(out)
+    return out
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def vllm_throughput(path: Path, prompts, args, overrides=None) -> float:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(str(path), trust_remote_code=True, dtype=args.dtype, enforce_eager=True, seed=0,
+              max_num_seqs=len(prompts), hf_overrides=overrides,
+              max_model_len=args.prompt_tokens + args.new_tokens)
+    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    batch = [{"prompt_token_ids": ids} for ids in prompts]
+    seconds = median_time(lambda: llm.generate(batch, params, use_tqdm=False), args.repeats)
+    llm.llm_engine.engine_core.shutdown()  # free the engine's processes and KV cache before the next one starts
+    gc.collect()
+    return len(prompts) * args.new_tokens / seconds
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    mac_dir = Path(args.model)
+    if not (mac_dir / "config.json").is_file():
+        raise SystemExit(f"{mac_dir} is not an export; run: .venv/bin/python export_mac_model.py --run runs/demo")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(mac_dir)
+    prompts = make_prompts(tokenizer, args.prompts, args.prompt_tokens)
+    frozen = {"update_rule": "none"}
+    print(f"{args.prompts} prompts x {args.prompt_tokens} tokens, {args.new_tokens} new tokens each, {args.dtype}, "
+          f"torch threads {torch.get_num_threads()}, median of {args.repeats}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plain_dir = plain_llama_twin(mac_dir, Path(tmp) / "plain")
+        vllm_mac = vllm_throughput(mac_dir, prompts, args, frozen)
+        vllm_plain = vllm_throughput(plain_dir, prompts, args)
+
+    model = AutoModelForCausalLM.from_pretrained(mac_dir, trust_remote_code=True, dtype=getattr(torch, args.dtype)).eval()
+    batch = torch.tensor(prompts)
+
+    def hf_generate(ids, rule):
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                           min_new_tokens=args.new_tokens, do_sample=False, update_rule=rule,
+                           pad_token_id=tokenizer.eos_token_id)
+
+    hf_mac = len(prompts) * args.new_tokens / median_time(lambda: hf_generate(batch, "none"), args.repeats)
+    hf_one_by_one = len(prompts) * args.new_tokens / median_time(
+        lambda: [hf_generate(batch[i : i + 1], "none") for i in range(len(prompts))], 1)
+    latency = {rule: median_time(lambda rule=rule: hf_generate(batch[:1], rule), args.repeats)
+               for rule in ("none", "surprise")}
+
+    rows = [
+        ("vLLM MAC vs vLLM plain Llama (same layers), output tok/s", vllm_mac, vllm_plain, ">= 0.8x"),
+        ("vLLM MAC vs transformers generate (MAC, one batch of equal-length prompts), output tok/s", vllm_mac, hf_mac, ">= 5x"),
+        ("vLLM MAC vs transformers generate (MAC, one prompt at a time), output tok/s", vllm_mac, hf_one_by_one, ">= 5x"),
+        ("transformers latency of 1 prompt, surprise vs none, s", latency["surprise"], latency["none"], "<= 1.5x"),
+    ]
+    print("| comparison | ours | baseline | ratio | target |\n|---|---|---|---|---|")
+    for name, ours, base, target in rows:
+        print(f"| {name} | {ours:.3g} | {base:.3g} | {ours / base:.2f}x | {target} |")
+
+
+if __name__ == "__main__":  # vLLM's engine runs in spawned processes that re-import this module
+    main()
