@@ -76,16 +76,16 @@ def _cache_views(attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _gather_kv(attn: Attention, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions 0..length-1 of every request: (requests, kv_heads, length, d) keys and values."""
+    """Positions 0..length-1 of every request: (requests, kv_heads, length, d) keys and values (whole blocks are
+    gathered, then cut)."""
     key_cache, value_cache = _cache_views(attn)
-    block_size = key_cache.shape[2]
-    positions = torch.arange(length, device=block_table.device)
-    blocks = block_table[:, positions // block_size].long()
-    offsets = (positions % block_size).expand_as(blocks)
-    return (
-        key_cache[blocks, :, offsets].transpose(1, 2),
-        value_cache[blocks, :, offsets].transpose(1, 2),
-    )
+    requests, kv_heads, block_size = block_table.shape[0], key_cache.shape[1], key_cache.shape[2]
+    blocks = block_table[:, : -(-length // block_size)].long()
+
+    def gather(cache):
+        return cache[blocks].transpose(1, 2).reshape(requests, kv_heads, -1, cache.shape[-1])[:, :, :length]
+
+    return gather(key_cache), gather(value_cache)
 
 
 class MACMemoryDecoderLayer(LlamaDecoderLayer):
@@ -216,12 +216,12 @@ def _grouped_attention(query, keys, values, mask, scale) -> torch.Tensor:
     because torch's CPU SDPA with an explicit mask is ~10x slower at these decode shapes (measured: 1.8 ms vs
     0.15 ms for 16 requests); the softmax runs in float32."""
     B, H, Q, d = query.shape
-    kv_heads = keys.shape[1]
-    grouped = query.view(B, kv_heads, H // kv_heads, Q, d)
-    scores = torch.matmul(grouped, keys[:, :, None].transpose(-1, -2)).float() * scale
-    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-    weights = scores.softmax(dim=-1).to(values.dtype)
-    return torch.matmul(weights, values[:, :, None]).view(B, H, Q, d)
+    kv_heads, K = keys.shape[1], keys.shape[2]
+    grouped = query.reshape(B, kv_heads, H // kv_heads * Q, d)  # the heads sharing a K/V head as more queries
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float().mul_(scale)
+    scores = scores.view(B, kv_heads, H // kv_heads, Q, K).masked_fill_(~mask[:, None, None], float("-inf"))
+    weights = scores.softmax(dim=-1).to(values.dtype).view(B, kv_heads, -1, K)
+    return torch.matmul(weights, values).view(B, H, Q, d)
 
 
 @ignore_torch_compile  # the memory layers gather from the paged cache with data-dependent shapes: run eagerly
