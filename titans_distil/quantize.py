@@ -614,7 +614,8 @@ def _command():
         Prints memory footprint, weight-file size, validation perplexity and greedy agreement before and after.
         The output folder reloads with AutoModelForCausalLM.from_pretrained (trust_remote_code=True for MAC).
 
-        Serving a bitsandbytes folder with vLLM is not available yet in this project: load it with transformers.
+        vLLM: the CPU build pinned here does not load bitsandbytes weights, and the MAC vLLM model takes unquantized
+        weights; vllm_inference.py refuses such folders. Load them with transformers (no_vllm_inference.py).
 
         \b
         Examples:

@@ -48,6 +48,15 @@ def serving_overrides(model_path: str, use_mac: bool, update_rule: str) -> tuple
         raise UserError(f"{model_path} is a package_model.py wrapper, whose memory learns inside every layer; vLLM "
                         "cannot serve it: use no_vllm_inference.py")
     kind = "mac" if model_type == "mac_llama" else "llama"
+    if (config.get("quantization_config") or {}).get("quant_method") == "bitsandbytes":
+        if kind == "mac":
+            raise UserError(f"{model_path} holds bitsandbytes weights (quantize.py); the MAC vLLM model takes unquantized "
+                            "weights: serve the unquantized export, or generate with no_vllm_inference.py")
+        from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+        if "bitsandbytes" not in QUANTIZATION_METHODS:
+            raise UserError(f"{model_path} holds bitsandbytes weights (quantize.py), which this vLLM build does not load; "
+                            "serve the unquantized export, or generate with no_vllm_inference.py")
     if use_mac and kind != "mac":
         raise UserError(f"--use_mac: {model_path} is not a MAC model (model_type {model_type!r})")
     if kind == "mac" and "auto_map" not in config:
