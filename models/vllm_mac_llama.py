@@ -2,22 +2,25 @@
 
 What vLLM serves, exactly
 -------------------------
-- One segment: `max_model_len` is capped at `segment_len` (prompt + generated tokens). Inside one segment the
-  MAC attention is plain causal attention, and the memory is only read, never written before it is read again.
-- Frozen memory (update rule "none"): retrieval and read-out use the memory's learned initial weights. A
-  checkpoint whose `update_rule` is "surprise" or "ema" is refused (its read-outs change after every
-  `memory_chunk_size` tokens, which this model does not compute); serve it with
-  `--hf-overrides '{"update_rule": "none"}'` or use transformers (`no_vllm_inference.py`) for learning memories.
-Within those limits the computation equals the transformers model's (tested: greedy parity).
+- Frozen memory (update rule "none"): retrieval and read-out use the memory's learned initial weights in every
+  segment, as the transformers model does with `update_rule="none"`. A checkpoint whose `update_rule` is
+  "surprise" or "ema" is refused (its fast weights change per request, which this model does not keep); serve it
+  with `--hf-overrides '{"update_rule": "none"}'` or use transformers (`no_vllm_inference.py`) for learning memories.
+- Any length up to `max_position_embeddings`, in segments of `segment_len` tokens counted from the request's first
+  token (segment-local attention, as in transformers). `max_model_len` defaults to one segment: there the
+  attention of the layers without memory is plain causal attention and runs in vLLM's kernels. Ask for more with
+  `--max-model-len N`; then every layer runs its segment-local attention in torch (slower per token, but flat).
+Within those limits the computation equals the transformers model's (tested: greedy parity, within one segment
+and across segment boundaries).
 
 How it maps onto vLLM
 ---------------------
-Layers without memory are vLLM's own `LlamaDecoderLayer`. A memory layer attends over
-[persistent tokens ‖ retrieved tokens h_0..h_i ‖ tokens x_0..x_i]: two context entries per position, which the
-paged attention kernels cannot express. So a memory layer owns two vLLM `Attention` layers only for their paged
-KV caches (x's K/V and h's K/V; same shapes as every other layer's, so vLLM's allocator, prefix caching and
-chunked prefill treat them like any other) and runs the attention itself with torch SDPA: it writes the new
-tokens' K/V into those caches at `slot_mapping` and gathers each request's context through its block table.
+Layers are vLLM's `LlamaDecoderLayer` (one segment, no memory) or subclasses of it that run their own attention.
+A memory layer attends over [persistent tokens ‖ retrieved tokens h ‖ tokens x] of its segment: two context entries
+per position, which the paged attention kernels cannot express. So the torch-attention layers own vLLM
+`Attention` layers only for their paged KV caches (x's K/V and, in memory layers, h's K/V; same shapes as every
+other layer's, so vLLM's allocator, prefix caching and chunked prefill treat them like any other): they write the
+new tokens' K/V into those caches at `slot_mapping` and gather each request's segment through its block table.
 The memory read-out itself is `NeuralMemory.retrieve` from the training code, so both sides share one
 implementation.
 """
@@ -30,11 +33,14 @@ from torch import nn
 from vllm.compilation.decorators import ignore_torch_compile
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
+from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.utils import extract_layer_index
 
 from .neural_memory import NeuralMemory
+
+logger = init_logger(__name__)
 
 
 def _unit_rms(hidden: torch.Tensor) -> torch.Tensor:
@@ -42,7 +48,7 @@ def _unit_rms(hidden: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(hidden, (hidden.shape[-1],), eps=1e-6)
 
 
-def check_servable(config, max_model_len: int | None) -> None:
+def check_servable(config) -> None:
     """Refuse what this model cannot compute exactly (called at config time, before any weight is loaded)."""
     if config.update_rule != "none":
         raise ValueError(
@@ -50,16 +56,21 @@ def check_servable(config, max_model_len: int | None) -> None:
             "memory only; pass --hf-overrides '{\"update_rule\": \"none\"}' (vllm_inference.py does) or generate "
             "with transformers (no_vllm_inference.py) to let the memory learn"
         )
-    if max_model_len is not None and max_model_len > config.segment_len:
-        raise ValueError(
-            f"max_model_len {max_model_len} exceeds this MAC model's segment_len {config.segment_len}: vLLM serves "
-            f"one segment; pass --max-model-len {config.segment_len} or less"
-        )
+
+
+# ----------------------------------------------------------------------------------------------- paged K/V
+
+
+def _cache_views(attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attn`'s paged cache [blocks, kv_heads, block, 2 * d] seen as keys and values [blocks, kv_heads, block, d]
+    (keys then values per block; only this module reads the caches it writes)."""
+    cache = attn.kv_cache
+    num_blocks, kv_heads, block_size, _ = cache.shape
+    return cache.view(num_blocks, kv_heads, 2 * block_size, -1).split(block_size, dim=2)
 
 
 def _write_kv(attn: Attention, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store (n, kv_heads, d) K/V at `slots` of `attn`'s paged cache, laid out [blocks, kv_heads, 2 * block, d]
-    (keys then values per block; only this module reads these caches)."""
+    """Store (n, kv_heads, d) K/V at `slots` of `attn`'s paged cache."""
     key_cache, value_cache = _cache_views(attn)
     block_size = key_cache.shape[2]
     keep = slots >= 0  # padding tokens carry slot -1
@@ -69,28 +80,120 @@ def _write_kv(attn: Attention, key: torch.Tensor, value: torch.Tensor, slots: to
     value_cache[blocks, :, offsets] = value[keep].to(value_cache.dtype)
 
 
-def _cache_views(attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
-    cache = attn.kv_cache
-    num_blocks, kv_heads, block_size, _ = cache.shape
-    return cache.view(num_blocks, kv_heads, 2 * block_size, -1).split(block_size, dim=2)
-
-
-def _gather_kv(attn: Attention, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions 0..length-1 of every request: (requests, kv_heads, length, d) keys and values (whole blocks are
-    gathered, then cut)."""
+def _gather_kv(attn: Attention, block_table: torch.Tensor, key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V at positions `key_pos` (requests, width) of each request: (requests, kv_heads, width, d) each."""
     key_cache, value_cache = _cache_views(attn)
-    requests, kv_heads, block_size = block_table.shape[0], key_cache.shape[1], key_cache.shape[2]
-    blocks = block_table[:, : -(-length // block_size)].long()
-
-    def gather(cache):
-        return cache[blocks].transpose(1, 2).reshape(requests, kv_heads, -1, cache.shape[-1])[:, :, :length]
-
-    return gather(key_cache), gather(value_cache)
+    block_size = key_cache.shape[2]
+    blocks = block_table.gather(1, key_pos // block_size).long()
+    offsets = key_pos % block_size
+    return key_cache[blocks, :, offsets].transpose(1, 2), value_cache[blocks, :, offsets].transpose(1, 2)
 
 
-class MACMemoryDecoderLayer(LlamaDecoderLayer):
-    """A Llama decoder layer whose attention context is [persistent ‖ retrieved ‖ tokens] and whose output adds
-    the gated memory read-out (steps 1-4 of `modeling_mac_llama.py`, frozen memory, one segment)."""
+def _grouped_attention(query, keys, values, mask, scale) -> torch.Tensor:
+    """Masked GQA attention: query (B, H, Q, d), keys/values (B, H_kv, K, d), mask (B, Q, K) bool. Written out
+    because torch's CPU SDPA with an explicit mask is ~10x slower at decode shapes (measured: 1.8 ms vs 0.15 ms for
+    16 requests); the softmax runs in float32."""
+    B, H, Q, d = query.shape
+    kv_heads, K = keys.shape[1], keys.shape[2]
+    grouped = query.reshape(B, kv_heads, H // kv_heads * Q, d)  # the heads sharing a K/V head as more queries
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float().mul_(scale)
+    scores = scores.view(B, kv_heads, H // kv_heads, Q, K).masked_fill_(~mask[:, None, None], float("-inf"))
+    weights = scores.softmax(dim=-1).to(values.dtype).view(B, kv_heads, -1, K)
+    return torch.matmul(weights, values).view(B, H, Q, d)
+
+
+def segment_attention(attn, positions, q, streams, segment_len: int, persistent=None) -> torch.Tensor:
+    """Causal attention of each request's new tokens inside their segments, through the paged caches.
+
+    `attn` is the layer's vLLM `LlamaAttention` (head sizes, rotary embedding, metadata key); `q` (tokens, heads * d)
+    after RoPE; `streams` a list of (`Attention` owning a cache, keys, values) for the new tokens, after RoPE: every
+    position contributes one entry per stream, visible to the queries at or after it in its segment. `persistent`
+    (keys before RoPE, values) are extra entries visible to every query of a segment, RoPE'd at its first position.
+    Returns (tokens, heads * d); zeros in vLLM's profiling runs (no metadata)."""
+    d, heads, kv_heads = attn.head_dim, attn.num_heads, attn.num_kv_heads
+    out = q.new_zeros(q.shape[0], heads * d)
+    context = get_forward_context()
+    metadata = context.attn_metadata
+    metadata = metadata.get(attn.attn.layer_name) if isinstance(metadata, dict) else metadata
+    if metadata is None:
+        return out
+    n = metadata.num_actual_tokens
+    for layer, key, value in streams:
+        slots = context.slot_mapping[layer.layer_name][:n]
+        _write_kv(layer, key[:n].view(n, kv_heads, d), value[:n].view(n, kv_heads, d), slots)
+
+    # queries, (requests, max query length): request r's new tokens are q[starts[r]:starts[r + 1]], consecutive
+    starts = metadata.query_start_loc
+    steps = torch.arange(int(metadata.max_query_len), device=q.device)
+    valid = steps[None] < (starts[1:] - starts[:-1])[:, None]
+    token = torch.where(valid, starts[:-1, None] + steps[None], starts[:-1, None]).long()
+    query = q[token].view(*token.shape, heads, d).transpose(1, 2)
+    query_pos = positions[token]
+    segment_start = query_pos - query_pos % segment_len
+
+    # keys: positions from the first query's segment start to the last query, for every stream
+    first, last = segment_start[:, 0], query_pos.max(dim=1).values
+    key_pos = first[:, None] + torch.arange(int((last - first).max()) + 1, device=q.device)[None]
+    visible = (key_pos[:, None, :] >= segment_start[:, :, None]) & (key_pos[:, None, :] <= query_pos[:, :, None])
+    key_pos = torch.minimum(key_pos, last[:, None])  # beyond a request's last token: masked, any written slot will do
+    keys, values, masks = [], [], []
+    if persistent is not None:  # one copy per segment start in the batch, RoPE'd there
+        p_k, p_v = persistent
+        count = p_k.shape[0]
+        starts_in_batch = torch.unique(segment_start[valid])
+        rows = p_k.repeat(starts_in_batch.numel(), 1)
+        _, rows = attn.rotary_emb(starts_in_batch.repeat_interleave(count), torch.empty_like(rows[:, :0]), rows)
+        shape = (len(token), kv_heads, -1, d)
+        keys.append(rows.view(-1, kv_heads, d).transpose(0, 1).expand(*shape))
+        values.append(p_v.view(-1, kv_heads, d).transpose(0, 1).repeat(1, starts_in_batch.numel(), 1).expand(*shape))
+        masks.append(segment_start[:, :, None] == starts_in_batch.repeat_interleave(count)[None, None, :])
+    for layer, _, _ in streams:
+        layer_keys, layer_values = _gather_kv(layer, metadata.block_table, key_pos)
+        keys.append(layer_keys.to(q.dtype))
+        values.append(layer_values.to(q.dtype))
+        masks.append(visible)
+    result = _grouped_attention(query, torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(masks, dim=2),
+                                attn.scaling)
+    out[token[valid]] = result.transpose(1, 2)[valid].reshape(-1, heads * d)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+
+class _SegmentDecoderLayer(LlamaDecoderLayer):
+    """A Llama decoder layer whose attention (`attention`) runs in torch over its segment."""
+
+    def __init__(self, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.segment_len = vllm_config.model_config.hf_config.segment_len
+
+    def forward(self, positions, hidden_states, residual):
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.attention(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+    def _qkv(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attn = self.self_attn
+        return attn.qkv_proj(hidden)[0].split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+
+    def attention(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Segment-local causal attention (a layer without memory, when requests may span several segments)."""
+        attn = self.self_attn
+        q, k, v = self._qkv(x)
+        q, k = attn.rotary_emb(positions, q, k)
+        out = segment_attention(attn, positions, q, [(attn.attn, k, v)], self.segment_len)
+        return attn.o_proj(out)[0]
+
+
+class MACMemoryDecoderLayer(_SegmentDecoderLayer):
+    """A decoder layer whose attention context is [persistent ‖ retrieved ‖ tokens] of its segment and whose output
+    adds the gated memory read-out (steps 1-4 of `modeling_mac_llama.py`, frozen memory)."""
 
     def __init__(self, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -126,105 +229,35 @@ class MACMemoryDecoderLayer(LlamaDecoderLayer):
     @torch.no_grad()
     def freeze_memory(self) -> None:
         """At the first forward (after vLLM has loaded and, on CPU, re-packed the linear weights): what frozen
-        serving reads at every step, computed once. The memory runs in
-        float32 (as `NeuralMemory` computes anyway, casting each weight per call), its state is the learned initial
-        weights, and the persistent tokens' K/V (RoPE'd at position 0) are constants."""
+        serving reads at every step, computed once. The memory runs in float32 (as `NeuralMemory` computes anyway,
+        casting each weight per call), its state is the learned initial weights, and the persistent tokens' K/V
+        (before RoPE) are constants."""
         self.memory.float()
         self.frozen_state = self.memory.init_state(1)
-        self.persistent_kv = None
         if self.persistent_tokens is not None:
-            attn = self.self_attn
-            p_k, p_v = self._kv(self.persistent_tokens)
-            positions = torch.zeros(p_k.shape[0], dtype=torch.long, device=p_k.device)
-            _, p_k = attn.rotary_emb(positions, torch.empty_like(p_k[:, :0]), p_k.contiguous())
-            self.persistent_kv = (p_k, p_v)
+            _, p_k, p_v = self._qkv(self.persistent_tokens)
+            self.persistent_kv = (p_k.contiguous(), p_v.contiguous())
 
-    def forward(self, positions, hidden_states, residual):
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self._memory_attention(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
-
-    def _kv(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        attn = self.self_attn
-        _, k, v = attn.qkv_proj(hidden)[0].split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        return k, v
-
-    def _memory_attention(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def attention(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.frozen_state is None:
             self.freeze_memory()
         attn, state = self.self_attn, self.frozen_state
-        q, k, v = attn.qkv_proj(x)[0].split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k, v = self._qkv(x)
         h = self.memory.retrieve(state, _unit_rms(x)[None])[0].to(x.dtype)
-        h_k, h_v = self._kv(h)
+        _, h_k, h_v = self._qkv(h)
         q, keys = attn.rotary_emb(positions, q, torch.cat([k, h_k], dim=-1))
         k, h_k = keys.split(attn.kv_size, dim=-1)
-        out = self._attend(positions, q, [(attn.attn, k, v), (self.retrieved_attn, h_k, h_v)], self.persistent_kv)
+        streams = [(attn.attn, k, v), (self.retrieved_attn, h_k, h_v)]
+        out = segment_attention(attn, positions, q, streams, self.segment_len, self.persistent_kv)
         y, _ = attn.o_proj(out)
         readout = self.memory.retrieve(state, _unit_rms(y)[None])[0]
         return y + self.memory_gate * readout.to(y.dtype)
 
-    def _attend(self, positions, q, caches, prefix) -> torch.Tensor:
-        """Causal attention of each request's new tokens over the persistent tokens and, for every position up to
-        its own, both cached K/V streams. Returns (tokens, heads * d)."""
-        attn = self.self_attn
-        d, heads, kv_heads = attn.head_dim, attn.num_heads, attn.num_kv_heads
-        out = q.new_zeros(q.shape[0], heads * d)
-        context = get_forward_context()
-        metadata = context.attn_metadata
-        metadata = metadata.get(attn.attn.layer_name) if isinstance(metadata, dict) else metadata
-        if metadata is None:  # profiling / warm-up run without a KV cache
-            return out
-        n = metadata.num_actual_tokens
-        for layer, key, value in caches:
-            slots = context.slot_mapping[layer.layer_name][:n]
-            _write_kv(layer, key[:n].view(n, kv_heads, d), value[:n].view(n, kv_heads, d), slots)
 
-        starts = metadata.query_start_loc
-        lengths = starts[1:] - starts[:-1]
-        steps = torch.arange(int(metadata.max_query_len), device=q.device)
-        valid = steps[None] < lengths[:, None]  # (requests, max query length)
-        token = torch.where(valid, starts[:-1, None] + steps[None], 0).long()
-        query = q[token].view(*token.shape, heads, d).transpose(1, 2)
-        query_pos = torch.where(valid, positions[token], 0)
-
-        length = int(metadata.max_seq_len)
-        keys, values, masks = [], [], []
-        visible = torch.arange(length, device=q.device)[None, None, :] <= query_pos[:, :, None]
-        if prefix is not None:
-            p_k, p_v = (t.view(-1, kv_heads, d).transpose(0, 1).expand(token.shape[0], -1, -1, -1) for t in prefix)
-            keys.append(p_k)
-            values.append(p_v)
-            masks.append(visible.new_ones(*visible.shape[:2], p_k.shape[2]))
-        for layer, _, _ in caches:
-            layer_keys, layer_values = _gather_kv(layer, metadata.block_table, length)
-            keys.append(layer_keys.to(q.dtype))
-            values.append(layer_values.to(q.dtype))
-            masks.append(visible)
-        result = _grouped_attention(query, torch.cat(keys, dim=2), torch.cat(values, dim=2),
-                                    torch.cat(masks, dim=2), attn.scaling)
-        out[token[valid]] = result.transpose(1, 2)[valid].reshape(-1, heads * d)
-        return out
+# ----------------------------------------------------------------------------------------------- model
 
 
-def _grouped_attention(query, keys, values, mask, scale) -> torch.Tensor:
-    """Masked GQA attention: query (B, H, Q, d), keys/values (B, H_kv, K, d), mask (B, Q, K) bool. Written out
-    because torch's CPU SDPA with an explicit mask is ~10x slower at these decode shapes (measured: 1.8 ms vs
-    0.15 ms for 16 requests); the softmax runs in float32."""
-    B, H, Q, d = query.shape
-    kv_heads, K = keys.shape[1], keys.shape[2]
-    grouped = query.reshape(B, kv_heads, H // kv_heads * Q, d)  # the heads sharing a K/V head as more queries
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float().mul_(scale)
-    scores = scores.view(B, kv_heads, H // kv_heads, Q, K).masked_fill_(~mask[:, None, None], float("-inf"))
-    weights = scores.softmax(dim=-1).to(values.dtype).view(B, kv_heads, -1, K)
-    return torch.matmul(weights, values).view(B, H, Q, d)
-
-
-@ignore_torch_compile  # the memory layers gather from the paged cache with data-dependent shapes: run eagerly
+@ignore_torch_compile  # the torch-attention layers gather from the paged cache with data-dependent shapes
 class MACLlamaModel(LlamaModel):
     pass
 
@@ -234,12 +267,21 @@ class MACLlamaForCausalLM(LlamaForCausalLM):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         config = vllm_config.model_config.hf_config
-        check_servable(config, vllm_config.model_config.max_model_len)
+        check_servable(config)
+        max_len = vllm_config.model_config.max_model_len
+        one_segment = max_len <= config.segment_len
         memory_layers = set(config.memory_layers)
+        logger.info(
+            "MAC model: frozen memory (update_rule none) in layers %s; max_model_len %d: %s",
+            sorted(memory_layers), max_len,
+            "one segment, layers without memory use vLLM's attention" if one_segment else
+            f"segments of {config.segment_len} tokens, every layer attends in torch",
+        )
 
         def layer_type(*, vllm_config: VllmConfig, prefix: str):
-            is_memory = extract_layer_index(prefix) in memory_layers
-            return (MACMemoryDecoderLayer if is_memory else LlamaDecoderLayer)(vllm_config=vllm_config, prefix=prefix)
+            if extract_layer_index(prefix) in memory_layers:
+                return MACMemoryDecoderLayer(vllm_config=vllm_config, prefix=prefix)
+            return (LlamaDecoderLayer if one_segment else _SegmentDecoderLayer)(vllm_config=vllm_config, prefix=prefix)
 
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
 

@@ -1,10 +1,10 @@
 """Generation and serving with vLLM: `vllm_inference.py` (offline, batched) and its `--serve` mode (the
 OpenAI-compatible server, `vllm serve`).
 
-MAC folders are served through the project's vLLM plugin (`titans_distil.vllm_plugin`): one segment
-(`max_model_len` = `segment_len`) with frozen memory. Plain Llama folders are served by stock vLLM. Packaged
-wrappers (`package_model.py`) keep learning in every layer and are not servable by vLLM: use
-`no_vllm_inference.py` for them and for memories that learn.
+MAC folders are served through the project's vLLM plugin (`titans_distil.vllm_plugin`) with frozen memory;
+`max_model_len` defaults to one segment (`segment_len`), longer contexts are asked for with `--max-model-len`.
+Plain Llama folders are served by stock vLLM. Packaged wrappers (`package_model.py`) keep learning in every layer
+and are not servable by vLLM: use `no_vllm_inference.py` for them and for memories that learn.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def generate(model_path: str, prompts: list[str], *, use_mac: bool = False, upda
     for i, ids in enumerate(token_ids):
         if len(ids) >= limit:
             raise UserError(f"prompt {i + 1} has {len(ids)} tokens; this model serves at most {limit} (max_model_len) "
-                            "including the answer: shorten it")
+                            "including the answer: shorten it or raise --max-model-len")
         if len(ids) + max_tokens > limit:
             click.echo(f"note: prompt {i + 1} ({len(ids)} tokens) leaves room for {limit - len(ids)} new tokens "
                        f"(max_model_len {limit})", err=True)
@@ -179,7 +179,8 @@ def serve_argv(model_path: str, overrides: dict | None, *, host: str, port: int,
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
 @click.option("--max-model-len", type=POSITIVE, default=None,
-              help="Tokens per request (prompt + answer). [default: the model's; segment_len for MAC]")
+              help="Tokens per request (prompt + answer). [default: the model's; for MAC one segment (segment_len), "
+                   "where its Llama layers use vLLM's kernels; longer makes every MAC layer attend in torch]")
 @click.option("--max-num-seqs", type=POSITIVE, default=16, show_default=True, help="Requests batched per step.")
 @click.option("--enforce-eager/--compile", default=True, show_default=True,
               help="Skip vLLM's torch.compile (it costs minutes at start on CPU; MAC memory layers always run eager).")
@@ -195,8 +196,9 @@ def vllm_inference(model_path, use_mac, update_rule, prompts, prompts_file, chat
                    vllm_args):
     """Generate with vLLM (batched), or serve the model with vLLM's OpenAI-compatible server.
 
-    MAC models are served with frozen memory and up to one segment (segment_len tokens) per request; for memories
-    that learn, and for package_model.py folders, use no_vllm_inference.py. On CPU, VLLM_CPU_KVCACHE_SPACE defaults
+    MAC models are served with frozen memory, by default up to one segment (segment_len tokens) per request
+    (--max-model-len for more); for memories that learn, and for package_model.py folders, use
+    no_vllm_inference.py. On CPU, VLLM_CPU_KVCACHE_SPACE defaults
     to 2 (GiB).
 
     \b
