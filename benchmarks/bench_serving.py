@@ -1,9 +1,7 @@
 """Serving throughput and memory-update latency of a MAC export, in one run:
 
 1. vLLM on the MAC export vs vLLM on a plain Llama student with the same layers (the MAC weights without the
-   memory parts, saved as a stock LlamaForCausalLM): output tokens/s on a batch of prompts (target >= 0.8x); the
-   MAC side once in its default one-segment mode and once with a longer max_model_len (the same requests, but
-   every layer then runs its segment-local attention in torch);
+   memory parts, saved as a stock LlamaForCausalLM): output tokens/s on a batch of prompts (target >= 0.8x);
 2. vLLM vs transformers `generate()` on the same MAC export and prompts, memory frozen on both sides as vLLM
    serves it (target >= 5x): transformers once with the prompts as one batch (possible here because they have
    equal lengths; MAC models refuse left padding) and once one prompt at a time (what `no_vllm_inference.py`
@@ -15,7 +13,7 @@ without padding; every request generates exactly --new-tokens tokens (EOS ignore
 --repeats runs after one warm-up; the vLLM engines are started once each (~30 s apiece on CPU, not timed).
 
     .venv/bin/python export_mac_model.py --run runs/demo            # once: exports/demo-mac
-    .venv/bin/python benchmarks/bench_serving.py                      # ~5 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_serving.py                      # ~4 minutes on 2 cores
     .venv/bin/python benchmarks/bench_serving.py --model exports/demo-mac --prompts 16 --dtype float32
 """
 
@@ -90,12 +88,12 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def vllm_throughput(path: Path, prompts, args, overrides=None, max_model_len=None) -> float:
+def vllm_throughput(path: Path, prompts, args, overrides=None) -> float:
     from vllm import LLM, SamplingParams
 
     llm = LLM(str(path), trust_remote_code=True, dtype=args.dtype, enforce_eager=True, seed=0,
               max_num_seqs=len(prompts), hf_overrides=overrides,
-              max_model_len=max_model_len or args.prompt_tokens + args.new_tokens)
+              max_model_len=args.prompt_tokens + args.new_tokens)
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     batch = [{"prompt_token_ids": ids} for ids in prompts]
     seconds = median_time(lambda: llm.generate(batch, params, use_tqdm=False), args.repeats)
@@ -121,8 +119,6 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         plain_dir = plain_llama_twin(mac_dir, Path(tmp) / "plain")
         vllm_mac = vllm_throughput(mac_dir, prompts, args, frozen)
-        segment_len = json.loads((mac_dir / "config.json").read_text())["segment_len"]
-        vllm_mac_torch = vllm_throughput(mac_dir, prompts, args, frozen, max_model_len=4 * segment_len)
         vllm_plain = vllm_throughput(plain_dir, prompts, args)
 
     model = AutoModelForCausalLM.from_pretrained(mac_dir, trust_remote_code=True, dtype=getattr(torch, args.dtype)).eval()
@@ -142,8 +138,6 @@ def main(argv=None):
 
     rows = [
         ("vLLM MAC vs vLLM plain Llama (same layers), output tok/s", vllm_mac, vllm_plain, ">= 0.8x"),
-        ("vLLM MAC with max_model_len 4 x segment_len (all layers attend in torch) vs plain Llama, output tok/s",
-         vllm_mac_torch, vllm_plain, "(info)"),
         ("vLLM MAC vs transformers generate (MAC, one batch of equal-length prompts), output tok/s", vllm_mac, hf_mac, ">= 5x"),
         ("vLLM MAC vs transformers generate (MAC, one prompt at a time), output tok/s", vllm_mac, hf_one_by_one, ">= 5x"),
         ("transformers latency of 1 prompt, surprise vs none, s", latency["surprise"], latency["none"], "<= 1.5x"),

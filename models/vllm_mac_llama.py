@@ -7,21 +7,21 @@ What vLLM serves, exactly
   "surprise" or "ema" is refused (its fast weights change per request, which this model does not keep); serve it
   with `--hf-overrides '{"update_rule": "none"}'` or use transformers (`no_vllm_inference.py`) for learning memories.
 - Any length up to `max_position_embeddings`, in segments of `segment_len` tokens counted from the request's first
-  token (segment-local attention, as in transformers). `max_model_len` defaults to one segment: there the
-  attention of the layers without memory is plain causal attention and runs in vLLM's kernels. Ask for more with
-  `--max-model-len N`; then every layer runs its segment-local attention in torch (slower per token, but flat).
+  token (segment-local attention in every layer, as in transformers).
 Within those limits the computation equals the transformers model's (tested: greedy parity, within one segment
 and across segment boundaries).
 
 How it maps onto vLLM
 ---------------------
-Layers are vLLM's `LlamaDecoderLayer` (one segment, no memory) or subclasses of it that run their own attention.
-A memory layer attends over [persistent tokens ‖ retrieved tokens h ‖ tokens x] of its segment: two context entries
-per position, which the paged attention kernels cannot express. So the torch-attention layers own vLLM
-`Attention` layers only for their paged KV caches (x's K/V and, in memory layers, h's K/V; same shapes as every
-other layer's, so vLLM's allocator, prefix caching and chunked prefill treat them like any other): they write the
-new tokens' K/V into those caches at `slot_mapping` and gather each request's segment through its block table.
-The memory read-out itself is `NeuralMemory.retrieve` from the training code, so both sides share one
+Every layer is a vLLM `LlamaDecoderLayer` (its projections, rotary embedding, norms and MLP) whose attention runs in
+torch: segment-local attention is block-diagonal, which vLLM's kernels cannot express (a sliding window is not the
+same), and a memory layer attends over [persistent tokens ‖ retrieved tokens h ‖ tokens x] of its segment, two
+context entries per position. The layers own vLLM `Attention` layers only for their paged KV caches (x's K/V and,
+in memory layers, h's K/V; same shapes everywhere, so vLLM's allocator, prefix caching and chunked prefill treat
+them like any other): they write the new tokens' K/V into those caches at `slot_mapping` and gather each request's
+segment through its block table. On CPU this costs nothing measurable: 710 output tokens/s against 720 with
+vLLM's kernels in the layers without memory (16 requests x 128 tokens, bf16, when that was an option). The memory
+read-out itself is `NeuralMemory.retrieve` from the training code, so both sides share one
 implementation.
 """
 
@@ -161,7 +161,7 @@ def segment_attention(attn, positions, q, streams, segment_len: int, persistent=
 # ----------------------------------------------------------------------------------------------- layers
 
 
-class _SegmentDecoderLayer(LlamaDecoderLayer):
+class MACDecoderLayer(LlamaDecoderLayer):
     """A Llama decoder layer whose attention (`attention`) runs in torch over its segment."""
 
     def __init__(self, vllm_config: VllmConfig, prefix: str = ""):
@@ -183,7 +183,7 @@ class _SegmentDecoderLayer(LlamaDecoderLayer):
         return attn.qkv_proj(hidden)[0].split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
 
     def attention(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Segment-local causal attention (a layer without memory, when requests may span several segments)."""
+        """Segment-local causal attention (a layer without memory)."""
         attn = self.self_attn
         q, k, v = self._qkv(x)
         q, k = attn.rotary_emb(positions, q, k)
@@ -191,7 +191,7 @@ class _SegmentDecoderLayer(LlamaDecoderLayer):
         return attn.o_proj(out)[0]
 
 
-class MACMemoryDecoderLayer(_SegmentDecoderLayer):
+class MACMemoryDecoderLayer(MACDecoderLayer):
     """A decoder layer whose attention context is [persistent ‖ retrieved ‖ tokens] of its segment and whose output
     adds the gated memory read-out (steps 1-4 of `modeling_mac_llama.py`, frozen memory)."""
 
@@ -268,20 +268,13 @@ class MACLlamaForCausalLM(LlamaForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         config = vllm_config.model_config.hf_config
         check_servable(config)
-        max_len = vllm_config.model_config.max_model_len
-        one_segment = max_len <= config.segment_len
         memory_layers = set(config.memory_layers)
-        logger.info(
-            "MAC model: frozen memory (update_rule none) in layers %s; max_model_len %d: %s",
-            sorted(memory_layers), max_len,
-            "one segment, layers without memory use vLLM's attention" if one_segment else
-            f"segments of {config.segment_len} tokens, every layer attends in torch",
-        )
+        logger.info("MAC model: frozen memory (update_rule none) in layers %s, segments of %d tokens",
+                    sorted(memory_layers), config.segment_len)
 
         def layer_type(*, vllm_config: VllmConfig, prefix: str):
-            if extract_layer_index(prefix) in memory_layers:
-                return MACMemoryDecoderLayer(vllm_config=vllm_config, prefix=prefix)
-            return (LlamaDecoderLayer if one_segment else _SegmentDecoderLayer)(vllm_config=vllm_config, prefix=prefix)
+            is_memory = extract_layer_index(prefix) in memory_layers
+            return (MACMemoryDecoderLayer if is_memory else MACDecoderLayer)(vllm_config=vllm_config, prefix=prefix)
 
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
 

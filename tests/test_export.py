@@ -95,7 +95,7 @@ def test_mac_export_folder_is_complete_and_self_contained(runs, tmp_path):
     for needle in ["| exported weights | step 2 of 3 steps |", f"`{rows[0]['teacher_val_ppl']:,.2f}`"[1:-1],
                    f"| student at step 0 (teacher layers, fresh memory) | {rows[0]['val_ppl']:,.2f} |",
                    f"| student at step 2 (these weights) | {rows[2]['val_ppl']:,.2f} |",
-                   "trust_remote_code=True", 'update_rule="surprise"', "its vLLM plugin registers `MACLlamaForCausalLM`", "up to one segment (16 tokens",
+                   "trust_remote_code=True", 'update_rule="surprise"', "its vLLM plugin registers `MACLlamaForCausalLM`", "frozen memory (`update_rule` none)",
                    "memory | layers [1], 2-layer MLP, 4 persistent tokens, segments of 16 tokens",
                    "check the teacher's licence before you publish"]:
         assert needle in card, needle

@@ -630,8 +630,8 @@ def model_card(run: Run, checkpoint: Checkpoint, kind: str, config, repo_id: str
                   "`modeling_mac_llama.py`, `neural_memory.py`; they import only torch, transformers and the standard "
                   "library). Read them before you run them. Batched inputs must be right-padded.", "",
                   "vLLM: with titans-distil installed, its vLLM plugin registers `MACLlamaForCausalLM`; vLLM then serves "
-                  f"this folder with frozen memory (`update_rule` none) and up to one segment ({config.segment_len} tokens: "
-                  "prompt + answer) per request: `python vllm_inference.py --model_path " + where + " --serve`, or "
+                  "this folder with frozen memory (`update_rule` none): `python vllm_inference.py --model_path " + where +
+                  " --serve`, or "
                   "`vllm serve " + where + " --trust-remote-code --hf-overrides '{\"update_rule\": \"none\"}'`.", ""]
     else:
         lines += ["This is a stock `LlamaForCausalLM`: transformers, vLLM (`vllm serve " + where + "`), llama.cpp "

@@ -1,8 +1,7 @@
 """Generation and serving with vLLM: `vllm_inference.py` (offline, batched) and its `--serve` mode (the
 OpenAI-compatible server, `vllm serve`).
 
-MAC folders are served through the project's vLLM plugin (`titans_distil.vllm_plugin`) with frozen memory;
-`max_model_len` defaults to one segment (`segment_len`), longer contexts are asked for with `--max-model-len`.
+MAC folders are served through the project's vLLM plugin (`titans_distil.vllm_plugin`) with frozen memory.
 Plain Llama folders are served by stock vLLM. Packaged wrappers (`package_model.py`) keep learning in every layer
 and are not servable by vLLM: use `no_vllm_inference.py` for them and for memories that learn.
 """
@@ -179,8 +178,7 @@ def serve_argv(model_path: str, overrides: dict | None, *, host: str, port: int,
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
 @click.option("--max-model-len", type=POSITIVE, default=None,
-              help="Tokens per request (prompt + answer). [default: the model's; for MAC one segment (segment_len), "
-                   "where its Llama layers use vLLM's kernels; longer makes every MAC layer attend in torch]")
+              help="Tokens per request (prompt + answer). [default: the model's max_position_embeddings]")
 @click.option("--max-num-seqs", type=POSITIVE, default=16, show_default=True, help="Requests batched per step.")
 @click.option("--enforce-eager/--compile", default=True, show_default=True,
               help="Skip vLLM's torch.compile (it costs minutes at start on CPU; MAC memory layers always run eager).")
@@ -196,9 +194,8 @@ def vllm_inference(model_path, use_mac, update_rule, prompts, prompts_file, chat
                    vllm_args):
     """Generate with vLLM (batched), or serve the model with vLLM's OpenAI-compatible server.
 
-    MAC models are served with frozen memory, by default up to one segment (segment_len tokens) per request
-    (--max-model-len for more); for memories that learn, and for package_model.py folders, use
-    no_vllm_inference.py. On CPU, VLLM_CPU_KVCACHE_SPACE defaults
+    MAC models are served with frozen memory (update rule none); for memories that learn, and for package_model.py
+    folders, use no_vllm_inference.py. On CPU, VLLM_CPU_KVCACHE_SPACE defaults
     to 2 (GiB).
 
     \b

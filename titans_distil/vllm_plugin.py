@@ -2,8 +2,7 @@
 exported MAC folder is served by plain `vllm serve DIR --trust-remote-code` and `vllm.LLM(DIR, trust_remote_code=True)`.
 
 What vLLM can serve of a MAC model (frozen memory) is checked when vLLM builds its config, before any weight is
-loaded: a checkpoint asking for a learning memory is refused with a message. Unless `max_model_len` is given,
-it defaults to one segment (`segment_len`), where the layers without memory run in vLLM's attention kernels.
+loaded: a checkpoint asking for a learning memory is refused with a message.
 """
 
 ARCHITECTURE = "MACLlamaForCausalLM"
@@ -22,9 +21,6 @@ def register() -> None:
         def verify_and_update_config(vllm_config) -> None:
             from titans_distil.models.vllm_mac_llama import check_servable
 
-            model_config = vllm_config.model_config
-            check_servable(model_config.hf_config)
-            if model_config.original_max_model_len in (None, -1):
-                model_config.max_model_len = min(model_config.max_model_len, model_config.hf_config.segment_len)
+            check_servable(vllm_config.model_config.hf_config)
 
     MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, MACLlamaServingConfig)
