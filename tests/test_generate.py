@@ -203,6 +203,7 @@ def test_cli_refuses_memory_for_a_plain_llama_and_bad_memory_files(tiny_teacher_
     code, out, err = invoke("--model_path", d, "--update-rule", "surprise", "--prompt", "x")
     assert code == 1 and err == ("Error: --update-rule surprise: this model has no memory (model_type 'llama'); use "
                                  "--update-rule none, a MAC export or a package_model.py folder")
+    (tmp_path / "m.safetensors").write_bytes(b"")
     code, out, err = invoke("--model_path", d, "--memory-in", tmp_path / "m.safetensors", "--prompt", "x")
     assert code == 1 and err == (f"Error: --memory-in: {d} has no memory (model_type 'llama'); use a MAC export or a "
                                  "package_model.py folder")
@@ -218,6 +219,12 @@ def test_cli_refuses_memory_for_a_plain_llama_and_bad_memory_files(tiny_teacher_
     assert code == 1 and err.startswith(f"Error: {mem} was saved from a different model (fingerprint ") and "\n" not in err
     code, out, err = invoke("--model_path", mac_dir)
     assert code == 1 and err == "Error: nothing to do: give --prompt, --prompts-file or --interactive"
+    for flag in ("--memory-in", "--memory-out"):  # one line, before any model loads
+        code, out, err = invoke("--model_path", mac_dir, flag, tmp_path, "--prompt", "x")
+        assert code == 1 and err == f"Error: {flag} {tmp_path} is a folder; give a memory file (.safetensors)"
+    code, out, err = invoke("--model_path", mac_dir, "--memory-in", tmp_path / "missing.safetensors", "--prompt", "x")
+    assert code == 1 and err == (f"Error: --memory-in {tmp_path / 'missing.safetensors'} does not exist; give a file "
+                                 "written with --memory-out or /save")
 
 
 def test_root_script_runs_the_command(tmp_path):

@@ -360,8 +360,8 @@ class Session:
 @click.option("--chat-template/--no-chat-template", default=None,
               help="Wrap prompts in the tokenizer's chat template. [default: on when the tokenizer has one]")
 @click.option("--interactive", is_flag=True, help="Chat on stdin: /reset clears the memory, /save FILE writes it, an empty line or EOF quits.")
-@click.option("--memory-in", type=click.Path(dir_okay=False), default=None, help="Start from this memory file.")
-@click.option("--memory-out", type=click.Path(dir_okay=False), default=None, help="Write the memory here after the session.")
+@click.option("--memory-in", type=click.Path(), default=None, help="Start from this memory file.")
+@click.option("--memory-out", type=click.Path(), default=None, help="Write the memory here after the session.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (sampling).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
               help="Load the weights in this dtype.")
@@ -383,8 +383,11 @@ def no_vllm_inference(model_path, use_mac, update_rule, prompt, prompts_file, ma
         prompts += [line.rstrip("\n") for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts and not interactive:
         raise UserError("nothing to do: give --prompt, --prompts-file or --interactive")
-    if memory_out and Path(memory_out).is_dir():
-        raise UserError(f"--memory-out {memory_out} is a folder; give a file name")
+    for flag, path in (("--memory-in", memory_in), ("--memory-out", memory_out)):
+        if path and Path(path).is_dir():
+            raise UserError(f"{flag} {path} is a folder; give a memory file (.safetensors)")
+    if memory_in and not Path(memory_in).is_file():
+        raise UserError(f"--memory-in {memory_in} does not exist; give a file written with --memory-out or /save")
     from transformers import TextStreamer, set_seed
 
     model, tokenizer = load_model(model_path, dtype)
