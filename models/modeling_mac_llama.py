@@ -284,6 +284,20 @@ def _visibility(num_queries: int, offset: int, device) -> torch.Tensor:
     return k_pos <= q_pos
 
 
+def memory_from_config(config: MACLlamaConfig) -> NeuralMemory:
+    """The `NeuralMemory` of one memory layer as `config` describes it (the vLLM model builds its memories here too)."""
+    return NeuralMemory(
+        dim=config.hidden_size,
+        memory_dim=config.memory_dim,
+        depth=config.memory_depth,
+        expansion=config.memory_expansion,
+        chunk_size=config.memory_chunk_size,
+        max_lr=config.memory_max_lr,
+        init_lr=config.memory_max_lr / 2,
+        max_grad_norm=config.memory_max_grad_norm,
+    )
+
+
 class MACLlamaAttention(LlamaAttention):
     """Llama's attention weights (same names); the attention pattern is chosen by the decoder layer."""
 
@@ -347,16 +361,7 @@ class MACLlamaDecoderLayer(GradientCheckpointingLayer):
         self.memory_gate = None
         self.persistent_tokens = None
         if layer_idx in config.memory_layers:
-            self.memory = NeuralMemory(
-                dim=config.hidden_size,
-                memory_dim=config.memory_dim,
-                depth=config.memory_depth,
-                expansion=config.memory_expansion,
-                chunk_size=config.memory_chunk_size,
-                max_lr=config.memory_max_lr,
-                init_lr=config.memory_max_lr / 2,
-                max_grad_norm=config.memory_max_grad_norm,
-            )
+            self.memory = memory_from_config(config)
             # zero: the read-out path starts closed (see the module docstring)
             self.memory_gate = nn.Parameter(torch.zeros(config.hidden_size))
             if config.num_persistent_tokens:

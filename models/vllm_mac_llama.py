@@ -28,7 +28,6 @@ implementation.
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vllm.compilation.decorators import ignore_torch_compile
 from vllm.config import VllmConfig
@@ -38,14 +37,9 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.utils import extract_layer_index
 
-from .neural_memory import NeuralMemory
+from .modeling_mac_llama import _unit_rms, memory_from_config
 
 logger = init_logger(__name__)
-
-
-def _unit_rms(hidden: torch.Tensor) -> torch.Tensor:
-    """The parameter-free RMS normalisation of the memory's inputs (as in `modeling_mac_llama.py`)."""
-    return F.rms_norm(hidden, (hidden.shape[-1],), eps=1e-6)
 
 
 def check_servable(config) -> None:
@@ -199,16 +193,7 @@ class MACMemoryDecoderLayer(MACDecoderLayer):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = vllm_config.model_config.hf_config
         attn = self.self_attn
-        self.memory = NeuralMemory(
-            dim=config.hidden_size,
-            memory_dim=config.memory_dim,
-            depth=config.memory_depth,
-            expansion=config.memory_expansion,
-            chunk_size=config.memory_chunk_size,
-            max_lr=config.memory_max_lr,
-            init_lr=config.memory_max_lr / 2,
-            max_grad_norm=config.memory_max_grad_norm,
-        )
+        self.memory = memory_from_config(config)
         self.memory_gate = nn.Parameter(torch.zeros(config.hidden_size))
         self.persistent_tokens = (
             nn.Parameter(torch.zeros(config.num_persistent_tokens, config.hidden_size))

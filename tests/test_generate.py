@@ -10,12 +10,10 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
-from titans_distil.models.configuration_mac_llama import MACLlamaConfig
-from titans_distil.models.modeling_mac_llama import MACLlamaForCausalLM
+from tiny_models import TINY_MAC, save_mac_folder, tiny_mac
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from titans_distil.errors import UserError
-from titans_distil.export import save_with_model_code
 from titans_distil.generate import (
     Session,
     load_mac_memory,
@@ -29,30 +27,7 @@ from titans_distil.generate import (
 from titans_distil.package import package_llama_with_memory
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1,
-            eos_token_id=2, pad_token_id=2, segment_len=16, memory_chunk_size=4, num_persistent_tokens=4,
-            memory_layers=[1])
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_mac(seed=0, **overrides):
-    """A tiny MAC model with the read-out gates opened (so the memory changes the logits)."""
-    torch.manual_seed(seed)
-    model = MACLlamaForCausalLM(MACLlamaConfig(**dict(TINY, **overrides))).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            if layer.memory_gate is not None:
-                layer.memory_gate.normal_(0.0, 1.0)
-    return model
-
-
-def save_mac_folder(model, tokenizer_dir, out: Path) -> Path:
-    """A trust_remote_code MAC folder like export_mac_model.py writes (config auto_map + model files)."""
-    save_with_model_code(model, out)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +43,7 @@ def invoke(*args, input=None):
 
 
 def ids_for(length, seed):
-    return torch.randint(3, TINY["vocab_size"], (1, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(3, TINY_MAC["vocab_size"], (1, length), generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -87,7 +62,7 @@ def test_mac_memory_file_round_trip_gives_identical_logits(tmp_path, rule):
     with torch.no_grad():  # 37 tokens: 2 segments + a partial one, a pending (incomplete) memory chunk
         model(ids_for(37, seed=1), past_key_values=cache, use_cache=True, update_rule=rule)
     states = mac_states(model, cache)
-    assert states[1].pending.shape[1] == 37 % TINY["memory_chunk_size"] and states[1].position == 37
+    assert states[1].pending.shape[1] == 37 % TINY_MAC["memory_chunk_size"] and states[1].position == 37
     save_mac_memory(model, states, tmp_path / "alice.safetensors")
     loaded = load_mac_memory(model, tmp_path / "alice.safetensors")
     for a, b in zip(states[1].weights + states[1].momentum + (states[1].pending,),

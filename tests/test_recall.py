@@ -7,14 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
-from titans_distil.models.configuration_mac_llama import MACLlamaConfig
-from titans_distil.models.modeling_mac_llama import MACLlamaForCausalLM
-from transformers import AutoTokenizer
+from tiny_models import save_mac_folder, tiny_mac
 
 from titans_distil.errors import UserError
-from titans_distil.export import save_with_model_code
 from titans_distil.generate import load_model
 from titans_distil.package import package_llama_with_memory
 from titans_distil.recall import (
@@ -33,10 +29,6 @@ from titans_distil.recall import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1,
-            eos_token_id=2, pad_token_id=2, segment_len=16, memory_chunk_size=4, num_persistent_tokens=4,
-            memory_layers=[1])
 # three of the default facts keep the tests short
 FACTS = Facts(" ".join(f.fact for f in DEFAULT_FACTS[:3]), DEFAULT_FACTS[:3])
 
@@ -45,15 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def mac_dir(tiny_teacher_dir, tmp_path_factory):
-    """A tiny trust_remote_code MAC folder with the read-out gates opened (so the memory changes the logits)."""
-    torch.manual_seed(0)
-    model = MACLlamaForCausalLM(MACLlamaConfig(**TINY)).eval()
-    with torch.no_grad():
-        model.model.layers[1].memory_gate.normal_(0.0, 1.0)
-    out = tmp_path_factory.mktemp("recall") / "tiny-mac"
-    save_with_model_code(model, out)
-    AutoTokenizer.from_pretrained(tiny_teacher_dir).save_pretrained(out)
-    return out
+    return save_mac_folder(tiny_mac(), tiny_teacher_dir, tmp_path_factory.mktemp("recall") / "tiny-mac")
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from titans_distil.models.configuration_mac_llama import MACLlamaConfig
-from titans_distil.models.modeling_mac_llama import MACLlamaForCausalLM
+from tiny_models import save_mac_folder, tiny_mac
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-from titans_distil.export import save_with_model_code
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -35,19 +32,9 @@ SMALL = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidde
 def mac_dir(tmp_path_factory, embedded_dir) -> Path:
     """A tiny MAC export with two memory layers; its default rule learns ("surprise"), so serving must freeze it.
     Gates and persistent tokens are large so that a wrong read-out or prefix changes the greedy tokens."""
-    out = tmp_path_factory.mktemp("mac")
-    config = MACLlamaConfig(**SMALL, segment_len=128, num_persistent_tokens=4, memory_layers=[1, 3],
-                            memory_chunk_size=16, update_rule="surprise")
-    torch.manual_seed(0)
-    model = MACLlamaForCausalLM(config)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            if layer.memory is not None:
-                layer.memory_gate.normal_(0, 3.0)
-                layer.persistent_tokens.normal_(0, 1.0)
-    save_with_model_code(model, out)
-    AutoTokenizer.from_pretrained(embedded_dir).save_pretrained(out)
-    return out
+    model = tiny_mac(gate_std=3.0, persistent_std=1.0, **SMALL, segment_len=128, num_persistent_tokens=4,
+                     memory_layers=[1, 3], memory_chunk_size=16, update_rule="surprise")
+    return save_mac_folder(model, embedded_dir, tmp_path_factory.mktemp("mac"))
 
 
 @pytest.fixture(scope="module")
