@@ -116,33 +116,38 @@ def segment_attention(attn, positions, q, streams, segment_len: int, persistent=
         slots = context.slot_mapping[layer.layer_name][:n]
         _write_kv(layer, key[:n].view(n, kv_heads, d), value[:n].view(n, kv_heads, d), slots)
 
-    # queries, (requests, max query length): request r's new tokens are q[starts[r]:starts[r + 1]], consecutive
+    # pieces: each request's new tokens (consecutive) cut at segment boundaries, so attention is block-diagonal
     starts = metadata.query_start_loc
-    steps = torch.arange(int(metadata.max_query_len), device=q.device)
-    valid = steps[None] < (starts[1:] - starts[:-1])[:, None]
-    token = torch.where(valid, starts[:-1, None] + steps[None], starts[:-1, None]).long()
+    request = torch.repeat_interleave(torch.arange(len(starts) - 1, device=q.device), starts[1:] - starts[:-1])
+    segment = positions[:n] // segment_len
+    new_piece = torch.ones(n, dtype=torch.bool, device=q.device)
+    new_piece[1:] = (request[1:] != request[:-1]) | (segment[1:] != segment[:-1])
+    piece_starts = torch.nonzero(new_piece)[:, 0]
+    piece_lengths = torch.diff(piece_starts, append=piece_starts.new_tensor([n]))
+    block_table = metadata.block_table[request[piece_starts]]
+
+    # queries (pieces, heads, max piece length, d) and keys from each piece's segment start to its last query
+    steps = torch.arange(int(piece_lengths.max()), device=q.device)
+    valid = steps[None] < piece_lengths[:, None]
+    token = torch.where(valid, piece_starts[:, None] + steps[None], piece_starts[:, None])
     query = q[token].view(*token.shape, heads, d).transpose(1, 2)
     query_pos = positions[token]
-    segment_start = query_pos - query_pos % segment_len
-
-    # keys: positions from the first query's segment start to the last query, for every stream
-    first, last = segment_start[:, 0], query_pos.max(dim=1).values
+    first = query_pos[:, 0] - query_pos[:, 0] % segment_len
+    last = query_pos.max(dim=1).values
     key_pos = first[:, None] + torch.arange(int((last - first).max()) + 1, device=q.device)[None]
-    visible = (key_pos[:, None, :] >= segment_start[:, :, None]) & (key_pos[:, None, :] <= query_pos[:, :, None])
-    key_pos = torch.minimum(key_pos, last[:, None])  # beyond a request's last token: masked, any written slot will do
+    visible = key_pos[:, None, :] <= query_pos[:, :, None]
+    key_pos = torch.minimum(key_pos, last[:, None])  # beyond a piece's last token: masked, any written slot will do
     keys, values, masks = [], [], []
-    if persistent is not None:  # one copy per segment start in the batch, RoPE'd there
+    if persistent is not None:  # RoPE'd at each piece's segment start
         p_k, p_v = persistent
         count = p_k.shape[0]
-        starts_in_batch = torch.unique(segment_start[valid])
-        rows = p_k.repeat(starts_in_batch.numel(), 1)
-        _, rows = attn.rotary_emb(starts_in_batch.repeat_interleave(count), torch.empty_like(rows[:, :0]), rows)
-        shape = (len(token), kv_heads, -1, d)
-        keys.append(rows.view(-1, kv_heads, d).transpose(0, 1).expand(*shape))
-        values.append(p_v.view(-1, kv_heads, d).transpose(0, 1).repeat(1, starts_in_batch.numel(), 1).expand(*shape))
-        masks.append(segment_start[:, :, None] == starts_in_batch.repeat_interleave(count)[None, None, :])
+        rows = p_k.repeat(len(first), 1)
+        _, rows = attn.rotary_emb(first.repeat_interleave(count), torch.empty_like(rows[:, :0]), rows)
+        keys.append(rows.view(len(first), count, kv_heads, d).transpose(1, 2))
+        values.append(p_v.view(1, count, kv_heads, d).transpose(1, 2).expand(len(first), -1, -1, -1))
+        masks.append(visible.new_ones(*visible.shape[:2], count))
     for layer, _, _ in streams:
-        layer_keys, layer_values = _gather_kv(layer, metadata.block_table, key_pos)
+        layer_keys, layer_values = _gather_kv(layer, block_table, key_pos)
         keys.append(layer_keys.to(q.dtype))
         values.append(layer_values.to(q.dtype))
         masks.append(visible)
