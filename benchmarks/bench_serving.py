@@ -1,7 +1,9 @@
 """Serving throughput and memory-update latency of a MAC export, in one run:
 
 1. vLLM on the MAC export vs vLLM on a plain Llama student with the same layers (the MAC weights without the
-   memory parts, saved as a stock LlamaForCausalLM): output tokens/s on a batch of prompts (target >= 0.8x);
+   memory parts, saved as a stock LlamaForCausalLM): output tokens/s on a batch of prompts (target >= 0.8x), and
+   again with --long-prompt-tokens prompts (prompt + output tokens/s; MAC attends within 256-token segments,
+   Llama over the whole prompt);
 2. vLLM vs transformers `generate()` on the same MAC export and prompts, memory frozen on both sides as vLLM
    serves it (target >= 5x): transformers once with the prompts as one batch (possible here because they have
    equal lengths; MAC models refuse left padding) and once one prompt at a time (what `no_vllm_inference.py`
@@ -13,7 +15,7 @@ without padding; every request generates exactly --new-tokens tokens (EOS ignore
 --repeats runs after one warm-up; the vLLM engines are started once each (~30 s apiece on CPU, not timed).
 
     .venv/bin/python export_mac_model.py --run runs/demo            # once: exports/demo-mac
-    .venv/bin/python benchmarks/bench_serving.py                      # ~4 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_serving.py                      # ~6 minutes on 2 cores
     .venv/bin/python benchmarks/bench_serving.py --model exports/demo-mac --prompts 16 --dtype float32
 """
 
@@ -39,6 +41,8 @@ def parse_args(argv=None):
     parser.add_argument("--prompts", type=int, default=16, help="batch of prompts")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--long-prompt-tokens", type=int, default=1024,
+                        help="also compare vLLM MAC vs plain Llama with prompts this long (0: skip)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     return parser.parse_args(argv)
@@ -89,11 +93,12 @@ def median_time(fn, repeats: int) -> float:
 
 
 def vllm_throughput(path: Path, prompts, args, overrides=None) -> float:
+    """Output tokens/s of one vLLM engine on `prompts` (token id lists of equal length)."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(str(path), trust_remote_code=True, dtype=args.dtype, enforce_eager=True, seed=0,
               max_num_seqs=len(prompts), hf_overrides=overrides,
-              max_model_len=args.prompt_tokens + args.new_tokens)
+              max_model_len=len(prompts[0]) + args.new_tokens)
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     batch = [{"prompt_token_ids": ids} for ids in prompts]
     seconds = median_time(lambda: llm.generate(batch, params, use_tqdm=False), args.repeats)
@@ -120,6 +125,10 @@ def main(argv=None):
         plain_dir = plain_llama_twin(mac_dir, Path(tmp) / "plain")
         vllm_mac = vllm_throughput(mac_dir, prompts, args, frozen)
         vllm_plain = vllm_throughput(plain_dir, prompts, args)
+        if args.long_prompt_tokens:
+            long_prompts = make_prompts(tokenizer, args.prompts, args.long_prompt_tokens)
+            long_mac = vllm_throughput(mac_dir, long_prompts, args, frozen)
+            long_plain = vllm_throughput(plain_dir, long_prompts, args)
 
     model = AutoModelForCausalLM.from_pretrained(mac_dir, trust_remote_code=True, dtype=getattr(torch, args.dtype)).eval()
     batch = torch.tensor(prompts)
@@ -138,6 +147,8 @@ def main(argv=None):
 
     rows = [
         ("vLLM MAC vs vLLM plain Llama (same layers), output tok/s", vllm_mac, vllm_plain, ">= 0.8x"),
+        *([(f"the same with {args.long_prompt_tokens}-token prompts, tok/s (prefill + decode)", long_mac * (1 + args.long_prompt_tokens / args.new_tokens),
+            long_plain * (1 + args.long_prompt_tokens / args.new_tokens), "(info)")] if args.long_prompt_tokens else []),
         ("vLLM MAC vs transformers generate (MAC, one batch of equal-length prompts), output tok/s", vllm_mac, hf_mac, ">= 5x"),
         ("vLLM MAC vs transformers generate (MAC, one prompt at a time), output tok/s", vllm_mac, hf_one_by_one, ">= 5x"),
         ("transformers latency of 1 prompt, surprise vs none, s", latency["surprise"], latency["none"], "<= 1.5x"),
