@@ -184,6 +184,11 @@ def test_unservable_requests_are_refused_with_a_message(mac_dir, llama_dir, tmp_
                         "or generate with no_vllm_inference.py" if model_type == "llama" else
                         f"{quantized} holds bitsandbytes weights (quantize.py); {what}: serve the unquantized export, "
                         "or generate with no_vllm_inference.py")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    refused("--model_path", broken, "--prompt", "hi", message=f"{broken / 'config.json'} is not valid JSON (Expecting "
+            "property name enclosed in double quotes: line 1 column 2 (char 1)); re-export the model")
     refused("--model_path", mac_dir, message="nothing to generate: give --prompt (repeatable) or --prompts-file, or --serve")
 
     # straight through vLLM (the plugin): a checkpoint whose memory learns is refused before any engine starts

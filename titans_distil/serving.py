@@ -41,7 +41,10 @@ def serving_overrides(model_path: str, use_mac: bool, update_rule: str) -> tuple
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"{model_path} holds no config.json; give an export_mac_model.py / export_llama_model.py folder")
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{config_file} is not valid JSON ({str(err).splitlines()[0]}); re-export the model") from None
     model_type = config.get("model_type")
     if model_type == "memory_llama":
         raise UserError(f"{model_path} is a package_model.py wrapper, whose memory learns inside every layer; vLLM "
