@@ -7,6 +7,7 @@ from .export_cli import export_llama, export_mac
 from .generate import no_vllm_inference
 from .inspect_cli import inspect_model
 from .package import package
+from .plot import plot_command
 from .quantize import quantize_command
 from .recall import recall_experiment
 from .serving import vllm_inference
@@ -26,3 +27,4 @@ main.add_command(package, "package")
 main.add_command(no_vllm_inference, "generate")
 main.add_command(vllm_inference, "vllm")
 main.add_command(recall_experiment, "recall")
+main.add_command(plot_command, "plot")
