@@ -172,7 +172,8 @@ def main() -> None:
     print(f"{'measure':<54} {'value':>10}")
     for name, r in results:
         print(f"{name + ' (error ratio)':<54} {r:>10.3f}")
-    print(f"{'(d) finite over %d tokens' % long.shape[0]:<54} {str(finite):>10}")
+    label = f"(d) finite over {long.shape[0]} tokens"
+    print(f"{label:<54} {str(finite):>10}")
     print(f"{'state per sequence per layer (MB)':<54} {state_mb:>10.1f}")
     for name, t in speed.items():
         print(f"{'forward (1, 1024, D) s, ' + name:<54} {t:>10.3f}")
