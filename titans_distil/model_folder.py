@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from . import models
 from .errors import UserError
 
 KIND_OF_MODEL_TYPE = {"mac_llama": "mac", "memory_llama": "memory", "llama": "llama"}
@@ -22,7 +23,7 @@ SHIPPED_FILES = {
     "mac": ("configuration_mac_llama.py", "modeling_mac_llama.py", "neural_memory.py"),
     "memory": ("configuration_memory_llama.py", "modeling_memory_llama.py", "neural_memory.py"),
 }
-MODELS_DIR = Path(__file__).resolve().parent / "models"
+MODELS_DIR = Path(models.__file__).resolve().parent  # the installed titans_distil.models (root folder models/)
 
 
 def config_errors() -> tuple[type[BaseException], ...]:
