@@ -384,10 +384,10 @@ def test_bad_input_is_one_line_and_overwrites_nothing(runs, tmp_path, monkeypatc
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     code, text = invoke(export_mac, "--run", "runs/mac", "--output", out)
-    assert (code, text) == (1, "Error: output folder out is not empty; pass --overwrite to replace it or choose another --output")
+    assert (code, text) == (1, "Error: --output out is not empty; pass --overwrite to replace it, or choose another --output")
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
     code, text = invoke(export_mac, "--run", "runs/mac", "--output", "runs", "--overwrite")
-    assert (code, text) == (1, "Error: --output runs would replace runs/mac, which the export reads; choose another --output")
+    assert (code, text) == (1, "Error: --output runs would replace runs/mac, which this command reads; choose another --output")
     code, text = invoke(export_mac, "--run", "runs/mac", "--output", out, "--overwrite")
     assert code == 0, text
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()

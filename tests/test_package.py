@@ -425,7 +425,7 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tiny_teacher_dir, tmp_p
         (["--model", gpt2, "--output", tmp_path / "o"],
          f"Error: model {gpt2} is a 'gpt2' model; package_model.py wraps Llama-family causal LMs (model_type llama)"),
         (["--model", tiny_teacher_dir, "--output", busy],
-         f"Error: --output {busy} is not empty; pass --overwrite to replace it, or choose another folder"),
+         f"Error: --output {busy} is not empty; pass --overwrite to replace it, or choose another --output"),
         (["--model", tiny_teacher_dir, "--output", tmp_path / "o", "--memory-layers", "1,9"],
          "Error: --memory-layers 1,9 holds [9], outside 0..3; the model has 4 layers"),
         (["--model", tiny_teacher_dir, "--output", tmp_path / "o", "--memory-slots", "8", "--recent-slots", "9"],

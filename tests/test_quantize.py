@@ -317,7 +317,7 @@ def test_bad_input_one_line_error_and_nothing_written(case, llama_dir, quantized
         "missing-path": f"--model_path {tmp_path / 'nope'} does not exist; pass a model folder (with config.json), a .gguf file or 'embedded'",
         "no-config": f"--model_path {tmp_path} has no config.json; pass a Hugging Face model folder (e.g. runs/NAME/final), a .gguf file or 'embedded'",
         "gpt2": f"--model_path {tmp_path / 'gpt2'} is a 'gpt2' model; quantize.py handles Llama teachers and students (model_type 'llama') and MAC students (model_type 'mac_llama')",
-        "output-is-source": f"--output {llama_dir} is the --model_path folder; write the quantized model to another folder",
+        "output-is-source": f"--output {llama_dir} would replace {llama_dir}, which this command reads; choose another --output",
         "output-is-file": f"--output {tmp_path / 'file.bin'} is a file; pass a folder path",
     }[case]
     if case == "gpt2":

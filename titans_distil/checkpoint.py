@@ -12,8 +12,6 @@ import json
 import os
 import random
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .model_folder import atomic_folder
 
 STEP_DIR = re.compile(r"step-(\d+)")
 
@@ -66,8 +65,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
     parent = Path(run_dir) / "checkpoints"
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
-    try:
+    with atomic_folder(final) as tmp:
         model.save_pretrained(tmp)
         tensors, meta = _optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"optimizer": json.dumps(meta)})
@@ -75,12 +73,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
         for path in tmp.iterdir():  # make the contents durable before the rename publishes them
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

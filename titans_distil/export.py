@@ -25,18 +25,26 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .model_folder import (
+    SHIPPED_FILES,
+    atomic_folder,
+    check_output,
+    config_errors,
+    display,
+    kind_of,
+    read_config,
+    save_with_model_code,
+)
 
 KINDS = ("mac", "llama")
 SCRIPTS = {"mac": "export_mac_model.py", "llama": "export_llama_model.py"}
-MODEL_FILES = ("configuration_mac_llama.py", "modeling_mac_llama.py", "neural_memory.py")
+MODEL_FILES = SHIPPED_FILES["mac"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_NAME = "model.safetensors.index.json"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -70,25 +78,6 @@ class Run:
     @property
     def kind(self) -> str:
         return "mac" if self.config.get("use_mac") else "llama"
-
-
-def save_with_model_code(model, out, **save_kwargs) -> None:
-    """`save_pretrained` that also copies the model's code files and writes `auto_map` (a trust_remote_code folder).
-
-    transformers does that only for classes registered for an auto class; the registration is undone afterwards so
-    later plain saves of the same classes stay plain. A class loaded as remote code is registered already.
-    """
-    config_class, model_class = type(model.config), type(model)
-    if model_class._auto_class is not None:
-        model.save_pretrained(out, **save_kwargs)
-        return
-    before = (config_class._auto_class, model_class._auto_class)
-    try:
-        config_class.register_for_auto_class()
-        model_class.register_for_auto_class("AutoModelForCausalLM")
-        model.save_pretrained(out, **save_kwargs)
-    finally:
-        config_class._auto_class, model_class._auto_class = before
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:
@@ -186,7 +175,7 @@ def resolve_checkpoint(run: Run, spec: str | os.PathLike = "latest") -> Checkpoi
     last_logged = max((r["step"] for r in run.metrics), default=None)
 
     def from_folder(folder: Path, step: int | None) -> Checkpoint:
-        label = _display(folder)
+        label = display(folder)
         if step is None and (folder / "trainer_state.json").is_file():
             with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
                 step = int(json.loads((folder / "trainer_state.json").read_text())["step"])
@@ -226,7 +215,7 @@ def resolve_checkpoint(run: Run, spec: str | os.PathLike = "latest") -> Checkpoi
             if folder is not None and (folder / "trainer_state.json").is_file():
                 with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
                     step = int(json.loads((folder / "trainer_state.json").read_text())["step"])
-            return Checkpoint([candidate], folder, _display(candidate), step)
+            return Checkpoint([candidate], folder, display(candidate), step)
     available = [p.name for _, p in steps] + (["final"] if final.is_dir() else [])
     hint = f" (this run has: {', '.join(available[-5:])})" if available else " (this run has none yet)"
     raise UserError(f"checkpoint {spec} not found{hint}; pass a checkpoint folder or .safetensors file, a step number, 'final' or 'latest'")
@@ -239,12 +228,6 @@ def _has_weights(folder: Path) -> bool:
 def _mtime(folder: Path) -> float:
     path = folder / "model.safetensors"
     return (path if path.is_file() else folder / INDEX_NAME).stat().st_mtime
-
-
-def _display(path: Path) -> str:
-    with contextlib.suppress(ValueError):
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    return str(path)
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -281,7 +264,7 @@ def read_weights(files: list[Path], label: str | None = None) -> dict:
 
 def _unreadable(path: Path, label: str | None, err: Exception) -> UserError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    what = f"checkpoint {label}: weights {path.name}" if label else f"weights {_display(path)}"
+    what = f"checkpoint {label}: weights {path.name}" if label else f"weights {display(path)}"
     return UserError(f"{what} are unreadable ({first}); the file is truncated or corrupt, use another checkpoint")
 
 
@@ -334,16 +317,12 @@ def model_classes(kind: str):
     return LlamaConfig, LlamaForCausalLM
 
 
-def kind_of_config(config: dict) -> str:
-    return "mac" if config.get("model_type") == "mac_llama" else "llama"
-
-
 def make_config(values: dict, kind: str):
     config_class, _ = model_classes(kind)
     clean = {k: v for k, v in values.items() if k not in DROPPED_CONFIG_KEYS}
     try:
         return config_class(**clean)
-    except (TypeError, ValueError) as err:
+    except config_errors() as err:
         raise UserError(f"the model config is invalid for a {kind} student ({str(err).splitlines()[0]}); pass a checkpoint written by distil.py") from None
 
 
@@ -351,7 +330,7 @@ def empty_model(config):
     """The model of `config` on the meta device: parameter names and shapes without allocating them."""
     import torch
 
-    _, model_class = model_classes("mac" if config.model_type == "mac_llama" else "llama")
+    _, model_class = model_classes(kind_of(config))
     with torch.device("meta"):
         return model_class(config)
 
@@ -387,7 +366,7 @@ def run_model_config(run: Run) -> dict:
 
 
 def _describe(config: dict) -> str:
-    arch = "MACLlamaForCausalLM" if kind_of_config(config) == "mac" else "LlamaForCausalLM"
+    arch = "MACLlamaForCausalLM" if kind_of(config) == "mac" else "LlamaForCausalLM"
     return f"{arch}, {config.get('num_hidden_layers')} layers, hidden {config.get('hidden_size')}"
 
 
@@ -395,7 +374,7 @@ def load_student(run: Run, checkpoint: Checkpoint, dtype=None):
     """The run's student (built from the run's own config) holding the checkpoint's weights, in eval mode."""
 
     reference = run_model_config(run)
-    if kind_of_config(reference) != run.kind:
+    if kind_of(reference) != run.kind:
         raise UserError(f"run {run.dir}: its saved student is a {_describe(reference)} but config.json says use_mac={run.config.get('use_mac')}; the run folder is inconsistent")
     own = checkpoint.config
     if own is not None:
@@ -459,40 +438,6 @@ def foreign_imports(folder: str | os.PathLike) -> list[str]:
                 continue
             bad += [f"{path.name}: {name}" for name in names if name.split(".")[0] not in allowed]
     return bad
-
-
-@contextlib.contextmanager
-def atomic_folder(output: Path, overwrite: bool, protect: list[Path] = ()):
-    """Yield a temporary folder beside `output`; on success it replaces `output` (after a check that `output`
-    may be replaced), on failure it is removed and `output` is untouched."""
-    output = Path(output).expanduser()
-    _check_output(output, overwrite, protect)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
-        yield tmp
-        old = None
-        if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, old / "x")
-        os.replace(tmp, output)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _check_output(output: Path, overwrite: bool, protect: list[Path]) -> None:
-    resolved = output.resolve()
-    for path in protect:
-        path = Path(path).resolve()
-        if resolved == path or resolved in path.parents:
-            raise UserError(f"--output {output} would replace {_display(path)}, which the export reads; choose another --output")
-    if output.is_file():
-        raise UserError(f"--output {output} is a file; pass a folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise UserError(f"output folder {output} is not empty; pass --overwrite to replace it or choose another --output")
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer, card
@@ -677,7 +622,8 @@ def export_model(run_dir, kind: str, checkpoint: str = "latest", output=None, *,
     check_shard_size(max_shard_size)
     ckpt = resolve_checkpoint(run, checkpoint)
     out = Path(output).expanduser() if output else default_output(run, kind)
-    _check_output(out, overwrite, [run.dir, *([ckpt.folder] if ckpt.folder else ckpt.files)])
+    protect = [run.dir, *([ckpt.folder] if ckpt.folder else ckpt.files)]
+    check_output(out, overwrite, protect)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}[dtype]
     model = load_student(run, ckpt, torch_dtype)
     bad = next((name for name, tensor in model.state_dict().items() if tensor.is_floating_point() and not bool(tensor.isfinite().all())), None)
@@ -690,7 +636,7 @@ def export_model(run_dir, kind: str, checkpoint: str = "latest", output=None, *,
     model.config.architectures = [type(model).__name__]
     model.config._name_or_path = ""  # not the local path of the run (make_config already dropped the saved one)
 
-    with atomic_folder(out, overwrite, [run.dir, *([ckpt.folder] if ckpt.folder else ckpt.files)]) as tmp:
+    with atomic_folder(out) as tmp:
         with _quiet():
             if kind == "mac":
                 save_with_model_code(model, tmp, max_shard_size=max_shard_size)
@@ -702,7 +648,7 @@ def export_model(run_dir, kind: str, checkpoint: str = "latest", output=None, *,
         files = file_hashes(tmp)
     shards = sum(1 for f in files if f.endswith(".safetensors"))
     log(f"exported {'MAC' if kind == 'mac' else 'Llama'} student of run {run.name} "
-        f"({'step ' + str(ckpt.step) if ckpt.step is not None else ckpt.label}) to {_display(out)}: "
+        f"({'step ' + str(ckpt.step) if ckpt.step is not None else ckpt.label}) to {display(out)}: "
         f"{len(files)} files, {shards} weight shard{'s' if shards != 1 else ''}")
     result = ExportResult(out, kind, ckpt, files)
     if push_to_hub:
@@ -741,11 +687,8 @@ def _check_export(folder: Path, model, tokenizer, kind: str) -> None:
     """Before publishing: the written weights reload bit-exactly, the tokenizer loads, the code is self-contained."""
     import torch
 
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder)
     if kind == "mac":
-        missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
-        if missing or set(config.get("auto_map", {})) != {"AutoConfig", "AutoModelForCausalLM"}:
-            raise UserError(f"export check failed: model files {missing} or auto_map missing; this is a bug, please report it")
         foreign = foreign_imports(folder)
         if foreign:
             raise UserError(f"export check failed: the model files import {foreign[0]}, which a user without titans-distil lacks; this is a bug, please report it")
@@ -791,7 +734,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, token: str
 
     token = token or hub_token()
     if constants.is_offline_mode():
-        raise UserError(f"HF_HUB_OFFLINE is set, so nothing can be pushed; unset it and push again (the export is in {_display(Path(folder))})")
+        raise UserError(f"HF_HUB_OFFLINE is set, so nothing can be pushed; unset it and push again (the export is in {display(Path(folder))})")
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -800,7 +743,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, token: str
     except (HfHubHTTPError, OSError, ValueError) as err:
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         first = first.replace(token, "***")
-        raise UserError(f"push to {repo_id} failed ({first}); the export is in {_display(Path(folder))}, fix the cause and push again") from None
+        raise UserError(f"push to {repo_id} failed ({first}); the export is in {display(Path(folder))}, fix the cause and push again") from None
     return str(url)
 
 

@@ -30,6 +30,8 @@ import torch
 
 from .cli import POSITIVE, _quiet_libraries, user_errors
 from .errors import UserError
+from .model_folder import first_line, read_config
+from .model_folder import load_model as load_folder
 
 MAC_MEMORY_FORMAT = "titans-distil-mac-memory/1"
 UPDATE_RULES = ("none", "ema", "surprise")
@@ -57,27 +59,19 @@ def model_kind(model) -> str:
 def load_model(path: str, dtype: str = "auto"):
     """(model, tokenizer) from a trust_remote_code folder; a run's `final/` (a MAC config without `auto_map`) is
     loaded with the project's own classes."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise UserError(f"--model_path {path} is not a model folder (no config.json)")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{config_file} is not valid JSON ({err})") from None
+    config = read_config(folder)
     kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
     try:
-        if config.get("model_type") == "mac_llama" and "AutoModelForCausalLM" not in config.get("auto_map", {}):
-            from .models.modeling_mac_llama import MACLlamaForCausalLM
-
-            model = MACLlamaForCausalLM.from_pretrained(folder, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **kwargs)
+        model = load_folder(folder, config, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot load {path}: {first_line(err)}") from None
     return model.eval(), tokenizer
 
 

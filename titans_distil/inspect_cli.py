@@ -22,6 +22,7 @@ import click
 
 from .cli import _quiet_libraries, user_errors
 from .errors import UserError
+from .model_folder import kind_of, read_config
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 UPDATE_RULES = ("surprise", "ema", "none")
@@ -69,10 +70,7 @@ def _folder_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise UserError(f"{folder} has no config.json; pass a model folder (an export, a checkpoint or final/)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); the folder is damaged") from None
+    config = read_config(folder, "the folder is damaged")
     if config.get("model_type") not in ("llama", "mac_llama"):
         raise UserError(f"{folder} holds a {config.get('model_type')!r} model; only llama and mac_llama folders are inspected here")
     return config
@@ -83,10 +81,10 @@ def folder_tokenizer(folder: Path, values: dict):
     configuration file (trust_remote_code) just to learn the model type; hand it the project's config instead."""
     from transformers import AutoTokenizer
 
-    from .export import _quiet, kind_of_config, make_config
+    from .export import _quiet, make_config
 
     with _quiet():
-        return AutoTokenizer.from_pretrained(folder, config=make_config(values, kind_of_config(values)))
+        return AutoTokenizer.from_pretrained(folder, config=make_config(values, kind_of(values)))
 
 
 def load_folder_model(folder: Path, dtype=None):
@@ -95,7 +93,6 @@ def load_folder_model(folder: Path, dtype=None):
         _weight_files,
         check_fit,
         instantiate,
-        kind_of_config,
         make_config,
         model_classes,
         model_shapes,
@@ -104,7 +101,7 @@ def load_folder_model(folder: Path, dtype=None):
     )
 
     values = _folder_config(folder)
-    kind = kind_of_config(values)
+    kind = kind_of(values)
     config = make_config(values, kind)
     files = _weight_files(Path(folder), str(folder))
     headers = read_headers(files, str(folder))
@@ -189,10 +186,10 @@ def weights(path, pattern, no_stats):
 @user_errors
 def architecture(folder, weights_path):
     """Check a model folder's config.json against its weights: missing, unexpected and mis-shaped tensors."""
-    from .export import check_fit, kind_of_config, make_config, model_shapes, read_headers
+    from .export import check_fit, make_config, model_shapes, read_headers
 
     values = _folder_config(Path(folder))
-    kind = kind_of_config(values)
+    kind = kind_of(values)
     config = make_config(values, kind)
     files, label = _weights_of(weights_path or folder)
     expected = model_shapes(config)
@@ -234,7 +231,6 @@ def verify(export_dir, run_dir, checkpoint, tokens, new_tokens, atol):
         _weight_files,
         file_hashes,
         foreign_imports,
-        kind_of_config,
         load_run,
         load_student,
         read_headers,
@@ -244,7 +240,7 @@ def verify(export_dir, run_dir, checkpoint, tokens, new_tokens, atol):
 
     export = Path(export_dir)
     values = _folder_config(export)
-    kind = kind_of_config(values)
+    kind = kind_of(values)
     click.echo(f"{export}: {values.get('architectures', ['?'])[0]} export")
     for path, digest in file_hashes(export).items():
         click.echo(f"  sha256 {digest}  {path}")

@@ -29,7 +29,6 @@ Design choices (details in `models/modeling_memory_llama.py`):
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import click
@@ -37,8 +36,9 @@ import torch
 
 from .cli import NON_NEGATIVE, POSITIVE, _quiet_libraries, user_errors
 from .errors import UserError
+from .model_folder import MODELS_DIR, SHIPPED_FILES, atomic_folder, check_output
 
-MODEL_FILES = ("configuration_memory_llama.py", "modeling_memory_llama.py", "neural_memory.py")
+MODEL_FILES = SHIPPED_FILES["memory"]
 AUTO_MAP = {
     "AutoConfig": "configuration_memory_llama.MemoryLlamaConfig",
     "AutoModelForCausalLM": "modeling_memory_llama.MemoryLlamaForCausalLM",
@@ -47,12 +47,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # config.json keys of the wrapped model that must not be carried into the wrapper's config
 _DROP_KEYS = ("model_type", "architectures", "auto_map", "quantization_config", "_name_or_path", "_model_name_or_path",
               "transformers_version")
-
-
-def _models_dir() -> Path:
-    from . import models
-
-    return Path(models.__file__).resolve().parent
 
 
 def _as_model_error(err: UserError) -> UserError:
@@ -110,13 +104,6 @@ def parse_memory_layers(text: str | None, num_layers: int) -> list[int] | None:
     if bad:
         raise UserError(f"--memory-layers {text} holds {bad}, outside 0..{num_layers - 1}; the model has {num_layers} layers")
     return layers
-
-
-def _check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} is a file; pass a folder path")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise UserError(f"--output {output} is not empty; pass --overwrite to replace it, or choose another folder")
 
 
 def wrap_llama(model, memory_options: dict, base_name: str):
@@ -207,7 +194,7 @@ def package_llama_with_memory(
 ) -> Path:
     """Write the trust_remote_code folder for `model_spec` (Hub id, folder, .gguf or 'embedded'); returns it."""
     output = Path(output).expanduser()
-    _check_output(output, overwrite)
+    check_output(output, overwrite)
     if dtype not in ("auto", *DTYPES):
         raise UserError(f"--dtype {dtype} is not one of auto, {', '.join(DTYPES)}")
     model, tokenizer, config = _load_base(model_spec, dtype)
@@ -217,13 +204,11 @@ def package_llama_with_memory(
                "update_rule": update_rule}
     wrapped = wrap_llama(model, options, model_spec)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=output.name + ".tmp-", dir=output.parent))
-    try:
+    with atomic_folder(output) as tmp:
         wrapped.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for name in MODEL_FILES:
-            shutil.copy2(_models_dir() / name, tmp / name)
+            shutil.copy2(MODELS_DIR / name, tmp / name)
         cfg = wrapped.config
         recent = cfg.memory_slots // 2 if cfg.memory_recent_slots is None else cfg.memory_recent_slots
         layers = cfg.memory_layers
@@ -234,12 +219,6 @@ def package_llama_with_memory(
             fingerprint=cfg.memory_fingerprint[:16],
             layers="every layer" if layers == list(range(cfg.num_hidden_layers)) else f"layers {layers}",
         ))
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return output
 
 

@@ -22,12 +22,9 @@ kernel passes no gradient to its input, so to train the memory parts of a 4-bit 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -36,7 +33,16 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .export import save_with_model_code
+from .model_folder import (
+    SHIPPED_FILES,
+    atomic_folder,
+    check_output,
+    first_line,
+    is_remote,
+    read_config,
+    save_with_model_code,
+)
+from .model_folder import load_model as load_folder
 
 BITS = (8, 4)
 # LLM.int8() outlier threshold: activation columns holding a value >= this are multiplied in 16-bit, the rest in int8.
@@ -48,7 +54,7 @@ QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_TYPES = {"llama": "Llama", "mac_llama": "MAC"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-MAC_MODEL_FILES = ("modeling_mac_llama.py", "configuration_mac_llama.py", "neural_memory.py")
+MAC_MODEL_FILES = SHIPPED_FILES["mac"]
 
 # A fixed prompt set for greedy agreement: prose, instructions and Python (the embedded corpus is Python source).
 PROMPTS = (
@@ -133,7 +139,7 @@ def require_bitsandbytes() -> str:
         raise UserError("bitsandbytes is not installed; install it with `pip install 'titans-distil[quant]'` "
                         "(or `pip install bitsandbytes`), or run bin/setup") from None
     except Exception as err:  # a broken install (missing native library, ...)
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise UserError(f"bitsandbytes is installed but fails to import ({first}); reinstall it with "
                         "`pip install --force-reinstall bitsandbytes`") from None
     return getattr(bitsandbytes, "__version__", "unknown")
@@ -192,10 +198,7 @@ def inspect_source(model_path: str) -> Source:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"--model_path {model_path} has no config.json; pass a Hugging Face model folder (e.g. runs/NAME/final), a .gguf file or 'embedded'")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"--model_path {model_path}: config.json is unreadable ({err}); pass an intact model folder") from None
+    config = read_config(path, "pass an intact model folder")
     qc = config.get("quantization_config")
     if qc:
         raise UserError(f"--model_path {model_path} is already quantized ({_describe_quantization(qc)}); "
@@ -206,24 +209,8 @@ def inspect_source(model_path: str) -> Source:
                         "(model_type 'llama') and MAC students (model_type 'mac_llama')")
     if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
         raise UserError(f"--model_path {model_path} holds no weights (*.safetensors / *.bin); pass a saved model folder")
-    remote = kind == "mac_llama" and bool(config.get("auto_map")) and all((path / f).is_file() for f in MAC_MODEL_FILES)
+    remote = kind == "mac_llama" and is_remote(path, config)
     return Source(model_path, path, config, kind, remote)
-
-
-def check_output(output: str, source: Source, overwrite: bool) -> Path:
-    """The output folder: must not hold anything unless --overwrite, and must not be (or contain) the source."""
-    out = Path(output).expanduser()
-    resolved, src = out.resolve(), source.path.resolve()
-    if resolved == src:
-        raise UserError(f"--output {output} is the --model_path folder; write the quantized model to another folder")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {output} is a file; pass a folder path")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"--output {output} is not empty; pass --overwrite to replace it, or choose another --output")
-        if src.is_relative_to(resolved):
-            raise UserError(f"--output {output} contains the --model_path folder, so --overwrite would delete the source; choose another --output")
-    return out
 
 
 def skip_modules(source: Source) -> list[str]:
@@ -244,19 +231,10 @@ def _device():
 
 def load_model(source: Source, quantization_config=None):
     """The source model, unquantized (on the default device) or quantized on load; eval mode, no gradients."""
-    from transformers import AutoModelForCausalLM
-
     kwargs = dict(dtype="auto")
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    if source.remote:  # an exported MAC folder: its own model files, as a user would load it
-        model = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=True, **kwargs)
-    elif source.is_mac:  # e.g. runs/NAME/final of a MAC run: the installed model classes
-        from .models.modeling_mac_llama import MACLlamaForCausalLM
-
-        model = MACLlamaForCausalLM.from_pretrained(source.path, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    model = load_folder(source.path, source.config, **kwargs)  # an export with its own code, as a user loads it
     if quantization_config is None:
         model.to(_device())
     return model.eval().requires_grad_(False)
@@ -304,11 +282,6 @@ def save_quantized(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
         save_with_model_code(model, out)
     else:
         model.save_pretrained(out)
-    if is_mac:
-        missing = [f for f in MAC_MODEL_FILES if not (out / f).is_file()]
-        auto_map = json.loads((out / "config.json").read_text()).get("auto_map") or {}
-        if missing or "AutoModelForCausalLM" not in auto_map:
-            raise RuntimeError(f"the MAC folder {out} is not self-contained (missing {missing}, auto_map {auto_map})")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
@@ -316,11 +289,9 @@ def save_quantized(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
 
 def load_quantized(folder: str | os.PathLike):
     """Reload a folder written by `save_quantized` (trust_remote_code for MAC folders, which carry their code)."""
-    from transformers import AutoModelForCausalLM
 
     require_bitsandbytes()
-    config = json.loads((Path(folder) / "config.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=bool(config.get("auto_map")))
+    model = load_folder(folder)
     return model.eval().requires_grad_(False)
 
 
@@ -509,7 +480,7 @@ def _load_tokenizer(source: Source):
         # AutoTokenizer would stop and ask whether to run that code
         return AutoTokenizer.from_pretrained(source.path, trust_remote_code=source.remote)
     except (OSError, ValueError, TypeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise UserError(f"--model_path {source.spec} has no usable tokenizer ({first[:120]}); save the tokenizer into "
                         "the folder (students share their teacher's)") from None
 
@@ -525,7 +496,7 @@ def quantize(model_path: str, output: str, spec: QuantSpec, *, overwrite: bool =
 
     bnb_version = require_bitsandbytes()
     source = inspect_source(model_path)
-    out = check_output(output, source, overwrite)
+    out = check_output(output, overwrite, [source.path])
     max_positions = int(source.config.get("max_position_embeddings") or eval_length)
     if eval_blocks and eval_length > max_positions:
         raise UserError(f"--eval-length {eval_length} exceeds the model's {max_positions} positions; pass --eval-length {max_positions} or less")
@@ -541,9 +512,7 @@ def quantize(model_path: str, output: str, spec: QuantSpec, *, overwrite: bool =
     before.seconds = time.perf_counter() - start
     del reference
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         log(f"quantizing to {spec.label}")
         quantized = quantize_model(source, spec)
         save_quantized(quantized, tmp, tokenizer)  # before any forward: see save_quantized
@@ -560,16 +529,6 @@ def quantize(model_path: str, output: str, spec: QuantSpec, *, overwrite: bool =
             written = memory_rule_check(model, probe)
         after.seconds = time.perf_counter() - start
         del model
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return Report(source, spec, out, bnb_version, before, after, _kept_description(source), written,
                   len(prompts), len(blocks) if blocks is not None else 0, eval_length)
 

@@ -18,6 +18,7 @@ import click
 
 from .cli import POSITIVE, _quiet_libraries, user_errors
 from .errors import UserError
+from .model_folder import kind_of, read_config
 
 UPDATE_RULES = ("none", "ema", "surprise")
 DEFAULT_CPU_KVCACHE_GIB = "2"
@@ -41,15 +42,12 @@ def serving_overrides(model_path: str, use_mac: bool, update_rule: str) -> tuple
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"{model_path} holds no config.json; give an export_mac_model.py / export_llama_model.py folder")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{config_file} is not valid JSON ({str(err).splitlines()[0]}); re-export the model") from None
+    config = read_config(path, "re-export the model")
     model_type = config.get("model_type")
     if model_type == "memory_llama":
         raise UserError(f"{model_path} is a package_model.py wrapper, whose memory learns inside every layer; vLLM "
                         "cannot serve it: use no_vllm_inference.py")
-    kind = "mac" if model_type == "mac_llama" else "llama"
+    kind = kind_of(config) or "llama"
     if (config.get("quantization_config") or {}).get("quant_method") == "bitsandbytes":
         if kind == "mac":
             raise UserError(f"{model_path} holds bitsandbytes weights (quantize.py); the MAC vLLM model takes unquantized "

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .losses import TopKTeacher
+from .model_folder import atomic_folder
 
 MANIFEST = "manifest.json"
 MATCHING_FIELDS = ("data", "max_length", "seed", "validation_fraction", "max_train_blocks")
@@ -39,9 +38,7 @@ def write_teacher_cache(teacher, tokenizer, blocks: torch.Tensor, out_dir: Path,
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} is not empty; choose a new --output folder for the teacher cache")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         shards = []
         bar = tqdm(total=len(blocks) * (blocks.shape[1] - 1), desc="teacher top-k", unit="tok", unit_scale=True)
         for shard_start in range(0, len(blocks), blocks_per_shard):
@@ -60,12 +57,6 @@ def write_teacher_cache(teacher, tokenizer, blocks: torch.Tensor, out_dir: Path,
         record = {**manifest, "top_k": top_k, "n_blocks": len(blocks), "blocks_per_shard": blocks_per_shard,
                   "tokenizer": tokenizer_fingerprint(tokenizer), "shards": shards}
         (tmp / MANIFEST).write_text(json.dumps(record, indent=2))
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
