@@ -93,15 +93,27 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         raise UserError(f"{config_file} is not valid JSON ({err.msg} at line {err.lineno}); the run folder is damaged") from None
     if not isinstance(config, dict) or "teacher" not in config:
         raise UserError(f"{config_file} is not a distil.py run config; pass a folder written by distil.py (runs/<run-name>)")
-    metrics: list[dict] = []
     metrics_file = path / "metrics.jsonl"
-    if metrics_file.is_file():
-        for line in metrics_file.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                row = json.loads(line)
-                if isinstance(row, dict) and "step" in row:
-                    metrics.append(row)
+    metrics = read_metrics(metrics_file)[0] if metrics_file.is_file() else []
     return Run(path, config, metrics)
+
+
+def read_metrics(path: Path) -> tuple[list[dict], int]:
+    """The records of a metrics.jsonl, and how many torn lines were skipped (a killed run may leave the last one)."""
+    records, torn = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            torn += 1
+    return records, torn
 
 
 def check_kind(run: Run, kind: str) -> None:

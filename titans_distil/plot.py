@@ -6,13 +6,13 @@ norm, throughput, memory statistics); a family the run never logged is left out,
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import click
 
 from .errors import UserError
+from .export import read_metrics
 
 # family name -> (keys, y-axis label, log scale)
 FAMILIES = {
@@ -22,24 +22,6 @@ FAMILIES = {
     "throughput": (("tokens_per_s",), "tokens / s", False),
 }
 MEMORY_PREFIX = "mem_"
-
-
-def read_metrics(path: Path) -> tuple[list[dict], int]:
-    """The records of a metrics.jsonl, and how many torn lines were skipped (a killed run may leave the last one)."""
-    records, torn = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            torn += 1
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-        else:
-            torn += 1
-    return records, torn
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
