@@ -2,7 +2,9 @@
 
 Inputs are hidden states (output of layer ``--layer``, RMS-normalised as the MAC host feeds them) of the embedded
 SmolLM2-135M teacher on the running interpreter's standard-library Python source; the memory is built as a MAC
-layer builds it (``memory_from_config`` of a default ``MACLlamaConfig`` at the teacher's width, D = 576, C = 64).
+layer builds it (``memory_from_config`` of a ``MACLlamaConfig`` at the teacher's width, D = 576), in one run for
+the version-1 memory (C = 64, the settings before ``memory_version``) and the default version 2 (C = 16, its
+input centre calibrated on 2048 tokens of files no measurement uses).
 A "pair" is one input row x: key k(x), value v(x); its error is ||M(k(x)) - v(x)||^2 with the FINAL memory.
 Error ratio = mean error on written rows / mean error on fresh rows never written (1.00: nothing stored).
 
@@ -88,19 +90,50 @@ def stream_of(hs: HiddenStates, files: list[Path], n: int) -> tuple[torch.Tensor
     return torch.cat(rows)[:n], used
 
 
-@torch.no_grad()
-def pair_error(memory, state, x: torch.Tensor) -> torch.Tensor:
-    """||M(k(x)) - v(x)||^2 per row of x (N, D) with the state's fast weights (batch element 0)."""
-    k = memory._keys(x[None])
-    v = memory._linear(x[None], memory.to_values)
-    out, _, _ = memory._mlp([w[:1] for w in state.weights], k)
-    return (out - v).square().sum(-1)[0]
+# the MAC memory before memory_version 2 (what checkpoints without memory_version still run)
+VERSION_1 = dict(memory_version=1, memory_chunk_size=64, memory_max_lr=0.004, memory_max_grad_norm=1.0,
+                 memory_update_bound=None)
 
 
 @torch.no_grad()
 def written_ratio(memory, stream: torch.Tensor, written: torch.Tensor, fresh: torch.Tensor) -> float:
+    """Error ratio after writing `stream` once (the unfinished chunk flushed, as a session's end does)."""
     _, state, _ = memory(stream[None], update_rule="surprise")
-    return (pair_error(memory, state, written).mean() / pair_error(memory, state, fresh).mean()).item()
+    state = memory.flush(state)
+    return (memory.recall_error(state, written[None]).mean() / memory.recall_error(state, fresh[None]).mean()).item()
+
+
+def measure(memory, streams: dict, long: torch.Tensor) -> dict:
+    out = {name: written_ratio(memory, *args) for name, args in streams.items()}
+    finite, state = True, None
+    with torch.no_grad():  # streamed in 1024-token pieces as a session would
+        for s in range(0, long.shape[0], 1024):
+            y, state, _ = memory(long[None, s : s + 1024], state, update_rule="surprise")
+            finite &= bool(torch.isfinite(y).all()) and all(bool(torch.isfinite(w).all()) for w in state.weights)
+    out[f"(d) finite over {long.shape[0]} tokens"] = finite
+    x = torch.randn(1, 1024, memory.dim)
+    with torch.no_grad():
+        memory(x)
+        t0 = time.perf_counter()
+        memory(x)
+        out["forward (1, 1024, D) s"] = time.perf_counter() - t0
+    out["state per sequence per layer (MB)"] = sum(w.numel() * 4 * 2 for w in memory.initial_weights) / 2**20
+    return out
+
+
+def peer_seconds(cfg: MACLlamaConfig) -> float:
+    import titans_pytorch
+
+    peer = titans_pytorch.NeuralMemory(
+        dim=cfg.hidden_size, chunk_size=cfg.memory_chunk_size,
+        default_model_kwargs=dict(depth=cfg.memory_depth, expansion_factor=cfg.memory_expansion),
+    )
+    x = torch.randn(1, 1024, cfg.hidden_size)
+    with torch.no_grad():
+        peer(x)
+        t0 = time.perf_counter()
+        peer(x)
+        return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -111,9 +144,6 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     hs = HiddenStates(args.layer)
-    cfg = MACLlamaConfig(hidden_size=hs.model.config.hidden_size, num_hidden_layers=1, num_attention_heads=9,
-                         num_key_value_heads=3, intermediate_size=1536)
-    memory = memory_from_config(cfg).eval()
     files = stdlib_files(args.seed)
 
     # a pool of "other" rows: one random token from each of many other files (distinct snippets)
@@ -123,62 +153,48 @@ def main() -> None:
         h = hs(hs.tokens(f)[:256])
         pool.append(h[torch.randperm(h.shape[0])[:24]])
     pool = torch.cat(pool)[torch.randperm(sum(p.shape[0] for p in pool))]
-    fresh = pool[:512]
-    others = pool[512:]
+    fresh, others = pool[:512], pool[512:]
+    long, used_long = stream_of(hs, files[used + 64 :], args.long_tokens)
+    # calibration (version 2's input centre) on files no measurement uses
+    calibration, _ = stream_of(hs, files[used + 64 + used_long :], 2048)
 
-    results = []
-    # (a) 8 needles inside 1024 tokens of code
     needles = others[:8]
     stream = code.clone()
-    places = rng.sample(range(1024), 8)
-    stream[places] = needles
-    results.append(("(a) 8 needles once in 1024 code tokens", written_ratio(memory, stream, needles, fresh)))
-    # (b) 512 distinct rows once
+    stream[rng.sample(range(1024), 8)] = needles
     distinct = others[8:520]
-    results.append(("(b) 512 distinct pairs once", written_ratio(memory, distinct, distinct, fresh)))
-    # (c) 32 rows x 16
     few = others[520:552]
     rounds = torch.cat([few[torch.randperm(32)] for _ in range(16)])
-    results.append(("(c) 32 pairs x 16", written_ratio(memory, rounds, few, fresh)))
+    streams = {
+        "(a) 8 needles once in 1024 code tokens": (stream, needles, fresh),
+        "(b) 512 distinct pairs once": (distinct, distinct, fresh),
+        "(c) 32 pairs x 16": (rounds, few, fresh),
+    }
 
-    # (d) 16K tokens, streamed in 1024-token pieces as a session would
-    long, _ = stream_of(hs, files[used + 64 :], args.long_tokens)
-    finite, state = True, None
-    with torch.no_grad():
-        for s in range(0, long.shape[0], 1024):
-            y, state, _ = memory(long[None, s : s + 1024], state, update_rule="surprise")
-            finite &= bool(torch.isfinite(y).all()) and all(bool(torch.isfinite(w).all()) for w in state.weights)
+    shape = dict(hidden_size=hs.model.config.hidden_size, num_hidden_layers=1, num_attention_heads=9,
+                 num_key_value_heads=3, intermediate_size=1536)
+    columns, peers = {}, {}
+    for label, overrides in (("version 1", VERSION_1), ("version 2", {})):
+        cfg = MACLlamaConfig(**shape, **overrides)
+        torch.manual_seed(args.seed)
+        memory = memory_from_config(cfg).eval()
+        if memory.input_centre is not None:
+            memory.calibrate_centre(calibration)
+        columns[f"{label} (C={cfg.memory_chunk_size})"] = measure(memory, streams, long)
+        if not args.no_peer:
+            peers[label] = peer_seconds(cfg)
+            columns[f"{label} (C={cfg.memory_chunk_size})"]["forward (1, 1024, D) s, titans-pytorch"] = peers[label]
 
-    speed = {}
-    x = torch.randn(1, 1024, cfg.hidden_size)
-    impls = {"ours": memory}
-    if not args.no_peer:
-        import titans_pytorch
-
-        impls["titans-pytorch"] = titans_pytorch.NeuralMemory(
-            dim=cfg.hidden_size, chunk_size=cfg.memory_chunk_size,
-            default_model_kwargs=dict(depth=cfg.memory_depth, expansion_factor=cfg.memory_expansion),
-        )
-    for name, m in impls.items():
-        with torch.no_grad():
-            m(x)
-            t0 = time.perf_counter()
-            m(x)
-            speed[name] = time.perf_counter() - t0
-
-    state_mb = sum(w.numel() * 4 * 2 for w in memory.initial_weights) / 2**20  # weights + momentum, fp32
-    print(f"teacher layer {args.layer} hidden states, D = {cfg.hidden_size}, C = {cfg.memory_chunk_size}, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"{'measure':<54} {'value':>10}")
-    for name, r in results:
-        print(f"{name + ' (error ratio)':<54} {r:>10.3f}")
-    label = f"(d) finite over {long.shape[0]} tokens"
-    print(f"{label:<54} {str(finite):>10}")
-    print(f"{'state per sequence per layer (MB)':<54} {state_mb:>10.1f}")
-    for name, t in speed.items():
-        print(f"{'forward (1, 1024, D) s, ' + name:<54} {t:>10.3f}")
-    if "titans-pytorch" in speed:
-        print(f"{'speed-up ours / titans-pytorch':<54} {speed['titans-pytorch'] / speed['ours']:>9.1f}x")
+    print(f"teacher layer {args.layer} hidden states, D = {shape['hidden_size']}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}; error ratio = written / fresh (1.00: nothing stored)")
+    names = list(columns)
+    print(f"| {'measure':<48} | " + " | ".join(f"{n:>20}" for n in names) + " |")
+    print(f"|{'-' * 50}|" + "|".join("-" * 22 for _ in names) + "|")
+    for row in columns[names[0]]:
+        cells = []
+        for n in names:
+            value = columns[n][row]
+            cells.append(f"{value!s:>20}" if isinstance(value, bool) else f"{value:>20.3f}")
+        print(f"| {row:<48} | " + " | ".join(cells) + " |")
     print(f"total {time.perf_counter() - t_start:.0f} s")
 
 

@@ -8,6 +8,7 @@ imports only transformers and the standard library.
 from transformers.models.llama.configuration_llama import LlamaConfig
 
 UPDATE_RULES = ("surprise", "ema", "none")
+MEMORY_VERSION = 2  # the memory update new configs get (see `memory_version`)
 
 
 def default_memory_layers(num_hidden_layers: int) -> list[int]:
@@ -36,24 +37,35 @@ class MACLlamaConfig(LlamaConfig):
     memory_layers (`list[int]`, *optional*):
         Indices of the layers holding a neural memory. `None` picks `default_memory_layers(num_hidden_layers)`
         (a quarter of the layers, evenly spaced); `[]` disables the memory.
-    memory_chunk_size (`int`, defaults to 64):
+    memory_version (`int`, defaults to 2):
+        Which memory update the fields below describe. 2 (the default): keys/values/queries from centred inputs
+        (`input_centre`, calibrated on data), SiLU on values as in the paper, each chunk's summed step bounded
+        (`memory_update_bound`), forgetting toward the learned initial weights, learning-rate gate up to
+        `memory_max_lr`. 1: the update of checkpoints written before this field existed (per-token gradient
+        clipping, forgetting toward zero); a config.json without `memory_version` loads as 1, unchanged.
+    memory_chunk_size (`int`, defaults to 16):
         Tokens per memory update chunk; must divide `segment_len` so that segment starts are chunk starts
-        (the retrieval at a segment start then sees every update of the previous segments).
+        (the retrieval at a segment start then sees every update of the previous segments). Inside a chunk all
+        gradients are taken at its start: on the teacher's hidden states 16 stores as well as 1 (the paper's
+        token-by-token update), 64 stores less (see the README's storage table).
     memory_depth (`int`, defaults to 2):
         Linear layers of the memory MLP.
     memory_expansion (`float`, defaults to 2):
         Hidden width of the memory MLP relative to `memory_dim`.
     memory_dim (`int`, *optional*):
         Width of the memory keys/values; `None` means `hidden_size`.
-    memory_max_lr (`float`, defaults to 0.004):
-        Upper bound of the memory's data-dependent learning rate; the gate starts at half of it. Measured on
-        SmolLM2-135M hidden states (64-token chunks, momentum 0.9): rates up to 0.005 stay stable over 2048
-        tokens in every layer tried, 0.006 diverges in some and 0.01 in all, because real hidden states share a
-        dominant direction and the gradients of a chunk, all taken at its start, add up.
-    memory_max_grad_norm (`float`, *optional*, defaults to 1.0):
-        Each token's associative-loss gradient is clipped to this norm (per memory layer) before it enters the
-        surprise, so the fast weights cannot explode while the projections and gates are trained; `None` gives
-        the paper's unclipped update.
+    memory_heads (`int`, defaults to 1):
+        Independent memories over `memory_dim / memory_heads` features each (version 2). More heads shrink the
+        per-sequence state but store less (measured: 9 heads of 64 on D = 576 store less than 1 head).
+    memory_max_lr (`float`, defaults to 1.0):
+        Upper bound of the memory's data-dependent learning rate; the gate starts at half of it. With unit keys
+        a step of 0.5 writes a value in one shot (version 1 used 0.004).
+    memory_update_bound (`float`, *optional*, defaults to 2.0):
+        Version 2: each chunk's summed gradient step is scaled, per memory layer, to norm <= this bound, so
+        one chunk cannot move the fast weights by more than about one association whatever the rate.
+    memory_max_grad_norm (`float`, *optional*):
+        Each token's gradient is clipped to this norm (per memory layer) before it enters the surprise; version 1
+        checkpoints use 1.0. `None` (the default): no per-token clipping.
     update_rule (`str`, defaults to `"surprise"`):
         Memory update at test time: `"surprise"` (the paper's momentum + forgetting), `"ema"` (gradient-free
         moving average of the last memory layer) or `"none"` (frozen memory). Can be overridden per call.
@@ -64,13 +76,23 @@ class MACLlamaConfig(LlamaConfig):
     segment_len: int = 256
     num_persistent_tokens: int = 16
     memory_layers: list[int] | None = None
-    memory_chunk_size: int = 64
+    memory_version: int = MEMORY_VERSION
+    memory_chunk_size: int = 16
     memory_depth: int = 2
     memory_expansion: int | float = 2
     memory_dim: int | None = None
-    memory_max_lr: int | float = 0.004
-    memory_max_grad_norm: int | float | None = 1.0
+    memory_heads: int = 1
+    memory_max_lr: int | float = 1.0
+    memory_update_bound: int | float | None = 2.0
+    memory_max_grad_norm: int | float | None = None
     update_rule: str = "surprise"
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """A config.json written before `memory_version` existed describes the version-1 memory."""
+        if "memory_version" not in config_dict:
+            config_dict = {**config_dict, "memory_version": 1}
+        return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
         if self.memory_layers is None:
@@ -124,8 +146,19 @@ class MACLlamaConfig(LlamaConfig):
             )
         if not is_number(self.memory_max_lr) or self.memory_max_lr <= 0:
             raise ValueError(f"memory_max_lr must be a number > 0, got {self.memory_max_lr!r}")
+        if self.memory_version not in (1, 2):
+            raise ValueError(f"memory_version must be 1 or 2, got {self.memory_version!r}")
+        width = self.hidden_size if self.memory_dim is None else self.memory_dim
+        if not is_int(self.memory_heads) or self.memory_heads < 1 or width % self.memory_heads:
+            raise ValueError(f"memory_heads must be an integer >= 1 dividing the memory width {width}, got {self.memory_heads!r}")
+        if self.memory_version == 1 and self.memory_heads != 1:
+            raise ValueError("memory_heads must be 1 with memory_version 1 (the version-1 memory has one head)")
+        for name in ("memory_update_bound", "memory_max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and (not is_number(value) or value <= 0):
+                raise ValueError(f"{name} must be a number > 0 or None, got {value!r}")
         if self.update_rule not in UPDATE_RULES:
             raise ValueError(f"update_rule must be one of {UPDATE_RULES}, got {self.update_rule!r}")
 
 
-__all__ = ["MACLlamaConfig", "UPDATE_RULES", "default_memory_layers"]
+__all__ = ["MACLlamaConfig", "MEMORY_VERSION", "UPDATE_RULES", "default_memory_layers"]

@@ -261,6 +261,9 @@ class MACCache(Cache):
 # ----------------------------------------------------------------------------------------------- layers
 
 
+MEMORY_GATE_INIT = 0.01  # version 2's read-out gate at init: open enough for gradients, small beside y
+
+
 def _unit_rms(hidden: torch.Tensor) -> torch.Tensor:
     """Parameter-free RMS normalisation of the memory's inputs (see the module docstring)."""
     return torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), eps=1e-6)
@@ -285,8 +288,12 @@ def _visibility(num_queries: int, offset: int, device) -> torch.Tensor:
 
 
 def memory_from_config(config: MACLlamaConfig) -> NeuralMemory:
-    """The `NeuralMemory` of one memory layer as `config` describes it (the vLLM model builds its memories here too)."""
-    return NeuralMemory(
+    """The `NeuralMemory` of one memory layer as `config` describes it (the vLLM model builds its memories here too).
+
+    Version 2 starts with momentum 0.1 and forgetting 1e-4 per token: on the teacher's hidden states a high
+    momentum re-applies each bounded chunk step ~10 times and stores less, and forgetting is toward the
+    initial weights, so it only has to make room, not to keep the weights bounded."""
+    common = dict(
         dim=config.hidden_size,
         memory_dim=config.memory_dim,
         depth=config.memory_depth,
@@ -295,6 +302,18 @@ def memory_from_config(config: MACLlamaConfig) -> NeuralMemory:
         max_lr=config.memory_max_lr,
         init_lr=config.memory_max_lr / 2,
         max_grad_norm=config.memory_max_grad_norm,
+    )
+    if config.memory_version == 1:
+        return NeuralMemory(**common)
+    return NeuralMemory(
+        **common,
+        heads=config.memory_heads,
+        update_bound=config.memory_update_bound,
+        init_momentum=0.1,
+        init_decay=1e-4,
+        forget_toward_init=True,
+        value_activation=True,
+        centre_inputs=True,
     )
 
 
@@ -362,8 +381,10 @@ class MACLlamaDecoderLayer(GradientCheckpointingLayer):
         self.persistent_tokens = None
         if layer_idx in config.memory_layers:
             self.memory = memory_from_config(config)
-            # zero: the read-out path starts closed (see the module docstring)
-            self.memory_gate = nn.Parameter(torch.zeros(config.hidden_size))
+            # version 1: zero, the read-out path starts closed; version 2: slightly open, so the memory's own
+            # parameters get a gradient through the read-out from the first step (see the module docstring)
+            gate = 0.0 if config.memory_version == 1 else MEMORY_GATE_INIT
+            self.memory_gate = nn.Parameter(torch.full((config.hidden_size,), gate))
             if config.num_persistent_tokens:
                 self.persistent_tokens = nn.Parameter(
                     torch.randn(config.num_persistent_tokens, config.hidden_size) * config.initializer_range
@@ -526,7 +547,7 @@ class MACLlamaPreTrainedModel(PreTrainedModel):
             return
         super()._init_weights(module)
         if isinstance(module, MACLlamaDecoderLayer) and module.memory is not None:
-            init.zeros_(module.memory_gate)
+            init.constant_(module.memory_gate, 0.0 if self.config.memory_version == 1 else MEMORY_GATE_INIT)
             if module.persistent_tokens is not None:
                 init.normal_(module.persistent_tokens, mean=0.0, std=self.config.initializer_range)
 

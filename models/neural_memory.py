@@ -179,6 +179,11 @@ class NeuralMemory(nn.Module):
         init_decay: float = 0.001,
         ema_eps: float = 1e-6,
         max_grad_norm: float | None = None,
+        heads: int = 1,
+        update_bound: float | None = None,
+        forget_toward_init: bool = False,
+        value_activation: bool = False,
+        centre_inputs: bool = False,
     ):
         super().__init__()
         memory_dim = dim if memory_dim is None else memory_dim
@@ -201,7 +206,6 @@ class NeuralMemory(nn.Module):
         _check(
             isinstance(expansion, (int, float)) and expansion > 0, f"expansion must be > 0, got {expansion!r}"
         )
-        hidden = max(1, int(round(memory_dim * expansion)))
         _check(isinstance(max_lr, (int, float)) and max_lr > 0, f"max_lr must be > 0, got {max_lr!r}")
         init_lr = min(0.01, max_lr / 10) if init_lr is None else init_lr
         _check(0 < init_lr < max_lr, f"init_lr must be in (0, max_lr={max_lr}), got {init_lr!r}")
@@ -209,7 +213,16 @@ class NeuralMemory(nn.Module):
         _check(0 < init_decay < 1, f"init_decay must be in (0, 1), got {init_decay!r}")
         _check(ema_eps > 0, f"ema_eps must be > 0, got {ema_eps!r}")
         _check(max_grad_norm is None or max_grad_norm > 0, f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        _check(update_bound is None or update_bound > 0, f"update_bound must be > 0 or None, got {update_bound!r}")
+        _check(
+            _is_int(heads) and heads >= 1 and memory_dim % heads == 0,
+            f"heads must be an integer >= 1 dividing memory_dim={memory_dim}, got {heads!r}",
+        )
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.update_bound = None if update_bound is None else float(update_bound)
+        self.heads, self.head_dim = heads, memory_dim // heads
+        self.forget_toward_init, self.value_activation = bool(forget_toward_init), bool(value_activation)
+        hidden = max(1, int(round(self.head_dim * expansion)))
 
         self.dim, self.memory_dim, self.depth, self.hidden_dim = dim, memory_dim, depth, hidden
         self.chunk_size, self.max_lr, self.ema_eps = chunk_size, float(max_lr), float(ema_eps)
@@ -226,11 +239,16 @@ class NeuralMemory(nn.Module):
         # nn.Linear re-initialisation does not wipe the bias init; call reset_parameters() to restore it)
         self.gate_weight = nn.Parameter(torch.empty(3, dim))
         self.gate_bias = nn.Parameter(torch.empty(3))
-        dims = [memory_dim] + [hidden] * (depth - 1) + [memory_dim]
+        # one MLP per head, stored stacked: layer i is (heads * out_i, in_i), head h owns rows h*out_i:(h+1)*out_i
+        dims = [self.head_dim] + [hidden] * (depth - 1) + [self.head_dim]
         self.initial_weights = nn.ParameterList(
-            [nn.Parameter(torch.empty(d_out, d_in)) for d_in, d_out in zip(dims[:-1], dims[1:])]
+            [nn.Parameter(torch.empty(heads * d_out, d_in)) for d_in, d_out in zip(dims[:-1], dims[1:])]
         )
         self.out_proj = nn.Linear(memory_dim, dim, bias=False)
+        # subtracted from the written rows before the key/value projections, and from the read-out queries before
+        # the query projection (a host may read with other inputs than it writes); see calibrate_centre
+        self.input_centre = nn.Parameter(torch.zeros(dim)) if centre_inputs else None
+        self.query_centre = nn.Parameter(torch.zeros(dim)) if centre_inputs else None
         self.reset_parameters()
 
     # ------------------------------------------------------------------ parameters and state
@@ -240,7 +258,7 @@ class NeuralMemory(nn.Module):
         for lin in (self.to_keys, self.to_queries, self.out_proj):
             lin.reset_parameters()
         with torch.no_grad():
-            self.to_values.weight.normal_(0.0, (self.dim * self.memory_dim) ** -0.5)
+            self.to_values.weight.normal_(0.0, (self.dim * self.head_dim) ** -0.5)
             self.gate_weight.zero_()
             self.gate_bias.copy_(
                 torch.tensor(
@@ -249,11 +267,27 @@ class NeuralMemory(nn.Module):
             )
             for w in self.initial_weights:
                 w.normal_(0.0, w.shape[1] ** -0.5)
+            if self.input_centre is not None:
+                self.input_centre.zero_()
+                self.query_centre.zero_()
+
+    @torch.no_grad()
+    def calibrate_centre(self, x: Tensor, queries: Tensor | None = None) -> None:
+        """Set ``input_centre`` to the mean of the rows of x (..., D) and ``query_centre`` to that of queries
+        (default: x): a data-dependent init.
+
+        Hidden states share a dominant direction (mean pairwise cosine 0.56 on the teacher's code states), so
+        their keys overlap and every write lands on the same few directions; centred, the cosine is ~0."""
+        if self.input_centre is None:
+            raise ValueError("NeuralMemory.calibrate_centre: this memory was built with centre_inputs=False")
+        queries = x if queries is None else queries
+        self.input_centre.copy_(x.reshape(-1, self.dim).to(self.input_centre).mean(0))
+        self.query_centre.copy_(queries.reshape(-1, self.dim).to(self.query_centre).mean(0))
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, memory_dim={self.memory_dim}, depth={self.depth}, hidden_dim={self.hidden_dim}, "
-            f"chunk_size={self.chunk_size}, max_lr={self.max_lr}"
+            f"chunk_size={self.chunk_size}, max_lr={self.max_lr}, heads={self.heads}"
         )
 
     def init_state(self, batch_size: int, device=None, dtype: torch.dtype = torch.float32) -> MemoryState:
@@ -315,14 +349,50 @@ class NeuralMemory(nn.Module):
     def _linear(self, x: Tensor, layer: nn.Linear) -> Tensor:
         return F.linear(x, layer.weight.to(x.dtype))
 
+    def _split_heads(self, t: Tensor) -> Tensor:
+        """(B, T, heads * d) -> (B * heads, T, d): each head is an independent memory."""
+        B, T, width = t.shape
+        d = width // self.heads
+        return t.view(B, T, self.heads, d).transpose(1, 2).reshape(B * self.heads, T, d)
+
+    def _merge_heads(self, t: Tensor) -> Tensor:
+        """(B * heads, T, d) -> (B, T, heads * d)."""
+        BH, T, d = t.shape
+        B = BH // self.heads
+        return t.view(B, self.heads, T, d).transpose(1, 2).reshape(B, T, self.heads * d)
+
+    def _fold(self, w: Tensor) -> Tensor:
+        """Fast weights (B, heads * out, in) -> (B * heads, out, in)."""
+        return w.reshape(w.shape[0] * self.heads, w.shape[1] // self.heads, w.shape[2])
+
+    def _unfold(self, w: Tensor) -> Tensor:
+        return w.reshape(w.shape[0] // self.heads, w.shape[1] * self.heads, w.shape[2])
+
+    @staticmethod
+    def _centred(x: Tensor, centre: Tensor | None) -> Tensor:
+        return x if centre is None else x - centre.to(x.dtype)
+
     def _queries(self, x: Tensor) -> Tensor:
-        return F.normalize(F.silu(self._linear(x, self.to_queries)), dim=-1, eps=1e-12)
+        q = self._linear(self._centred(x, self.query_centre), self.to_queries)
+        return F.normalize(self._split_heads(F.silu(q)), dim=-1, eps=1e-12)
 
     def _keys(self, x: Tensor) -> Tensor:
-        return F.normalize(F.silu(self._linear(x, self.to_keys)), dim=-1, eps=1e-12)
+        k = self._linear(self._centred(x, self.input_centre), self.to_keys)
+        return F.normalize(self._split_heads(F.silu(k)), dim=-1, eps=1e-12)
+
+    def _values(self, x: Tensor) -> Tensor:
+        v = self._linear(self._centred(x, self.input_centre), self.to_values)
+        return self._split_heads(F.silu(v) if self.value_activation else v)
 
     def _gate_logits(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.gate_weight.to(x.dtype), self.gate_bias.to(x.dtype))
+        """(B, T, 3) logits of theta, eta, alpha, shared by the heads, repeated to (B * heads, T, 3)."""
+        a = F.linear(x, self.gate_weight.to(x.dtype), self.gate_bias.to(x.dtype))
+        return a.repeat_interleave(self.heads, dim=0)
+
+    def _read(self, weights, q: Tensor) -> Tensor:
+        """out_proj(M(q)) for folded queries q (B * heads, T, d) and folded weights."""
+        y, _, _ = self._mlp(weights, q)
+        return self._linear(self._merge_heads(y), self.out_proj)
 
     @staticmethod
     def _mlp(weights, h: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -361,9 +431,19 @@ class NeuralMemory(nn.Module):
         self._check_input(x, state, "retrieve")
         dt = self._compute_dtype(x)
         with _no_autocast(x.device):
-            q = self._queries(x.to(dt))
-            y, _, _ = self._mlp([w.to(dt) for w in state.weights], q)
-            return self._linear(y, self.out_proj).to(x.dtype)
+            return self._read([self._fold(w.to(dt)) for w in state.weights], self._queries(x.to(dt))).to(x.dtype)
+
+    @torch.no_grad()
+    def recall_error(self, state: MemoryState, x: Tensor) -> Tensor:
+        """(B, T, D) -> (B, T): the associative loss ||M(k(x)) - v(x)||^2 (summed over heads) with
+        ``state.weights``: how well the memory stores the pairs of ``x`` (storage benchmarks and tests)."""
+        self._check_input(x, state, "recall_error")
+        dt = self._compute_dtype(x)
+        with _no_autocast(x.device):
+            x = x.to(dt)
+            out, _, _ = self._mlp([self._fold(w.to(dt)) for w in state.weights], self._keys(x))
+            err = (out - self._values(x)).square().sum(-1)
+            return err.view(x.shape[0], self.heads, -1).sum(1)
 
     def forward(
         self,
@@ -384,10 +464,7 @@ class NeuralMemory(nn.Module):
         theta, eta, alpha gates; "ema" uses only theta) and "updated_tokens" (per sequence). All are 0 when no
         token was applied (rule "none", or only pending tokens).
         """
-        if update_rule not in UPDATE_RULES:
-            raise ValueError(
-                f"NeuralMemory.forward: unknown update_rule {update_rule!r}; expected one of {UPDATE_RULES}"
-            )
+        self._check_rule(update_rule, "forward")
         self._check_input(x, state, "forward")
         if queries is not None and tuple(queries.shape) != tuple(x.shape):
             raise ValueError(
@@ -403,106 +480,149 @@ class NeuralMemory(nn.Module):
             )
         return y.to(x.dtype), new_state, stats
 
+    def flush(self, state: MemoryState, update_rule: str = "surprise") -> MemoryState:
+        """Write the pending rows (the unfinished chunk) into the weights now, as one short chunk.
+
+        Call it when a session ends or is saved: otherwise up to chunk_size - 1 written tokens never reach the
+        fast weights. Later chunks then start at the flush point. "none" returns the state unchanged."""
+        self._check_rule(update_rule, "flush")
+        P = state.pending.shape[1]
+        if update_rule == "none" or P == 0:
+            return state
+        dt = state.pending.dtype
+        with _no_autocast(state.pending.device):
+            W = [self._fold(w.to(dt)) for w in state.weights]
+            S = [self._fold(s.to(dt)) for s in state.momentum]
+            W, S, _, _ = self._update(W, S, state.pending, update_rule, P)
+        return MemoryState(
+            tuple(self._unfold(w) for w in W),
+            tuple(self._unfold(s) for s in S),
+            state.pending[:, :0].clone(),
+            state.position,
+        )
+
+    # ------------------------------------------------------------------ the update
+
+    def _check_rule(self, rule: str, what: str) -> None:
+        if rule not in UPDATE_RULES:
+            raise ValueError(f"NeuralMemory.{what}: unknown update_rule {rule!r}; expected one of {UPDATE_RULES}")
+
     def _zero_stats(self, device) -> dict[str, Tensor]:
         z = torch.zeros((), device=device)
         return {k: z for k in ("surprise_norm", "lr_mean", "momentum_mean", "decay_mean", "updated_tokens")}
 
     def _forward(self, x: Tensor, state: MemoryState, rule: str, queries: Tensor | None):
-        dt, C = x.dtype, self.chunk_size
         B, T, _ = x.shape
-        W = [w.to(dt) for w in state.weights]
-        q = self._queries(x if queries is None else queries)
-
+        W = [self._fold(w.to(x.dtype)) for w in state.weights]
+        q = self._queries(x if queries is None else queries)  # (B * heads, T, d)
         if rule == "none" or T == 0:
-            y, _, _ = self._mlp(W, q)
-            return self._linear(y, self.out_proj), state, self._zero_stats(x.device)
+            return self._read(W, q), state, self._zero_stats(x.device)
 
-        S = [s.to(dt) for s in state.momentum]
-        P = state.pending.shape[1]
-        full = torch.cat([state.pending.to(dt), x], dim=1) if P else x
-        N = (P + T) // C
-        n_applied = N * C
+        C, P = self.chunk_size, state.pending.shape[1]
+        S = [self._fold(s.to(x.dtype)) for s in state.momentum]
+        full = torch.cat([state.pending.to(x.dtype), x], dim=1) if P else x
+        n_applied = (P + T) // C * C
         # read-out rows aligned with `full`; the P pending rows were read out in earlier calls (dummy zeros here)
         if P:
-            q = torch.cat([q.new_zeros(B, P, q.shape[-1]), q], dim=1)
-
-        reads = []
-        stats = self._zero_stats(x.device)
-        if N:
-            xa = full[:, :n_applied]
-            k = self._keys(xa).view(B, N, C, -1)
-            v = self._linear(xa, self.to_values).view(B, N, C, -1)
-            a = self._gate_logits(xa).view(B, N, C, 3)
-            theta = self.max_lr * torch.sigmoid(a[..., 0])
-            gnorm = []
-            if rule == "surprise":
-                log_eta = F.logsigmoid(a[..., 1])  # log eta
-                log_keep = F.logsigmoid(-a[..., 2])  # log(1 - alpha)
-                cE = torch.cumsum(log_eta, -1)  # log E_i
-                cB = torch.cumsum(log_keep, -1)  # log beta_i
-                cE_C, cB_C = cE[..., -1:], cB[..., -1:]
-                mom_coef = theta * torch.exp(cE_C - cE)  # theta_j E_C / E_j
-                row = cB_C - cB + cE  # log(b_i E_i)
-                diff = row.unsqueeze(-1) - cE.unsqueeze(-2)  # [i, j] = log(b_i E_i / E_j)
-                causal = torch.ones(C, C, dtype=torch.bool, device=x.device).tril()
-                w_coef = theta * torch.exp(diff.masked_fill(~causal, float("-inf"))).sum(-2)  # c_j
-                s0_coef = torch.exp(row).sum(-1)  # sum_i b_i E_i
-                E_C, beta_C = torch.exp(cE_C[..., 0]), torch.exp(cB_C[..., 0])
-            else:  # ema: r_t = theta_t / max_lr
-                log_keep = F.logsigmoid(-a[..., 0])
-                cR = torch.cumsum(log_keep, -1)
-                ema_coef = torch.sigmoid(a[..., 0]) * torch.exp(cR[..., -1:] - cR)  # r_j prod_{i>j} (1 - r_i)
-                keep_C = torch.exp(cR[..., -1])
-
-            for c in range(N):
-                kc, vc = k[:, c], v[:, c]
-                out, inputs, pre = self._mlp(W, torch.cat([kc, q[:, c * C : (c + 1) * C]], dim=1))
-                reads.append(out[:, C:])
-                delta = 2 * (out[:, :C] - vc)  # d l_j / d M(k_j), unweighted
-                if rule == "surprise":
-                    wc, sc = w_coef[:, c, :, None], mom_coef[:, c, :, None]
-                    e, b, s0 = E_C[:, c, None, None], beta_C[:, c, None, None], s0_coef[:, c, None, None]
-                    new_W, new_S, sq = [None] * self.depth, [None] * self.depth, 0
-                    for i in reversed(range(self.depth)):
-                        h, dT = inputs[i][:, :C], delta.transpose(1, 2)
-                        token_sq = delta.square().sum(-1) * h.square().sum(-1)  # ||u_j||^2 = ||delta_j||^2 ||h_j||^2
-                        sq = sq + token_sq.detach()
-                        layer_wc, layer_sc = wc, sc
-                        if self.max_grad_norm is not None:  # clip each token's gradient for this layer
-                            clip = (self.max_grad_norm / token_sq.clamp_min(1e-24).sqrt()).clamp(max=1.0)[..., None]
-                            layer_wc, layer_sc = wc * clip, sc * clip
-                        # sum_j w_j u_j = delta^T diag(w) h, fused with the decayed state by baddbmm
-                        new_S[i] = torch.baddbmm(S[i] * e, dT, h * layer_sc, alpha=-1)
-                        new_W[i] = torch.baddbmm((W[i] * b).addcmul_(S[i], s0), dT, h * layer_wc, alpha=-1)
-                        if i:
-                            delta = torch.matmul(delta, W[i]) * _silu_grad(pre[i - 1][:, :C])
-                    W, S = new_W, new_S
-                else:
-                    phi = inputs[-1][:, :C]
-                    phi_n = phi / (phi.square().sum(-1, keepdim=True) + self.ema_eps)
-                    with torch.no_grad():
-                        sq = 0
-                        d = delta
-                        for i in reversed(range(self.depth)):
-                            sq = sq + d.square().sum(-1) * inputs[i][:, :C].square().sum(-1)
-                            if i:
-                                d = torch.matmul(d, W[i]) * _silu_grad(pre[i - 1][:, :C])
-                    assoc = torch.matmul(vc.transpose(1, 2), ema_coef[:, c].unsqueeze(-1) * phi_n)
-                    W = W[:-1] + [keep_C[:, c, None, None] * W[-1] + assoc]
-                gnorm.append(sq.sqrt())
-
-            with torch.no_grad():
-                stats = {
-                    "surprise_norm": torch.cat(gnorm, dim=1).mean().float(),
-                    "lr_mean": theta.mean().float(),
-                    "momentum_mean": torch.sigmoid(a[..., 1]).mean().float(),
-                    "decay_mean": torch.sigmoid(a[..., 2]).mean().float(),
-                    "updated_tokens": torch.tensor(float(n_applied), device=x.device),
-                }
+            q = torch.cat([q.new_zeros(q.shape[0], P, q.shape[-1]), q], dim=1)
+        stats, reads = self._zero_stats(x.device), []
+        if n_applied:
+            W, S, reads, stats = self._update(W, S, full[:, :n_applied], rule, C, q[:, :n_applied])
         if n_applied < P + T:
-            out, _, _ = self._mlp(W, q[:, n_applied:])
-            reads.append(out)
+            reads.append(self._read(W, q[:, n_applied:]))
         y = torch.cat(reads, dim=1)[:, P:] if len(reads) > 1 or P else reads[0]
         # clone: a view would pin the whole input's storage (and alias the caller's tensor)
-        new_state = MemoryState(tuple(W), tuple(S), full[:, n_applied:].clone(), state.position + T)
-        return self._linear(y, self.out_proj), new_state, stats
+        new_state = MemoryState(
+            tuple(self._unfold(w) for w in W),
+            tuple(self._unfold(s) for s in S),
+            full[:, n_applied:].clone(),
+            state.position + T,
+        )
+        return y, new_state, stats
+
+    def _update(self, W, S, xa: Tensor, rule: str, C: int, q: Tensor | None = None):
+        """Apply the rows xa (B, N * C, D) as N chunks of C tokens to folded weights W and momenta S.
+
+        Returns the new W, S, the read-outs of the folded queries q (one (B, C, D) per chunk; none if q is None)
+        and the stats."""
+        BH, H = W[0].shape[0], self.heads
+        N = xa.shape[1] // C
+        k = self._keys(xa).view(BH, N, C, -1)
+        v = self._values(xa).view(BH, N, C, -1)
+        a = self._gate_logits(xa).view(BH, N, C, 3)
+        theta = self.max_lr * torch.sigmoid(a[..., 0])
+        if rule == "surprise":
+            log_eta = F.logsigmoid(a[..., 1])  # log eta
+            log_keep = F.logsigmoid(-a[..., 2])  # log(1 - alpha)
+            cE = torch.cumsum(log_eta, -1)  # log E_i
+            cB = torch.cumsum(log_keep, -1)  # log beta_i
+            cE_C, cB_C = cE[..., -1:], cB[..., -1:]
+            mom_coef = theta * torch.exp(cE_C - cE)  # theta_j E_C / E_j
+            row = cB_C - cB + cE  # log(b_i E_i)
+            diff = row.unsqueeze(-1) - cE.unsqueeze(-2)  # [i, j] = log(b_i E_i / E_j)
+            causal = torch.ones(C, C, dtype=torch.bool, device=xa.device).tril()
+            w_coef = theta * torch.exp(diff.masked_fill(~causal, float("-inf"))).sum(-2)  # c_j
+            s0_coef = torch.exp(row).sum(-1)  # sum_i b_i E_i
+            E_C, beta_C = torch.exp(cE_C[..., 0]), torch.exp(cB_C[..., 0])
+            if self.forget_toward_init:
+                W_init = [self._fold(w.to(xa.dtype).unsqueeze(0).expand(BH // H, -1, -1)) for w in self.initial_weights]
+        else:  # ema: r_t = theta_t / max_lr
+            cR = torch.cumsum(F.logsigmoid(-a[..., 0]), -1)
+            ema_coef = torch.sigmoid(a[..., 0]) * torch.exp(cR[..., -1:] - cR)  # r_j prod_{i>j} (1 - r_i)
+            keep_C = torch.exp(cR[..., -1])
+
+        reads, gnorm = [], []
+        for c in range(N):
+            kc, vc = k[:, c], v[:, c]
+            rows = kc if q is None else torch.cat([kc, q[:, c * C : (c + 1) * C]], dim=1)
+            out, inputs, pre = self._mlp(W, rows)
+            if q is not None:
+                reads.append(self._linear(self._merge_heads(out[:, C:]), self.out_proj))
+            delta = 2 * (out[:, :C] - vc)  # d l_j / d M(k_j), unweighted
+            sq = 0
+            if rule == "surprise":
+                wc, sc = w_coef[:, c, :, None], mom_coef[:, c, :, None]
+                e, b, s0 = E_C[:, c, None, None], beta_C[:, c, None, None], s0_coef[:, c, None, None]
+                new_W, new_S = [None] * self.depth, [None] * self.depth
+                for i in reversed(range(self.depth)):
+                    h, dT = inputs[i][:, :C], delta.transpose(1, 2)
+                    token_sq = delta.square().sum(-1) * h.square().sum(-1)  # ||u_j||^2 = ||delta_j||^2 ||h_j||^2
+                    sq = sq + token_sq.detach()
+                    layer_wc, layer_sc = wc, sc
+                    if self.max_grad_norm is not None:  # clip each token's gradient for this layer
+                        clip = (self.max_grad_norm / token_sq.clamp_min(1e-24).sqrt()).clamp(max=1.0)[..., None]
+                        layer_wc, layer_sc = wc * clip, sc * clip
+                    # sum_j c_j u_j = delta^T diag(c) h: the chunk's gradient step on the weights (and momentum)
+                    step_W, step_S = torch.bmm(dT, h * layer_wc), torch.bmm(dT, h * layer_sc)
+                    if self.update_bound is not None:  # bound the chunk's summed step, keep its direction
+                        norm = step_W.flatten(1).norm(dim=1).clamp_min(1e-24)
+                        scale = (self.update_bound / norm).clamp(max=1.0)[:, None, None]
+                        step_W, step_S = step_W * scale, step_S * scale
+                    new_S[i] = S[i] * e - step_S
+                    kept = (W[i] - W_init[i]) * b + W_init[i] if self.forget_toward_init else W[i] * b
+                    new_W[i] = kept + S[i] * s0 - step_W
+                    if i:
+                        delta = torch.matmul(delta, W[i]) * _silu_grad(pre[i - 1][:, :C])
+                W, S = new_W, new_S
+            else:
+                phi = inputs[-1][:, :C]
+                phi_n = phi / (phi.square().sum(-1, keepdim=True) + self.ema_eps)
+                with torch.no_grad():
+                    d = delta
+                    for i in reversed(range(self.depth)):
+                        sq = sq + d.square().sum(-1) * inputs[i][:, :C].square().sum(-1)
+                        if i:
+                            d = torch.matmul(d, W[i]) * _silu_grad(pre[i - 1][:, :C])
+                assoc = torch.matmul(vc.transpose(1, 2), ema_coef[:, c].unsqueeze(-1) * phi_n)
+                W = W[:-1] + [keep_C[:, c, None, None] * W[-1] + assoc]
+            gnorm.append(sq.view(BH // H, H, C).sum(1).sqrt())
+
+        with torch.no_grad():
+            stats = {
+                "surprise_norm": torch.cat(gnorm, dim=1).mean().float(),
+                "lr_mean": theta.mean().float(),
+                "momentum_mean": torch.sigmoid(a[..., 1]).mean().float(),
+                "decay_mean": torch.sigmoid(a[..., 2]).mean().float(),
+                "updated_tokens": torch.tensor(float(N * C), device=xa.device),
+            }
+        return W, S, reads, stats

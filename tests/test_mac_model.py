@@ -1,6 +1,8 @@
 """MAC Llama model: exact Llama equivalence, segment locality, causality through the memory, cached generation
 against full recomputation, gradients, save/load, per-call update rules, config validation. Tiny float32 models."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,11 +71,13 @@ def test_llama_state_dict_loads_with_only_memory_parts_missing():
     assert {n.split(".")[2] for n in missing} == {"1", "3"}
 
 
-def test_freshly_built_student_has_closed_readout_gate():
-    mac = mac_model(open_gates=False)
+@pytest.mark.parametrize("version,gate", [(1, 0.0), (2, 0.01)])
+def test_freshly_built_student_readout_gate(version, gate):
+    """Version 2 opens the read-out gate slightly (memory parameters get gradients at once); version 1 closed."""
+    mac = mac_model(open_gates=False, memory_version=version)
     for i in (1, 3):
         layer = mac.model.layers[i]
-        assert torch.count_nonzero(layer.memory_gate) == 0
+        assert torch.equal(layer.memory_gate, torch.full_like(layer.memory_gate, gate))
         assert 0 < layer.persistent_tokens.std() < 0.1
     assert mac.model.layers[0].memory is None and mac.model.layers[0].persistent_tokens is None
 
@@ -362,11 +366,30 @@ def test_config_rejects_bad_memory_settings(overrides, message):
         MACLlamaConfig(**values)
 
 
+def test_config_json_without_memory_version_loads_as_version_1(tmp_path):
+    """Checkpoints written before memory_version existed keep their update (and their parameter names)."""
+    old = MACLlamaConfig(**dict(BASE, memory_chunk_size=CHUNK, segment_len=SEG, memory_layers=[1]))
+    fields = old.to_dict()
+    del fields["memory_version"]
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    loaded = MACLlamaConfig.from_pretrained(tmp_path)
+    assert loaded.memory_version == 1
+    memory = MACLlamaForCausalLM(loaded).model.layers[1].memory
+    assert memory.input_centre is None and not memory.forget_toward_init and memory.update_bound is None
+    assert MACLlamaConfig.from_pretrained(save_config(old, tmp_path / "new")).memory_version == 2
+
+
+def save_config(config, folder):
+    config.save_pretrained(folder)
+    return folder
+
+
 def test_config_defaults():
     config = MACLlamaConfig(**dict(BASE, num_hidden_layers=8))
     assert (config.segment_len, config.num_persistent_tokens, config.memory_chunk_size, config.memory_depth,
-            config.memory_expansion, config.memory_dim, config.memory_max_lr, config.update_rule) == (
-        256, 16, 64, 2, 2, None, 0.004, "surprise")
+            config.memory_expansion, config.memory_dim, config.memory_max_lr, config.update_rule,
+            config.memory_version, config.memory_heads, config.memory_update_bound, config.memory_max_grad_norm) == (
+        256, 16, 16, 2, 2, None, 1.0, "surprise", 2, 1, 2.0, None)
     assert config.memory_layers == [2, 6]
     assert MACLlamaConfig(**dict(BASE, num_hidden_layers=30)).memory_layers == [2, 6, 10, 15, 19, 23, 27]
     assert MACLlamaConfig(**dict(BASE, memory_layers=[])).memory_layers == []

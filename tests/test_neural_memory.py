@@ -434,3 +434,155 @@ def test_bad_inputs_raise():
         m(x, queries=x[:, :4])
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         m.init_state(0)
+
+
+# ---------------------------------------------------------------- version 2: heads, centring, SiLU on v,
+# ---------------------------------------------------------------- forgetting toward init, bounded chunk steps
+
+V2 = dict(heads=2, update_bound=0.05, forget_toward_init=True, value_activation=True, centre_inputs=True)
+
+
+def make_v2(chunk_size=4, dtype=F64, **overrides) -> NeuralMemory:
+    m = make_memory(2, chunk_size=chunk_size, dtype=dtype, **{**V2, **overrides})
+    if m.input_centre is not None:
+        with torch.no_grad():
+            m.input_centre.normal_(0.0, 0.3)
+            m.query_centre.normal_(0.0, 0.3)
+    return m
+
+
+def v2_reference(m: NeuralMemory, x, chunk_lengths, queries=None):
+    """Token loop over explicit chunks, per head: read with the chunk-start weights; each token's gradient at
+    the chunk-start weights by autograd; the chunk's summed step (linear in the gradients: run the token
+    recurrence once with gradients, once without) scaled per layer and head to norm <= update_bound; momentum
+    and forgetting toward the initial weights token by token."""
+    B, T, _ = x.shape
+    H, d = m.heads, m.head_dim
+    queries = x if queries is None else queries
+    with torch.no_grad():
+        xc = x if m.input_centre is None else x - m.input_centre
+        qc = queries if m.query_centre is None else queries - m.query_centre
+
+        def heads(t):  # (B, T, H*d) -> (B*H, T, d)
+            return t.view(B, -1, H, d).transpose(1, 2).reshape(B * H, -1, d)
+
+        k = F.normalize(heads(F.silu(xc @ m.to_keys.weight.T)), dim=-1)
+        v = xc @ m.to_values.weight.T
+        v = heads(F.silu(v) if m.value_activation else v)
+        q = F.normalize(heads(F.silu(qc @ m.to_queries.weight.T)), dim=-1)
+        g = (x @ m.gate_weight.T + m.gate_bias).repeat_interleave(H, dim=0)
+        theta, eta, alpha = m.max_lr * torch.sigmoid(g[..., 0]), torch.sigmoid(g[..., 1]), torch.sigmoid(g[..., 2])
+        W0 = [w.reshape(H, -1, w.shape[1]).repeat(B, 1, 1) for w in m.initial_weights]
+        W, S = [w.clone() for w in W0], [torch.zeros_like(w) for w in W0]
+        ys, s = [], 0
+        for n in chunk_lengths:
+            out = mlp(W, q[:, s : s + n])
+            ys.append(out.view(B, H, n, d).transpose(1, 2).reshape(B, n, H * d))
+            start = [w.detach().requires_grad_() for w in W]
+            with torch.enable_grad():
+                grads = [torch.autograd.grad((mlp(start, k[:, j : j + 1]) - v[:, j : j + 1]).pow(2).sum(), start)
+                         for j in range(s, s + n)]
+
+            def run(use_grads, W, S):
+                for j in range(n):
+                    e, t, a = (z[:, s + j, None, None] for z in (eta, theta, alpha))
+                    S = [e * Si - (t * u if use_grads else 0) for Si, u in zip(S, grads[j])]
+                    W = [w0 + (1 - a) * (Wi - w0) + Si if m.forget_toward_init else (1 - a) * Wi + Si
+                         for Wi, w0, Si in zip(W, W0, S)]
+                return W, S
+
+            (W1, S1), (Wz, Sz) = run(True, W, S), run(False, W, S)
+            if m.update_bound is not None:
+                scale = [(m.update_bound / (a - b).flatten(1).norm(dim=1)).clamp(max=1.0)[:, None, None]
+                         for a, b in zip(W1, Wz)]
+                W1 = [b + c * (a - b) for a, b, c in zip(W1, Wz, scale)]
+                S1 = [b + c * (a - b) for a, b, c in zip(S1, Sz, scale)]
+            W, S, s = W1, S1, s + n
+        y = torch.cat(ys, 1) @ m.out_proj.weight.T
+
+    def unfold(t):
+        return t.reshape(B, -1, t.shape[-1])
+
+    return y, [unfold(w) for w in W], [unfold(t) for t in S]
+
+
+@pytest.mark.parametrize("option", ["all", "heads", "update_bound", "forget_toward_init", "value_activation", "centre_inputs"])
+def test_version2_chunk1_equals_paper_oracle(option):
+    """Each version-2 option alone (and all together) at chunk size 1 is exactly the token-by-token oracle."""
+    off = dict(heads=1, update_bound=None, forget_toward_init=False, value_activation=False, centre_inputs=False)
+    kw = V2 if option == "all" else {**off, option: V2[option]}
+    m = make_v2(chunk_size=1, max_lr=1.0, init_lr=0.3, **kw)
+    paper = PaperMemory(D, DM, depth=2, max_lr=1.0, **kw).to(F64)
+    paper.load_state_dict(m.state_dict())
+    x, qx = rand_x(T=9), rand_x(T=9, seed=7)
+    with torch.no_grad():
+        y, state, _ = m(x, queries=qx)
+        y_ref, w_ref, s_ref = paper(x, queries=qx)
+    assert_close(y, y_ref, 1e-9)
+    for a, b in zip(state.weights + state.momentum, tuple(w_ref) + tuple(s_ref)):
+        assert_close(a, b, 1e-9)
+
+
+def test_version2_meta_gradients_equal_paper_oracle():
+    m = make_v2(chunk_size=1, max_lr=1.0, init_lr=0.3)
+    paper = PaperMemory(D, DM, depth=2, max_lr=1.0, **V2).to(F64)
+    paper.load_state_dict(m.state_dict())
+    x, probe = rand_x(T=6), torch.randn(2, 6, D, dtype=F64)
+    for model in (m, paper):
+        out = model(x)
+        (out[0] * probe).sum().add(out[1][0].square().sum() if model is paper else out[1].weights[0].square().sum()).backward()
+    for (name, a), (_, b) in zip(m.named_parameters(), paper.named_parameters()):
+        assert a.grad is not None and b.grad is not None, name
+        assert_close(a.grad, b.grad, 1e-8)
+
+
+@pytest.mark.parametrize("C,T", [(4, 16), (4, 18), (8, 24)])
+def test_version2_chunked_equals_reference_loop(C, T):
+    m = make_v2(chunk_size=C)
+    x, qx = rand_x(T=T), rand_x(T=T, seed=5)
+    with torch.no_grad():
+        y, state, _ = m(x, queries=qx)
+        unbounded = make_v2(chunk_size=C, update_bound=None)(x)[1]
+    y_ref, w_ref, s_ref = v2_reference(m, x, [C] * (T // C) + ([T % C] if T % C else []), queries=qx)
+    assert_close(y, y_ref, 1e-9)
+    applied = T // C * C
+    _, w_ref, s_ref = v2_reference(m, x[:, :applied], [C] * (T // C))
+    for a, b in zip(state.weights + state.momentum, tuple(w_ref) + tuple(s_ref)):
+        assert_close(a, b, 1e-9)
+    assert not torch.allclose(state.weights[-1], unbounded.weights[-1])  # the bound is active
+
+
+def test_flush_writes_the_unfinished_chunk():
+    """6 tokens at chunk size 4: one chunk applied, 2 pending; flush applies them as a chunk of 2."""
+    m = make_v2(chunk_size=4)
+    x = rand_x(T=6)
+    with torch.no_grad():
+        _, state, _ = m(x)
+        flushed = m.flush(state)
+    _, w_ref, s_ref = v2_reference(m, x, [4, 2])
+    for a, b in zip(flushed.weights + flushed.momentum, tuple(w_ref) + tuple(s_ref)):
+        assert_close(a, b, 1e-9)
+    assert flushed.pending.shape == (2, 0, D) and flushed.position == 6
+    assert m.flush(flushed) is flushed and m.flush(state, "none") is state
+
+
+def test_one_shot_storage_on_a_tiny_memory():
+    """Pairs seen once are recalled far better than pairs never seen (the version-2 defaults of the MAC host)."""
+    torch.manual_seed(0)
+    m = NeuralMemory(64, chunk_size=4, max_lr=1.0, init_lr=0.5, init_momentum=0.1, init_decay=1e-4,
+                     update_bound=2.0, forget_toward_init=True, value_activation=True, centre_inputs=True)
+    written, fresh = torch.randn(1, 16, 64), torch.randn(1, 16, 64)
+    with torch.no_grad():
+        _, state, _ = m(written)
+        ratio = m.recall_error(state, written).mean() / m.recall_error(state, fresh).mean()
+    assert ratio < 0.3, ratio
+
+
+def test_calibrate_centre_sets_the_means():
+    m = NeuralMemory(8, centre_inputs=True)
+    x, q = torch.randn(2, 5, 8) + 3, torch.randn(2, 5, 8) - 1
+    m.calibrate_centre(x, q)
+    torch.testing.assert_close(m.input_centre.data, x.reshape(-1, 8).mean(0))
+    torch.testing.assert_close(m.query_centre.data, q.reshape(-1, 8).mean(0))
+    with pytest.raises(ValueError, match="built with centre_inputs=False"):
+        NeuralMemory(8).calibrate_centre(x)

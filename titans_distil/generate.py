@@ -40,6 +40,8 @@ _ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", 
                 "num_attention_heads", "num_key_value_heads", "head_dim", "segment_len", "num_persistent_tokens",
                 "memory_layers", "memory_chunk_size", "memory_depth", "memory_expansion", "memory_dim",
                 "memory_max_lr", "memory_max_grad_norm")
+# hashed too when memory_version >= 2 (files written before memory_version existed keep their fingerprint)
+_ARCH_FIELDS_V2 = ("memory_version", "memory_heads", "memory_update_bound")
 _FINGERPRINT_SAMPLES = 64
 
 
@@ -86,7 +88,8 @@ def mac_fingerprint(model) -> str:
     """sha256 of the architecture fields and of a fixed sample of every weight tensor (names, shapes, values)."""
     digest = hashlib.sha256()
     config = model.config.to_dict()
-    digest.update(json.dumps({k: config.get(k) for k in _ARCH_FIELDS}, sort_keys=True).encode())
+    fields = _ARCH_FIELDS + (_ARCH_FIELDS_V2 if config.get("memory_version", 1) >= 2 else ())
+    digest.update(json.dumps({k: config.get(k) for k in fields}, sort_keys=True).encode())
     for name, tensor in model.state_dict().items():
         flat = tensor.detach().reshape(-1)
         count = flat.numel()
@@ -187,7 +190,7 @@ def load_mac_memory(model, path) -> dict:
                             f"(1, n < {memory.chunk_size}, {memory.dim})")
         if pending.dtype != dtype:
             raise UserError(f"{path}: tensor {prefix}pending has dtype {pending.dtype}, this model expects {dtype}")
-        if position.dim() != 0 or position.dtype != torch.int64 or int(position) % memory.chunk_size != pending.shape[1]:
+        if position.dim() != 0 or position.dtype != torch.int64 or int(position) < pending.shape[1]:  # flush empties pending
             raise UserError(f"{path}: tensor {prefix}position does not match its pending chunk")
         device = memory.initial_weights[0].device
         state_type = type(memory.init_state(1, device=device, dtype=dtype))  # the model's own MemoryState
@@ -259,8 +262,11 @@ class Session:
             raise UserError(f"cannot save {path}: this model has no memory (model_type {self.model.config.model_type!r})")
         if self.kind == "memory":
             self.model.save_memory(path)
-        else:
-            save_mac_memory(self.model, mac_states(self.model, self.cache), path)
+        else:  # flushed: the file's weights hold every token written, and a session from it starts a new chunk
+            layers = self.model.model.layers
+            states = {i: layers[i].memory.flush(state, self.update_rule)
+                      for i, state in mac_states(self.model, self.cache).items()}
+            save_mac_memory(self.model, states, path)
 
     # -- prompts
 

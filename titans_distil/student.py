@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .errors import UserError
@@ -76,6 +77,41 @@ def build_student(teacher, layers: list[int], mac: dict | None = None):
         raise RuntimeError(f"student/teacher weight mismatch: missing {teacher_part_missing[:5]}, unexpected {unexpected[:5]}")
     student.generation_config = teacher.generation_config
     return student
+
+
+CALIBRATION_BLOCKS = 4  # training blocks whose memory inputs set each memory's input centre
+
+
+@torch.no_grad()
+def calibrate_memory(student, input_ids: torch.Tensor) -> None:
+    """Set every centring memory's `input_centre` to the mean of its inputs on `input_ids` (data-dependent init).
+
+    The memory's inputs share one dominant direction, so uncentred keys overlap and writes interfere; see
+    `NeuralMemory.calibrate_centre`. Memories without a centre (version 1) and plain students are left alone."""
+    memories = [m for m in student.modules() if getattr(m, "input_centre", None) is not None]
+    if not memories:
+        return
+    writes = {m: [] for m in memories}
+    reads = {m: [] for m in memories}
+    hooks = [m.register_forward_pre_hook(lambda m, args: writes[m].append(args[0].float())) for m in memories]
+    for m in memories:  # the host reads with its own inputs through retrieve(); an instance attribute shadows it
+        m.retrieve = lambda state, x, m=m: reads[m].append(x.float()) or type(m).retrieve(m, state, x)
+    was_training = student.training
+    try:
+        student.eval()
+        student(input_ids.to(student.device), update_rule="none")
+    finally:
+        student.train(was_training)
+        for hook in hooks:
+            hook.remove()
+        for m in memories:
+            del m.retrieve
+
+    def rows(tensors):
+        return torch.cat([t.reshape(-1, t.shape[-1]) for t in tensors])
+
+    for memory in memories:
+        memory.calibrate_centre(rows(writes[memory]), rows(reads[memory]) if reads[memory] else None)
 
 
 def _is_llama_param(name: str, config) -> bool:

@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from .data import BlockSampler, load_blocks
 from .errors import UserError
 from .losses import DenseTeacher, distillation_loss
-from .student import build_student, pick_layers, student_config
+from .student import CALIBRATION_BLOCKS, build_student, calibrate_memory, pick_layers, student_config
 from .teacher import load_teacher, load_teacher_config
 from .teacher_cache import TeacherCache
 
@@ -44,7 +44,7 @@ class DistilConfig:
     segment_len: int = 256
     persistent_tokens: int = 16
     memory_layers: str | None = None
-    memory_chunk_size: int = 64
+    memory_chunk_size: int = 16
     memory_depth: int = 2
     update_rule: str = "surprise"
     max_length: int = 512
@@ -218,6 +218,7 @@ def distil(cfg: DistilConfig) -> Path:
         cache = TeacherCache(cfg.teacher_cache)
         cache.check_compatible(cfg, tokenizer, len(train_blocks))
     student = build_student(teacher, layers, cfg.mac_settings())
+    calibrate_memory(student, train_blocks[:CALIBRATION_BLOCKS])
     teacher.to(teacher_dtype)
     if cache is not None:
         del teacher  # the cache stands in for the teacher: it is never run
