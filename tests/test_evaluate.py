@@ -207,8 +207,8 @@ def test_cli_evaluates_a_run_checkpoint_and_a_teacher(
     assert code == 0, err
     rows = json.loads(output.read_text())["results"]
     assert [(r["name"], r["update_rule"]) for r in rows] == [
-        (str(step), "ema"),
-        (str(step), "none"),
+        ("checkpoints/step-000002", "ema"),
+        ("checkpoints/step-000002", "none"),
         (f"teacher ({tiny_teacher_dir})", None),
     ]
 

@@ -154,7 +154,7 @@ def load_any(path: str, checkpoint: str = "latest", dtype: str = "auto"):
         run = load_run(run_dir)
         ckpt = resolve_checkpoint(run, spec)
         model = load_student(run, ckpt, None if dtype == "auto" else getattr(torch, dtype))
-        return model, run_tokenizer(run), ckpt.label
+        return model, run_tokenizer(run), short_name(ckpt.folder or ckpt.files[0])
     config = read_config(folder)
     if kind_of(config) is None:
         raise UserError(
@@ -162,7 +162,13 @@ def load_any(path: str, checkpoint: str = "latest", dtype: str = "auto"):
             "and package_model.py (memory_llama) folders"
         )
     model, tokenizer = load_model(str(folder), dtype)
-    return model, tokenizer, display(folder)
+    return model, tokenizer, short_name(folder)
+
+
+def short_name(folder: Path) -> str:
+    """How rows are named: the path relative to the working directory, else its last two parts."""
+    name = display(folder)
+    return name if not Path(name).is_absolute() else "/".join(Path(name).parts[-2:])
 
 
 def variants(model, name: str, update_rule: str, window: int) -> list[Variant]:
@@ -421,7 +427,7 @@ def markdown_table(report: dict) -> str:
                 lines.append(
                     f"| {r['label']} | {context} | "
                     + " | ".join(
-                        f"{cells[b]['loss']:.3f} ({cells[b]['ppl']:.1f})" if b in cells else ""
+                        f"{cells[b]['loss']:.3f} ({_ppl(cells[b]['ppl'])})" if b in cells else ""
                         for b in buckets
                     )
                     + " |"
@@ -453,6 +459,10 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _ppl(value: float) -> str:
+    return f"{value:.1f}" if value < 1e4 else f"{value:.2e}"
+
+
 def plot(report: dict, path: Path) -> None:
     """Two panels: recall accuracy vs distance (a line per model/variant and kind), loss vs position bucket (a
     line per model/variant and context)."""
@@ -462,7 +472,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = ["-", "--", ":", "-."]
+    styles, markers = ["-", "--", ":", "-."], ["o", "s", "^", "D"]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for n, r in enumerate(report["results"]):
         color = colors[n % len(colors)]
@@ -471,9 +481,9 @@ def plot(report: dict, path: Path) -> None:
             left.plot(
                 distances,
                 [by[str(d)]["accuracy"] for d in distances],
-                styles[k % 4],
+                linestyle=styles[k % 4],
+                marker=markers[k % 4],
                 color=color,
-                marker="o",
                 label=f"{r['label']} {kind}",
             )
         for k, (context, cells) in enumerate(r["perplexity"].items()):
@@ -481,9 +491,9 @@ def plot(report: dict, path: Path) -> None:
             right.plot(
                 labels,
                 [cells[b]["loss"] for b in labels],
-                styles[k % 4],
+                linestyle=styles[k % 4],
+                marker=markers[k % 4],
                 color=color,
-                marker="o",
                 label=f"{r['label']} @{context}",
             )
     left.set(
@@ -492,8 +502,11 @@ def plot(report: dict, path: Path) -> None:
         ylim=(-0.05, 1.05),
         title="recall vs distance",
     )
-    if any(r["recall"] for r in report["results"]):
+    distances = sorted({int(d) for r in report["results"] for by in r["recall"].values() for d in by})
+    if distances and distances[0] > 0:
         left.set_xscale("log", base=2)
+    left.set_xticks(distances, [str(d) for d in distances])
+    left.minorticks_off()
     right.set(xlabel="target position", ylabel="loss (nats / token)", title="held-out loss by position")
     for ax in (left, right):
         ax.grid(alpha=0.3)
