@@ -178,27 +178,22 @@ def test_cli_end_to_end_writes_json_and_png(mac_dir, small_corpus, tmp_path, iso
     assert rows[0]["perplexity"] != rows[1]["perplexity"]
 
 
-def test_cli_evaluates_a_run_checkpoint_and_a_teacher(
-    mac_dir, tiny_teacher_dir, small_corpus, tmp_path, isolated_cache
-):
+def test_cli_evaluates_a_run_a_checkpoint_folder_and_a_teacher(tiny_teacher_dir, tmp_path, isolated_cache):
     run = tmp_path / "runs" / "demo"
     step = run / "checkpoints" / "step-000002"
     tiny_mac().save_pretrained(step)
     (run / "config.json").write_text(json.dumps({"teacher": str(tiny_teacher_dir), "use_mac": True}))
     output = tmp_path / "r.json"
+    fast = ["--blocks", "0", "--kinds", "passkey", "--distances", "8", "--items", "2"]
     code, out, err = invoke(
         evaluate_command,
         step,
+        run,
+        "--checkpoint",
+        "2",
         "--teacher",
         tiny_teacher_dir,
-        "--blocks",
-        "0",
-        "--kinds",
-        "passkey",
-        "--distances",
-        "8",
-        "--items",
-        "1",
+        *fast,
         "--update-rule",
         "ema",
         "--output",
@@ -207,10 +202,13 @@ def test_cli_evaluates_a_run_checkpoint_and_a_teacher(
     assert code == 0, err
     rows = json.loads(output.read_text())["results"]
     assert [(r["name"], r["update_rule"]) for r in rows] == [
-        ("checkpoints/step-000002", "ema"),
-        ("checkpoints/step-000002", "none"),
+        ("demo@step-000002", "ema"),
+        ("demo@step-000002", "none"),
+        ("demo@step-000002", "ema"),
+        ("demo@step-000002", "none"),
         (f"teacher ({tiny_teacher_dir})", None),
     ]
+    assert rows[0]["recall"] == rows[2]["recall"]  # the run's checkpoint 2 is that folder
 
 
 @pytest.mark.parametrize(

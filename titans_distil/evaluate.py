@@ -52,6 +52,7 @@ PROSE_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we
 FILLER_OF_KIND = {"passkey": "prose", "kv": "prose", "code": "code"}
 DEFAULT_CONTEXTS = (2048, 4096)
 DEFAULT_DISTANCES = (512, 1024, 2048, 4096)
+FILLER_MIN_TOKENS = 16384  # filler read (when the split has it) for every distance
 HEAD_CHUNK = 512  # positions per chunk of full-vocabulary logits (peak memory: one chunk)
 FOLDER_HINT = (
     "pass a model folder (a Llama/teacher folder, an export, a package_model.py folder, a run's final/), "
@@ -127,11 +128,10 @@ class Variant:
 
 def _is_run(folder: Path) -> bool:
     """A distil.py run folder (its config.json is a run config, not a model config)."""
-    return (
-        (folder / "config.json").is_file()
-        and "teacher" in read_config(folder)
-        and kind_of(read_config(folder)) is None
-    )
+    if not (folder / "config.json").is_file():
+        return False
+    config = read_config(folder)
+    return "teacher" in config and kind_of(config) is None
 
 
 def load_any(path: str, checkpoint: str = "latest", dtype: str = "auto"):
@@ -154,7 +154,7 @@ def load_any(path: str, checkpoint: str = "latest", dtype: str = "auto"):
         run = load_run(run_dir)
         ckpt = resolve_checkpoint(run, spec)
         model = load_student(run, ckpt, None if dtype == "auto" else getattr(torch, dtype))
-        return model, run_tokenizer(run), short_name(ckpt.folder or ckpt.files[0])
+        return model, run_tokenizer(run), f"{run.name}@{Path(ckpt.label).name}"
     config = read_config(folder)
     if kind_of(config) is None:
         raise UserError(
@@ -224,8 +224,9 @@ def held_out_blocks(data: str, tokenizer, context: int, blocks: int, validation_
 def filler_stream(
     source: str, data: str | None, tokenizer, tokens: int, validation_fraction: float, seed: int
 ):
-    """A 1-D token stream of at least `tokens` filler tokens when the source has them: the repeated prose
-    sentences, or the validation split of `data` (the code corpus, or `--prose-data`)."""
+    """A 1-D token stream of at least `tokens` filler tokens: the repeated prose sentences, or the validation
+    split of `data` (the code corpus, or `--prose-data`). Up to 4x more is read when the split has it, so items
+    at the longest distance do not all cut the same stretch of text."""
     if source == "prose" and data is None:
         unit = tokenizer(PROSE_FILLER, add_special_tokens=False)["input_ids"]
         return torch.tensor(unit * (tokens // len(unit) + 1))
@@ -238,7 +239,7 @@ def filler_stream(
             "validation",
             seed=seed,
             validation_fraction=validation_fraction,
-            max_blocks=math.ceil(tokens / block),
+            max_blocks=math.ceil(max(4 * tokens, FILLER_MIN_TOKENS) / block),
         ).reshape(-1)
     except DataError as err:
         if _too_short(err):
@@ -557,6 +558,8 @@ def _output_path(value: str | None, flag: str, suffix: str) -> Path | None:
     path = Path(value).expanduser()
     if path.is_dir():
         raise UserError(f"{flag} {value} is a folder; give a {suffix} file name")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UserError(f"{flag} {value}: {path.parent} is a file, not a folder")
     if path.suffix.lower() != suffix:
         raise UserError(f"{flag} {value} does not end in {suffix}; give a {suffix} file name")
     return path
@@ -724,21 +727,25 @@ def evaluate_command(
     rows, tokenizer, vocab = [], None, None
     for path in models:
         model, tok, name = load_any(path, checkpoint, dtype)
-        rows += variants(model, name, update_rule, window)
+        rows += variants(_on_device(model), name, update_rule, window)
         tokenizer, vocab = _same_tokenizer(tokenizer, vocab, tok, name)
     if teacher is not None:
         from .teacher import load_teacher
 
         model, tok = load_teacher(teacher, dtype=torch.float32 if dtype == "auto" else getattr(torch, dtype))
         name = f"teacher ({teacher})"
-        rows.append(Variant(name, model, "llama"))
+        rows.append(Variant(name, _on_device(model), "llama"))
         _same_tokenizer(tokenizer, vocab, tok, name)
+    from .train import resolve_precision
+
     meta = {
         "models": list(models),
         "teacher": teacher,
         "checkpoint": checkpoint,
         "dtype": dtype,
+        "device": str(rows[0].model.device),
         "torch_threads": torch.get_num_threads(),
+        "precision_auto": resolve_precision("auto"),  # bf16 where the hardware has it: speeds depend on it
     }
     report = evaluate(rows, tokenizer, settings, meta)
     click.echo(markdown_table(report))
@@ -747,6 +754,13 @@ def evaluate_command(
             path.parent.mkdir(parents=True, exist_ok=True)
             write(report, path)
             click.echo(f"wrote {path}", err=True)
+
+
+def _on_device(model):
+    """A GPU when there is one (quantized models stay where their loader put them)."""
+    if torch.cuda.is_available() and not getattr(model, "is_quantized", False):
+        return model.to("cuda")
+    return model
 
 
 def _same_tokenizer(first, vocab, tok, name):
