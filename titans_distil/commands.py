@@ -3,6 +3,7 @@
 import click
 
 from .cli import distil
+from .evaluate import evaluate_command
 from .export_cli import export_llama, export_mac
 from .generate import no_vllm_inference
 from .inspect_cli import inspect_model
@@ -15,7 +16,7 @@ from .serving import vllm_inference
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
-    """titans-distil: distil Llama teachers into Titans-memory students, export, inspect, quantize, package, generate with and serve them."""
+    """titans-distil: distil Llama teachers into Titans-memory students, export, inspect, quantize, package, evaluate, generate with and serve them."""
 
 
 main.add_command(distil, "distil")
@@ -28,3 +29,4 @@ main.add_command(no_vllm_inference, "generate")
 main.add_command(vllm_inference, "vllm")
 main.add_command(recall_experiment, "recall")
 main.add_command(plot_command, "plot")
+main.add_command(evaluate_command, "eval")
