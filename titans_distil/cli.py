@@ -72,6 +72,22 @@ def _data_options(fn):
 @click.option("--max-steps", type=POSITIVE, default=None, help="Optimizer steps. [default: 200 unless --num-epochs]")
 @click.option("--num-epochs", type=click.FloatRange(min=0.0, min_open=True), default=None, help="Train for this many passes over the data instead of --max-steps.")
 @click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=5e-4, show_default=True, help="Peak learning rate (AdamW, cosine decay).")
+@click.option(
+    "--memory-lr",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=None,
+    help="MAC: peak lr of the fresh memory parts (neural memory, persistent tokens, read-out gate). "
+    "[default: 10 x --lr: they start from scratch, the gate at zero, while the backbone starts from the "
+    "teacher and must move little]",
+)
+@click.option(
+    "--freeze-backbone-steps",
+    type=NON_NEGATIVE,
+    default=0,
+    show_default=True,
+    help="MAC stage 1: the teacher-initialised backbone has lr 0 for the first N steps (only the memory "
+    "parts learn), then all train.",
+)
 @click.option("--warmup", type=NON_NEGATIVE, default=10, show_default=True, help="Linear warm-up steps.")
 @click.option("--weight-decay", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="AdamW weight decay.")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True, help="Clip the student's gradient norm.")

@@ -21,15 +21,21 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from . import checkpoint as ckpt
 from .data import BlockSampler, load_blocks
 from .errors import UserError
 from .losses import DenseTeacher, distillation_loss
+from .models.neural_memory import NeuralMemory
 from .student import build_student, pick_layers, student_config
 from .teacher import load_teacher, load_teacher_config
 from .teacher_cache import TeacherCache
+
+# The fresh memory parts start from scratch (the read-out gate at zero) while the backbone starts from the
+# teacher's weights, so by default they learn this many times faster.
+MEMORY_LR_FACTOR = 10.0
+# Optimizer groups by role; "backbone" (the teacher-initialised rest) comes first and is always present.
+GROUPS = ("backbone", "memory", "persistent", "gate")
 
 # Fields that may differ when a run is resumed; every other field must match the run's config.json.
 RESUMABLE_FIELDS = {"max_steps", "num_epochs", "eval_every", "eval_batches", "save_every", "tracker", "resume", "overwrite"}
@@ -53,6 +59,8 @@ class DistilConfig:
     max_steps: int | None = None
     num_epochs: float | None = None
     lr: float = 5e-4
+    memory_lr: float | None = None  # None: MEMORY_LR_FACTOR x lr
+    freeze_backbone_steps: int = 0
     warmup: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -94,6 +102,71 @@ class DistilConfig:
             except ValueError:
                 raise UserError(f"--memory-layers {self.memory_layers!r} is not a comma-separated list of student layer indices (e.g. 1,4)") from None
         return settings
+
+
+def check_recipe(cfg: DistilConfig, has_memory: bool) -> None:
+    """Refuse recipe settings that are out of range or would silently do nothing (click lets nan through)."""
+    if cfg.memory_lr is not None and not (math.isfinite(cfg.memory_lr) and cfg.memory_lr > 0):
+        example = MEMORY_LR_FACTOR * cfg.lr
+        raise UserError(f"--memory-lr {cfg.memory_lr} is not positive; pass e.g. --memory-lr {example:g}")
+    if not has_memory and (cfg.memory_lr is not None or cfg.freeze_backbone_steps):
+        flag = "--freeze-backbone-steps" if cfg.freeze_backbone_steps else "--memory-lr"
+        raise UserError(
+            f"{flag} needs a student with memory (nothing else would train); add --use-mac or drop {flag}"
+        )
+    if cfg.freeze_backbone_steps < 0:
+        raise UserError(
+            f"--freeze-backbone-steps {cfg.freeze_backbone_steps} is negative; pass 0 (no freeze) or more"
+        )
+    if cfg.max_steps is not None and cfg.freeze_backbone_steps > cfg.max_steps:
+        raise UserError(
+            f"--freeze-backbone-steps {cfg.freeze_backbone_steps} exceeds --max-steps {cfg.max_steps}; "
+            f"pass at most {cfg.max_steps}"
+        )
+
+
+def parameter_groups(student) -> dict[str, list[torch.nn.Parameter]]:
+    """The student's parameters by role (GROUPS order, empty groups left out): each role gets its own lr."""
+    memory = {id(p) for m in student.modules() if isinstance(m, NeuralMemory) for p in m.parameters()}
+    groups: dict[str, list[torch.nn.Parameter]] = {name: [] for name in GROUPS}
+    for name, param in student.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if id(param) in memory:
+            groups["memory"].append(param)
+        elif leaf == "persistent_tokens":
+            groups["persistent"].append(param)
+        elif leaf == "memory_gate":
+            groups["gate"].append(param)
+        else:
+            groups["backbone"].append(param)
+    return {name: params for name, params in groups.items() if params}
+
+
+def cosine_with_warmup(warmup: int, total: int):
+    """Linear warm-up then cosine decay to 0 (transformers' get_cosine_schedule_with_warmup factor)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return factor
+
+
+def lr_factors(names, warmup: int, total: int, freeze_backbone_steps: int) -> list:
+    """Per-group lr factors of the step. A frozen backbone has lr 0 (AdamW leaves it exactly unchanged), then
+    its own warm-up and decay over the remaining steps, so it is not jolted at full lr. Pure functions of the
+    step: a resumed scheduler recomputes them exactly."""
+    memory = cosine_with_warmup(warmup, total)
+    if not freeze_backbone_steps:
+        return [memory for _ in names]
+    later = cosine_with_warmup(warmup, total - freeze_backbone_steps)
+
+    def backbone(step: int) -> float:
+        return 0.0 if step < freeze_backbone_steps else later(step - freeze_backbone_steps)
+
+    return [backbone if name == "backbone" else memory for name in names]
 
 
 def resolve_precision(precision: str) -> str:
@@ -199,7 +272,9 @@ def distil(cfg: DistilConfig) -> Path:
     if cfg.max_length > teacher_config.max_position_embeddings:
         raise UserError(f"--max-length {cfg.max_length} exceeds the teacher's {teacher_config.max_position_embeddings} positions; pass --max-length {teacher_config.max_position_embeddings} or less")
     layers = pick_layers(teacher_config.num_hidden_layers, cfg.student_layers)
-    student_config(teacher_config, layers, cfg.mac_settings())  # invalid memory settings fail here, not later
+    # invalid memory settings fail here, not later
+    config = student_config(teacher_config, layers, cfg.mac_settings())
+    check_recipe(cfg, has_memory=bool(getattr(config, "memory_layers", None)))
     if cfg.teacher_cache and cfg.loss != "kl":
         raise UserError(f"--loss {cfg.loss} needs the full teacher distribution; a --teacher-cache holds only top-k logits, use --loss kl")
     run_dir = prepare_run_dir(cfg, is_main)
@@ -230,10 +305,24 @@ def distil(cfg: DistilConfig) -> Path:
     sampler = BlockSampler(len(train_blocks), global_batch, seed=cfg.seed)
     steps_per_epoch = max(len(sampler) // cfg.grad_accum, 1)
     total_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil((cfg.num_epochs or 1.0) * steps_per_epoch)
+    if cfg.freeze_backbone_steps > total_steps:
+        raise UserError(
+            f"--freeze-backbone-steps {cfg.freeze_backbone_steps} exceeds the run's {total_steps} steps; "
+            f"pass at most {total_steps}"
+        )
 
     distiller = Distiller(student)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup, total_steps)
+    groups = parameter_groups(student)
+    memory_lr = cfg.memory_lr if cfg.memory_lr is not None else MEMORY_LR_FACTOR * cfg.lr
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": params, "lr": cfg.lr if name == "backbone" else memory_lr, "name": name}
+            for name, params in groups.items()
+        ],
+        weight_decay=cfg.weight_decay,
+    )
+    factors = lr_factors(groups, cfg.warmup, total_steps, cfg.freeze_backbone_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     distiller, optimizer = accelerator.prepare(distiller, optimizer)
     if teacher is not None:
         teacher.to(accelerator.device)
@@ -297,6 +386,7 @@ def distil(cfg: DistilConfig) -> Path:
             for key, value in stats.items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + float(value) / cfg.grad_accum
         grad_norm = accelerator.clip_grad_norm_(distiller.parameters(), cfg.max_grad_norm)
+        lrs = dict(zip(groups, scheduler.get_last_lr(), strict=True))  # the lrs this step's update uses
         finite = math.isfinite(totals["loss"]) and math.isfinite(float(grad_norm))
         if finite:
             optimizer.step()
@@ -306,7 +396,8 @@ def distil(cfg: DistilConfig) -> Path:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         elapsed = time.perf_counter() - started
-        record = {"step": step, **{k: round(v, 6) for k, v in totals.items()}, "lr": scheduler.get_last_lr()[0],
+        record = {"step": step, **{k: round(v, 6) for k, v in totals.items()}, "lr": lrs["backbone"],
+                  **{f"lr_{name}": lr for name, lr in lrs.items() if name != "backbone"},
                   "grad_norm": round(float(grad_norm), 4), **({} if finite else {"skipped": True}), "tokens_per_s": round(tokens_per_step / elapsed, 1),
                   **{f"mem_{k}": round(v, 6) for k, v in stats_sum.items()}}
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
