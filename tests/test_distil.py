@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,8 +39,10 @@ def run_cli(*args, env_extra=None, launcher=(PY, str(ROOT / "distil.py"))):
 MAC_FLAGS = ("--use-mac", "--segment-len", 16, "--memory-chunk-size", 8, "--persistent-tokens", 4, "--memory-layers", "1")
 
 
-# MAC with the recipe flags: the kill (step 3) and the resume fall on either side of the unfreeze (step 4).
-RECIPE_FLAGS = (*MAC_FLAGS, "--memory-lr", "2e-2", "--freeze-backbone-steps", 4)
+# MAC with the recipe flags: the kill (step 3) and the resume fall on either side of the unfreeze (step 4);
+# the items need 32 + 128 tokens.
+RECIPE_FLAGS = (*MAC_FLAGS, "--memory-lr", "2e-2", "--freeze-backbone-steps", 4, "--long-range-rate", "0.5",
+                "--max-length", 160)
 STUDENT_FLAGS = {"llama": (), "mac": MAC_FLAGS, "mac-recipe": RECIPE_FLAGS}
 
 
@@ -131,6 +134,21 @@ def test_memory_parts_get_their_own_lr_and_learn_while_the_backbone_is_frozen(
     assert any(not torch.equal(weights[2][n], initial[n]) for n, group in role.items() if group == "backbone")
 
 
+def test_long_range_items_mixed_into_training_leave_validation_alone(tiny_teacher_dir, small_corpus, tmp_path):
+    common = (*MAC_FLAGS, "--max-length", 192, "--max-steps", 2, "--save-every", 0, "--eval-every", 0)
+    mixing = ("--long-range-rate", "0.5", "--long-range-kinds", "passkey,kv")
+    code, out = invoke(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "mixed", *common, *mixing))
+    assert code == 0, out
+    n_train = int(re.search(r"in (\d+) of (\d+) training blocks", out).group(2))
+    assert f"long-range items (passkey,kv, distance 32) in {round(0.5 * n_train)} of {n_train} training blocks" in out
+    code, out = invoke(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "plain", *common))
+    assert code == 0 and "long-range" not in out, out
+    mixed, plain = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                    for run in ("mixed", "plain"))
+    assert mixed[0]["val_ppl"] == plain[0]["val_ppl"]  # same student, same validation blocks
+    assert [r["loss"] for r in mixed[1:]] != [r["loss"] for r in plain[1:]]  # different training blocks
+
+
 def invoke(*args):
     result = CliRunner().invoke(distil, [str(a) for a in args])
     return result.exit_code, result.output.strip()
@@ -163,6 +181,14 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tiny_teacher_dir, small
         (["--freeze-backbone-steps", "1"], "--freeze-backbone-steps needs a student with memory"),
         (["--use-mac", "--memory-layers", "", "--freeze-backbone-steps", "1"], "needs a student with memory"),
         (["--use-mac", "--freeze-backbone-steps", "2"], "--freeze-backbone-steps 2 exceeds --max-steps 1"),
+        (["--long-range-rate", "nan"], "--long-range-rate nan is not a fraction in [0, 1]; pass e.g. 0.1"),
+        (["--long-range-rate", "-0.1"], "--long-range-rate -0.1 is not a fraction in [0, 1]"),
+        (["--long-range-rate", "1.5"], "--long-range-rate 1.5 is not a fraction in [0, 1]"),
+        (["--long-range-kinds", "passkey,needle"], "--long-range-kinds 'passkey,needle' names no or unknown kinds"),
+        (["--long-range-rate", "0.5"], "--long-range-distance 512 needs 640 tokens per item (distance + 128) but "
+                                       "--max-length is 32; pass a larger --max-length or a smaller"),
+        (["--long-range-rate", "0.5", "--long-range-distance", "8", "--teacher-cache", tmp_path / "cache"],
+         "--long-range-rate rewrites training blocks, which the teacher targets stored in --teacher-cache"),
     ]
     (tmp_path / "empty").mkdir()
     (tmp_path / "short").mkdir()
@@ -173,7 +199,7 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tiny_teacher_dir, small
         assert code == 1 and message in out and "\n" not in out, (extra, out)
         assert not (tmp_path / "fresh").exists()
     rejected_by_click = [("--lr", "-1"), ("--batch-size", "0"), ("--alpha", "1.5"), ("--loss", "mse"),
-                         ("--memory-lr", "-1"), ("--freeze-backbone-steps", "-1")]
+                         ("--memory-lr", "-1"), ("--freeze-backbone-steps", "-1"), ("--long-range-distance", "-1")]
     for flag, value in rejected_by_click:
         code, out = invoke(*base, flag, value)
         assert code == 2 and f"Invalid value for '{flag}'" in out

@@ -88,6 +88,27 @@ def _data_options(fn):
     help="MAC stage 1: the teacher-initialised backbone has lr 0 for the first N steps (only the memory "
     "parts learn), then all train.",
 )
+@click.option(
+    "--long-range-rate",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Fraction of training blocks rewritten as a long-range item (a fact in the block's own text, asked "
+    "--long-range-distance tokens later; the teacher sees it all, so KD teaches recall). 0: off.",
+)
+@click.option(
+    "--long-range-kinds",
+    default="passkey,kv,code",
+    show_default=True,
+    help="Comma-separated long-range item kinds: passkey, kv (key/value lines), code (a constant asserted).",
+)
+@click.option(
+    "--long-range-distance",
+    type=NON_NEGATIVE,
+    default=None,
+    help="Tokens between fact and question; an item needs this + 128 <= --max-length. "
+    "[default: 2 x --segment-len, so the fact is out of the attention segment]",
+)
 @click.option("--warmup", type=NON_NEGATIVE, default=10, show_default=True, help="Linear warm-up steps.")
 @click.option("--weight-decay", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="AdamW weight decay.")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True, help="Clip the student's gradient norm.")

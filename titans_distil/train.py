@@ -23,8 +23,9 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .data import BlockSampler, load_blocks
+from .data import LONG_RANGE_ROOM, BlockSampler, load_blocks, mix_long_range
 from .errors import UserError
+from .long_range import KINDS
 from .losses import DenseTeacher, distillation_loss
 from .models.neural_memory import NeuralMemory
 from .student import build_student, pick_layers, student_config
@@ -61,6 +62,9 @@ class DistilConfig:
     lr: float = 5e-4
     memory_lr: float | None = None  # None: MEMORY_LR_FACTOR x lr
     freeze_backbone_steps: int = 0
+    long_range_rate: float = 0.0
+    long_range_kinds: str = ",".join(KINDS)
+    long_range_distance: int | None = None  # None: 2 x segment_len
     warmup: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -103,6 +107,19 @@ class DistilConfig:
                 raise UserError(f"--memory-layers {self.memory_layers!r} is not a comma-separated list of student layer indices (e.g. 1,4)") from None
         return settings
 
+    def long_range(self) -> tuple[list[str], int]:
+        """(kinds, distance) of the mixed long-range items; the default distance puts the question two MAC
+        segments after the fact, beyond what segment-local attention sees."""
+        kinds = [k.strip() for k in self.long_range_kinds.split(",") if k.strip()]
+        unknown = [k for k in kinds if k not in KINDS]
+        if unknown or not kinds:
+            raise UserError(
+                f"--long-range-kinds {self.long_range_kinds!r} names no or unknown kinds {unknown}; "
+                f"pass a comma-separated subset of {','.join(KINDS)}"
+            )
+        distance = self.long_range_distance if self.long_range_distance is not None else 2 * self.segment_len
+        return kinds, distance
+
 
 def check_recipe(cfg: DistilConfig, has_memory: bool) -> None:
     """Refuse recipe settings that are out of range or would silently do nothing (click lets nan through)."""
@@ -122,6 +139,23 @@ def check_recipe(cfg: DistilConfig, has_memory: bool) -> None:
         raise UserError(
             f"--freeze-backbone-steps {cfg.freeze_backbone_steps} exceeds --max-steps {cfg.max_steps}; "
             f"pass at most {cfg.max_steps}"
+        )
+    rate = cfg.long_range_rate
+    if not (math.isfinite(rate) and 0 <= rate <= 1):
+        raise UserError(f"--long-range-rate {rate} is not a fraction in [0, 1]; pass e.g. 0.1 (0: no mixing)")
+    _, distance = cfg.long_range()
+    if rate and cfg.teacher_cache:
+        raise UserError(
+            "--long-range-rate rewrites training blocks, which the teacher targets stored in --teacher-cache "
+            "would no longer match; drop one of the two flags"
+        )
+    if rate and distance < 0:
+        raise UserError(f"--long-range-distance {distance} is negative; pass 0 or more")
+    if rate and distance + LONG_RANGE_ROOM > cfg.max_length:
+        raise UserError(
+            f"--long-range-distance {distance} needs {distance + LONG_RANGE_ROOM} tokens per item (distance "
+            f"+ {LONG_RANGE_ROOM}) but --max-length is {cfg.max_length}; pass a larger --max-length or a "
+            "smaller --long-range-distance"
         )
 
 
@@ -288,6 +322,14 @@ def distil(cfg: DistilConfig) -> Path:
     with accelerator.main_process_first():
         train_blocks = load_blocks(cfg.data, tokenizer, cfg.max_length, "train", seed=cfg.seed, validation_fraction=cfg.validation_fraction, max_blocks=cfg.max_train_blocks)
         val_blocks = load_blocks(cfg.data, tokenizer, cfg.max_length, "validation", seed=cfg.seed, validation_fraction=cfg.validation_fraction, max_blocks=cfg.eval_batches * cfg.batch_size * accelerator.num_processes)
+    if cfg.long_range_rate:
+        kinds, distance = cfg.long_range()
+        rate = cfg.long_range_rate
+        train_blocks, items = mix_long_range(train_blocks, tokenizer, rate, kinds, distance, cfg.seed)
+        accelerator.print(
+            f"long-range items ({','.join(kinds)}, distance {distance}) in {len(items)} of "
+            f"{len(train_blocks)} training blocks"
+        )
     cache = None
     if cfg.teacher_cache:
         cache = TeacherCache(cfg.teacher_cache)
