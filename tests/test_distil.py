@@ -149,6 +149,50 @@ def test_long_range_items_mixed_into_training_leave_validation_alone(tiny_teache
     assert [r["loss"] for r in mixed[1:]] != [r["loss"] for r in plain[1:]]  # different training blocks
 
 
+def test_layer_loss_pulls_each_student_layer_to_its_teacher_layer(tiny_teacher_dir, small_corpus, tmp_path):
+    from titans_distil.student import build_student
+    from titans_distil.train import Distiller, layer_outputs, teacher_targets
+
+    teacher = LlamaForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+    with layer_outputs(teacher.model.layers, [0, 3]) as captured:
+        targets = teacher_targets(teacher, ids)
+    reference = teacher.model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert torch.equal(captured[0], reference[1])  # layer t's output is hidden state t + 1 ...
+    assert torch.allclose(teacher.model.norm(captured[3]), reference[4])  # ... the last one before its norm
+    teacher_hidden = [captured[t].clone() for t in (0, 3)]
+
+    def run(student, weight, hidden):
+        return Distiller(student)(ids, targets, kind="kl", temperature=1.0, alpha=0.9, chunk_size=16,
+                                  teacher_hidden=hidden, layer_weight=weight)
+
+    whole = build_student(teacher, [0, 1, 2, 3])  # the teacher itself: nothing to pull
+    with layer_outputs(teacher.model.layers, range(4)) as every:
+        teacher_targets(teacher, ids)
+    assert run(whole, 1.0, [every[t].clone() for t in range(4)])[3]["layer_mse"] == 0
+
+    mac = {"segment_len": 16, "memory_chunk_size": 8, "num_persistent_tokens": 4, "memory_layers": [1]}
+    student = build_student(teacher, [0, 3], mac)
+    plain, *_ = run(student, 0.0, None)
+    plain.backward()
+    plain_grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    loss, kd, ce, stats = run(student, 0.5, teacher_hidden)
+    assert "layer_mse" in stats and stats["layer_mse"] > 0
+    assert loss.item() == pytest.approx(plain.item() + 0.5 * stats["layer_mse"].item(), rel=1e-6)
+    loss.backward()
+    assert any(not torch.equal(p.grad, g) for p, g in zip(student.parameters(), plain_grads, strict=True))
+
+    run_flags = ("--max-steps", 2, "--save-every", 0, "--eval-every", 0, "--layer-loss-weight", "0.5")
+    code, out = invoke(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "layers", *MAC_FLAGS, *run_flags))
+    assert code == 0, out
+    rows = [json.loads(line) for line in (tmp_path / "layers" / "metrics.jsonl").read_text().splitlines()][1:]
+    for row in rows:
+        assert row["layer_mse"] > 0 and "mem_layer_mse" not in row
+        kd_and_ce = 0.9 * row["kd"] + 0.1 * row["ce"]
+        assert row["loss"] == pytest.approx(kd_and_ce + 0.5 * row["layer_mse"], rel=1e-4)
+
+
 def invoke(*args):
     result = CliRunner().invoke(distil, [str(a) for a in args])
     return result.exit_code, result.output.strip()
@@ -189,6 +233,10 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tiny_teacher_dir, small
                                        "--max-length is 32; pass a larger --max-length or a smaller"),
         (["--long-range-rate", "0.5", "--long-range-distance", "8", "--teacher-cache", tmp_path / "cache"],
          "--long-range-rate rewrites training blocks, which the teacher targets stored in --teacher-cache"),
+        (["--layer-loss-weight", "nan"], "--layer-loss-weight nan is not a number >= 0; pass e.g. 0.1"),
+        (["--layer-loss-weight", "-1"], "--layer-loss-weight -1.0 is not a number >= 0"),
+        (["--layer-loss-weight", "0.1", "--teacher-cache", tmp_path / "cache"],
+         "--layer-loss-weight needs the teacher's hidden states, which a --teacher-cache does not hold"),
     ]
     (tmp_path / "empty").mkdir()
     (tmp_path / "short").mkdir()

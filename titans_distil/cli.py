@@ -109,6 +109,14 @@ def _data_options(fn):
     help="Tokens between fact and question; an item needs this + 128 <= --max-length. "
     "[default: 2 x --segment-len, so the fact is out of the attention segment]",
 )
+@click.option(
+    "--layer-loss-weight",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Adds W x the mean MSE of each student layer's output to that of the teacher layer it was "
+    "initialised from (unnormalised hidden states: start small). 0: off.",
+)
 @click.option("--warmup", type=NON_NEGATIVE, default=10, show_default=True, help="Linear warm-up steps.")
 @click.option("--weight-decay", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="AdamW weight decay.")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True, help="Clip the student's gradient norm.")

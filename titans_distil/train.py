@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -65,6 +66,7 @@ class DistilConfig:
     long_range_rate: float = 0.0
     long_range_kinds: str = ",".join(KINDS)
     long_range_distance: int | None = None  # None: 2 x segment_len
+    layer_loss_weight: float = 0.0
     warmup: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -139,6 +141,14 @@ def check_recipe(cfg: DistilConfig, has_memory: bool) -> None:
         raise UserError(
             f"--freeze-backbone-steps {cfg.freeze_backbone_steps} exceeds --max-steps {cfg.max_steps}; "
             f"pass at most {cfg.max_steps}"
+        )
+    weight = cfg.layer_loss_weight
+    if not (math.isfinite(weight) and weight >= 0):
+        raise UserError(f"--layer-loss-weight {weight} is not a number >= 0; pass e.g. 0.1 (0: off)")
+    if weight and cfg.teacher_cache:
+        raise UserError(
+            "--layer-loss-weight needs the teacher's hidden states, which a --teacher-cache does not hold; "
+            "drop one of the two flags"
         )
     rate = cfg.long_range_rate
     if not (math.isfinite(rate) and 0 <= rate <= 1):
@@ -249,6 +259,28 @@ def prepare_run_dir(cfg: DistilConfig, is_main: bool) -> Path:
     return run_dir
 
 
+@contextlib.contextmanager
+def layer_outputs(layers, indices):
+    """Record the output of ``layers[i]`` for each i in ``indices`` during the forward passes in the block.
+
+    Raw decoder-layer outputs: Hugging Face's ``hidden_states[i + 1]``, except that its last entry is the
+    final-normed one, which would not match a student whose last layer is a middle teacher layer."""
+    captured = {}
+
+    def recorder(index):
+        def hook(module, args, output):
+            captured[index] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = [layers[i].register_forward_hook(recorder(i)) for i in indices]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class Distiller(torch.nn.Module):
     """Student + loss in one module, so DDP sees the whole student forward (including the chunked head)."""
 
@@ -256,15 +288,37 @@ class Distiller(torch.nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, input_ids, teacher_targets, *, kind, temperature, alpha, chunk_size):
-        out = self.student.model(input_ids=input_ids)
+    def forward(
+        self,
+        input_ids,
+        teacher_targets,
+        *,
+        kind,
+        temperature,
+        alpha,
+        chunk_size,
+        teacher_hidden=None,
+        layer_weight=0.0,
+    ):
+        """(loss, kd, ce, stats). With ``teacher_hidden`` (per student layer, the output of the teacher layer
+        it was initialised from) the loss adds ``layer_weight`` x the layers' mean MSE, reported as
+        ``stats["layer_mse"]``; the other stats are the memory's."""
+        layers = self.student.model.layers
+        with layer_outputs(layers, range(len(teacher_hidden or ()))) as captured:
+            out = self.student.model(input_ids=input_ids)
         hidden = out.last_hidden_state[:, :-1].reshape(-1, out.last_hidden_state.shape[-1])
         labels = input_ids[:, 1:].reshape(-1)
         loss, kd, ce = distillation_loss(
             hidden, self.student.lm_head.weight, labels, teacher_targets,
             kind=kind, temperature=temperature, alpha=alpha, chunk_size=chunk_size,
         )
-        return loss, kd, ce, getattr(out, "memory_stats", None) or {}
+        stats = dict(getattr(out, "memory_stats", None) or {})
+        if teacher_hidden:
+            errors = [F.mse_loss(captured[s].float(), h.float()) for s, h in enumerate(teacher_hidden)]
+            layer_mse = torch.stack(errors).mean()
+            loss = loss + layer_weight * layer_mse
+            stats["layer_mse"] = layer_mse.detach()
+        return loss, kd, ce, stats
 
 
 def teacher_targets(teacher, input_ids: torch.Tensor) -> DenseTeacher:
@@ -408,22 +462,33 @@ def distil(cfg: DistilConfig) -> Path:
     tokens_per_step = global_batch * cfg.grad_accum * cfg.max_length
     while step < total_steps:
         started = time.perf_counter()
-        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, **({"layer_mse": 0.0} if cfg.layer_loss_weight else {})}
         stats_sum: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             indices = next(batches)
             ids = train_blocks[indices[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]].to(accelerator.device)
-            if cfg.alpha == 0:  # cross-entropy only: the teacher is not needed
+            teacher_hidden = None
+            if cfg.alpha == 0 and not cfg.layer_loss_weight:  # cross-entropy only: the teacher is not needed
                 targets = None
             elif cache is not None:
                 targets = cache.targets(indices[rank * cfg.batch_size:(rank + 1) * cfg.batch_size], accelerator.device)
             else:
-                targets = teacher_targets(teacher, ids)
+                with layer_outputs(teacher.model.layers, layers if cfg.layer_loss_weight else ()) as captured:
+                    targets = teacher_targets(teacher, ids)
+                if cfg.layer_loss_weight:  # cloned: inference tensors cannot enter the student's graph
+                    teacher_hidden = [captured[t].clone() for t in layers]
             sync = micro == cfg.grad_accum - 1
             with accelerator.no_sync(distiller) if not sync else contextlib.nullcontext(), accelerator.autocast():
-                loss, kd, ce, stats = distiller(ids, targets, kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha, chunk_size=cfg.kd_chunk_size)
+                loss, kd, ce, stats = distiller(
+                    ids, targets, kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha,
+                    chunk_size=cfg.kd_chunk_size, teacher_hidden=teacher_hidden,
+                    layer_weight=cfg.layer_loss_weight,
+                )
                 accelerator.backward(loss / cfg.grad_accum)
-            for key, value in (("loss", loss), ("kd", kd), ("ce", ce)):
+            losses = {"loss": loss, "kd": kd, "ce": ce}
+            if teacher_hidden is not None:
+                losses["layer_mse"] = stats.pop("layer_mse")
+            for key, value in losses.items():
                 totals[key] += accelerator.reduce(value.detach(), "mean").item() / cfg.grad_accum
             for key, value in stats.items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + float(value) / cfg.grad_accum
