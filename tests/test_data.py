@@ -479,6 +479,40 @@ def test_hub_failure_names_the_source(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------------
+# Long-range items mixed into training
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_mixing_rewrites_a_seeded_share_of_blocks_in_their_own_text(tok):
+    from titans_distil.long_range import KINDS, key_domain
+
+    blocks = load_blocks("stdlib", tok, 256, max_blocks=30, use_cache=False)  # byte-level: the longest items
+    original = blocks.clone()
+    mixed, items = D.mix_long_range(blocks, tok, 0.25, KINDS, 100, seed=4)
+    assert torch.equal(blocks, original) and mixed.shape == blocks.shape and mixed.dtype == blocks.dtype
+    rewritten = [i for i in range(len(blocks)) if not torch.equal(mixed[i], blocks[i])]
+    assert rewritten == [i for i, _ in items] and len(items) == round(0.25 * 30)
+    assert {item.kind for _, item in items} == set(KINDS)
+    for index, item in items:
+        row = mixed[index].tolist()
+        assert item.distance == 100 and item.answer[1] <= 256 and key_domain(item.key) == "train"
+        assert row[:len(item.ids)] == item.ids
+        answer = tok.decode(row[item.answer[0]:item.answer[1]])
+        assert answer.strip() in tok.decode(row[item.fact[0]:item.fact[1]])
+        # Everything besides fact, question and answer is the block's own text, in order.
+        inserted = set(range(*item.fact)) | set(range(item.question[0], item.answer[1]))
+        kept = [t for pos, t in enumerate(row) if pos not in inserted]
+        assert kept == blocks[index, :len(kept)].tolist()
+    again, same = D.mix_long_range(blocks, tok, 0.25, KINDS, 100, seed=4)
+    assert torch.equal(again, mixed) and same == items
+    _, other = D.mix_long_range(blocks, tok, 0.25, KINDS, 100, seed=5)
+    assert [i for i, _ in other] != [i for i, _ in items]
+    assert D.mix_long_range(blocks, tok, 0.0, KINDS, 100, seed=4)[1] == []
+    with pytest.raises(DataError, match="need 257 tokens, more than the blocks' 256"):
+        D.mix_long_range(blocks, tok, 0.5, KINDS, 256 - D.LONG_RANGE_ROOM + 1, seed=4)
+
+
+# --------------------------------------------------------------------------------------------------------
 # Sampler
 # --------------------------------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,9 +39,16 @@ def run_cli(*args, env_extra=None, launcher=(PY, str(ROOT / "distil.py"))):
 MAC_FLAGS = ("--use-mac", "--segment-len", 16, "--memory-chunk-size", 8, "--persistent-tokens", 4, "--memory-layers", "1")
 
 
-@pytest.mark.parametrize("student", ["llama", "mac"])
+# MAC with the recipe flags: the kill (step 3) and the resume fall on either side of the unfreeze (step 4);
+# the items need 32 + 128 tokens.
+RECIPE_FLAGS = (*MAC_FLAGS, "--memory-lr", "2e-2", "--freeze-backbone-steps", 4, "--long-range-rate", "0.5",
+                "--max-length", 160)
+STUDENT_FLAGS = {"llama": (), "mac": MAC_FLAGS, "mac-recipe": RECIPE_FLAGS}
+
+
+@pytest.mark.parametrize("student", list(STUDENT_FLAGS))
 def test_sigkill_and_resume_reproduces_uninterrupted_losses(tiny_teacher_dir, small_corpus, tmp_path, student):
-    common = ("--max-steps", 8, "--save-every", 3, "--eval-every", 0, "--lr", "3e-3", *(MAC_FLAGS if student == "mac" else ()))
+    common = ("--max-steps", 8, "--save-every", 3, "--eval-every", 0, "--lr", "3e-3", *STUDENT_FLAGS[student])
     full = run_cli(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "full", *common))
     assert full.returncode == 0, full.stderr[-2000:]
 
@@ -86,6 +94,105 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_teacher
     assert alone.returncode != 0 and "started a single process (Accelerate needs MPI for that)" in alone.stderr
 
 
+def test_memory_parts_get_their_own_lr_and_learn_while_the_backbone_is_frozen(
+    tiny_teacher_dir, small_corpus, tmp_path
+):
+    from safetensors.torch import load_file
+    from titans_distil.models.neural_memory import NeuralMemory
+
+    from titans_distil.student import build_student
+    from titans_distil.train import parameter_groups
+
+    mac = {"segment_len": 16, "memory_chunk_size": 8, "num_persistent_tokens": 4, "memory_layers": [1]}
+    student = build_student(LlamaForCausalLM.from_pretrained(tiny_teacher_dir), [0, 3], mac)
+    groups = {name: {id(p) for p in params} for name, params in parameter_groups(student).items()}
+    layer = student.model.layers[1]
+    assert isinstance(layer.memory, NeuralMemory)
+    assert groups["memory"] == {id(p) for p in layer.memory.parameters()}
+    assert groups["persistent"] == {id(layer.persistent_tokens)} and groups["gate"] == {id(layer.memory_gate)}
+    fresh = groups["memory"] | groups["persistent"] | groups["gate"]
+    assert groups["backbone"] == {id(p) for p in student.parameters()} - fresh
+
+    run = ("--max-steps", 3, "--save-every", 1, "--eval-every", 0, "--warmup", 0, "--lr", "1e-3")
+    recipe = ("--memory-lr", "2e-2", "--freeze-backbone-steps", 2)
+    args = tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "frozen", *MAC_FLAGS, *run, *recipe)
+    code, out = invoke(*args)
+    assert code == 0, out
+    rows = [json.loads(line) for line in (tmp_path / "frozen" / "metrics.jsonl").read_text().splitlines()][1:]
+    assert [r["lr"] for r in rows] == [0.0, 0.0, 1e-3]  # backbone: frozen, then its own (instant) warm-up
+    for name in ("memory", "persistent", "gate"):  # cosine over the 3 steps
+        assert [r[f"lr_{name}"] for r in rows] == pytest.approx([2e-2, 2e-2 * 0.75, 2e-2 * 0.25])
+    checkpoints = tmp_path / "frozen" / "checkpoints"
+    weights = [load_file(checkpoints / f"step-{s:06d}" / "model.safetensors") for s in (1, 2, 3)]
+    role = {n: next(g for g, ids in groups.items() if id(p) in ids) for n, p in student.named_parameters()}
+    initial = student.state_dict()  # the backbone as built from the teacher
+    for name, group in role.items():
+        if group == "backbone":
+            assert all(torch.equal(w[name], initial[name]) for w in weights[:2]), name
+        else:  # the gate opens in step 1, so every memory part has a gradient by step 2
+            assert not torch.equal(weights[0][name], weights[1][name]), name
+    assert any(not torch.equal(weights[2][n], initial[n]) for n, group in role.items() if group == "backbone")
+
+
+def test_long_range_items_mixed_into_training_leave_validation_alone(tiny_teacher_dir, small_corpus, tmp_path):
+    common = (*MAC_FLAGS, "--max-length", 192, "--max-steps", 2, "--save-every", 0, "--eval-every", 0)
+    mixing = ("--long-range-rate", "0.5", "--long-range-kinds", "passkey,kv")
+    code, out = invoke(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "mixed", *common, *mixing))
+    assert code == 0, out
+    n_train = int(re.search(r"in (\d+) of (\d+) training blocks", out).group(2))
+    assert f"long-range items (passkey,kv, distance 32) in {round(0.5 * n_train)} of {n_train} training blocks" in out
+    code, out = invoke(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "plain", *common))
+    assert code == 0 and "long-range" not in out, out
+    mixed, plain = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                    for run in ("mixed", "plain"))
+    assert mixed[0]["val_ppl"] == plain[0]["val_ppl"]  # same student, same validation blocks
+    assert [r["loss"] for r in mixed[1:]] != [r["loss"] for r in plain[1:]]  # different training blocks
+
+
+def test_layer_loss_pulls_each_student_layer_to_its_teacher_layer(tiny_teacher_dir, small_corpus, tmp_path):
+    from titans_distil.student import build_student
+    from titans_distil.train import Distiller, layer_outputs, teacher_targets
+
+    teacher = LlamaForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+    with layer_outputs(teacher.model.layers, [0, 3]) as captured:
+        targets = teacher_targets(teacher, ids)
+    reference = teacher.model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert torch.equal(captured[0], reference[1])  # layer t's output is hidden state t + 1 ...
+    assert torch.allclose(teacher.model.norm(captured[3]), reference[4])  # ... the last one before its norm
+    teacher_hidden = [captured[t].clone() for t in (0, 3)]
+
+    def run(student, weight, hidden):
+        return Distiller(student)(ids, targets, kind="kl", temperature=1.0, alpha=0.9, chunk_size=16,
+                                  teacher_hidden=hidden, layer_weight=weight)
+
+    whole = build_student(teacher, [0, 1, 2, 3])  # the teacher itself: nothing to pull
+    with layer_outputs(teacher.model.layers, range(4)) as every:
+        teacher_targets(teacher, ids)
+    assert run(whole, 1.0, [every[t].clone() for t in range(4)])[3]["layer_mse"] == 0
+
+    mac = {"segment_len": 16, "memory_chunk_size": 8, "num_persistent_tokens": 4, "memory_layers": [1]}
+    student = build_student(teacher, [0, 3], mac)
+    plain, *_ = run(student, 0.0, None)
+    plain.backward()
+    plain_grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    loss, kd, ce, stats = run(student, 0.5, teacher_hidden)
+    assert "layer_mse" in stats and stats["layer_mse"] > 0
+    assert loss.item() == pytest.approx(plain.item() + 0.5 * stats["layer_mse"].item(), rel=1e-6)
+    loss.backward()
+    assert any(not torch.equal(p.grad, g) for p, g in zip(student.parameters(), plain_grads, strict=True))
+
+    run_flags = ("--max-steps", 2, "--save-every", 0, "--eval-every", 0, "--layer-loss-weight", "0.5")
+    code, out = invoke(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "layers", *MAC_FLAGS, *run_flags))
+    assert code == 0, out
+    rows = [json.loads(line) for line in (tmp_path / "layers" / "metrics.jsonl").read_text().splitlines()][1:]
+    for row in rows:
+        assert row["layer_mse"] > 0 and "mem_layer_mse" not in row
+        kd_and_ce = 0.9 * row["kd"] + 0.1 * row["ce"]
+        assert row["loss"] == pytest.approx(kd_and_ce + 0.5 * row["layer_mse"], rel=1e-4)
+
+
 def invoke(*args):
     result = CliRunner().invoke(distil, [str(a) for a in args])
     return result.exit_code, result.output.strip()
@@ -113,6 +220,23 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tiny_teacher_dir, small
         (["--use-mac", "--segment-len", "16", "--memory-chunk-size", "6"], "invalid memory settings: memory_chunk_size (6) must divide segment_len (16)"),
         (["--use-mac", "--memory-layers", "x"], "--memory-layers 'x' is not a comma-separated list of student layer indices"),
         (["--use-mac", "--memory-layers", "5"], "invalid memory settings: memory_layers [5] holds indices [5] outside 0..1"),
+        (["--use-mac", "--memory-lr", "nan"], "--memory-lr nan is not positive; pass e.g. --memory-lr"),
+        (["--memory-lr", "1e-3"], "--memory-lr needs a student with memory (nothing else would train)"),
+        (["--freeze-backbone-steps", "1"], "--freeze-backbone-steps needs a student with memory"),
+        (["--use-mac", "--memory-layers", "", "--freeze-backbone-steps", "1"], "needs a student with memory"),
+        (["--use-mac", "--freeze-backbone-steps", "2"], "--freeze-backbone-steps 2 exceeds --max-steps 1"),
+        (["--long-range-rate", "nan"], "--long-range-rate nan is not a fraction in [0, 1]; pass e.g. 0.1"),
+        (["--long-range-rate", "-0.1"], "--long-range-rate -0.1 is not a fraction in [0, 1]"),
+        (["--long-range-rate", "1.5"], "--long-range-rate 1.5 is not a fraction in [0, 1]"),
+        (["--long-range-kinds", "passkey,needle"], "--long-range-kinds 'passkey,needle' names no or unknown kinds"),
+        (["--long-range-rate", "0.5"], "--long-range-distance 512 needs 640 tokens per item (distance + 128) but "
+                                       "--max-length is 32; pass a larger --max-length or a smaller"),
+        (["--long-range-rate", "0.5", "--long-range-distance", "8", "--teacher-cache", tmp_path / "cache"],
+         "--long-range-rate rewrites training blocks, which the teacher targets stored in --teacher-cache"),
+        (["--layer-loss-weight", "nan"], "--layer-loss-weight nan is not a number >= 0; pass e.g. 0.1"),
+        (["--layer-loss-weight", "-1"], "--layer-loss-weight -1.0 is not a number >= 0"),
+        (["--layer-loss-weight", "0.1", "--teacher-cache", tmp_path / "cache"],
+         "--layer-loss-weight needs the teacher's hidden states, which a --teacher-cache does not hold"),
     ]
     (tmp_path / "empty").mkdir()
     (tmp_path / "short").mkdir()
@@ -122,7 +246,9 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tiny_teacher_dir, small
         code, out = invoke(*base, "--run-name", "fresh", *extra)
         assert code == 1 and message in out and "\n" not in out, (extra, out)
         assert not (tmp_path / "fresh").exists()
-    for flag, value in [("--lr", "-1"), ("--batch-size", "0"), ("--alpha", "1.5"), ("--loss", "mse")]:
+    rejected_by_click = [("--lr", "-1"), ("--batch-size", "0"), ("--alpha", "1.5"), ("--loss", "mse"),
+                         ("--memory-lr", "-1"), ("--freeze-backbone-steps", "-1"), ("--long-range-distance", "-1")]
+    for flag, value in rejected_by_click:
         code, out = invoke(*base, flag, value)
         assert code == 2 and f"Invalid value for '{flag}'" in out
 

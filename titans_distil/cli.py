@@ -72,6 +72,51 @@ def _data_options(fn):
 @click.option("--max-steps", type=POSITIVE, default=None, help="Optimizer steps. [default: 200 unless --num-epochs]")
 @click.option("--num-epochs", type=click.FloatRange(min=0.0, min_open=True), default=None, help="Train for this many passes over the data instead of --max-steps.")
 @click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=5e-4, show_default=True, help="Peak learning rate (AdamW, cosine decay).")
+@click.option(
+    "--memory-lr",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=None,
+    help="MAC: peak lr of the fresh memory parts (neural memory, persistent tokens, read-out gate). "
+    "[default: 10 x --lr: they start from scratch, the gate at zero, while the backbone starts from the "
+    "teacher and must move little]",
+)
+@click.option(
+    "--freeze-backbone-steps",
+    type=NON_NEGATIVE,
+    default=0,
+    show_default=True,
+    help="MAC stage 1: the teacher-initialised backbone has lr 0 for the first N steps (only the memory "
+    "parts learn), then all train.",
+)
+@click.option(
+    "--long-range-rate",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Fraction of training blocks rewritten as a long-range item (a fact in the block's own text, asked "
+    "--long-range-distance tokens later; the teacher sees it all, so KD teaches recall). 0: off.",
+)
+@click.option(
+    "--long-range-kinds",
+    default="passkey,kv,code",
+    show_default=True,
+    help="Comma-separated long-range item kinds: passkey, kv (key/value lines), code (a constant asserted).",
+)
+@click.option(
+    "--long-range-distance",
+    type=NON_NEGATIVE,
+    default=None,
+    help="Tokens between fact and question; an item needs this + 128 <= --max-length. "
+    "[default: 2 x --segment-len, so the fact is out of the attention segment]",
+)
+@click.option(
+    "--layer-loss-weight",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Adds W x the mean MSE of each student layer's output to that of the teacher layer it was "
+    "initialised from (unnormalised hidden states: start small). 0: off.",
+)
 @click.option("--warmup", type=NON_NEGATIVE, default=10, show_default=True, help="Linear warm-up steps.")
 @click.option("--weight-decay", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="AdamW weight decay.")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True, help="Clip the student's gradient norm.")

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .long_range import KINDS, Item, item_rng, make_item
 
 __all__ = [
     "DEFAULT_DATA_SPEC",
@@ -74,6 +75,7 @@ __all__ = [
     "HubPreset",
     "default_cache_dir",
     "load_blocks",
+    "mix_long_range",
     "parse_data_spec",
     "read_documents",
     "split_documents",
@@ -792,6 +794,56 @@ def load_blocks(spec: str | DataSpec, tokenizer: Any, max_length: int, split: st
 
 def _seed_int(seed: int) -> int:
     return int(seed) % (1 << 63)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Long-range items mixed into training
+# --------------------------------------------------------------------------------------------------------
+
+#: Tokens an item's fact, question and answer may take besides its distance: they are at most ~100 ASCII
+#: characters, so even a byte-level tokenizer fits them.
+LONG_RANGE_ROOM = 128
+_MIX_STREAM = len(KINDS)  # item_rng stream of mixed items; make_items uses the kind indices below it
+
+
+def mix_long_range(
+    blocks: torch.Tensor, tokenizer: Any, rate: float, kinds: Sequence[str], distance: int, seed: int
+) -> tuple[torch.Tensor, list[tuple[int, Item]]]:
+    """Rewrite ``round(rate * n)`` seeded-chosen training blocks as long-range items (train-domain keys).
+
+    The item is laid into the block's own text: ``text[:lead] + fact + text[distance tokens] + question +
+    answer``, then the block's text continues to the block length, so every token besides the inserted
+    pieces is the block's, in order. Returns the new blocks (the input is not modified) and (block index,
+    item) pairs whose spans are positions in that block.
+    """
+    n, length = blocks.shape
+    if distance + LONG_RANGE_ROOM > length:
+        raise DataError(
+            f"long-range items at distance {distance} need {distance + LONG_RANGE_ROOM} tokens, more than "
+            f"the blocks' {length}; use a smaller distance or a larger --max-length"
+        )
+    chosen = item_rng(seed, "train", _MIX_STREAM).choice(n, size=round(rate * n), replace=False)
+    out = blocks.clone()
+    items = []
+    for index in sorted(chosen.tolist()):
+        text = blocks[index]
+        choice = item_rng(seed, "train", _MIX_STREAM, index, 0)
+        kind = kinds[int(choice.integers(len(kinds)))]
+        # Same generator, same texts: a probe at lead 0 tells the item's length before the lead is drawn.
+        texts = (seed, "train", _MIX_STREAM, index, 1)
+        probe = make_item(kind, tokenizer, text[:distance], distance, item_rng(*texts), "train")
+        if len(probe.ids) > length:  # only a tokenizer far less compact than bytes gets here
+            raise DataError(
+                f"a {kind} item at distance {distance} takes {len(probe.ids)} tokens, more than the blocks' "
+                f"{length}; use a smaller distance or a larger --max-length"
+            )
+        lead = int(choice.integers(0, length - len(probe.ids) + 1))
+        filler = text[: lead + distance]
+        item = make_item(kind, tokenizer, filler, distance, item_rng(*texts), "train", lead=lead)
+        rest = text[lead + distance : lead + distance + length - len(item.ids)]
+        out[index] = torch.cat([torch.tensor(item.ids, dtype=blocks.dtype), rest])
+        items.append((index, item))
+    return out, items
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -18,18 +18,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from . import checkpoint as ckpt
-from .data import BlockSampler, load_blocks
+from .data import LONG_RANGE_ROOM, BlockSampler, load_blocks, mix_long_range
 from .errors import UserError
+from .long_range import KINDS
 from .losses import DenseTeacher, distillation_loss
+from .models.neural_memory import NeuralMemory
 from .student import CALIBRATION_BLOCKS, build_student, calibrate_memory, pick_layers, student_config
 from .teacher import load_teacher, load_teacher_config
 from .teacher_cache import TeacherCache
+
+# The fresh memory parts start from scratch (the read-out gate nearly closed) while the backbone starts from the
+# teacher's weights, so by default they learn this many times faster.
+MEMORY_LR_FACTOR = 10.0
+# Optimizer groups by role; "backbone" (the teacher-initialised rest) comes first and is always present.
+GROUPS = ("backbone", "memory", "persistent", "gate")
 
 # Fields that may differ when a run is resumed; every other field must match the run's config.json.
 RESUMABLE_FIELDS = {"max_steps", "num_epochs", "eval_every", "eval_batches", "save_every", "tracker", "resume", "overwrite"}
@@ -53,6 +61,12 @@ class DistilConfig:
     max_steps: int | None = None
     num_epochs: float | None = None
     lr: float = 5e-4
+    memory_lr: float | None = None  # None: MEMORY_LR_FACTOR x lr
+    freeze_backbone_steps: int = 0
+    long_range_rate: float = 0.0
+    long_range_kinds: str = ",".join(KINDS)
+    long_range_distance: int | None = None  # None: 2 x segment_len
+    layer_loss_weight: float = 0.0
     warmup: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -94,6 +108,109 @@ class DistilConfig:
             except ValueError:
                 raise UserError(f"--memory-layers {self.memory_layers!r} is not a comma-separated list of student layer indices (e.g. 1,4)") from None
         return settings
+
+    def long_range(self) -> tuple[list[str], int]:
+        """(kinds, distance) of the mixed long-range items; the default distance puts the question two MAC
+        segments after the fact, beyond what segment-local attention sees."""
+        kinds = [k.strip() for k in self.long_range_kinds.split(",") if k.strip()]
+        unknown = [k for k in kinds if k not in KINDS]
+        if unknown or not kinds:
+            raise UserError(
+                f"--long-range-kinds {self.long_range_kinds!r} names no or unknown kinds {unknown}; "
+                f"pass a comma-separated subset of {','.join(KINDS)}"
+            )
+        distance = self.long_range_distance if self.long_range_distance is not None else 2 * self.segment_len
+        return kinds, distance
+
+
+def check_recipe(cfg: DistilConfig, has_memory: bool) -> None:
+    """Refuse recipe settings that are out of range or would silently do nothing (click lets nan through)."""
+    if cfg.memory_lr is not None and not (math.isfinite(cfg.memory_lr) and cfg.memory_lr > 0):
+        example = MEMORY_LR_FACTOR * cfg.lr
+        raise UserError(f"--memory-lr {cfg.memory_lr} is not positive; pass e.g. --memory-lr {example:g}")
+    if not has_memory and (cfg.memory_lr is not None or cfg.freeze_backbone_steps):
+        flag = "--freeze-backbone-steps" if cfg.freeze_backbone_steps else "--memory-lr"
+        raise UserError(
+            f"{flag} needs a student with memory (nothing else would train); add --use-mac or drop {flag}"
+        )
+    if cfg.freeze_backbone_steps < 0:
+        raise UserError(
+            f"--freeze-backbone-steps {cfg.freeze_backbone_steps} is negative; pass 0 (no freeze) or more"
+        )
+    if cfg.max_steps is not None and cfg.freeze_backbone_steps > cfg.max_steps:
+        raise UserError(
+            f"--freeze-backbone-steps {cfg.freeze_backbone_steps} exceeds --max-steps {cfg.max_steps}; "
+            f"pass at most {cfg.max_steps}"
+        )
+    weight = cfg.layer_loss_weight
+    if not (math.isfinite(weight) and weight >= 0):
+        raise UserError(f"--layer-loss-weight {weight} is not a number >= 0; pass e.g. 0.1 (0: off)")
+    if weight and cfg.teacher_cache:
+        raise UserError(
+            "--layer-loss-weight needs the teacher's hidden states, which a --teacher-cache does not hold; "
+            "drop one of the two flags"
+        )
+    rate = cfg.long_range_rate
+    if not (math.isfinite(rate) and 0 <= rate <= 1):
+        raise UserError(f"--long-range-rate {rate} is not a fraction in [0, 1]; pass e.g. 0.1 (0: no mixing)")
+    _, distance = cfg.long_range()
+    if rate and cfg.teacher_cache:
+        raise UserError(
+            "--long-range-rate rewrites training blocks, which the teacher targets stored in --teacher-cache "
+            "would no longer match; drop one of the two flags"
+        )
+    if rate and distance < 0:
+        raise UserError(f"--long-range-distance {distance} is negative; pass 0 or more")
+    if rate and distance + LONG_RANGE_ROOM > cfg.max_length:
+        raise UserError(
+            f"--long-range-distance {distance} needs {distance + LONG_RANGE_ROOM} tokens per item (distance "
+            f"+ {LONG_RANGE_ROOM}) but --max-length is {cfg.max_length}; pass a larger --max-length or a "
+            "smaller --long-range-distance"
+        )
+
+
+def parameter_groups(student) -> dict[str, list[torch.nn.Parameter]]:
+    """The student's parameters by role (GROUPS order, empty groups left out): each role gets its own lr."""
+    memory = {id(p) for m in student.modules() if isinstance(m, NeuralMemory) for p in m.parameters()}
+    groups: dict[str, list[torch.nn.Parameter]] = {name: [] for name in GROUPS}
+    for name, param in student.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if id(param) in memory:
+            groups["memory"].append(param)
+        elif leaf == "persistent_tokens":
+            groups["persistent"].append(param)
+        elif leaf == "memory_gate":
+            groups["gate"].append(param)
+        else:
+            groups["backbone"].append(param)
+    return {name: params for name, params in groups.items() if params}
+
+
+def cosine_with_warmup(warmup: int, total: int):
+    """Linear warm-up then cosine decay to 0 (transformers' get_cosine_schedule_with_warmup factor)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return factor
+
+
+def lr_factors(names, warmup: int, total: int, freeze_backbone_steps: int) -> list:
+    """Per-group lr factors of the step. A frozen backbone has lr 0 (AdamW leaves it exactly unchanged), then
+    its own warm-up and decay over the remaining steps, so it is not jolted at full lr. Pure functions of the
+    step: a resumed scheduler recomputes them exactly."""
+    memory = cosine_with_warmup(warmup, total)
+    if not freeze_backbone_steps:
+        return [memory for _ in names]
+    later = cosine_with_warmup(warmup, total - freeze_backbone_steps)
+
+    def backbone(step: int) -> float:
+        return 0.0 if step < freeze_backbone_steps else later(step - freeze_backbone_steps)
+
+    return [backbone if name == "backbone" else memory for name in names]
 
 
 def resolve_precision(precision: str) -> str:
@@ -142,6 +259,28 @@ def prepare_run_dir(cfg: DistilConfig, is_main: bool) -> Path:
     return run_dir
 
 
+@contextlib.contextmanager
+def layer_outputs(layers, indices):
+    """Record the output of ``layers[i]`` for each i in ``indices`` during the forward passes in the block.
+
+    Raw decoder-layer outputs: Hugging Face's ``hidden_states[i + 1]``, except that its last entry is the
+    final-normed one, which would not match a student whose last layer is a middle teacher layer."""
+    captured = {}
+
+    def recorder(index):
+        def hook(module, args, output):
+            captured[index] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = [layers[i].register_forward_hook(recorder(i)) for i in indices]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class Distiller(torch.nn.Module):
     """Student + loss in one module, so DDP sees the whole student forward (including the chunked head)."""
 
@@ -149,15 +288,37 @@ class Distiller(torch.nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, input_ids, teacher_targets, *, kind, temperature, alpha, chunk_size):
-        out = self.student.model(input_ids=input_ids)
+    def forward(
+        self,
+        input_ids,
+        teacher_targets,
+        *,
+        kind,
+        temperature,
+        alpha,
+        chunk_size,
+        teacher_hidden=None,
+        layer_weight=0.0,
+    ):
+        """(loss, kd, ce, stats). With ``teacher_hidden`` (per student layer, the output of the teacher layer
+        it was initialised from) the loss adds ``layer_weight`` x the layers' mean MSE, reported as
+        ``stats["layer_mse"]``; the other stats are the memory's."""
+        layers = self.student.model.layers
+        with layer_outputs(layers, range(len(teacher_hidden or ()))) as captured:
+            out = self.student.model(input_ids=input_ids)
         hidden = out.last_hidden_state[:, :-1].reshape(-1, out.last_hidden_state.shape[-1])
         labels = input_ids[:, 1:].reshape(-1)
         loss, kd, ce = distillation_loss(
             hidden, self.student.lm_head.weight, labels, teacher_targets,
             kind=kind, temperature=temperature, alpha=alpha, chunk_size=chunk_size,
         )
-        return loss, kd, ce, getattr(out, "memory_stats", None) or {}
+        stats = dict(getattr(out, "memory_stats", None) or {})
+        if teacher_hidden:
+            errors = [F.mse_loss(captured[s].float(), h.float()) for s, h in enumerate(teacher_hidden)]
+            layer_mse = torch.stack(errors).mean()
+            loss = loss + layer_weight * layer_mse
+            stats["layer_mse"] = layer_mse.detach()
+        return loss, kd, ce, stats
 
 
 def teacher_targets(teacher, input_ids: torch.Tensor) -> DenseTeacher:
@@ -199,7 +360,9 @@ def distil(cfg: DistilConfig) -> Path:
     if cfg.max_length > teacher_config.max_position_embeddings:
         raise UserError(f"--max-length {cfg.max_length} exceeds the teacher's {teacher_config.max_position_embeddings} positions; pass --max-length {teacher_config.max_position_embeddings} or less")
     layers = pick_layers(teacher_config.num_hidden_layers, cfg.student_layers)
-    student_config(teacher_config, layers, cfg.mac_settings())  # invalid memory settings fail here, not later
+    # invalid memory settings fail here, not later
+    config = student_config(teacher_config, layers, cfg.mac_settings())
+    check_recipe(cfg, has_memory=bool(getattr(config, "memory_layers", None)))
     if cfg.teacher_cache and cfg.loss != "kl":
         raise UserError(f"--loss {cfg.loss} needs the full teacher distribution; a --teacher-cache holds only top-k logits, use --loss kl")
     run_dir = prepare_run_dir(cfg, is_main)
@@ -213,6 +376,14 @@ def distil(cfg: DistilConfig) -> Path:
     with accelerator.main_process_first():
         train_blocks = load_blocks(cfg.data, tokenizer, cfg.max_length, "train", seed=cfg.seed, validation_fraction=cfg.validation_fraction, max_blocks=cfg.max_train_blocks)
         val_blocks = load_blocks(cfg.data, tokenizer, cfg.max_length, "validation", seed=cfg.seed, validation_fraction=cfg.validation_fraction, max_blocks=cfg.eval_batches * cfg.batch_size * accelerator.num_processes)
+    if cfg.long_range_rate:
+        kinds, distance = cfg.long_range()
+        rate = cfg.long_range_rate
+        train_blocks, items = mix_long_range(train_blocks, tokenizer, rate, kinds, distance, cfg.seed)
+        accelerator.print(
+            f"long-range items ({','.join(kinds)}, distance {distance}) in {len(items)} of "
+            f"{len(train_blocks)} training blocks"
+        )
     cache = None
     if cfg.teacher_cache:
         cache = TeacherCache(cfg.teacher_cache)
@@ -231,10 +402,24 @@ def distil(cfg: DistilConfig) -> Path:
     sampler = BlockSampler(len(train_blocks), global_batch, seed=cfg.seed)
     steps_per_epoch = max(len(sampler) // cfg.grad_accum, 1)
     total_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil((cfg.num_epochs or 1.0) * steps_per_epoch)
+    if cfg.freeze_backbone_steps > total_steps:
+        raise UserError(
+            f"--freeze-backbone-steps {cfg.freeze_backbone_steps} exceeds the run's {total_steps} steps; "
+            f"pass at most {total_steps}"
+        )
 
     distiller = Distiller(student)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup, total_steps)
+    groups = parameter_groups(student)
+    memory_lr = cfg.memory_lr if cfg.memory_lr is not None else MEMORY_LR_FACTOR * cfg.lr
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": params, "lr": cfg.lr if name == "backbone" else memory_lr, "name": name}
+            for name, params in groups.items()
+        ],
+        weight_decay=cfg.weight_decay,
+    )
+    factors = lr_factors(groups, cfg.warmup, total_steps, cfg.freeze_backbone_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     distiller, optimizer = accelerator.prepare(distiller, optimizer)
     if teacher is not None:
         teacher.to(accelerator.device)
@@ -278,26 +463,38 @@ def distil(cfg: DistilConfig) -> Path:
     tokens_per_step = global_batch * cfg.grad_accum * cfg.max_length
     while step < total_steps:
         started = time.perf_counter()
-        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, **({"layer_mse": 0.0} if cfg.layer_loss_weight else {})}
         stats_sum: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             indices = next(batches)
             ids = train_blocks[indices[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]].to(accelerator.device)
-            if cfg.alpha == 0:  # cross-entropy only: the teacher is not needed
+            teacher_hidden = None
+            if cfg.alpha == 0 and not cfg.layer_loss_weight:  # cross-entropy only: the teacher is not needed
                 targets = None
             elif cache is not None:
                 targets = cache.targets(indices[rank * cfg.batch_size:(rank + 1) * cfg.batch_size], accelerator.device)
             else:
-                targets = teacher_targets(teacher, ids)
+                with layer_outputs(teacher.model.layers, layers if cfg.layer_loss_weight else ()) as captured:
+                    targets = teacher_targets(teacher, ids)
+                if cfg.layer_loss_weight:  # cloned: inference tensors cannot enter the student's graph
+                    teacher_hidden = [captured[t].clone() for t in layers]
             sync = micro == cfg.grad_accum - 1
             with accelerator.no_sync(distiller) if not sync else contextlib.nullcontext(), accelerator.autocast():
-                loss, kd, ce, stats = distiller(ids, targets, kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha, chunk_size=cfg.kd_chunk_size)
+                loss, kd, ce, stats = distiller(
+                    ids, targets, kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha,
+                    chunk_size=cfg.kd_chunk_size, teacher_hidden=teacher_hidden,
+                    layer_weight=cfg.layer_loss_weight,
+                )
                 accelerator.backward(loss / cfg.grad_accum)
-            for key, value in (("loss", loss), ("kd", kd), ("ce", ce)):
+            losses = {"loss": loss, "kd": kd, "ce": ce}
+            if teacher_hidden is not None:
+                losses["layer_mse"] = stats.pop("layer_mse")
+            for key, value in losses.items():
                 totals[key] += accelerator.reduce(value.detach(), "mean").item() / cfg.grad_accum
             for key, value in stats.items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + float(value) / cfg.grad_accum
         grad_norm = accelerator.clip_grad_norm_(distiller.parameters(), cfg.max_grad_norm)
+        lrs = dict(zip(groups, scheduler.get_last_lr(), strict=True))  # the lrs this step's update uses
         finite = math.isfinite(totals["loss"]) and math.isfinite(float(grad_norm))
         if finite:
             optimizer.step()
@@ -307,7 +504,8 @@ def distil(cfg: DistilConfig) -> Path:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         elapsed = time.perf_counter() - started
-        record = {"step": step, **{k: round(v, 6) for k, v in totals.items()}, "lr": scheduler.get_last_lr()[0],
+        record = {"step": step, **{k: round(v, 6) for k, v in totals.items()}, "lr": lrs["backbone"],
+                  **{f"lr_{name}": lr for name, lr in lrs.items() if name != "backbone"},
                   "grad_norm": round(float(grad_norm), 4), **({} if finite else {"skipped": True}), "tokens_per_s": round(tokens_per_step / elapsed, 1),
                   **{f"mem_{k}": round(v, 6) for k, v in stats_sum.items()}}
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
