@@ -376,6 +376,7 @@ def distil(cfg: DistilConfig) -> Path:
     with accelerator.main_process_first():
         train_blocks = load_blocks(cfg.data, tokenizer, cfg.max_length, "train", seed=cfg.seed, validation_fraction=cfg.validation_fraction, max_blocks=cfg.max_train_blocks)
         val_blocks = load_blocks(cfg.data, tokenizer, cfg.max_length, "validation", seed=cfg.seed, validation_fraction=cfg.validation_fraction, max_blocks=cfg.eval_batches * cfg.batch_size * accelerator.num_processes)
+    calibration_blocks = train_blocks[:CALIBRATION_BLOCKS]  # before mixing: the student's init ignores the mix
     if cfg.long_range_rate:
         kinds, distance = cfg.long_range()
         rate = cfg.long_range_rate
@@ -389,7 +390,7 @@ def distil(cfg: DistilConfig) -> Path:
         cache = TeacherCache(cfg.teacher_cache)
         cache.check_compatible(cfg, tokenizer, len(train_blocks))
     student = build_student(teacher, layers, cfg.mac_settings())
-    calibrate_memory(student, train_blocks[:CALIBRATION_BLOCKS])
+    calibrate_memory(student, calibration_blocks)
     teacher.to(teacher_dtype)
     if cache is not None:
         del teacher  # the cache stands in for the teacher: it is never run
