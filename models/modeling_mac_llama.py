@@ -320,6 +320,13 @@ def memory_from_config(config: MACLlamaConfig) -> NeuralMemory:
 class MACLlamaAttention(LlamaAttention):
     """Llama's attention weights (same names); the attention pattern is chosen by the decoder layer."""
 
+    def forward(self, *args, **kwargs):
+        """Refused: Llama's forward would compute full causal attention, which is not MAC."""
+        raise NotImplementedError(
+            "MACLlamaAttention is driven by MACLlamaDecoderLayer (project / attend / attend_blockwise); "
+            "call the decoder layer, not its self_attn"
+        )
+
     def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, T, hidden) -> q (B, H, T, d), k and v (B, H_kv, T, d), before RoPE."""
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)

@@ -36,7 +36,7 @@ weighted sums (for S and for W) share one backward pass. Everything is built fro
 so ordinary autograd trains the parameters through the unrolled updates. Chunks run sequentially.
 
 Read-out: every token of chunk c is read with the weights at the START of chunk c. This keeps the module causal;
-with C = 1 it is exactly y_t = M_{t-1}(q_t), then the update with token t (``paper_memory.py``).
+with C = 1 it is exactly y_t = M_{t-1}(q_t), then the update with token t (``tests/paper_memory.py``, the test oracle).
 
 Streaming: ``MemoryState`` holds the weights and momenta at the last chunk boundary plus the raw inputs of the
 incomplete current chunk (``pending``). ``forward`` prepends the pending rows, applies every complete chunk and

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from titans_distil.models.configuration_mac_llama import MACLlamaConfig
 from titans_distil.models.modeling_mac_llama import MACCache, MACLlamaForCausalLM
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
 from titans_distil.export import save_with_model_code
 
@@ -82,6 +82,12 @@ def test_freshly_built_student_readout_gate(version, gate):
     assert mac.model.layers[0].memory is None and mac.model.layers[0].persistent_tokens is None
 
 
+def test_attention_module_alone_refuses_to_run():
+    attn = mac_model().model.layers[0].self_attn
+    with pytest.raises(NotImplementedError, match="call the decoder layer, not its self_attn"):
+        attn(torch.zeros(1, 3, BASE["hidden_size"]), None, None)
+
+
 def test_attention_is_segment_local():
     """Without memory, the second segment's logits are those of Llama run on that segment alone (same positions)."""
     mac = mac_model(memory_layers=[], num_persistent_tokens=0)
@@ -115,7 +121,7 @@ def reference_memory_layer(layer, hidden, rule):
         causal = torch.ones(L, L, dtype=torch.bool).tril()
         allowed[P + L :] = torch.cat([torch.ones(L, P, dtype=torch.bool), causal, causal], dim=1)
         mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[None, None]
-        y = layer.self_attn(context, position_embeddings=rotary(context, positions), attention_mask=mask)[0][:, -L:]
+        y = LlamaAttention.forward(layer.self_attn, context, position_embeddings=rotary(context, positions), attention_mask=mask)[0][:, -L:]  # Llama attention on an explicit context
         readout, state, _ = layer.memory(F.rms_norm(y, (y.shape[-1],), eps=1e-6), state, update_rule=rule)
         outputs.append(y + layer.memory_gate * readout)
     hidden = hidden + torch.cat(outputs, dim=1)

@@ -1,5 +1,5 @@
 """Tests of the chunked Titans neural memory (models/neural_memory.py) against independent references:
-the token-by-token paper oracle (models/paper_memory.py, autograd gradients) and a plain loop over chunks
+the token-by-token paper oracle (tests/paper_memory.py, autograd gradients) and a plain loop over chunks
 written here (gradient at the chunk-start weights by autograd, then token-by-token momentum and forgetting)."""
 
 import random
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from titans_distil.models.neural_memory import MemoryState, NeuralMemory
-from titans_distil.models.paper_memory import PaperMemory
+from paper_memory import PaperMemory
 
 D, DM = 16, 12  # input width, memory width (different, to catch transposed shapes)
 F64 = torch.float64

@@ -14,12 +14,12 @@ def register() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, f"titans_distil.models.vllm_mac_llama:{ARCHITECTURE}")
+        ModelRegistry.register_model(ARCHITECTURE, f"titans_distil.vllm_mac_llama:{ARCHITECTURE}")
 
     class MACLlamaServingConfig(VerifyAndUpdateConfig):
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
-            from titans_distil.models.vllm_mac_llama import check_servable
+            from titans_distil.vllm_mac_llama import check_servable
 
             check_servable(vllm_config.model_config.hf_config)
 

@@ -37,7 +37,7 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.utils import extract_layer_index
 
-from .modeling_mac_llama import _unit_rms, memory_from_config
+from .models.modeling_mac_llama import _unit_rms, memory_from_config
 
 logger = init_logger(__name__)
 
