@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,6 +192,48 @@ def test_layer_loss_pulls_each_student_layer_to_its_teacher_layer(tiny_teacher_d
         assert row["layer_mse"] > 0 and "mem_layer_mse" not in row
         kd_and_ce = 0.9 * row["kd"] + 0.1 * row["ce"]
         assert row["loss"] == pytest.approx(kd_and_ce + 0.5 * row["layer_mse"], rel=1e-4)
+
+
+def as_written_before_the_recipe(run_dir: Path, step: int) -> None:
+    """Make a run look like one from before optimizer groups: no recipe fields, one unnamed group."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    config = json.loads((run_dir / "config.json").read_text())
+    recipe = ("memory_lr", "freeze_backbone_steps", "long_range_rate", "long_range_kinds",
+              "long_range_distance", "layer_loss_weight")
+    for key in recipe:
+        del config[key]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    path = run_dir / "checkpoints" / f"step-{step:06d}" / "optimizer.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["optimizer"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    groups = meta["param_groups"]
+    meta["param_groups"] = [{**{k: v for k, v in groups[0].items() if k != "name"},
+                             "params": [i for g in groups for i in g["params"]]}]
+    save_file(tensors, str(path), metadata={"optimizer": json.dumps(meta)})
+
+
+def test_runs_from_before_the_recipe_resume_or_say_why_not(tiny_teacher_dir, small_corpus, tmp_path):
+    common = ("--max-steps", 2, "--save-every", 1, "--eval-every", 0)
+    for name in ("full", "old"):
+        code, out = invoke(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, name, *common))
+        assert code == 0, out
+    shutil.rmtree(tmp_path / "old" / "checkpoints" / "step-000002")
+    as_written_before_the_recipe(tmp_path / "old", 1)
+    code, out = invoke(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "old", *common, "--resume"))
+    assert code == 0 and "resumed" in out, out
+    assert losses(tmp_path / "old") == losses(tmp_path / "full")
+
+    mac = tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "old-mac", *MAC_FLAGS, "--max-steps", 1)
+    code, out = invoke(*mac)
+    assert code == 0, out
+    as_written_before_the_recipe(tmp_path / "old-mac", 1)
+    code, out = invoke(*mac, "--max-steps", 2, "--resume")
+    assert code == 1 and "\n" not in out, out
+    assert "optimizer groups [None] but this run has ['backbone', 'memory', 'persistent', 'gate']" in out
+    assert "written by an older titans-distil: resume it with that version or start a new run" in out
 
 
 def invoke(*args):

@@ -246,7 +246,9 @@ def prepare_run_dir(cfg: DistilConfig, is_main: bool) -> Path:
     if cfg.resume:
         if not config_file.is_file():
             raise UserError(f"--resume: {run_dir} holds no run to resume; drop --resume to start it")
-        saved = json.loads(config_file.read_text())
+        # A field the saved config lacks was added since the run started; it ran with the field's default
+        # behaviour (a MAC run from before optimizer groups is caught when its optimizer state is loaded).
+        saved = {**DistilConfig().identity(), **json.loads(config_file.read_text())}
         diff = {k: (saved.get(k), v) for k, v in cfg.identity().items() if saved.get(k) != v}
         if diff:
             shown = ", ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in list(diff.items())[:3])
