@@ -105,7 +105,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_teacher
 
 
 def test_memory_parts_get_their_own_lr_and_learn_while_the_backbone_is_frozen(
-    tiny_teacher_dir, small_corpus, tmp_path
+    tiny_teacher_dir, small_corpus, tmp_path, one_thread
 ):
     from safetensors.torch import load_file
     from titans_distil.models.neural_memory import NeuralMemory
@@ -145,9 +145,9 @@ def test_memory_parts_get_their_own_lr_and_learn_while_the_backbone_is_frozen(
 
 
 def test_long_range_items_mixed_into_training_leave_validation_alone(
-    tiny_teacher_dir, small_corpus, tmp_path
+    tiny_teacher_dir, small_corpus, tmp_path, one_thread
 ):
-    common = (*MAC_FLAGS, "--max-length", 192, "--max-steps", 2, "--save-every", 0, "--eval-every", 0)
+    common = (*MAC_FLAGS, "--max-length", 160, "--max-steps", 2, "--save-every", 0, "--eval-every", 0)
     mixing = ("--long-range-rate", "0.5", "--long-range-kinds", "passkey,kv")
     code, out = invoke(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "mixed", *common, *mixing))
     assert code == 0, out
@@ -166,7 +166,9 @@ def test_long_range_items_mixed_into_training_leave_validation_alone(
     assert [r["loss"] for r in mixed[1:]] != [r["loss"] for r in plain[1:]]  # different training blocks
 
 
-def test_layer_loss_pulls_each_student_layer_to_its_teacher_layer(tiny_teacher_dir, small_corpus, tmp_path):
+def test_layer_loss_pulls_each_student_layer_to_its_teacher_layer(
+    tiny_teacher_dir, small_corpus, tmp_path, one_thread
+):
     from titans_distil.student import build_student
     from titans_distil.train import Distiller, layer_outputs, teacher_targets
 
@@ -249,7 +251,9 @@ def as_written_before_the_recipe(run_dir: Path, step: int) -> None:
     save_file(tensors, str(path), metadata={"optimizer": json.dumps(meta)})
 
 
-def test_runs_from_before_the_recipe_resume_or_say_why_not(tiny_teacher_dir, small_corpus, tmp_path):
+def test_runs_from_before_the_recipe_resume_or_say_why_not(
+    tiny_teacher_dir, small_corpus, tmp_path, one_thread
+):
     common = ("--max-steps", 2, "--save-every", 1, "--eval-every", 0)
     for name in ("full", "old"):
         code, out = invoke(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, name, *common))
