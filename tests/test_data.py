@@ -496,13 +496,13 @@ def test_mixing_rewrites_a_seeded_share_of_blocks_in_their_own_text(tok):
     for index, item in items:
         row = mixed[index].tolist()
         assert item.distance == 100 and item.answer[1] <= 256 and key_domain(item.key) == "train"
-        assert row[:len(item.ids)] == item.ids
-        answer = tok.decode(row[item.answer[0]:item.answer[1]])
-        assert answer.strip() in tok.decode(row[item.fact[0]:item.fact[1]])
+        assert row[: len(item.ids) + 1] == item.ids + tok("\n")["input_ids"]
+        answer = tok.decode(row[item.answer[0] : item.answer[1]])
+        assert answer.strip() in tok.decode(row[item.fact[0] : item.fact[1]])
         # Everything besides fact, question and answer is the block's own text, in order.
-        inserted = set(range(*item.fact)) | set(range(item.question[0], item.answer[1]))
+        inserted = set(range(*item.fact)) | set(range(item.question[0], item.answer[1] + 1))  # + newline
         kept = [t for pos, t in enumerate(row) if pos not in inserted]
-        assert kept == blocks[index, :len(kept)].tolist()
+        assert kept == blocks[index, : len(kept)].tolist()
     again, same = D.mix_long_range(blocks, tok, 0.25, KINDS, 100, seed=4)
     assert torch.equal(again, mixed) and same == items
     _, other = D.mix_long_range(blocks, tok, 0.25, KINDS, 100, seed=5)

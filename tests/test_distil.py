@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,8 +42,17 @@ MAC_FLAGS = ("--use-mac", "--segment-len", 16, "--memory-chunk-size", 8, "--pers
 
 # MAC with the recipe flags: the kill (step 3) and the resume fall on either side of the unfreeze (step 4);
 # the items need 32 + 128 tokens.
-RECIPE_FLAGS = (*MAC_FLAGS, "--memory-lr", "2e-2", "--freeze-backbone-steps", 4, "--long-range-rate", "0.5",
-                "--max-length", 160)
+RECIPE_FLAGS = (
+    *MAC_FLAGS,
+    "--memory-lr",
+    "2e-2",
+    "--freeze-backbone-steps",
+    4,
+    "--long-range-rate",
+    "0.5",
+    "--max-length",
+    160,
+)
 STUDENT_FLAGS = {"llama": (), "mac": MAC_FLAGS, "mac-recipe": RECIPE_FLAGS}
 
 
@@ -95,7 +105,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_teacher
 
 
 def test_memory_parts_get_their_own_lr_and_learn_while_the_backbone_is_frozen(
-    tiny_teacher_dir, small_corpus, tmp_path
+    tiny_teacher_dir, small_corpus, tmp_path, one_thread
 ):
     from safetensors.torch import load_file
     from titans_distil.models.neural_memory import NeuralMemory
@@ -134,22 +144,31 @@ def test_memory_parts_get_their_own_lr_and_learn_while_the_backbone_is_frozen(
     assert any(not torch.equal(weights[2][n], initial[n]) for n, group in role.items() if group == "backbone")
 
 
-def test_long_range_items_mixed_into_training_leave_validation_alone(tiny_teacher_dir, small_corpus, tmp_path):
-    common = (*MAC_FLAGS, "--max-length", 192, "--max-steps", 2, "--save-every", 0, "--eval-every", 0)
+def test_long_range_items_mixed_into_training_leave_validation_alone(
+    tiny_teacher_dir, small_corpus, tmp_path, one_thread
+):
+    common = (*MAC_FLAGS, "--max-length", 160, "--max-steps", 2, "--save-every", 0, "--eval-every", 0)
     mixing = ("--long-range-rate", "0.5", "--long-range-kinds", "passkey,kv")
     code, out = invoke(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "mixed", *common, *mixing))
     assert code == 0, out
     n_train = int(re.search(r"in (\d+) of (\d+) training blocks", out).group(2))
-    assert f"long-range items (passkey,kv, distance 32) in {round(0.5 * n_train)} of {n_train} training blocks" in out
+    assert (
+        f"long-range items (passkey,kv, distance 32) in {round(0.5 * n_train)} of {n_train} training blocks"
+        in out
+    )
     code, out = invoke(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "plain", *common))
     assert code == 0 and "long-range" not in out, out
-    mixed, plain = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-                    for run in ("mixed", "plain"))
+    mixed, plain = (
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("mixed", "plain")
+    )
     assert mixed[0]["val_ppl"] == plain[0]["val_ppl"]  # same student, same validation blocks
     assert [r["loss"] for r in mixed[1:]] != [r["loss"] for r in plain[1:]]  # different training blocks
 
 
-def test_layer_loss_pulls_each_student_layer_to_its_teacher_layer(tiny_teacher_dir, small_corpus, tmp_path):
+def test_layer_loss_pulls_each_student_layer_to_its_teacher_layer(
+    tiny_teacher_dir, small_corpus, tmp_path, one_thread
+):
     from titans_distil.student import build_student
     from titans_distil.train import Distiller, layer_outputs, teacher_targets
 
@@ -163,8 +182,16 @@ def test_layer_loss_pulls_each_student_layer_to_its_teacher_layer(tiny_teacher_d
     teacher_hidden = [captured[t].clone() for t in (0, 3)]
 
     def run(student, weight, hidden):
-        return Distiller(student)(ids, targets, kind="kl", temperature=1.0, alpha=0.9, chunk_size=16,
-                                  teacher_hidden=hidden, layer_weight=weight)
+        return Distiller(student)(
+            ids,
+            targets,
+            kind="kl",
+            temperature=1.0,
+            alpha=0.9,
+            chunk_size=16,
+            teacher_hidden=hidden,
+            layer_weight=weight,
+        )
 
     whole = build_student(teacher, [0, 1, 2, 3])  # the teacher itself: nothing to pull
     with layer_outputs(teacher.model.layers, range(4)) as every:
@@ -191,6 +218,60 @@ def test_layer_loss_pulls_each_student_layer_to_its_teacher_layer(tiny_teacher_d
         assert row["layer_mse"] > 0 and "mem_layer_mse" not in row
         kd_and_ce = 0.9 * row["kd"] + 0.1 * row["ce"]
         assert row["loss"] == pytest.approx(kd_and_ce + 0.5 * row["layer_mse"], rel=1e-4)
+
+
+def as_written_before_the_recipe(run_dir: Path, step: int) -> None:
+    """Make a run look like one from before optimizer groups: no recipe fields, one unnamed group."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    config = json.loads((run_dir / "config.json").read_text())
+    recipe = (
+        "memory_lr",
+        "freeze_backbone_steps",
+        "long_range_rate",
+        "long_range_kinds",
+        "long_range_distance",
+        "layer_loss_weight",
+    )
+    for key in recipe:
+        del config[key]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    path = run_dir / "checkpoints" / f"step-{step:06d}" / "optimizer.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["optimizer"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    groups = meta["param_groups"]
+    meta["param_groups"] = [
+        {
+            **{k: v for k, v in groups[0].items() if k != "name"},
+            "params": [i for g in groups for i in g["params"]],
+        }
+    ]
+    save_file(tensors, str(path), metadata={"optimizer": json.dumps(meta)})
+
+
+def test_runs_from_before_the_recipe_resume_or_say_why_not(
+    tiny_teacher_dir, small_corpus, tmp_path, one_thread
+):
+    common = ("--max-steps", 2, "--save-every", 1, "--eval-every", 0)
+    for name in ("full", "old"):
+        code, out = invoke(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, name, *common))
+        assert code == 0, out
+    shutil.rmtree(tmp_path / "old" / "checkpoints" / "step-000002")
+    as_written_before_the_recipe(tmp_path / "old", 1)
+    code, out = invoke(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "old", *common, "--resume"))
+    assert code == 0 and "resumed" in out, out
+    assert losses(tmp_path / "old") == losses(tmp_path / "full")
+
+    mac = tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "old-mac", *MAC_FLAGS, "--max-steps", 1)
+    code, out = invoke(*mac)
+    assert code == 0, out
+    as_written_before_the_recipe(tmp_path / "old-mac", 1)
+    code, out = invoke(*mac, "--max-steps", 2, "--resume")
+    assert code == 1 and "\n" not in out, out
+    assert "optimizer groups [None] but this run has ['backbone', 'memory', 'persistent', 'gate']" in out
+    assert "written by an older titans-distil: resume it with that version or start a new run" in out
 
 
 def invoke(*args):

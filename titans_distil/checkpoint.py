@@ -44,6 +44,14 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
+    # Groups are named by role; a checkpoint from before the groups holds one unnamed group.
+    saved = [group.get("name") for group in meta["param_groups"]]
+    current = [group.get("name") for group in optimizer.param_groups]
+    if len(saved) != len(current) or any(name not in (None, now) for name, now in zip(saved, current)):
+        raise UserError(
+            f"checkpoint {path.parent} holds optimizer groups {saved} but this run has {current}; it was "
+            "written by an older titans-distil: resume it with that version or start a new run"
+        )
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 

@@ -812,9 +812,9 @@ def mix_long_range(
     """Rewrite ``round(rate * n)`` seeded-chosen training blocks as long-range items (train-domain keys).
 
     The item is laid into the block's own text: ``text[:lead] + fact + text[distance tokens] + question +
-    answer``, then the block's text continues to the block length, so every token besides the inserted
-    pieces is the block's, in order. Returns the new blocks (the input is not modified) and (block index,
-    item) pairs whose spans are positions in that block.
+    answer + newline``, then the block's text continues to the block length, so every token besides the
+    inserted pieces is the block's, in order. Returns the new blocks (the input is not modified) and
+    (block index, item) pairs whose spans are positions in that block.
     """
     n, length = blocks.shape
     if distance + LONG_RANGE_ROOM > length:
@@ -823,6 +823,7 @@ def mix_long_range(
             f"the blocks' {length}; use a smaller distance or a larger --max-length"
         )
     chosen = item_rng(seed, "train", _MIX_STREAM).choice(n, size=round(rate * n), replace=False)
+    newline = list(tokenizer("\n", add_special_tokens=False)["input_ids"])  # the answer ends its line
     out = blocks.clone()
     items = []
     for index in sorted(chosen.tolist()):
@@ -832,16 +833,18 @@ def mix_long_range(
         # Same generator, same texts: a probe at lead 0 tells the item's length before the lead is drawn.
         texts = (seed, "train", _MIX_STREAM, index, 1)
         probe = make_item(kind, tokenizer, text[:distance], distance, item_rng(*texts), "train")
-        if len(probe.ids) > length:  # only a tokenizer far less compact than bytes gets here
+        free = length - len(probe.ids) - len(newline)
+        if free < 0:  # only a tokenizer far less compact than bytes gets here
             raise DataError(
-                f"a {kind} item at distance {distance} takes {len(probe.ids)} tokens, more than the blocks' "
-                f"{length}; use a smaller distance or a larger --max-length"
+                f"a {kind} item at distance {distance} takes {len(probe.ids)} tokens, too many for the "
+                f"blocks' {length}; use a smaller distance or a larger --max-length"
             )
-        lead = int(choice.integers(0, length - len(probe.ids) + 1))
+        lead = int(choice.integers(0, free + 1))
         filler = text[: lead + distance]
         item = make_item(kind, tokenizer, filler, distance, item_rng(*texts), "train", lead=lead)
-        rest = text[lead + distance : lead + distance + length - len(item.ids)]
-        out[index] = torch.cat([torch.tensor(item.ids, dtype=blocks.dtype), rest])
+        ids = item.ids + newline
+        rest = text[lead + distance : lead + distance + length - len(ids)]
+        out[index] = torch.cat([torch.tensor(ids, dtype=blocks.dtype), rest])
         items.append((index, item))
     return out, items
 

@@ -246,7 +246,9 @@ def prepare_run_dir(cfg: DistilConfig, is_main: bool) -> Path:
     if cfg.resume:
         if not config_file.is_file():
             raise UserError(f"--resume: {run_dir} holds no run to resume; drop --resume to start it")
-        saved = json.loads(config_file.read_text())
+        # A field the saved config lacks was added since the run started; it ran with the field's default
+        # behaviour (a MAC run from before optimizer groups is caught when its optimizer state is loaded).
+        saved = {**DistilConfig().identity(), **json.loads(config_file.read_text())}
         diff = {k: (saved.get(k), v) for k, v in cfg.identity().items() if saved.get(k) != v}
         if diff:
             shown = ", ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in list(diff.items())[:3])
@@ -482,8 +484,13 @@ def distil(cfg: DistilConfig) -> Path:
             sync = micro == cfg.grad_accum - 1
             with accelerator.no_sync(distiller) if not sync else contextlib.nullcontext(), accelerator.autocast():
                 loss, kd, ce, stats = distiller(
-                    ids, targets, kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha,
-                    chunk_size=cfg.kd_chunk_size, teacher_hidden=teacher_hidden,
+                    ids,
+                    targets,
+                    kind=cfg.loss,
+                    temperature=cfg.temperature,
+                    alpha=cfg.alpha,
+                    chunk_size=cfg.kd_chunk_size,
+                    teacher_hidden=teacher_hidden,
                     layer_weight=cfg.layer_loss_weight,
                 )
                 accelerator.backward(loss / cfg.grad_accum)
@@ -505,10 +512,16 @@ def distil(cfg: DistilConfig) -> Path:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         elapsed = time.perf_counter() - started
-        record = {"step": step, **{k: round(v, 6) for k, v in totals.items()}, "lr": lrs["backbone"],
-                  **{f"lr_{name}": lr for name, lr in lrs.items() if name != "backbone"},
-                  "grad_norm": round(float(grad_norm), 4), **({} if finite else {"skipped": True}), "tokens_per_s": round(tokens_per_step / elapsed, 1),
-                  **{f"mem_{k}": round(v, 6) for k, v in stats_sum.items()}}
+        record = {
+            "step": step,
+            **{k: round(v, 6) for k, v in totals.items()},
+            "lr": lrs["backbone"],
+            **{f"lr_{name}": lr for name, lr in lrs.items() if name != "backbone"},
+            "grad_norm": round(float(grad_norm), 4),
+            **({} if finite else {"skipped": True}),
+            "tokens_per_s": round(tokens_per_step / elapsed, 1),
+            **{f"mem_{k}": round(v, 6) for k, v in stats_sum.items()},
+        }
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
             record.update(evaluate())
         log(record)
