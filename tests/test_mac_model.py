@@ -395,7 +395,7 @@ def test_config_defaults():
     assert (config.segment_len, config.num_persistent_tokens, config.memory_chunk_size, config.memory_depth,
             config.memory_expansion, config.memory_dim, config.memory_max_lr, config.update_rule,
             config.memory_version, config.memory_heads, config.memory_update_bound, config.memory_max_grad_norm) == (
-        256, 16, 16, 2, 2, None, 1.0, "surprise", 2, 1, 2.0, None)
+        256, 16, 32, 2, 2, None, 1.0, "surprise", 2, 1, 2.0, None)
     assert config.memory_layers == [2, 6]
     assert MACLlamaConfig(**dict(BASE, num_hidden_layers=30)).memory_layers == [2, 6, 10, 15, 19, 23, 27]
     assert MACLlamaConfig(**dict(BASE, memory_layers=[])).memory_layers == []

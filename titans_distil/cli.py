@@ -63,7 +63,7 @@ def _data_options(fn):
 @click.option("--segment-len", type=POSITIVE, default=256, show_default=True, help="MAC: attention segment length; memory carries everything older.")
 @click.option("--persistent-tokens", type=NON_NEGATIVE, default=16, show_default=True, help="MAC: learnable persistent-memory tokens (0 disables).")
 @click.option("--memory-layers", default=None, help="MAC: student layers holding a neural memory, e.g. 1,4. [default: the model's choice]")
-@click.option("--memory-chunk-size", type=POSITIVE, default=16, show_default=True, help="MAC: tokens per memory update chunk (divides --segment-len).")
+@click.option("--memory-chunk-size", type=POSITIVE, default=32, show_default=True, help="MAC: tokens per memory update chunk (divides --segment-len).")
 @click.option("--memory-depth", type=POSITIVE, default=2, show_default=True, help="MAC: layers of the memory MLP.")
 @click.option("--update-rule", type=click.Choice(["surprise", "ema", "none"]), default="surprise", show_default=True,
               help="MAC: memory update during training and, by default, at inference.")

@@ -52,7 +52,7 @@ class DistilConfig:
     segment_len: int = 256
     persistent_tokens: int = 16
     memory_layers: str | None = None
-    memory_chunk_size: int = 16
+    memory_chunk_size: int = 32
     memory_depth: int = 2
     update_rule: str = "surprise"
     max_length: int = 512
