@@ -369,7 +369,7 @@ def test_bad_input_is_one_line_and_overwrites_nothing(runs, tmp_path, monkeypatc
             message="checkpoint runs/mac/checkpoints/step-000003 does not fit run runs/llama (model_type 'mac_llama' vs 'llama', memory_layers [1] vs None, num_persistent_tokens 4 vs None); it belongs to another architecture or size, pass a checkpoint of this run")
     shutil.copy("runs/mac/checkpoints/step-000003/model.safetensors", "mac.safetensors")
     refused(export_llama, "--run", "runs/llama", "--checkpoint", "mac.safetensors",
-            message="checkpoint mac.safetensors does not fit run runs/llama's LlamaForCausalLM, 2 layers, hidden 32 (unexpected 10 (model.layers.1.memory.gate_bias, model.layers.1.memory.gate_weight, model.layers.1.memory.initial_weights.0, ...)); it belongs to another architecture or size, pass a checkpoint of this run")
+            message="checkpoint mac.safetensors does not fit run runs/llama's LlamaForCausalLM, 2 layers, hidden 32 (unexpected 12 (model.layers.1.memory.gate_bias, model.layers.1.memory.gate_weight, model.layers.1.memory.initial_weights.0, ...)); it belongs to another architecture or size, pass a checkpoint of this run")
     # another size: a wider 3-layer Llama
     config = LlamaConfig(vocab_size=49152, hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=2, tie_word_embeddings=True)
