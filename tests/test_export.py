@@ -410,7 +410,7 @@ def test_inspect_weights_reads_safetensors_and_never_unpickles(mac_export, tmp_p
     state = load_file(str(mac_export / "model.safetensors"))
     norm = state["model.layers.1.memory.initial_weights.0"].double().norm().item()
     assert re.search(rf"model\.layers\.1\.memory\.initial_weights\.0\s+F32\s+\[64, 32\]\s+2,048\s+{norm:.4f}", text)
-    assert "2 tensors, 4,096 parameters (of 30 tensors)" in text and file_hashes(mac_export)["model.safetensors"] in text
+    assert "2 tensors, 4,096 parameters (of 32 tensors)" in text and file_hashes(mac_export)["model.safetensors"] in text
     # a pickle that would leave a marker file if it were ever unpickled
     marker = tmp_path / "unpickled"
 
@@ -432,7 +432,7 @@ def test_inspect_architecture(runs, mac_export):
     assert code == 0 and text.endswith("OK: every tensor the config needs is present with the right shape, and nothing else")
     code, text = invoke(inspect_model, "architecture", mac_export, "--weights", runs / "llama" / "final")
     assert code == 1 and "  missing    model.layers.1.memory_gate" in text
-    assert text.splitlines()[-1] == ("Error: the weights do not fit the config (missing 10 (model.layers.1.memory_gate, "
+    assert text.splitlines()[-1] == ("Error: the weights do not fit the config (missing 12 (model.layers.1.memory_gate, "
                                      "model.layers.1.persistent_tokens, model.layers.1.memory.gate_weight, ...))")
 
 

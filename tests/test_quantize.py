@@ -214,7 +214,7 @@ def test_memory_parameters_train_through_the_quantized_model(mac_dir, bits, quan
     model = quantize_model(inspect_source(str(mac_dir)), parse_spec(bits, quant_type)).train()
     trainable = {n: p.requires_grad_(True) for n, p in model.named_parameters()
                  if ".memory." in n or n.endswith(("persistent_tokens", "memory_gate"))}
-    assert len(trainable) == 10 * len(MEMORY_LAYERS)  # 8 memory tensors, persistent tokens, gate
+    assert len(trainable) == 12 * len(MEMORY_LAYERS)  # 10 memory tensors (with the two centres), persistent tokens, gate
     x = ids(2 * SEG)
     model(x, use_cache=False, labels=x).loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in trainable.values())
