@@ -466,6 +466,10 @@ def distil(cfg: DistilConfig) -> Path:
     tokens_per_step = global_batch * cfg.grad_accum * cfg.max_length
     while step < total_steps:
         started = time.perf_counter()
+        frozen = step < cfg.freeze_backbone_steps
+        if accelerator.num_processes == 1:  # DDP needs a fixed set of trainable parameters: it only drops grads
+            for param in groups.get("backbone", []):
+                param.requires_grad_(not frozen)
         totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, **({"layer_mse": 0.0} if cfg.layer_loss_weight else {})}
         stats_sum: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
@@ -501,6 +505,9 @@ def distil(cfg: DistilConfig) -> Path:
                 totals[key] += accelerator.reduce(value.detach(), "mean").item() / cfg.grad_accum
             for key, value in stats.items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + float(value) / cfg.grad_accum
+        if frozen:  # a frozen backbone's gradients must not shrink the memory's share of the clipped norm
+            for param in groups.get("backbone", []):
+                param.grad = None
         grad_norm = accelerator.clip_grad_norm_(distiller.parameters(), cfg.max_grad_norm)
         lrs = dict(zip(groups, scheduler.get_last_lr(), strict=True))  # the lrs this step's update uses
         finite = math.isfinite(totals["loss"]) and math.isfinite(float(grad_norm))
