@@ -166,6 +166,34 @@ def test_long_range_items_mixed_into_training_leave_validation_alone(
     assert [r["loss"] for r in mixed[1:]] != [r["loss"] for r in plain[1:]]  # different training blocks
 
 
+def test_answer_weights_mark_the_positions_that_predict_each_answer():
+    from titans_distil.long_range import Item
+    from titans_distil.train import answer_weights
+
+    item = Item("passkey", list(range(20)), (2, 5), (12, 15), (15, 18), "k")
+    weights = answer_weights((3, 20), [(1, item)], 4.0)
+    want = torch.ones(3, 19)
+    want[1, 14:17] = 4.0  # positions 14, 15, 16 predict the answer tokens 15, 16, 17
+    assert torch.equal(weights, want)
+    assert answer_weights((3, 20), [(1, item)], 1.0) is None
+
+
+def test_answer_loss_weight_changes_the_loss_of_long_range_blocks_only(
+    tiny_teacher_dir, small_corpus, tmp_path, one_thread
+):
+    common = (*MAC_FLAGS, "--max-length", 160, "--max-steps", 2, "--save-every", 0, "--eval-every", 0,
+              "--long-range-rate", "1.0")
+    runs = {"plain": (), "weighted": ("--answer-loss-weight", "20")}
+    for name, extra in runs.items():
+        code, out = invoke(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, name, *common, *extra))
+        assert code == 0, out
+    plain, weighted = (
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in runs
+    )
+    assert plain[1]["kd"] == weighted[1]["kd"] and plain[1]["ce"] == weighted[1]["ce"]  # same first forward
+    assert plain[1]["loss"] != weighted[1]["loss"]
+
+
 def test_layer_loss_pulls_each_student_layer_to_its_teacher_layer(
     tiny_teacher_dir, small_corpus, tmp_path, one_thread
 ):
@@ -233,6 +261,7 @@ def as_written_before_the_recipe(run_dir: Path, step: int) -> None:
         "long_range_kinds",
         "long_range_distance",
         "layer_loss_weight",
+        "answer_loss_weight",
     )
     for key in recipe:
         del config[key]
@@ -318,6 +347,10 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tiny_teacher_dir, small
         (["--layer-loss-weight", "-1"], "--layer-loss-weight -1.0 is not a number >= 0"),
         (["--layer-loss-weight", "0.1", "--teacher-cache", tmp_path / "cache"],
          "--layer-loss-weight needs the teacher's hidden states, which a --teacher-cache does not hold"),
+        (["--answer-loss-weight", "0"], "--answer-loss-weight 0.0 is not a number > 0; pass e.g. 10"),
+        (["--answer-loss-weight", "nan"], "--answer-loss-weight nan is not a number > 0"),
+        (["--answer-loss-weight", "5"], "--answer-loss-weight 5.0 weights the answers of long-range items, and "
+                                        "--long-range-rate is 0"),
     ]
     (tmp_path / "empty").mkdir()
     (tmp_path / "short").mkdir()

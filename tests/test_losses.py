@@ -83,3 +83,29 @@ def test_topk_teacher_refuses_other_divergences(case):
         distillation_loss(hidden, weight, labels, TopKTeacher(values, indices), kind="jsd")
     with pytest.raises(ValueError, match="unknown KD loss 'mse'"):
         distillation_loss(hidden, weight, labels, None, kind="mse")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 8, 1000])
+def test_position_weights_weight_the_loss_but_not_the_reported_means(case, chunk_size):
+    hidden, weight, th, tw, labels = case
+    temperature, alpha = 1.5, 0.8
+    w = torch.ones(N, dtype=torch.float64)
+    w[[0, 3, 20, 21]] = 10.0  # position 3's label is ignored: its weight must not count
+    s = F.log_softmax(hidden @ weight.T / temperature, -1)
+    t = F.log_softmax(th @ tw.T / temperature, -1)
+    per_kd = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+    per_ce = F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100, reduction="none")
+    mask = labels != -100
+    ref = ((alpha * temperature**2 * per_kd + (1 - alpha) * per_ce) * w)[mask].sum() / w[mask].sum()
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    loss, kd, ce = distillation_loss(hidden, weight, labels, DenseTeacher(th, tw), kind="kl", temperature=temperature,
+                                     alpha=alpha, chunk_size=chunk_size, weights=w)
+    torch.testing.assert_close(loss, ref.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kd, per_kd[mask].mean().float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ce, per_ce[mask].mean().float(), rtol=1e-6, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(loss, (hidden, weight)), ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    ones = distillation_loss(hidden, weight, labels, DenseTeacher(th, tw), weights=torch.ones(N))[0]
+    torch.testing.assert_close(ones, distillation_loss(hidden, weight, labels, DenseTeacher(th, tw))[0])
+    with pytest.raises(ValueError, match="weights have shape"):
+        distillation_loss(hidden, weight, labels, None, weights=torch.ones(N + 1))

@@ -119,6 +119,14 @@ def _data_options(fn):
     "initialised from. Hidden states are unnormalised: a 3-layer MAC cut of the embedded teacher starts near "
     "MSE 2000, so try W around 1e-3. 0: off.",
 )
+@click.option(
+    "--answer-loss-weight",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Weight of the positions that predict a long-range item's answer in the loss (the mean becomes "
+    "sum(w l) / sum(w)): a few answer tokens per block are what only the memory can get right. 1: plain mean.",
+)
 @click.option("--warmup", type=NON_NEGATIVE, default=10, show_default=True, help="Linear warm-up steps.")
 @click.option("--weight-decay", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="AdamW weight decay.")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True, help="Clip the student's gradient norm.")

@@ -12,6 +12,9 @@ Per-token divergences, on temperature-softened distributions p = softmax(z / T):
   rkl = KL(p_student || p_teacher)   (reverse KL, mode seeking)
   jsd = (KL(p_t || m) + KL(p_s || m)) / 2 with m = (p_t + p_s) / 2
 The training loss is  alpha * T^2 * mean(divergence) + (1 - alpha) * mean(cross-entropy on the next token).
+With per-position ``weights`` w both means become weighted, sum(w l) / sum(w) (e.g. the answer tokens of long-range
+items weighted up, so the few positions only a memory can get right are not lost among the ones it need not);
+the reported KD and cross-entropy stay plain means, comparable across runs.
 """
 
 from __future__ import annotations
@@ -72,30 +75,39 @@ class TopKTeacher:
 
 
 def _chunk_losses(logits, target, teacher, rows, kind, temperature):
-    """Summed KD divergence and cross-entropy of one chunk of rows (fp32 logits)."""
-    ce = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+    """Per-row KD divergence and cross-entropy of one chunk of rows (fp32 logits; 0 where the label is ignored)."""
+    ce = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none")
     if teacher is None:
-        return logits.new_zeros(()), ce
-    kd = (teacher.divergence(logits, rows, kind, temperature) * (target != IGNORE_INDEX)).sum()
-    return kd, ce
+        return torch.zeros_like(ce), ce
+    return teacher.divergence(logits, rows, kind, temperature) * (target != IGNORE_INDEX), ce
 
 
 class _ChunkedDistillation(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, head_weight, labels, teacher, kind, temperature, alpha, chunk_size):
+    def forward(ctx, hidden, head_weight, labels, teacher, kind, temperature, alpha, chunk_size, weights):
         track = hidden.requires_grad or head_weight.requires_grad
         grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
         grad_weight = torch.zeros_like(head_weight) if head_weight.requires_grad else None
-        n_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        valid = labels != IGNORE_INDEX
+        n_tokens = valid.sum().clamp(min=1)
+        if weights is not None:
+            weights = weights.float() * valid
+            weight_total = weights.sum().clamp(min=torch.finfo(torch.float32).tiny)
         kd_total = hidden.new_zeros((), dtype=torch.float32)
         ce_total = hidden.new_zeros((), dtype=torch.float32)
+        loss_total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             with torch.enable_grad() if track else torch.no_grad():
                 chunk = hidden[rows].detach().requires_grad_(grad_hidden is not None)
                 weight = head_weight.detach().requires_grad_(grad_weight is not None)
                 kd, ce = _chunk_losses((chunk @ weight.T).float(), labels[rows], teacher, rows, kind, temperature)
-                loss = (alpha * temperature**2 * kd + (1.0 - alpha) * ce) / n_tokens
+                per_row = alpha * temperature**2 * kd + (1.0 - alpha) * ce
+                if weights is None:
+                    loss = per_row.sum() / n_tokens
+                else:
+                    loss = (per_row * weights[rows]).sum() / weight_total
+                kd, ce = kd.sum(), ce.sum()
             if track:
                 wrt = [t for t in (chunk, weight) if t.requires_grad]
                 grads = list(torch.autograd.grad(loss, wrt))
@@ -105,19 +117,19 @@ class _ChunkedDistillation(torch.autograd.Function):
                     grad_weight += grads.pop(0)
             kd_total += kd.detach()
             ce_total += ce.detach()
+            loss_total += loss.detach()
         ctx.has_grad = (grad_hidden is not None, grad_weight is not None)
         ctx.save_for_backward(*[g for g in (grad_hidden, grad_weight) if g is not None])
         kd_mean, ce_mean = kd_total / n_tokens, ce_total / n_tokens
-        loss = alpha * temperature**2 * kd_mean + (1.0 - alpha) * ce_mean
         ctx.mark_non_differentiable(kd_mean, ce_mean)
-        return loss, kd_mean, ce_mean
+        return loss_total, kd_mean, ce_mean
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         saved = iter(ctx.saved_tensors)
         grad_hidden = next(saved) * grad_loss if ctx.has_grad[0] else None
         grad_weight = next(saved) * grad_loss if ctx.has_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def distillation_loss(
@@ -130,12 +142,16 @@ def distillation_loss(
     temperature: float = 1.0,
     alpha: float = 1.0,
     chunk_size: int = 256,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, mean KD divergence, mean cross-entropy) over the positions whose label is not -100.
 
     `student_hidden` is (N, H) (flatten batch and time first), `labels` (N,) the next-token ids, and the
     teacher's rows line up with the student's. `teacher=None` gives plain cross-entropy (KD term 0).
+    `weights` (N,), if given, weight the positions of the loss (not of the reported means).
     """
+    if weights is not None and weights.shape != labels.shape:
+        raise ValueError(f"weights have shape {tuple(weights.shape)}, expected that of labels {tuple(labels.shape)}")
     if kind not in KD_KINDS:
         raise ValueError(f"unknown KD loss {kind!r}; choose one of {', '.join(KD_KINDS)}")
-    return _ChunkedDistillation.apply(student_hidden, head_weight, labels, teacher, kind, float(temperature), float(alpha), int(chunk_size))
+    return _ChunkedDistillation.apply(student_hidden, head_weight, labels, teacher, kind, float(temperature), float(alpha), int(chunk_size), weights)

@@ -67,6 +67,7 @@ class DistilConfig:
     long_range_kinds: str = ",".join(KINDS)
     long_range_distance: int | None = None  # None: 2 x segment_len
     layer_loss_weight: float = 0.0
+    answer_loss_weight: float = 1.0
     warmup: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -149,6 +150,14 @@ def check_recipe(cfg: DistilConfig, has_memory: bool) -> None:
         raise UserError(
             "--layer-loss-weight needs the teacher's hidden states, which a --teacher-cache does not hold; "
             "drop one of the two flags"
+        )
+    answer = cfg.answer_loss_weight
+    if not (math.isfinite(answer) and answer > 0):
+        raise UserError(f"--answer-loss-weight {answer} is not a number > 0; pass e.g. 10 (1: plain mean)")
+    if answer != 1 and not cfg.long_range_rate:
+        raise UserError(
+            f"--answer-loss-weight {answer} weights the answers of long-range items, and --long-range-rate is 0; "
+            "add e.g. --long-range-rate 0.5 or drop --answer-loss-weight"
         )
     rate = cfg.long_range_rate
     if not (math.isfinite(rate) and 0 <= rate <= 1):
@@ -301,10 +310,12 @@ class Distiller(torch.nn.Module):
         chunk_size,
         teacher_hidden=None,
         layer_weight=0.0,
+        position_weights=None,
     ):
         """(loss, kd, ce, stats). With ``teacher_hidden`` (per student layer, the output of the teacher layer
         it was initialised from) the loss adds ``layer_weight`` x the layers' mean MSE, reported as
-        ``stats["layer_mse"]``; the other stats are the memory's."""
+        ``stats["layer_mse"]``; the other stats are the memory's. ``position_weights`` (B, T - 1) weight the
+        loss of each predicted position."""
         layers = self.student.model.layers
         with layer_outputs(layers, range(len(teacher_hidden or ()))) as captured:
             out = self.student.model(input_ids=input_ids)
@@ -313,6 +324,7 @@ class Distiller(torch.nn.Module):
         loss, kd, ce = distillation_loss(
             hidden, self.student.lm_head.weight, labels, teacher_targets,
             kind=kind, temperature=temperature, alpha=alpha, chunk_size=chunk_size,
+            weights=None if position_weights is None else position_weights.reshape(-1),
         )
         stats = dict(getattr(out, "memory_stats", None) or {})
         if teacher_hidden:
@@ -321,6 +333,18 @@ class Distiller(torch.nn.Module):
             loss = loss + layer_weight * layer_mse
             stats["layer_mse"] = layer_mse.detach()
         return loss, kd, ce, stats
+
+
+def answer_weights(shape: tuple[int, int], items, weight: float) -> torch.Tensor | None:
+    """Loss weights (n, length - 1) of the predicted positions: ``weight`` where the next token is the answer
+    of a mixed long-range item, 1 elsewhere; None for weight 1 (the plain mean)."""
+    if weight == 1:
+        return None
+    weights = torch.ones(shape[0], shape[1] - 1)
+    for index, item in items:
+        start, end = item.answer
+        weights[index, start - 1:end - 1] = weight  # position p predicts token p + 1
+    return weights
 
 
 def teacher_targets(teacher, input_ids: torch.Tensor) -> DenseTeacher:
@@ -387,6 +411,7 @@ def distil(cfg: DistilConfig) -> Path:
             f"long-range items ({','.join(kinds)}, distance {distance}) in {len(items)} of "
             f"{len(train_blocks)} training blocks"
         )
+    position_weights = answer_weights(train_blocks.shape, items, cfg.answer_loss_weight) if cfg.long_range_rate else None
     cache = None
     if cfg.teacher_cache:
         cache = TeacherCache(cfg.teacher_cache)
@@ -474,12 +499,14 @@ def distil(cfg: DistilConfig) -> Path:
         stats_sum: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             indices = next(batches)
-            ids = train_blocks[indices[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]].to(accelerator.device)
+            mine = indices[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+            ids = train_blocks[mine].to(accelerator.device)
+            weights = None if position_weights is None else position_weights[mine].to(accelerator.device)
             teacher_hidden = None
             if cfg.alpha == 0 and not cfg.layer_loss_weight:  # cross-entropy only: the teacher is not needed
                 targets = None
             elif cache is not None:
-                targets = cache.targets(indices[rank * cfg.batch_size:(rank + 1) * cfg.batch_size], accelerator.device)
+                targets = cache.targets(mine, accelerator.device)
             else:
                 with layer_outputs(teacher.model.layers, layers if cfg.layer_loss_weight else ()) as captured:
                     targets = teacher_targets(teacher, ids)
@@ -496,6 +523,7 @@ def distil(cfg: DistilConfig) -> Path:
                     chunk_size=cfg.kd_chunk_size,
                     teacher_hidden=teacher_hidden,
                     layer_weight=cfg.layer_loss_weight,
+                    position_weights=weights,
                 )
                 accelerator.backward(loss / cfg.grad_accum)
             losses = {"loss": loss, "kd": kd, "ce": ce}
