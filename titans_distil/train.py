@@ -279,10 +279,10 @@ def resumed_config(output_dir: str, run_name: str, given: dict, explicit: set[st
     `output_dir` and `run_name` come from this command, never from the stored config."""
     run_dir = Path(output_dir) / run_name
     stored = read_run_config(run_dir)
-    known = {f.name for f in dataclasses.fields(DistilConfig)}
+    known = [f.name for f in dataclasses.fields(DistilConfig)]
     # A field the stored config lacks was added since the run started; it ran with the field's default.
     values = {**dataclasses.asdict(DistilConfig()), **{k: v for k, v in stored.items() if k in known}}
-    for field in sorted(explicit - RESUMABLE_FIELDS - LOCATION_FIELDS):
+    for field in [k for k in known if k in explicit - RESUMABLE_FIELDS - LOCATION_FIELDS]:
         if not _same_value(field, values[field], given[field]):
             raise UserError(
                 f"--resume: {run_dir} was started with a different config ({field}: run has "
