@@ -15,7 +15,12 @@ import pytest
 from click.testing import CliRunner
 
 from titans_distil.cli import distil
-from titans_distil.model_folder import LEGACY_STALE_SECONDS, atomic_file, atomic_folder, remove_stale_temporaries
+from titans_distil.model_folder import (
+    LEGACY_STALE_SECONDS,
+    atomic_file,
+    atomic_folder,
+    remove_stale_temporaries,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HOST = "".join(c for c in socket.gethostname() if c.isalnum())[:32]
@@ -30,8 +35,9 @@ def invoke(*args):
 
 def run_args(teacher, corpus, *extra):
     """A run that keeps every default it can: --resume must find the rest in the stored config."""
-    return ["--teacher", teacher, "--data", corpus, "--student-layers", 2, "--max-length", 32, "--batch-size", 2,
-            "--validation-fraction", 0.2, "--eval-batches", 2, "--precision", "fp32", "--lr", "3e-3",
+    return ["--teacher", teacher, "--data", corpus, "--student-layers", 2, "--max-length", 32,
+            "--batch-size", 2, "--validation-fraction", 0.2, "--eval-batches", 2, "--precision", "fp32",
+            "--lr", "3e-3",
             "--max-steps", 2, "--save-every", 1, "--eval-every", 0, *extra]
 
 
@@ -59,7 +65,7 @@ def sleeper():
 
 @pytest.fixture(scope="module")
 def two_step_run(tiny_teacher_dir, small_corpus, tmp_path_factory):
-    """An uninterrupted 2-step run with checkpoints at steps 1 and 2 (copied by each test that damages one)."""
+    """An uninterrupted 2-step run with checkpoints at steps 1 and 2 (each test damages a copy)."""
     out = tmp_path_factory.mktemp("resume") / "runs"
     code, text = invoke(*run_args(tiny_teacher_dir, small_corpus), "--output-dir", out, "--run-name", "full")
     assert code == 0, text
@@ -148,7 +154,8 @@ def test_resume_after_a_crash_mid_save_and_mid_log(two_step_run, tmp_path, monke
     code, out = invoke("--run-name", "demo", "--resume")
     assert code == 0, out
     shown = Path("runs", "demo")  # as the user named it
-    assert f"warning: checkpoint {shown / 'checkpoints' / 'step-000002'} is damaged (optimizer.safetensors is unreadable" in out
+    damaged = shown / "checkpoints" / "step-000002"
+    assert f"warning: checkpoint {damaged} is damaged (optimizer.safetensors is unreadable" in out
     assert f"warning: {shown / 'metrics.jsonl'} line 4 is torn" in out
     assert f"resumed {shown} from step-000001" in out
     assert not stale.exists() and live.exists()
@@ -172,12 +179,13 @@ def test_resume_refuses_a_changed_recipe_in_one_line(two_step_run, tmp_path):
     copy_run(two_step_run, out_dir / "demo")
     code, out = invoke("--output-dir", out_dir, "--run-name", "demo", "--resume", "--lr", "0.1")
     assert code == 1 and "\n" not in out, out
-    assert out == (f"Error: --resume: {out_dir / 'demo'} was started with a different config (lr: run has 0.003, "
-                   "--lr gives 0.1); drop --lr to keep the run's value, or choose a new --run-name")
+    assert out == (f"Error: --resume: {out_dir / 'demo'} was started with a different config (lr: run has "
+                   "0.003, --lr gives 0.1); drop --lr to keep the run's value, or choose a new --run-name")
     code, out = invoke("--output-dir", out_dir, "--run-name", "demo", "--resume", "--use-mac")
     assert code == 1 and "(use_mac: run has False, --use-mac gives True)" in out, out
     # the same value given again is no change
-    code, out = invoke("--output-dir", out_dir, "--run-name", "demo", "--resume", "--lr", "3e-3", "--batch-size", 2)
+    same = ("--lr", "3e-3", "--batch-size", 2)
+    code, out = invoke("--output-dir", out_dir, "--run-name", "demo", "--resume", *same)
     assert code == 0 and "resumed" in out, out
 
 
@@ -207,5 +215,5 @@ def test_damaged_metrics_in_the_middle_and_no_readable_checkpoint_are_one_line_e
     code, out = invoke(*args)
     assert code == 1, out
     error = out.splitlines()[-1]
-    assert error.startswith(f"Error: --resume: no checkpoint of {run} is readable (step-000002: model.safetensors")
+    assert error.startswith(f"Error: --resume: no checkpoint of {run} is readable (step-000002: model.")
     assert [line for line in out.splitlines() if not line.startswith("warning: ")] == [error]

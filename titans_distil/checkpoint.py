@@ -41,7 +41,7 @@ class UnreadableCheckpoint(UserError):
 
 
 def _read_optimizer(path: Path) -> tuple[dict[int, dict], list[dict]]:
-    """(per-parameter state, param_groups) from `optimizer.safetensors`; `UnreadableCheckpoint` if it is damaged."""
+    """(per-parameter state, param_groups) of `optimizer.safetensors`; `UnreadableCheckpoint` if damaged."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = json.loads(handle.metadata()["optimizer"])
@@ -51,7 +51,7 @@ def _read_optimizer(path: Path) -> tuple[dict[int, dict], list[dict]]:
             index, name = key.split(".", 1)
             state.setdefault(int(index), {})[name] = value
         groups = meta["param_groups"]
-    except Exception as err:  # safetensors' own errors, OSError, bad JSON, missing keys: all mean a damaged file
+    except Exception as err:  # safetensors' own errors, OSError, bad JSON, missing keys: a damaged file
         raise UnreadableCheckpoint(f"{path.name} is unreadable ({_first_line(err)})") from err
     return state, groups
 
@@ -141,8 +141,8 @@ def read_checkpoint(checkpoint: Path) -> dict:
 
 
 def newest_readable_checkpoint(run_dir: Path, warn=print) -> dict | None:
-    """`read_checkpoint` of the newest checkpoint that reads, with a one-line `warn` for each newer broken one;
-    None when the run has no checkpoint; a one-line `UserError` when it has some but none reads."""
+    """`read_checkpoint` of the newest checkpoint that reads, with a one-line `warn` for each newer broken
+    one; None when the run has no checkpoint; a one-line `UserError` when it has some but none reads."""
     found = checkpoints(run_dir)
     broken = []
     for folder in found:

@@ -132,8 +132,9 @@ def _data_options(fn):
 @click.option("--run-name", default="student", show_default=True, help="Run folder name under --output-dir.")
 @click.option("--output-dir", type=click.Path(file_okay=False), default="runs", show_default=True, help="Where runs live.")
 @click.option("--resume", is_flag=True,
-              help="Continue the run from its latest readable checkpoint with its stored config; only --max-steps, "
-                   "--num-epochs, --eval-every, --eval-batches, --save-every and --tracker may change.")
+              help="Continue the run from its latest readable checkpoint with its stored config; only "
+                   "--max-steps, --num-epochs, --eval-every, --eval-batches, --save-every and --tracker may "
+                   "change.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run of the same name.")
 @click.option("--tracker", type=click.Choice(["none", "tensorboard", "mlflow"]), default="none", show_default=True, help="Experiment tracker (through Accelerate).")
 @click.option("--eval-every", type=NON_NEGATIVE, default=50, show_default=True, help="Validation perplexity every N steps (0: only at start).")

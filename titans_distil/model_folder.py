@@ -164,12 +164,13 @@ def _process_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, target: str | None = None) -> list[Path]:
-    """Remove the leftovers of killed atomic writers in `folder` (only those for `target` when given); return them.
+    """Remove the leftovers of killed atomic writers in `folder` (only those for `target` when given); return
+    them.
 
     A temporary is stale when its writer (the pid in its name, on this host) is gone; one from another host is
-    left alone; one named without a pid (older titans-distil) is stale after LEGACY_STALE_SECONDS untouched. A
-    stale `.old-` folder still holding the only copy of its target (the writer died between its two renames) is
-    renamed back into place instead of being deleted."""
+    left alone; one named without a pid (older titans-distil) is stale after LEGACY_STALE_SECONDS untouched.
+    A stale `.old-` folder still holding the only copy of its target (the writer died between its two
+    renames) is renamed back into place instead of being deleted."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -239,10 +240,11 @@ def atomic_file(path: str | os.PathLike, suffix: str = ""):
 def atomic_folder(output: str | os.PathLike, keep_existing: bool = False):
     """Yield a temporary folder beside `output`; when the block succeeds it becomes `output` by a rename.
 
-    Leftovers of killed writers of `output` are removed first (`remove_stale_temporaries`). The new folder gets
-    the modes the user's umask gives. An existing `output` is first renamed aside (never deleted before the new
-    folder is in place) and removed after; with `keep_existing` an existing `output` wins instead (another
-    process finished first). When the block fails the temporary folder is removed and `output` is untouched."""
+    Leftovers of killed writers of `output` are removed first (`remove_stale_temporaries`). The new folder
+    gets the modes the user's umask gives. An existing `output` is first renamed aside (never deleted before
+    the new folder is in place) and removed after; with `keep_existing` an existing `output` wins instead
+    (another process finished first). When the block fails the temporary folder is removed and `output` is
+    untouched."""
     output = Path(output).expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(output.parent, output.name)

@@ -275,8 +275,8 @@ def read_run_config(run_dir: Path) -> dict:
 def resumed_config(output_dir: str, run_name: str, given: dict, explicit: set[str]) -> DistilConfig:
     """The config of `--resume`: the run's stored config, with the resumable fields the user set explicitly
     (`explicit`, values in `given`) changed. An explicit non-resumable flag whose value differs from the
-    stored one is a one-line `UserError` naming the field and both values. The run is the folder where it is now:
-    `output_dir` and `run_name` come from this command, never from the stored config."""
+    stored one is a one-line `UserError` naming the field and both values. The run is the folder where it is
+    now: `output_dir` and `run_name` come from this command, never from the stored config."""
     run_dir = Path(output_dir) / run_name
     stored = read_run_config(run_dir)
     known = [f.name for f in dataclasses.fields(DistilConfig)]
