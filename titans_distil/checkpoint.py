@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .model_folder import atomic_folder
+from .model_folder import atomic_folder, remove_stale_temporaries
 
 STEP_DIR = re.compile(r"step-(\d+)")
 
@@ -36,23 +36,41 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    with safe_open(str(path), framework="pt") as handle:
-        meta = json.loads(handle.metadata()["optimizer"])
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    state: dict[int, dict] = {}
-    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+class UnreadableCheckpoint(UserError):
+    """A checkpoint file is missing, truncated or corrupt (a resume may fall back to an older checkpoint)."""
+
+
+def _read_optimizer(path: Path) -> tuple[dict[int, dict], list[dict]]:
+    """(per-parameter state, param_groups) of `optimizer.safetensors`; `UnreadableCheckpoint` if damaged."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads(handle.metadata()["optimizer"])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        state: dict[int, dict] = {}
+        for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        groups = meta["param_groups"]
+    except Exception as err:  # safetensors' own errors, OSError, bad JSON, missing keys: a damaged file
+        raise UnreadableCheckpoint(f"{path.name} is unreadable ({_first_line(err)})") from err
+    return state, groups
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path, read=None) -> None:
+    state, groups = read if read is not None else _read_optimizer(path)
     # Groups are named by role; a checkpoint from before the groups holds one unnamed group.
-    saved = [group.get("name") for group in meta["param_groups"]]
+    saved = [group.get("name") for group in groups]
     current = [group.get("name") for group in optimizer.param_groups]
     if len(saved) != len(current) or any(name not in (None, now) for name, now in zip(saved, current)):
         raise UserError(
             f"checkpoint {path.parent} holds optimizer groups {saved} but this run has {current}; it was "
             "written by an older titans-distil: resume it with that version or start a new run"
         )
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def rng_state() -> dict:
@@ -69,9 +87,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: dict) -> Path:
-    """Write `checkpoints/step-N/` atomically and return its path."""
+    """Write `checkpoints/step-N/` atomically and return its path (leftovers of killed saves are removed)."""
     parent = Path(run_dir) / "checkpoints"
     parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(parent)
     final = parent / f"step-{step:06d}"
     with atomic_folder(final) as tmp:
         model.save_pretrained(tmp)
@@ -84,30 +103,84 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
     return final
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's `checkpoints/step-N` folders, newest first."""
+    steps = [(int(m.group(1)), p) for p in (Path(run_dir) / "checkpoints").glob("step-*")
+             if (m := STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return [path for _, path in sorted(steps, reverse=True)]
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    steps = [(int(m.group(1)), p) for p in (Path(run_dir) / "checkpoints").glob("step-*") if (m := STEP_DIR.fullmatch(p.name))]
-    return max(steps)[1] if steps else None
+    found = checkpoints(run_dir)
+    return found[0] if found else None
 
 
-def load_model_weights(model, checkpoint: Path) -> None:
-    """Load `model.safetensors` into `model`; tied weights absent from the file are fine, anything else is not."""
-    path = Path(checkpoint) / "model.safetensors"
-    if not path.is_file():
-        raise UserError(f"checkpoint {checkpoint} has no model.safetensors; pass a folder written by distil.py")
+def read_checkpoint(checkpoint: Path) -> dict:
+    """Everything a resume needs from a checkpoint folder, read into memory and checked for readability
+    (nothing is applied yet): an `UnreadableCheckpoint` names the first missing, truncated or corrupt file."""
+    checkpoint = Path(checkpoint)
+    weights = checkpoint / "model.safetensors"
+    if not weights.is_file():
+        raise UnreadableCheckpoint("model.safetensors is missing")
     try:
-        state = load_file(str(path))
+        model_state = load_file(str(weights))
     except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
-        raise UserError(f"checkpoint weights {path} are unreadable ({err}); the file is truncated or corrupt, use another checkpoint") from err
+        raise UnreadableCheckpoint(f"model.safetensors is unreadable ({_first_line(err)})") from err
+    optimizer_path = checkpoint / "optimizer.safetensors"
+    if not optimizer_path.is_file():
+        raise UnreadableCheckpoint("optimizer.safetensors is missing")
+    optimizer = _read_optimizer(optimizer_path)
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        missing = [key for key in ("step", "rng", "scheduler", "sampler") if key not in state]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
+        raise UnreadableCheckpoint(f"trainer_state.json is unreadable ({_first_line(err)})") from err
+    if missing:
+        raise UnreadableCheckpoint(f"trainer_state.json lacks {missing}")
+    return {"folder": checkpoint, "model": model_state, "optimizer": optimizer, "state": state}
+
+
+def newest_readable_checkpoint(run_dir: Path, warn=print) -> dict | None:
+    """`read_checkpoint` of the newest checkpoint that reads, with a one-line `warn` for each newer broken
+    one; None when the run has no checkpoint; a one-line `UserError` when it has some but none reads."""
+    found = checkpoints(run_dir)
+    broken = []
+    for folder in found:
+        try:
+            return read_checkpoint(folder)
+        except UnreadableCheckpoint as err:
+            broken.append(f"{folder.name}: {err}")
+            warn(f"checkpoint {folder} is damaged ({err}); trying the one before it")
+    if found:
+        raise UserError(
+            f"--resume: no checkpoint of {run_dir} is readable ({'; '.join(broken[:2])}); "
+            "start the run again with --overwrite, or restore a checkpoint folder"
+        )
+    return None
+
+
+def load_model_weights(model, checkpoint: Path, state: dict | None = None) -> None:
+    """Load `model.safetensors` into `model`; tied weights absent from the file are fine, anything else is not."""
+    if state is None:
+        path = Path(checkpoint) / "model.safetensors"
+        if not path.is_file():
+            raise UserError(f"checkpoint {checkpoint} has no model.safetensors; pass a folder written by distil.py")
+        try:
+            state = load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
+            raise UserError(f"checkpoint weights {path} are unreadable ({err}); the file is truncated or corrupt, use another checkpoint") from err
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - tied:
         raise UserError(f"checkpoint {checkpoint} does not fit this model (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}); it belongs to another architecture or size")
 
 
-def load_checkpoint(checkpoint: Path, model, optimizer) -> dict:
-    """Restore model and optimizer from a checkpoint folder; return the trainer state (RNG already restored)."""
-    load_model_weights(model, checkpoint)
-    _load_optimizer(optimizer, Path(checkpoint) / "optimizer.safetensors")
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    set_rng_state(state["rng"])
-    return state
+def load_checkpoint(checkpoint: Path | dict, model, optimizer) -> dict:
+    """Restore model and optimizer from a checkpoint folder (or what `read_checkpoint` read from one); return
+    the trainer state (RNG already restored)."""
+    read = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
+    folder = read["folder"]
+    load_model_weights(model, folder, read["model"])
+    _load_optimizer(optimizer, folder / "optimizer.safetensors", read["optimizer"])
+    set_rng_state(read["state"]["rng"])
+    return read["state"]

@@ -139,7 +139,10 @@ def _data_options(fn):
 @click.option("--teacher-cache", type=click.Path(file_okay=False), default=None, help="Train from a top-k teacher cache made by `distil.py cache-teacher` (teacher never run).")
 @click.option("--run-name", default="student", show_default=True, help="Run folder name under --output-dir.")
 @click.option("--output-dir", type=click.Path(file_okay=False), default="runs", show_default=True, help="Where runs live.")
-@click.option("--resume", is_flag=True, help="Continue the run from its latest checkpoint (same config required).")
+@click.option("--resume", is_flag=True,
+              help="Continue the run from its latest readable checkpoint with its stored config; only "
+                   "--max-steps, --num-epochs, --eval-every, --eval-batches, --save-every and --tracker may "
+                   "change.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run of the same name.")
 @click.option("--tracker", type=click.Choice(["none", "tensorboard", "mlflow"]), default="none", show_default=True, help="Experiment tracker (through Accelerate).")
 @click.option("--eval-every", type=NON_NEGATIVE, default=50, show_default=True, help="Validation perplexity every N steps (0: only at start).")
@@ -160,16 +163,24 @@ def distil(ctx, max_steps, num_epochs, loss_kind, max_length, use_mac, save_ever
     if ctx.invoked_subcommand is not None:
         return
     _quiet_libraries()
-    from .train import DistilConfig
+    from .train import DistilConfig, resumed_config
     from .train import distil as run
 
     if max_steps is not None and num_epochs is not None:
         raise UserError("--max-steps and --num-epochs both given; pass only one")
-    cfg = DistilConfig(
-        max_steps=max_steps if max_steps is not None or num_epochs is not None else 200, num_epochs=num_epochs,
-        loss=loss_kind, max_length=max_length or (2048 if use_mac else 512), use_mac=use_mac,
-        save_every=save_every, **options,
-    )
+    if options["resume"]:  # the run's stored config; flags given here may only change its resumable fields
+        given = {**options, "max_steps": max_steps, "num_epochs": num_epochs, "loss": loss_kind,
+                 "max_length": max_length, "use_mac": use_mac, "save_every": save_every}
+        defaults = (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
+        explicit = {"loss" if name == "loss_kind" else name for name in ctx.params
+                    if ctx.get_parameter_source(name) not in defaults}
+        cfg = resumed_config(options["output_dir"], options["run_name"], given, explicit & set(given))
+    else:
+        cfg = DistilConfig(
+            max_steps=max_steps if max_steps is not None or num_epochs is not None else 200, num_epochs=num_epochs,
+            loss=loss_kind, max_length=max_length or (2048 if use_mac else 512), use_mac=use_mac,
+            save_every=save_every, **options,
+        )
     final = run(cfg)
     click.echo(f"student saved to {final}")
 

@@ -51,7 +51,6 @@ import os
 import re
 import sys
 import sysconfig
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +62,7 @@ import torch
 
 from .errors import UserError
 from .long_range import KINDS, Item, item_rng, make_item
+from .model_folder import atomic_file
 
 __all__ = [
     "DEFAULT_DATA_SPEC",
@@ -648,16 +648,9 @@ def _cache_save(path: Path, tokens: torch.Tensor, meta: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"tokens": tokens.contiguous()}, tmp, metadata=meta)
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared
-            os.replace(tmp, path)  # atomic: readers see the old file or the complete new one
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # atomic: readers see the old file or the complete new one; its mode follows the umask (may be shared)
+        with atomic_file(path, suffix=".tmp") as tmp:
+            save_file({"tokens": tokens.contiguous()}, str(tmp), metadata=meta)
     except OSError as e:
         log.warning("could not write data cache %s (%s); continuing without it", path, e)
 

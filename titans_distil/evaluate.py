@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from .data import DEFAULT_DATA_SPEC, DEFAULT_VALIDATION_FRACTION, DataError, loa
 from .errors import UserError
 from .generate import load_model, model_kind
 from .long_range import KINDS, make_items
-from .model_folder import display, kind_of, read_config
+from .model_folder import atomic_file, display, kind_of, read_config
 from .models.neural_memory import UPDATE_RULES
 
 # the classic passkey-retrieval filler (Mohtashami & Jaggi 2023): prose with nothing to remember
@@ -514,16 +513,14 @@ def plot(report: dict, path: Path) -> None:
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_json(report: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------- command

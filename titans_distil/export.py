@@ -515,6 +515,22 @@ def _fmt(value) -> str:
     return f"{value:,.2f}" if value < 1e6 else f"{value:.3g}"
 
 
+def planned_length(cfg: dict, checkpoint: Checkpoint) -> str:
+    """How long the run that wrote `checkpoint` was to train: the total its trainer state recorded (a resume
+    may have changed it), else the run config's; never fewer steps than the checkpoint has."""
+    total = None
+    if checkpoint.folder is not None and (checkpoint.folder / "trainer_state.json").is_file():
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            total = int(json.loads((checkpoint.folder / "trainer_state.json").read_text())["total_steps"])
+    if total is None and cfg.get("max_steps"):
+        total = int(cfg["max_steps"])
+    if total is None and cfg.get("num_epochs"):
+        return f"{cfg['num_epochs']} epochs"
+    if total is None:
+        return "an unrecorded number of steps"
+    return f"{max(total, checkpoint.step or 0)} steps"
+
+
 def model_card(run: Run, checkpoint: Checkpoint, kind: str, config, repo_id: str | None, output_name: str) -> str:
     """README.md of an export: teacher, data, steps, measured metrics, licence, usage."""
     cfg = run.config
@@ -548,7 +564,7 @@ def model_card(run: Run, checkpoint: Checkpoint, kind: str, config, repo_id: str
         f"| teacher | {teacher['name']} (`{cfg.get('teacher')}`) |",
         f"| data | `{cfg.get('data')}`{' (the Python standard library sources)' if cfg.get('data') == 'stdlib' else ''}, "
         f"validation share {cfg.get('validation_fraction')} split by document |",
-        f"| exported weights | {step_text} of {cfg.get('max_steps') or cfg.get('num_epochs')} {'steps' if cfg.get('max_steps') else 'epochs'} |",
+        f"| exported weights | {step_text} of {planned_length(cfg, checkpoint)} |",
         f"| sequence length | {cfg.get('max_length')} tokens, batch {cfg.get('batch_size')} x {cfg.get('grad_accum')} accumulation per process |",
         f"| loss | {cfg.get('alpha')} x T^2 x {str(cfg.get('loss')).upper()} (T = {cfg.get('temperature')}) + {round(1 - float(cfg.get('alpha', 0)), 6)} x CE |",
         f"| optimizer | AdamW, lr {cfg.get('lr')}, {cfg.get('warmup')} warm-up steps, cosine decay |",

@@ -30,7 +30,7 @@ import torch
 
 from .cli import POSITIVE, _quiet_libraries, user_errors
 from .errors import UserError
-from .model_folder import first_line, read_config
+from .model_folder import atomic_file, first_line, read_config
 from .model_folder import load_model as load_folder
 
 MAC_MEMORY_FORMAT = "titans-distil-mac-memory/1"
@@ -136,11 +136,8 @@ def save_mac_memory(model, states: dict, path) -> None:
             tensors[name] = tensor.detach().to("cpu").contiguous()
     metadata = {"format": MAC_MEMORY_FORMAT, "fingerprint": mac_fingerprint(model),
                 "memory_layers": json.dumps(sorted(states)), "dtype": str(_state_dtype(model)).removeprefix("torch.")}
-    path = os.fspath(path)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def load_mac_memory(model, path) -> dict:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 from . import models
@@ -124,25 +127,138 @@ def display(path: Path) -> str:
     return str(path)
 
 
+# Temporaries of the atomic writers are named `.{target}.tmp-{pid}@{host}-{random}` (`.old-` for a replaced
+# folder parked aside), so a later writer can tell a crashed writer's leftover from a live one's work.
+TEMP_NAME = re.compile(r"\.(?P<target>.+)\.(?P<role>tmp|old)-(?:(?P<pid>\d+)@(?P<host>[A-Za-z0-9]*)-)?[^/]+")
+# A temporary named before the pid was part of the name is stale once untouched for this long.
+LEGACY_STALE_SECONDS = 3600.0
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32]
+
+
+def temp_prefix(target: str | os.PathLike, role: str = "tmp") -> str:
+    """The name prefix of this process's temporaries for `target` (pass it to mkdtemp/mkstemp as `prefix`)."""
+    return f".{Path(target).name}.{role}-{os.getpid()}@{_host()}-"
+
+
+def temp_path(target: str | os.PathLike, suffix: str = "") -> Path:
+    """A fresh path beside `target` for a file to be written and then `os.replace`d onto `target`."""
+    target = Path(target)
+    return target.with_name(f"{temp_prefix(target)}{os.urandom(4).hex()}{suffix}")
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, target: str | None = None) -> list[Path]:
+    """Remove the leftovers of killed atomic writers in `folder` (only those for `target` when given); return
+    them.
+
+    A temporary is stale when its writer (the pid in its name, on this host) is gone; one from another host is
+    left alone; one named without a pid (older titans-distil) is stale after LEGACY_STALE_SECONDS untouched.
+    A stale `.old-` folder still holding the only copy of its target (the writer died between its two
+    renames) is renamed back into place instead of being deleted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        match = TEMP_NAME.fullmatch(path.name)
+        if match is None or (target is not None and match["target"] != target):
+            continue
+        try:
+            if match["pid"] is not None:
+                if match["host"] != _host() or _process_alive(int(match["pid"])):
+                    continue
+            elif time.time() - path.lstat().st_mtime < LEGACY_STALE_SECONDS:
+                continue
+            if match["role"] == "old" and path.is_dir():
+                parked, final = path / match["target"], folder / match["target"]
+                if parked.exists() and not final.exists():
+                    os.replace(parked, final)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:  # another cleaner got there first, or it is not ours to remove: leave it
+            continue
+        removed.append(path)
+    return removed
+
+
+def umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: str | os.PathLike) -> None:
+    """Give `folder` and everything in it the modes a plain mkdir/open would have (0o777 / 0o666 & ~umask):
+    mkdtemp makes 0700, which a server running as another user could not read."""
+    mask = umask()
+    folder = Path(folder)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, suffix: str = ""):
+    """Yield a temporary path beside `path`; when the block succeeds it replaces `path`. Leftovers of killed
+    writers of the same file are removed first; on failure the temporary is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, path.name)
+    tmp = temp_path(path, suffix)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
 @contextlib.contextmanager
 def atomic_folder(output: str | os.PathLike, keep_existing: bool = False):
     """Yield a temporary folder beside `output`; when the block succeeds it becomes `output` by a rename.
 
-    An existing `output` is first renamed aside (never deleted before the new folder is in place) and removed
-    after; with `keep_existing` an existing `output` wins instead (another process finished first). When the
-    block fails the temporary folder is removed and `output` is untouched."""
+    Leftovers of killed writers of `output` are removed first (`remove_stale_temporaries`). The new folder
+    gets the modes the user's umask gives. An existing `output` is first renamed aside (never deleted before
+    the new folder is in place) and removed after; with `keep_existing` an existing `output` wins instead
+    (another process finished first). When the block fails the temporary folder is removed and `output` is
+    untouched."""
     output = Path(output).expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    remove_stale_temporaries(output.parent, output.name)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(output), dir=output.parent))
     try:
         yield tmp
         if keep_existing and output.exists():
             return
+        apply_umask(tmp)
         if output.is_dir() and not any(output.iterdir()):
             output.rmdir()
         old = None
         if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent)) / output.name
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(output, "old"), dir=output.parent)) / output.name
             os.replace(output, old)
         try:
             os.replace(tmp, output)

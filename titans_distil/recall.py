@@ -50,6 +50,7 @@ from .generate import (
     model_kind,
     save_mac_memory,
 )
+from .model_folder import atomic_file
 
 PLAIN_QUESTION = "Question: {question}\nAnswer:"
 
@@ -417,10 +418,8 @@ def recall_experiment(model_paths, rules, repeats, facts_file, chat_template, ma
                     click.echo(f"{mark} [{Path(res['model_path']).name} {label}] {q['question']} -> {q['greedy_raw']!r}")
     click.echo(markdown_table(all_results))
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{output}.tmp-{os.getpid()}"
-        Path(tmp).write_text(json.dumps({"results": all_results}, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, output)
+        with atomic_file(output) as tmp:
+            tmp.write_text(json.dumps({"results": all_results}, indent=2, allow_nan=False) + "\n")
         click.echo(f"results written to {output}", err=True)
 
 

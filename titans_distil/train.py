@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from .data import LONG_RANGE_ROOM, BlockSampler, load_blocks, mix_long_range
 from .errors import UserError
 from .long_range import KINDS
 from .losses import DenseTeacher, distillation_loss
+from .model_folder import atomic_file, atomic_folder, remove_stale_temporaries
 from .models.neural_memory import NeuralMemory
 from .student import CALIBRATION_BLOCKS, build_student, calibrate_memory, pick_layers, student_config
 from .teacher import load_teacher, load_teacher_config
@@ -41,6 +43,10 @@ GROUPS = ("backbone", "memory", "persistent", "gate")
 
 # Fields that may differ when a run is resumed; every other field must match the run's config.json.
 RESUMABLE_FIELDS = {"max_steps", "num_epochs", "eval_every", "eval_batches", "save_every", "tracker", "resume", "overwrite"}
+# Where the run folder is: not part of its identity (a moved or renamed run folder resumes where it is now).
+LOCATION_FIELDS = {"output_dir", "run_name"}
+# Fields whose values are paths: the same file spelled differently (relative, absolute) is the same value.
+PATH_FIELDS = {"teacher", "data", "teacher_cache"}
 
 
 @dataclass
@@ -91,7 +97,8 @@ class DistilConfig:
     save_every: int = 100
 
     def identity(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE_FIELDS}
+        skip = RESUMABLE_FIELDS | LOCATION_FIELDS
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     def mac_settings(self) -> dict | None:
         if not self.use_mac:
@@ -248,6 +255,57 @@ def check_launch_environment() -> None:
                         "use `accelerate launch --multi_gpu --num_processes N distil.py ...` or `torchrun --nproc_per_node N distil.py ...`, which run over gloo on CPU")
 
 
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _same_value(field: str, stored, given) -> bool:
+    if stored == given:
+        return True
+    if field in PATH_FIELDS and isinstance(stored, str) and isinstance(given, str):
+        a, b = Path(stored).expanduser(), Path(given).expanduser()
+        return a.exists() and b.exists() and a.resolve() == b.resolve()
+    return False
+
+
+def read_run_config(run_dir: Path) -> dict:
+    config_file = Path(run_dir) / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"--resume: {run_dir} holds no run to resume; drop --resume to start it")
+    try:
+        stored = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"--resume: {config_file} is unreadable ({err}); the run folder is damaged") from None
+    if not isinstance(stored, dict):
+        raise UserError(f"--resume: {config_file} is not a run config; the run folder is damaged")
+    return stored
+
+
+def resumed_config(output_dir: str, run_name: str, given: dict, explicit: set[str]) -> DistilConfig:
+    """The config of `--resume`: the run's stored config, with the resumable fields the user set explicitly
+    (`explicit`, values in `given`) changed. An explicit non-resumable flag whose value differs from the
+    stored one is a one-line `UserError` naming the field and both values. The run is the folder where it is
+    now: `output_dir` and `run_name` come from this command, never from the stored config."""
+    run_dir = Path(output_dir) / run_name
+    stored = read_run_config(run_dir)
+    known = [f.name for f in dataclasses.fields(DistilConfig)]
+    # A field the stored config lacks was added since the run started; it ran with the field's default.
+    values = {**dataclasses.asdict(DistilConfig()), **{k: v for k, v in stored.items() if k in known}}
+    for field in [k for k in known if k in explicit - RESUMABLE_FIELDS - LOCATION_FIELDS]:
+        if not _same_value(field, values[field], given[field]):
+            raise UserError(
+                f"--resume: {run_dir} was started with a different config ({field}: run has "
+                f"{values[field]!r}, {flag(field)} gives {given[field]!r}); drop {flag(field)} to keep the "
+                "run's value, or choose a new --run-name"
+            )
+    if explicit & {"max_steps", "num_epochs"}:  # one of the two sets the length of the run
+        values["max_steps"], values["num_epochs"] = given["max_steps"], given["num_epochs"]
+    for field in explicit & (RESUMABLE_FIELDS - {"max_steps", "num_epochs"}):
+        values[field] = given[field]
+    values.update(output_dir=str(output_dir), run_name=run_name, resume=True)
+    return DistilConfig(**values)
+
+
 def prepare_run_dir(cfg: DistilConfig, is_main: bool) -> Path:
     """Refuse to clobber another run; on --resume insist the config is the same."""
     run_dir = Path(cfg.output_dir) / cfg.run_name
@@ -257,8 +315,9 @@ def prepare_run_dir(cfg: DistilConfig, is_main: bool) -> Path:
             raise UserError(f"--resume: {run_dir} holds no run to resume; drop --resume to start it")
         # A field the saved config lacks was added since the run started; it ran with the field's default
         # behaviour (a MAC run from before optimizer groups is caught when its optimizer state is loaded).
-        saved = {**DistilConfig().identity(), **json.loads(config_file.read_text())}
-        diff = {k: (saved.get(k), v) for k, v in cfg.identity().items() if saved.get(k) != v}
+        saved = {**DistilConfig().identity(), **read_run_config(run_dir)}
+        diff = {k: (saved.get(k), v) for k, v in cfg.identity().items()
+                if not _same_value(k, saved.get(k), v)}
         if diff:
             shown = ", ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in list(diff.items())[:3])
             raise UserError(f"--resume: {run_dir} was started with a different config ({shown}); use the same flags or a new --run-name")
@@ -268,6 +327,38 @@ def prepare_run_dir(cfg: DistilConfig, is_main: bool) -> Path:
         if is_main:
             shutil.rmtree(run_dir)
     return run_dir
+
+
+def resumed_metrics(path: Path, step: int, warn) -> list[str]:
+    """The lines of `metrics.jsonl` logged at or before `step` (later steps run again). A torn last line (the
+    run was killed while writing it) is dropped with a `warn`ing; a bad line before it is a one-line error."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    kept = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            problem = None if isinstance(record, dict) and isinstance(record.get("step"), int) else "no step"
+        except json.JSONDecodeError as err:
+            problem = f"{err.msg} at column {err.colno}"
+        if problem is not None:
+            if i == last:
+                warn(f"{path} line {i + 1} is torn ({problem}; the run was killed while writing it); "
+                     "dropped it")
+                continue
+            raise UserError(f"--resume: {path} line {i + 1} is not a metrics record ({problem}); "
+                            "fix or delete that line, then resume again")
+        if record["step"] <= step:
+            kept.append(line)
+    return kept
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -392,6 +483,9 @@ def distil(cfg: DistilConfig) -> Path:
     if cfg.teacher_cache and cfg.loss != "kl":
         raise UserError(f"--loss {cfg.loss} needs the full teacher distribution; a --teacher-cache holds only top-k logits, use --loss kl")
     run_dir = prepare_run_dir(cfg, is_main)
+    if is_main:  # leftovers of a run killed while it wrote a checkpoint, final/ or a metrics rewrite
+        for folder in (run_dir, run_dir / "checkpoints"):
+            remove_stale_temporaries(folder)
     accelerator.wait_for_everyone()
 
     set_seed(cfg.seed)
@@ -453,15 +547,24 @@ def distil(cfg: DistilConfig) -> Path:
         teacher.to(accelerator.device)
 
     step, metrics_file = 0, run_dir / "metrics.jsonl"
-    if cfg.resume and (latest := ckpt.latest_checkpoint(run_dir)) is not None:
+    say = warn if is_main else (lambda message: None)
+    if cfg.resume and (latest := ckpt.newest_readable_checkpoint(run_dir, warn=say)) is not None:
         state = ckpt.load_checkpoint(latest, accelerator.unwrap_model(distiller).student, optimizer)
         step = state["step"]
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
-        if is_main:  # forget metrics logged after the checkpoint: those steps run again
-            kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= step] if metrics_file.exists() else []
-            metrics_file.write_text("".join(line + "\n" for line in kept))
-        accelerator.print(f"resumed {run_dir} from {latest.name}")
+        kept = resumed_metrics(metrics_file, step, say)  # every process: a bad line stops them all
+        if is_main:  # forget metrics logged after the checkpoint (those steps run again) and any torn line
+            with atomic_file(metrics_file) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept))
+            # the stored config records the run as it now continues (length, logging, where it is)
+            stored = read_run_config(run_dir)
+            kept_fields = (RESUMABLE_FIELDS - {"resume", "overwrite"}) | LOCATION_FIELDS
+            updated = {**stored, **{k: getattr(cfg, k) for k in kept_fields}}
+            if updated != stored:
+                with atomic_file(run_dir / "config.json") as tmp:
+                    tmp.write_text(json.dumps(updated, indent=2))
+        accelerator.print(f"resumed {run_dir} from {latest['folder'].name}")
     elif is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "teacher_layers": layers, "precision_resolved": precision}, indent=2))
@@ -568,14 +671,16 @@ def distil(cfg: DistilConfig) -> Path:
             accelerator.wait_for_everyone()
             if is_main:
                 ckpt.save_checkpoint(run_dir, step, accelerator.unwrap_model(distiller).student, optimizer,
-                                     {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()})
+                                     {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
+                                      "total_steps": total_steps})
     bar.close()
 
     final = run_dir / "final"
     accelerator.wait_for_everyone()
     if is_main:
         student = accelerator.unwrap_model(distiller).student
-        student.save_pretrained(final)
-        tokenizer.save_pretrained(final)
+        with atomic_folder(final) as tmp:
+            student.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     accelerator.end_training()
     return final
