@@ -1,6 +1,9 @@
 """`no_vllm_inference.py`: transformers generation with a per-user memory (MAC cache memory, packaged wrapper
 memory, plain Llama without memory). Tiny models with the real tokenizer; nothing is downloaded."""
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +16,7 @@ from safetensors.torch import save_file
 from tiny_models import TINY_MAC, save_mac_folder, tiny_mac
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import titans_distil
 from titans_distil.errors import UserError
 from titans_distil.generate import (
     Session,
@@ -24,6 +28,7 @@ from titans_distil.generate import (
     no_vllm_inference,
     save_mac_memory,
 )
+from titans_distil.model_folder import trust_remote_code_for
 from titans_distil.package import package_llama_with_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,3 +212,104 @@ def test_root_script_runs_the_command(tmp_path):
                            "--prompt", "x"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"Error: --model_path {tmp_path / 'nope'} is not a model folder (no config.json)"
+
+
+# ----------------------------------------------------------------------------------------------- whose code runs
+
+
+def evil_folder(root: Path) -> tuple[Path, Path]:
+    """A tiny Llama config whose auto_map points at model files that, once imported, write a sentinel file."""
+    folder, sentinel = root / "evil", root / "sentinel"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 64, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1,
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"}}))
+    for name in ("configuration_evil.py", "modeling_evil.py"):
+        (folder / name).write_text(f"open({str(sentinel)!r}, 'w').write('ran')\n")
+    (folder / "model.safetensors").write_bytes(b"")  # quantize.py looks for weights before it loads anything
+    return folder, sentinel
+
+
+def refusal(folder, files) -> str:
+    return (f"Error: {folder} carries its own model code ({', '.join(files)}) that differs from this titans-distil's; "
+            "pass --trust-remote-code to run it")
+
+
+def cli_args(command: str, folder: Path, tmp_path: Path) -> tuple:
+    """(click command, arguments) that load `folder`, for each command that takes a user's model folder."""
+    from titans_distil.evaluate import evaluate_command
+    from titans_distil.inspect_cli import inspect_model
+    from titans_distil.quantize import quantize_command
+    from titans_distil.recall import recall_experiment
+    from titans_distil.serving import vllm_inference
+
+    return {
+        "no_vllm_inference": (no_vllm_inference, ["--model_path", folder, "--prompt", "x", "--max-tokens", 2]),
+        "vllm_inference": (vllm_inference, ["--model_path", folder, "--prompt", "x"]),
+        "vllm_inference --serve": (vllm_inference, ["--model_path", folder, "--serve"]),
+        "evaluate": (evaluate_command, [folder, "--blocks", 0, "--items", 1]),
+        "recall_experiment": (recall_experiment, ["--model_path", folder, "--rules", "none"]),
+        "quantize": (quantize_command, ["--model_path", folder, "--bits", 8, "--output", tmp_path / "q"]),
+        "inspect_model verify": (inspect_model, ["verify", folder]),
+    }[command]
+
+
+@pytest.mark.parametrize("command", ["no_vllm_inference", "vllm_inference", "vllm_inference --serve", "evaluate",
+                                     "recall_experiment", "quantize", "inspect_model verify"])
+def test_foreign_model_code_is_refused_without_the_flag(tmp_path, command):
+    folder, sentinel = evil_folder(tmp_path)
+    cli, args = cli_args(command, folder, tmp_path)
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines()[-1] == refusal(folder, ["configuration_evil.py", "modeling_evil.py"])
+    assert not sentinel.exists() and not (tmp_path / "q").exists()
+    assert trust_remote_code_for(folder, allow=True) is True  # --trust-remote-code: the user's call
+    assert not sentinel.exists()
+
+
+def test_a_folder_without_auto_map_runs_no_remote_code(tiny_teacher_dir):
+    assert trust_remote_code_for(tiny_teacher_dir, allow=False) is False
+    assert trust_remote_code_for(tiny_teacher_dir, allow=True) is False
+
+
+def flip_one_byte(path: Path) -> None:
+    """Change the case of the first letter of the file (in its docstring): still valid Python, other bytes."""
+    data = bytearray(path.read_bytes())
+    i = next(i for i, b in enumerate(data) if chr(b).isalpha())
+    data[i] ^= 0x20
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def package_dir(tiny_teacher_dir, tmp_path_factory):
+    return package_llama_with_memory(str(tiny_teacher_dir), tmp_path_factory.mktemp("trust") / "pkg",
+                                     memory_slots=16, recent_slots=8)
+
+
+@pytest.mark.parametrize("kind, change", [
+    ("mac", "modeling_mac_llama.py"), ("mac", "neural_memory.py"), ("mac", "extra.py"),
+    ("memory", "modeling_memory_llama.py"), ("memory", "configuration_memory_llama.py"),
+])
+def test_project_folders_are_trusted_until_a_byte_of_their_code_changes(mac_dir, package_dir, tmp_path, kind,
+                                                                        change):
+    folder = tmp_path / kind
+    shutil.copytree(mac_dir if kind == "mac" else package_dir, folder)
+    code, out, err = invoke("--model_path", folder, "--prompt", "x", "--max-tokens", 2, "--no-chat-template")
+    assert code == 0 and out, err
+    assert err.splitlines().count(f"note: trusting {folder}: its model files are identical to titans-distil "
+                                  f"{titans_distil.__version__}'s") == 1, err
+    assert trust_remote_code_for(folder, allow=False) is True
+
+    if change == "extra.py":
+        (folder / change).write_text("x = 1\n")
+    else:
+        flip_one_byte(folder / change)
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".py"))
+    code, out, err = invoke("--model_path", folder, "--prompt", "x", "--max-tokens", 2, "--no-chat-template")
+    assert code == 1 and err.splitlines()[-1] == refusal(folder, files)
+    with pytest.raises(UserError, match="pass --trust-remote-code to run it"):
+        trust_remote_code_for(folder, allow=False)
+    code, out, err = invoke("--model_path", folder, "--prompt", "x", "--max-tokens", 2, "--no-chat-template",
+                            "--trust-remote-code")
+    assert code == 0 and out and "note: trusting" not in err, err

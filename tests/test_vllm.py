@@ -149,6 +149,12 @@ def test_openai_server_answers_completion_and_chat(mac_dir, tmp_path, one_thread
         expected = hf_greedy(mac_dir, [list(chat_ids)], 8)[0]
         assert chat.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
         assert chat.usage.completion_tokens == 8
+
+        import openai
+
+        with pytest.raises(openai.BadRequestError, match="serves the memory frozen"):  # not silently ignored
+            client.completions.create(model="tiny-mac", prompt=PROMPTS[0], max_tokens=8,
+                                      extra_body={"update_rule": "surprise"})
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -203,3 +209,70 @@ def test_unservable_requests_are_refused_with_a_message(mac_dir, llama_dir, tmp_
     assert len(lines) == 1, result.stdout + result.stderr[-3000:]
     assert ("this MAC checkpoint's update_rule is 'surprise', but vLLM serves MAC models with frozen memory only; pass "
             "--hf-overrides '{\"update_rule\": \"none\"}'") in lines[0]
+
+
+# ------------------------------------------------------------------------------------- request bodies (no vLLM start)
+
+
+def asgi_call(body: bytes, content_type=b"application/json", method="POST"):
+    """Send one HTTP request in two pieces through `RefuseMemoryUpdates` around a stand-in app; return (status,
+    response body, body the stand-in read, None when the request never reached it)."""
+    import asyncio
+
+    pieces = [body[:5], body[5:]]
+    sent, seen = [], {}
+
+    async def receive():
+        if pieces:
+            piece = pieces.pop(0)
+            return {"type": "http.request", "body": piece, "more_body": bool(pieces)}
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    async def inner(scope, receive, send):  # stands for vLLM's app: reads the whole body, answers 200
+        chunks, message = [], {"more_body": True}
+        while message.get("more_body"):
+            message = await receive()
+            chunks.append(message.get("body", b""))
+        seen["body"] = b"".join(chunks)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    from titans_distil.serving import RefuseMemoryUpdates
+
+    headers = [(b"content-type", content_type)] if content_type else []
+    scope = {"type": "http", "method": method, "path": "/v1/completions", "headers": headers}
+    asyncio.run(RefuseMemoryUpdates(inner)(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"), seen.get("body")
+
+
+@pytest.mark.parametrize("rule", ["surprise", "ema", "bogus"])
+@pytest.mark.parametrize("content_type", [b"application/json", b"application/json; charset=utf-8", None])
+def test_server_refuses_a_request_asking_for_a_learning_memory(rule, content_type):
+    body = json.dumps({"model": "tiny-mac", "prompt": "hi", "update_rule": rule}).encode()
+    status, answer, seen = asgi_call(body, content_type)
+    assert status == 400 and seen is None
+    error = json.loads(answer)["error"]
+    assert error["code"] == 400 and error["param"] == "update_rule"
+    assert error["message"].startswith(f"update_rule {rule!r}: this server (vLLM) serves the memory frozen")
+
+
+@pytest.mark.parametrize("body", [{"prompt": "hi"}, {"prompt": "hi", "update_rule": "none"}, [1, 2], "not json"])
+def test_server_passes_other_requests_through_unchanged(body):
+    raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    assert asgi_call(raw) == (200, b"ok", raw)
+    assert asgi_call(raw, content_type=b"multipart/form-data")[0] == 200
+    assert asgi_call(b"", method="GET")[0] == 200
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_serve_command_line_installs_the_refusal_and_trusts_only_when_decided(trusted):
+    from titans_distil.serving import MIDDLEWARE, serve_argv
+
+    argv = serve_argv("exports/x", None, host="127.0.0.1", port=8000, dtype="auto", max_model_len=None,
+                      max_num_seqs=4, enforce_eager=True, extra=(), trust_remote_code=trusted)
+    assert argv[argv.index("--middleware") + 1] == MIDDLEWARE
+    assert ("--trust-remote-code" in argv) is trusted

@@ -34,6 +34,14 @@ def user_errors(fn):
     return wrapper
 
 
+def trust_remote_code_option(fn):
+    """--trust-remote-code, the same on every command that loads a user's model folder."""
+    return click.option(
+        "--trust-remote-code", is_flag=True,
+        help="Run the model code a folder carries (its auto_map) even when it differs from the files this "
+             "titans-distil ships. [default: only the project's own, unmodified model files run]")(fn)
+
+
 def _data_options(fn):
     """Options that decide which token blocks a run sees (shared by training and the teacher cache)."""
     options = [

@@ -37,7 +37,7 @@ from pathlib import Path
 import click
 import torch
 
-from .cli import NON_NEGATIVE, POSITIVE, _quiet_libraries, user_errors
+from .cli import NON_NEGATIVE, POSITIVE, _quiet_libraries, trust_remote_code_option, user_errors
 from .data import DEFAULT_DATA_SPEC, DEFAULT_VALIDATION_FRACTION, DataError, load_blocks
 from .errors import UserError
 from .generate import load_model, model_kind
@@ -133,8 +133,9 @@ def _is_run(folder: Path) -> bool:
     return "teacher" in config and kind_of(config) is None
 
 
-def load_any(path: str, checkpoint: str = "latest", dtype: str = "auto"):
-    """(model, tokenizer, name) of any folder the project makes or loads; one-line `UserError` otherwise."""
+def load_any(path: str, checkpoint: str = "latest", dtype: str = "auto", trust_remote_code: bool = False):
+    """(model, tokenizer, name) of any folder the project makes or loads; one-line `UserError` otherwise
+    (`trust_remote_code`: the user's --trust-remote-code, see `model_folder.trust_remote_code_for`)."""
     folder = Path(path).expanduser()
     if not folder.exists():
         raise UserError(f"{path} does not exist; {FOLDER_HINT}")
@@ -160,7 +161,7 @@ def load_any(path: str, checkpoint: str = "latest", dtype: str = "auto"):
             f"{path} holds a {config.get('model_type')!r} model; evaluate takes Llama, MAC (mac_llama) "
             "and package_model.py (memory_llama) folders"
         )
-    model, tokenizer = load_model(str(folder), dtype)
+    model, tokenizer = load_model(str(folder), dtype, trust_remote_code)
     return model, tokenizer, short_name(folder)
 
 
@@ -667,6 +668,7 @@ def _output_path(value: str | None, flag: str, suffix: str) -> Path | None:
     metavar="FILE.png",
     help="Draw recall vs distance and loss vs position into this PNG.",
 )
+@trust_remote_code_option
 @user_errors
 def evaluate_command(
     models,
@@ -686,6 +688,7 @@ def evaluate_command(
     dtype,
     output,
     plot_path,
+    trust_remote_code,
 ):
     """Held-out perplexity by position and long-range recall of model folders, memory on and off.
 
@@ -723,7 +726,7 @@ def evaluate_command(
 
     rows, tokenizer, vocab = [], None, None
     for path in models:
-        model, tok, name = load_any(path, checkpoint, dtype)
+        model, tok, name = load_any(path, checkpoint, dtype, trust_remote_code)
         rows += variants(_on_device(model), name, update_rule, window)
         tokenizer, vocab = _same_tokenizer(tokenizer, vocab, tok, name)
     if teacher is not None:

@@ -28,9 +28,9 @@ from pathlib import Path
 import click
 import torch
 
-from .cli import POSITIVE, _quiet_libraries, user_errors
+from .cli import POSITIVE, _quiet_libraries, trust_remote_code_option, user_errors
 from .errors import UserError
-from .model_folder import atomic_file, first_line, read_config
+from .model_folder import atomic_file, first_line, read_config, trust_remote_code_for
 from .model_folder import load_model as load_folder
 
 MAC_MEMORY_FORMAT = "titans-distil-mac-memory/1"
@@ -58,9 +58,10 @@ def model_kind(model) -> str:
     return "llama"
 
 
-def load_model(path: str, dtype: str = "auto"):
-    """(model, tokenizer) from a trust_remote_code folder; a run's `final/` (a MAC config without `auto_map`) is
-    loaded with the project's own classes."""
+def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False):
+    """(model, tokenizer) from a model folder; a run's `final/` (a MAC config without `auto_map`) is loaded with the
+    project's own classes. The folder's own code runs only as `trust_remote_code_for` decides (the flag, or files
+    identical to the shipped ones)."""
     from transformers import AutoTokenizer
 
     folder = Path(path)
@@ -69,9 +70,10 @@ def load_model(path: str, dtype: str = "auto"):
         raise UserError(f"--model_path {path} is not a model folder (no config.json)")
     config = read_config(folder)
     kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
+    trust = trust_remote_code_for(folder, trust_remote_code, config)
     try:
-        model = load_folder(folder, config, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        model = load_folder(folder, config, trust_remote_code=trust_remote_code, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load {path}: {first_line(err)}") from None
     return model.eval(), tokenizer
@@ -362,9 +364,10 @@ class Session:
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (sampling).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
               help="Load the weights in this dtype.")
+@trust_remote_code_option
 @user_errors
 def no_vllm_inference(model_path, use_mac, update_rule, prompt, prompts_file, max_tokens, temperature, top_p,
-                      chat_template, interactive, memory_in, memory_out, seed, dtype):
+                      chat_template, interactive, memory_in, memory_out, seed, dtype, trust_remote_code):
     """Generate with transformers, carrying a per-user memory through prompts and generated tokens.
 
     \b
@@ -387,7 +390,7 @@ def no_vllm_inference(model_path, use_mac, update_rule, prompt, prompts_file, ma
         raise UserError(f"--memory-in {memory_in} does not exist; give a file written with --memory-out or /save")
     from transformers import TextStreamer, set_seed
 
-    model, tokenizer = load_model(model_path, dtype)
+    model, tokenizer = load_model(model_path, dtype, trust_remote_code)
     kind = model_kind(model)
     if use_mac and kind != "mac":
         raise UserError(f"--use_mac: {model_path} is not a MAC model (model_type {model.config.model_type!r})")

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import click
 
-from .cli import _quiet_libraries, user_errors
+from .cli import _quiet_libraries, trust_remote_code_option, user_errors
 from .errors import UserError
-from .model_folder import kind_of, read_config
+from .model_folder import kind_of, read_config, trust_remote_code_for
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 UPDATE_RULES = ("surprise", "ema", "none")
@@ -220,10 +220,12 @@ def architecture(folder, weights_path):
 @click.option("--tokens", type=click.IntRange(min=2), default=None, help="Prompt length. [default: two MAC segments + 8, or 64]")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=8, show_default=True, help="Greedy tokens generated per update rule.")
 @click.option("--atol", type=float, default=1e-5, show_default=True, help="Largest allowed |logit difference|.")
+@trust_remote_code_option
 @user_errors
-def verify(export_dir, run_dir, checkpoint, tokens, new_tokens, atol):
+def verify(export_dir, run_dir, checkpoint, tokens, new_tokens, atol, trust_remote_code):
     """Reload EXPORT in a separate Python that cannot import titans-distil (only torch + transformers, with
-    trust_remote_code for MAC), compare its logits and greedy generations with the checkpoint, print sha256 hashes."""
+    trust_remote_code for MAC), compare its logits and greedy generations with the checkpoint, print sha256 hashes.
+    The export's model code runs only when identical to this titans-distil's, or with --trust-remote-code."""
     _quiet_libraries()
     import torch
 
@@ -241,6 +243,7 @@ def verify(export_dir, run_dir, checkpoint, tokens, new_tokens, atol):
     export = Path(export_dir)
     values = _folder_config(export)
     kind = kind_of(values)
+    trust = trust_remote_code_for(export, trust_remote_code, values)
     click.echo(f"{export}: {values.get('architectures', ['?'])[0]} export")
     for path, digest in file_hashes(export).items():
         click.echo(f"  sha256 {digest}  {path}")
@@ -263,7 +266,7 @@ def verify(export_dir, run_dir, checkpoint, tokens, new_tokens, atol):
     ids = _probe_ids(tokenizer, length)
     rules = list(UPDATE_RULES) if kind == "mac" else [None]
     with tempfile.TemporaryDirectory(prefix="titans-verify-") as work:
-        report, logits = run_isolated(export, ids, trust_remote_code=kind == "mac", rules=rules, new_tokens=new_tokens, workdir=Path(work))
+        report, logits = run_isolated(export, ids, trust_remote_code=trust, rules=rules, new_tokens=new_tokens, workdir=Path(work))
     click.echo(f"loaded in a separate Python without titans-distil as {report['class']}")
     with torch.no_grad():
         want = reference(ids, use_cache=False).logits.float()

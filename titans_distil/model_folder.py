@@ -17,7 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import models
+import click
+
+from . import __version__, models
 from .errors import UserError
 
 KIND_OF_MODEL_TYPE = {"mac_llama": "mac", "memory_llama": "memory", "llama": "llama"}
@@ -60,23 +62,76 @@ def kind_of(config: dict) -> str | None:
     return KIND_OF_MODEL_TYPE.get(model_type)
 
 
-def is_remote(folder: str | os.PathLike, config: dict) -> bool:
-    """A self-contained trust_remote_code folder: `auto_map` for the model and its shipped files beside it."""
-    files = SHIPPED_FILES.get(kind_of(config), ())
-    return "AutoModelForCausalLM" in (config.get("auto_map") or {}) and all((Path(folder) / f).is_file() for f in files)
+TRUST_FLAG = "--trust-remote-code"
+_ANNOUNCED: set[Path] = set()  # folders whose "trusting" line was printed already (one line per folder and run)
 
 
-def load_model(folder: str | os.PathLike, config: dict | None = None, **kwargs):
-    """`from_pretrained` with the right class: the folder's own code when it ships it, the project's MAC class for
+def _auto_map_files(auto_map) -> set[str]:
+    """The code files an `auto_map` names ("module.Class" -> module.py; tokenizers map to [slow, fast] pairs); a
+    reference to another Hub repo ("owner/repo--module.Class") stays as written: it is never a shipped file."""
+    refs = [] if not isinstance(auto_map, dict) else auto_map.values()
+    names = set()
+    for ref in refs:
+        for one in ref if isinstance(ref, (list, tuple)) else [ref]:
+            if isinstance(one, str) and one:
+                names.add(one if "--" in one else one.rsplit(".", 1)[0] + ".py")
+    return names
+
+
+def remote_code_files(folder: str | os.PathLike, config: dict | None = None) -> list[str]:
+    """The code `from_pretrained(..., trust_remote_code=True)` could run from `folder`: the files named by the
+    `auto_map` of config.json and tokenizer_config.json, and every .py file in the folder. Empty without `auto_map`."""
+    folder = Path(folder)
+    config = read_config(folder) if config is None else config
+    names = _auto_map_files(config.get("auto_map"))
+    with contextlib.suppress(OSError, ValueError):  # an unreadable tokenizer config runs nothing either
+        names |= _auto_map_files(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("auto_map"))
+    if not names:
+        return []
+    return sorted(names | {p.name for p in folder.glob("*.py")})
+
+
+def trust_remote_code_for(folder: str | os.PathLike, allow: bool, config: dict | None = None,
+                          quiet: bool = False) -> bool:
+    """Whether loading `folder` may run the model code it carries (transformers' / vLLM's `trust_remote_code`).
+
+    False for a folder without `auto_map` (nothing to run). True when the user passed --trust-remote-code
+    (`allow`), or when the folder is a MAC / memory-wrapper folder whose code files are all byte-identical to the
+    ones this titans-distil ships in `models/` (one "trusting" line on stderr per folder, unless `quiet`).
+    Anything else is refused with a one-line `UserError` naming the flag. Every loader asks here."""
+    folder = Path(folder)
+    config = read_config(folder) if config is None else config
+    files = remote_code_files(folder, config)
+    if not files:
+        return False
+    if allow:
+        return True
+    shipped = SHIPPED_FILES.get(kind_of(config), ())
+    if all(name in shipped and (folder / name).is_file()
+           and (folder / name).read_bytes() == (MODELS_DIR / name).read_bytes() for name in files):
+        if not quiet and folder.resolve() not in _ANNOUNCED:
+            _ANNOUNCED.add(folder.resolve())
+            click.echo(f"note: trusting {display(folder)}: its model files are identical to titans-distil "
+                       f"{__version__}'s", err=True)
+        return True
+    raise UserError(f"{display(folder)} carries its own model code ({', '.join(files)}) that differs from this "
+                    f"titans-distil's; pass {TRUST_FLAG} to run it")
+
+
+def load_model(folder: str | os.PathLike, config: dict | None = None, *, trust_remote_code: bool = False,
+               quiet: bool = False, **kwargs):
+    """`from_pretrained` with the right class: the folder's own code when it ships it and may run it
+    (`trust_remote_code_for`; `trust_remote_code` is the user's --trust-remote-code), the project's MAC class for
     a MAC folder without `auto_map` (a run's checkpoint or `final/`), stock transformers otherwise."""
     from transformers import AutoModelForCausalLM
 
     config = read_config(folder) if config is None else config
+    trust = trust_remote_code_for(folder, trust_remote_code, config, quiet=quiet)
     if kind_of(config) == "mac" and "AutoModelForCausalLM" not in (config.get("auto_map") or {}):
         from .models.modeling_mac_llama import MACLlamaForCausalLM
 
         return MACLlamaForCausalLM.from_pretrained(folder, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=bool(config.get("auto_map")), **kwargs)
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust, **kwargs)
 
 
 def save_with_model_code(model, out, **save_kwargs) -> None:

@@ -38,9 +38,9 @@ from .model_folder import (
     atomic_folder,
     check_output,
     first_line,
-    is_remote,
     read_config,
     save_with_model_code,
+    trust_remote_code_for,
 )
 from .model_folder import load_model as load_folder
 
@@ -156,7 +156,8 @@ class Source:
     path: Path
     config: dict
     kind: str  # "llama" or "mac_llama"
-    remote: bool  # MAC folder carrying its own model files (loaded with trust_remote_code)
+    remote: bool  # a folder whose own model code may run (`trust_remote_code_for`): loaded with trust_remote_code
+    trust_remote_code: bool = False  # the user's --trust-remote-code
 
     @property
     def is_mac(self) -> bool:
@@ -183,8 +184,9 @@ def _describe_quantization(qc: dict) -> str:
     return str(method)
 
 
-def inspect_source(model_path: str) -> Source:
-    """Resolve `--model_path` ('embedded', a model folder or a .gguf file) and check that it can be quantized."""
+def inspect_source(model_path: str, trust_remote_code: bool = False) -> Source:
+    """Resolve `--model_path` ('embedded', a model folder or a .gguf file) and check that it can be quantized
+    (and that its own model code, if any, may run: `trust_remote_code_for`)."""
     from .teacher import EMBEDDED, resolve_teacher
 
     if model_path == EMBEDDED or model_path.endswith(".gguf"):
@@ -209,8 +211,8 @@ def inspect_source(model_path: str) -> Source:
                         "(model_type 'llama') and MAC students (model_type 'mac_llama')")
     if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
         raise UserError(f"--model_path {model_path} holds no weights (*.safetensors / *.bin); pass a saved model folder")
-    remote = kind == "mac_llama" and is_remote(path, config)
-    return Source(model_path, path, config, kind, remote)
+    remote = trust_remote_code_for(path, trust_remote_code, config)
+    return Source(model_path, path, config, kind, remote, trust_remote_code)
 
 
 def skip_modules(source: Source) -> list[str]:
@@ -234,7 +236,8 @@ def load_model(source: Source, quantization_config=None):
     kwargs = dict(dtype="auto")
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    model = load_folder(source.path, source.config, **kwargs)  # an export with its own code, as a user loads it
+    # an export with its own code, as a user loads it
+    model = load_folder(source.path, source.config, trust_remote_code=source.trust_remote_code, **kwargs)
     if quantization_config is None:
         model.to(_device())
     return model.eval().requires_grad_(False)
@@ -287,11 +290,11 @@ def save_quantized(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     return out
 
 
-def load_quantized(folder: str | os.PathLike):
-    """Reload a folder written by `save_quantized` (trust_remote_code for MAC folders, which carry their code)."""
+def load_quantized(folder: str | os.PathLike, trust_remote_code: bool = False, quiet: bool = False):
+    """Reload a folder written by `save_quantized` (MAC folders carry their code: see `trust_remote_code_for`)."""
 
     require_bitsandbytes()
-    model = load_folder(folder)
+    model = load_folder(folder, trust_remote_code=trust_remote_code, quiet=quiet)
     return model.eval().requires_grad_(False)
 
 
@@ -490,12 +493,12 @@ def _load_tokenizer(source: Source):
 
 def quantize(model_path: str, output: str, spec: QuantSpec, *, overwrite: bool = False, data: str = "stdlib",
              eval_blocks: int = 8, eval_length: int = 512, new_tokens: int = 32, prompts=PROMPTS,
-             log=lambda message: None) -> Report:
+             log=lambda message: None, trust_remote_code: bool = False) -> Report:
     """Quantize `model_path` into `output` and measure both (see the module docstring for the order of steps)."""
     from .data import load_blocks
 
     bnb_version = require_bitsandbytes()
-    source = inspect_source(model_path)
+    source = inspect_source(model_path, trust_remote_code)
     out = check_output(output, overwrite, [source.path])
     max_positions = int(source.config.get("max_position_embeddings") or eval_length)
     if eval_blocks and eval_length > max_positions:
@@ -519,7 +522,8 @@ def quantize(model_path: str, output: str, spec: QuantSpec, *, overwrite: bool =
         del quantized
         log("measuring the quantized model (reloaded from its folder)")
         start = time.perf_counter()
-        model = load_quantized(tmp)
+        # the model code written with the weights is the source's, which was allowed to run above
+        model = load_quantized(tmp, source.trust_remote_code, quiet=True)
         after = Measurement(memory_footprint(model), weight_bytes(tmp),
                             perplexity(model, blocks) if blocks is not None else None,
                             greedy_agreement(model, ref) if ref is not None else None, spec.label)
@@ -539,7 +543,7 @@ def quantize(model_path: str, output: str, spec: QuantSpec, *, overwrite: bool =
 def _command():
     import click
 
-    from .cli import POSITIVE, _quiet_libraries, user_errors
+    from .cli import POSITIVE, _quiet_libraries, trust_remote_code_option, user_errors
 
     @click.command(name="quantize.py", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
     @click.option("--model_path", "--model-path", "model_path", required=True,
@@ -563,9 +567,10 @@ def _command():
     @click.option("--eval-length", type=POSITIVE, default=512, show_default=True, help="Tokens per validation block.")
     @click.option("--new-tokens", type=POSITIVE, default=32, show_default=True,
                   help="Greedy tokens per prompt for the agreement check (8 fixed prompts).")
+    @trust_remote_code_option
     @user_errors
     def command(model_path, bits, quant_type, double_quant, compute_dtype, int8_threshold, output, overwrite, data,
-                eval_blocks, eval_length, new_tokens):
+                eval_blocks, eval_length, new_tokens, trust_remote_code):
         """Quantize a teacher, a plain student or a MAC student with bitsandbytes (8-bit or 4-bit).
 
         The linear layers of the Llama blocks are quantized; embeddings, norms, lm_head and the Titans memory
@@ -585,7 +590,8 @@ def _command():
         _quiet_libraries()
         spec = parse_spec(bits, quant_type, double_quant, compute_dtype, int8_threshold)
         report = quantize(model_path, output, spec, overwrite=overwrite, data=data, eval_blocks=eval_blocks,
-                          eval_length=eval_length, new_tokens=new_tokens, log=lambda m: click.echo(m, err=True))
+                          eval_length=eval_length, new_tokens=new_tokens, log=lambda m: click.echo(m, err=True),
+                          trust_remote_code=trust_remote_code)
         click.echo(format_report(report))
 
     return command

