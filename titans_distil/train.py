@@ -29,7 +29,7 @@ from .data import LONG_RANGE_ROOM, BlockSampler, load_blocks, mix_long_range
 from .errors import UserError
 from .long_range import KINDS
 from .losses import DenseTeacher, distillation_loss
-from .model_folder import atomic_file, atomic_folder, remove_stale_temporaries
+from .model_folder import atomic_file, atomic_folder, read_config, remove_stale_temporaries
 from .models.neural_memory import NeuralMemory
 from .student import CALIBRATION_BLOCKS, build_student, calibrate_memory, pick_layers, student_config
 from .teacher import load_teacher, load_teacher_config
@@ -269,16 +269,9 @@ def _same_value(field: str, stored, given) -> bool:
 
 
 def read_run_config(run_dir: Path) -> dict:
-    config_file = Path(run_dir) / "config.json"
-    if not config_file.is_file():
+    if not (Path(run_dir) / "config.json").is_file():
         raise UserError(f"--resume: {run_dir} holds no run to resume; drop --resume to start it")
-    try:
-        stored = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"--resume: {config_file} is unreadable ({err}); the run folder is damaged") from None
-    if not isinstance(stored, dict):
-        raise UserError(f"--resume: {config_file} is not a run config; the run folder is damaged")
-    return stored
+    return read_config(run_dir, fix="the run folder is damaged")
 
 
 def resumed_config(output_dir: str, run_name: str, given: dict, explicit: set[str]) -> DistilConfig:
