@@ -851,7 +851,9 @@ def _train_neural_memories(memories, states, written, device) -> torch.Tensor:
                 tuple(w[part] for w in memory.weights), tuple(m[part] for m in memory.momentum),
                 memory.pending[part], memory.position,
             )
-            states[i].update(module.state_to_dict(piece_state, prefix="neural."))
+            # the layout keeps no phase / rule: fed chunk-aligned with "surprise" only, the phase is the pending count
+            flat = module.state_to_dict(piece_state, prefix="neural.")
+            states[i].update({k: v for k, v in flat.items() if k in states[i]})
             offset += size
     return torch.cat(logs).mean(0)
 
