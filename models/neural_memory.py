@@ -53,7 +53,8 @@ chunk starts). A chunk is applied when it ends, with only its written rows (as o
 its start weights; the "none" tokens take no part: no gradient, no momentum or forgetting step), and every token
 of it, written or not, is read with its start weights. A chunk that ends during a "none" call is applied there,
 with the rule its rows were written with (``pending_rule``); a call with the other writing rule first applies
-the pending rows of the first as a short chunk. ``flush`` closes the current chunk early: its rows are applied
+the pending rows of the first as a short chunk (rows of unknown rule, ``pending_rule`` None, from states saved
+before the rule was recorded, join the next writing call's chunk). ``flush`` closes the current chunk early: its rows are applied
 now and the next token starts a new chunk (a session seeded from a flushed state starts on a chunk boundary).
 
 "ema": only the last MLP layer moves, toward the one-shot association of the token,
@@ -123,7 +124,7 @@ class MemoryState(NamedTuple):
     pending: Tensor  # (B, n_pending, D) written inputs of the current (unfinished) chunk, n_pending <= phase
     position: int = 0  # tokens consumed since init_state (written, pending or read under "none")
     phase: int | None = None  # tokens of the current chunk consumed so far (< chunk_size); None: n_pending
-    pending_rule: str = "surprise"  # the rule the pending rows were written with (applied with it)
+    pending_rule: str | None = "surprise"  # the rule of the pending rows (None: unknown, the next writing call's)
 
     def chunk_phase(self) -> int:
         """Tokens of the current chunk consumed so far, whatever rule read them."""
@@ -334,14 +335,16 @@ class NeuralMemory(nn.Module):
         out[f"{prefix}pending"] = state.pending.detach().contiguous()
         out[f"{prefix}position"] = torch.tensor(int(state.position), dtype=torch.int64)
         out[f"{prefix}phase"] = torch.tensor(state.chunk_phase(), dtype=torch.int64)
-        out[f"{prefix}pending_rule"] = torch.tensor(UPDATE_RULES.index(state.pending_rule), dtype=torch.int64)
+        if state.pending_rule is not None:  # None (unknown) is saved as no tensor
+            out[f"{prefix}pending_rule"] = torch.tensor(UPDATE_RULES.index(state.pending_rule), dtype=torch.int64)
         return out
 
     def state_from_dict(self, tensors: dict[str, Tensor], prefix: str = "") -> MemoryState:
         """Inverse of :meth:`state_to_dict`; checks the keys and shapes against this module's configuration.
 
         ``phase`` and ``pending_rule`` may be missing (dicts written before they existed): the phase is then the
-        number of pending rows and the rule "surprise"."""
+        number of pending rows and the rule unknown (None: the pending rows are written with the rule of the next
+        writing call, as before; "surprise" if a "none" call or ``flush`` applies them)."""
         names = [f"{prefix}{kind}.{i}" for kind in ("weights", "momentum") for i in range(self.depth)]
         names += [f"{prefix}pending", f"{prefix}position"]
         missing = [n for n in names if n not in tensors]
@@ -374,17 +377,17 @@ class NeuralMemory(nn.Module):
             scalars[name] = None if t is None else int(t.item())
         P, position = pending.shape[1], scalars["position"]
         phase = P if scalars["phase"] is None else scalars["phase"]
-        rule = 0 if scalars["pending_rule"] is None else scalars["pending_rule"]
+        rule = scalars["pending_rule"]
         if not (P <= phase < self.chunk_size and P <= position):
             raise ValueError(
                 f"NeuralMemory.state_from_dict: {prefix}position {position} and {prefix}phase {phase} do not fit "
                 f"the {P} pending rows (expected pending <= phase < {self.chunk_size} and pending <= position)"
             )
-        if not 0 <= rule < len(UPDATE_RULES) or UPDATE_RULES[rule] == "none":
+        if rule is not None and (not 0 <= rule < len(UPDATE_RULES) or UPDATE_RULES[rule] == "none"):
             raise ValueError(
                 f"NeuralMemory.state_from_dict: {prefix}pending_rule {rule} names no writing rule of {UPDATE_RULES}"
             )
-        return MemoryState(weights, momentum, pending, position, phase, UPDATE_RULES[rule])
+        return MemoryState(weights, momentum, pending, position, phase, None if rule is None else UPDATE_RULES[rule])
 
     # ------------------------------------------------------------------ building blocks
 
@@ -530,7 +533,7 @@ class NeuralMemory(nn.Module):
         Call it when a session ends or is saved: otherwise up to chunk_size - 1 written tokens never reach the
         fast weights. The rows are written with the rule they were written with (``state.pending_rule``) unless
         ``update_rule`` names another; "none" returns the state unchanged."""
-        rule = state.pending_rule if update_rule is None else update_rule
+        rule = (state.pending_rule or "surprise") if update_rule is None else update_rule
         self._check_rule(rule, "flush")
         P = state.pending.shape[1]
         if rule == "none" or (P == 0 and state.chunk_phase() == 0):
@@ -578,7 +581,7 @@ class NeuralMemory(nn.Module):
         S = [self._fold(s.to(x.dtype)) for s in state.momentum]
         pending, pending_rule, phase = state.pending.to(x.dtype), state.pending_rule, state.chunk_phase()
         parts, reads, t = [], [], 0
-        if rule != "none" and pending.shape[1] and pending_rule != rule:  # rows of the other writing rule
+        if rule != "none" and pending.shape[1] and pending_rule not in (None, rule):  # rows of the other writing rule
             W, S, _, stats = self._update(W, S, pending, pending_rule, pending.shape[1])
             parts.append(stats)
             pending = pending[:, :0]
@@ -591,7 +594,7 @@ class NeuralMemory(nn.Module):
             if rule == "none":
                 reads.append(self._read(W, q[:, :n]))
                 if closes and P:  # the chunk ends: its written rows are applied now, with their own rule
-                    W, S, _, stats = self._update(W, S, pending, pending_rule, P)
+                    W, S, _, stats = self._update(W, S, pending, pending_rule or "surprise", P)
                     parts.append(stats)
                     pending = pending[:, :0]
             else:

@@ -707,7 +707,14 @@ def test_state_dicts_without_phase_and_rule_load_as_before():
     assert int(flat["phase"]) == 2 and int(flat["pending_rule"]) == 0
     old = {k: v for k, v in flat.items() if k not in ("phase", "pending_rule")}
     loaded = m.state_from_dict(old)
-    assert (loaded.chunk_phase(), loaded.pending_rule, loaded.position) == (2, "surprise", 6)
+    assert (loaded.chunk_phase(), loaded.pending_rule, loaded.position) == (2, None, 6)
+    assert "pending_rule" not in m.state_to_dict(loaded)  # unknown stays unknown
+    with torch.no_grad():  # rows of unknown rule join the next writing call's chunk, as before phase existed
+        x = rand_x(T=5, seed=4)
+        _, a, _ = m(x, loaded, update_rule="ema")
+        _, b, _ = m(x, state._replace(pending_rule="ema"), update_rule="ema")
+    for u, v in zip(a.weights + a.momentum, b.weights + b.momentum):
+        assert torch.equal(u, v)
     with pytest.raises(ValueError, match="do not fit the 2 pending rows"):
         m.state_from_dict(dict(flat, phase=torch.tensor(1)))
     with pytest.raises(ValueError, match="names no writing rule"):
