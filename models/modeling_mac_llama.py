@@ -55,8 +55,28 @@ Deviations from the paper, and why
   accepted; it changes nothing at the real positions because everything is causal. Other masks are refused.
 - With gradient checkpointing in training no cache is kept (as in Llama); the memory state still flows
   through all segments of the forward call.
+
+Memory sessions and files
+-------------------------
+The memory of a stream lives in its `MACCache`. `save_memory(path, cache)` writes the memory after the tokens the
+cache has seen to a safetensors file (`memory_file.py`: model fingerprint, per memory layer the `NeuralMemory`
+state); `load_memory(path)` returns a fresh `MACCache` (a new stream at position 0) whose memory starts from the
+file, for `forward` / `generate(past_key_values=...)`:
+
+    cache = model.memory_cache()
+    model.generate(ids, past_key_values=cache, update_rule="surprise", max_new_tokens=20)
+    model.save_memory("alice.safetensors", cache)
+    cache = model.load_memory("alice.safetensors")  # a later session, another process
+
+Saving flushes by default: the written rows of the unfinished memory chunk are applied to the saved weights (the
+cache itself is not changed), so the file holds every token written and a session from it starts on a chunk
+boundary, like its segments. `keep_pending=True` saves the exact state instead (the rows stay pending and the
+loaded stream continues the chunk). Files of format version 1 (written before the fingerprint sampled 4096
+values per tensor) still load; their pending rows, if any, join the chunk of the next writing call as before.
 """
 
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -79,11 +99,29 @@ from transformers.models.llama.modeling_llama import (
 from transformers.utils import logging
 
 from .configuration_mac_llama import UPDATE_RULES, MACLlamaConfig
+from .memory_file import (
+    FINGERPRINT_SAMPLES,
+    check_tensors,
+    read_memory_file,
+    weights_fingerprint,
+    write_memory_file,
+)
 from .neural_memory import MemoryState, NeuralMemory
 
 logger = logging.get_logger(__name__)
 
 MEMORY_STAT_KEYS = ("surprise_norm", "lr_mean", "momentum_mean", "decay_mean")
+
+MEMORY_FORMAT = "titans-distil-mac-memory/2"
+# format -> values sampled per tensor by its fingerprint: files of version 1 (64 samples) still load
+MEMORY_FORMATS = {MEMORY_FORMAT: FINGERPRINT_SAMPLES, "titans-distil-mac-memory/1": 64}
+# config fields that decide the memory's layout and meaning (the fingerprint hashes them)
+FINGERPRINT_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads", "num_key_value_heads", "head_dim", "segment_len",
+                      "num_persistent_tokens", "memory_layers", "memory_chunk_size", "memory_depth",
+                      "memory_expansion", "memory_dim", "memory_max_lr", "memory_max_grad_norm")
+# hashed too when memory_version >= 2 (files written before memory_version existed keep their fingerprint)
+FINGERPRINT_FIELDS_V2 = ("memory_version", "memory_heads", "memory_update_bound")
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -750,6 +788,98 @@ class MACLlamaForCausalLM(MACLlamaPreTrainedModel, GenerationMixin):
             memory_stats=outputs.memory_stats,
         )
         return output if return_dict else output.to_tuple()
+
+    # -- memory sessions and files (see the module docstring)
+
+    def memory_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.model.layers) if layer.memory is not None]
+
+    def memory_fingerprint(self, samples: int = FINGERPRINT_SAMPLES) -> str:
+        """sha256 of the config fields that shape the memory and of a fixed sample of every weight tensor."""
+        config = self.config.to_dict()
+        fields = FINGERPRINT_FIELDS + (FINGERPRINT_FIELDS_V2 if config.get("memory_version", 1) >= 2 else ())
+        return weights_fingerprint(self, fields={k: config.get(k) for k in fields}, samples=samples)
+
+    def _state_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    def memory_states(self, memory=None) -> dict[int, MemoryState]:
+        """{layer: MemoryState}: the memory after the tokens a `MACCache` has seen (`memory`), the states of a dict
+        (checked), or the model's initial memory (None, or a cache that saw no token)."""
+        if isinstance(memory, dict):
+            if sorted(memory) != self.memory_layers():
+                raise ValueError(f"memory states for layers {sorted(memory)}; this model's memory layers are "
+                                 f"{self.memory_layers()}")
+            return dict(memory)
+        if memory is not None and not isinstance(memory, MACCache):
+            raise TypeError(f"memory must be a MACCache, a {{layer: MemoryState}} dict or None, got "
+                            f"{type(memory).__name__}")
+        out = {}
+        for i in self.memory_layers():
+            state = memory.layers[i].state if memory is not None else None
+            out[i] = state if state is not None else self.model.layers[i].memory.init_state(1, dtype=self._state_dtype())
+        return out
+
+    def memory_cache(self, memory=None) -> MACCache:
+        """A fresh `MACCache` (a new stream at position 0) whose memory layers start from `memory` (a cache's
+        memory, {layer: MemoryState}, or None: the initial memory). The source is never changed."""
+        cache = MACCache(self.config)
+        if memory is not None:
+            for i, state in self.memory_states(memory).items():
+                cache.layers[i].state = cache.layers[i].segment_state = state
+        return cache
+
+    def save_memory(self, path, memory=None, *, keep_pending: bool = False) -> None:
+        """Write the memory of a stream (`memory`: a `MACCache`, {layer: MemoryState} or None for the initial
+        memory; batch 1) to a safetensors file, atomically. The unfinished chunk's written rows are flushed into
+        the saved weights unless `keep_pending` (the cache is not changed either way)."""
+        states = self.memory_states(memory)
+        tensors = {}
+        for i, state in states.items():
+            if state.weights[0].shape[0] != 1:
+                raise ValueError(f"save_memory saves one stream, this memory has batch size "
+                                 f"{state.weights[0].shape[0]}; save one row at a time")
+            neural = self.model.layers[i].memory
+            if not keep_pending:
+                state = neural.flush(state)
+            tensors.update(neural.state_to_dict(state, prefix=f"layers.{i}."))
+        metadata = {"format": MEMORY_FORMAT, "fingerprint": self.memory_fingerprint(),
+                    "memory_layers": json.dumps(sorted(states)),
+                    "dtype": str(self._state_dtype()).removeprefix("torch.")}
+        write_memory_file(path, tensors, metadata)
+
+    def load_memory_states(self, path) -> dict[int, MemoryState]:
+        """{layer: MemoryState} of a file written by `save_memory` of this model; one-line ValueError for a
+        missing or foreign file, another model's memory, and tensors of the wrong names, shapes or dtypes."""
+        fingerprints = {fmt: (lambda n=n: self.memory_fingerprint(n)) for fmt, n in MEMORY_FORMATS.items()}
+        tensors, metadata = read_memory_file(path, fingerprints, "load it into the model that wrote it, or start "
+                                             "from the model's initial memory (no memory file)")
+        dtype, i64 = self._state_dtype(), torch.int64
+        layout, optional = {}, []
+        for i in self.memory_layers():
+            neural, prefix = self.model.layers[i].memory, f"layers.{i}."
+            for j, w in enumerate(neural.initial_weights):
+                layout[f"{prefix}weights.{j}"] = layout[f"{prefix}momentum.{j}"] = ((1, *w.shape), dtype)
+            layout[f"{prefix}pending"] = ((1, range(neural.chunk_size), neural.dim), dtype)
+            for name in ("position", "phase", "pending_rule"):
+                layout[prefix + name] = ((), i64)
+            optional += [f"{prefix}phase", f"{prefix}pending_rule"]  # not in files of format version 1
+        check_tensors(path, tensors, metadata, layout, self.memory_layers(), optional)
+        states = {}
+        for i in self.memory_layers():
+            neural = self.model.layers[i].memory
+            try:
+                state = neural.state_from_dict(tensors, prefix=f"layers.{i}.")
+            except ValueError as err:
+                raise ValueError(f"{os.fspath(path)}: {str(err).removeprefix('NeuralMemory.state_from_dict: ')}; "
+                                 "the file is damaged, save it again") from None
+            states[i] = state.to(neural.initial_weights[0].device)
+        return states
+
+    def load_memory(self, path) -> MACCache:
+        """A fresh `MACCache` (a new stream) whose memory starts from a file written by `save_memory` of this
+        model (see `load_memory_states` for the checks)."""
+        return self.memory_cache(self.load_memory_states(path))
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """`generate()` hook: a MAC model generates with a `MACCache` (a user-supplied one is continued)."""

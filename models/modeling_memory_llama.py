@@ -1,7 +1,7 @@
 """Any Llama with an inference-time memory (the "InferenceMemoryWrapper" that `package_model.py` writes).
 
 This file travels inside packaged checkpoints (`trust_remote_code=True`): it imports only torch, transformers,
-safetensors (a transformers dependency), the standard library and its sibling files.
+the standard library and its sibling files.
 
 What it does
 ------------
@@ -94,11 +94,11 @@ Memory files (`save_memory` / `load_memory`): safetensors only, nothing is ever 
 the same fingerprint in any dtype; without it, computed from the weights: names, shapes and a fixed sample of
 values) and the memory layers. Loading checks, in order, the file, format, fingerprint, tensor names, dtypes and
 shapes, and raises a one-line ValueError naming the first mismatch; nothing is changed unless all checks pass.
+The format, fingerprint function, atomic writer and checks are shared with the MAC model (`memory_file.py`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -119,10 +119,11 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_memory_llama import UPDATE_RULES, MemoryLlamaConfig
+from .memory_file import check_tensors, read_memory_file, write_memory_file
+from .memory_file import weights_fingerprint as memory_file_fingerprint
 from .neural_memory import MemoryState, NeuralMemory
 
 MEMORY_FORMAT = "memory-llama-memory/1"
-_FINGERPRINT_SAMPLES = 4096
 
 
 def _logit(p: float) -> float:
@@ -617,80 +618,38 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM):
         return out
 
     def save_memory(self, path) -> None:
-        """Write the memory to a safetensors file (with the model fingerprint; see `load_memory`)."""
-        from safetensors.torch import save_file
-
+        """Write the memory to a safetensors file, atomically (with the model fingerprint; see `load_memory`). The
+        neural memory's unfinished chunk is saved as it is (pending): the model's memory lives on and a loaded copy
+        continues exactly where this one is."""
         metadata = {
             "format": MEMORY_FORMAT,
             "fingerprint": self.memory_fingerprint(),
             "memory_layers": json.dumps(list(self.config.memory_layers)),
         }
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file(self.memory_state_dict(), tmp, metadata=metadata)
-        os.replace(tmp, path)
+        write_memory_file(path, self.memory_state_dict(), metadata)
 
     def load_memory(self, path) -> None:
         """Replace the memory by a file written by `save_memory` of this model; refuses (ValueError) a missing or
         foreign file, another model's memory, and tensors of the wrong names, shapes or dtypes. Never unpickles."""
-        from safetensors import safe_open
-
+        tensors, metadata = read_memory_file(path, {MEMORY_FORMAT: self.memory_fingerprint},
+                                             "load it into the model that wrote it, or call reset_memory() to start empty")
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ValueError(f"memory file {path} does not exist")
-        try:
-            with safe_open(path, framework="pt") as f:
-                metadata = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as err:  # safetensors raises its own error types
-            raise ValueError(f"{path} is not a safetensors memory file ({str(err).splitlines()[0]})") from None
-        if metadata.get("format") != MEMORY_FORMAT:
-            raise ValueError(
-                f"{path} is not a memory file of this model type (format {metadata.get('format')!r}, expected "
-                f"{MEMORY_FORMAT!r})"
-            )
-        mine = self.memory_fingerprint()
-        theirs = metadata.get("fingerprint", "")
-        if theirs != mine:
-            raise ValueError(
-                f"{path} was saved from a different model (fingerprint {theirs[:16]}, this model has {mine[:16]}); "
-                "load it into the model that wrote it, or call reset_memory() to start empty"
-            )
+        modules = self.memory_modules()
+        layout, note = {}, ""
+        for i, memory in modules.items():
+            H, width, C = memory.num_kv_heads, 2 * memory.head_dim, memory.neural.chunk_size
+            for name, (shape, dtype) in memory.expected_layout().items():  # shape None: the pending rows
+                layout[f"layers.{i}.{name}"] = ((H, range(C), width) if shape is None else shape, dtype)
+            note = f" (memory_slots={memory.num_slots}, key/value heads={H}, head_dim={memory.head_dim})"
+        check_tensors(path, tensors, metadata, layout, self.config.memory_layers, note=note)
         states = {}
-        for i, memory in self.memory_modules().items():
-            layout = memory.expected_layout()
-            state = {}
-            for name, (shape, dtype) in layout.items():
-                key = f"layers.{i}.{name}"
-                if key not in tensors:
-                    raise ValueError(
-                        f"{path} has no tensor {key}; it holds memory for layers "
-                        f"{metadata.get('memory_layers', '?')}, this model's memory layers are {list(self.config.memory_layers)}"
-                    )
-                tensor = tensors[key]
-                if tensor.dtype != dtype:
-                    raise ValueError(f"{path}: tensor {key} has dtype {tensor.dtype}, this model expects {dtype}")
-                if shape is None:  # pending rows of the incomplete surprise chunk
-                    H, width, C = memory.num_kv_heads, 2 * memory.head_dim, memory.neural.chunk_size
-                    ok = tensor.dim() == 3 and tensor.shape[0] == H and tensor.shape[2] == width and tensor.shape[1] < C
-                    if not ok:
-                        raise ValueError(
-                            f"{path}: tensor {key} has shape {tuple(tensor.shape)}, this model expects ({H}, n < {C}, {width})"
-                        )
-                elif tuple(tensor.shape) != shape:
-                    raise ValueError(
-                        f"{path}: tensor {key} has shape {tuple(tensor.shape)}, this model expects {shape} "
-                        f"(memory_slots={memory.num_slots}, key/value heads={memory.num_kv_heads}, head_dim={memory.head_dim})"
-                    )
-                state[name] = tensor.to(memory.device())
+        for i, memory in modules.items():
+            state = {name: tensors[f"layers.{i}.{name}"].to(memory.device()) for name in memory.expected_layout()}
             for name, limit in (("recent_filled", memory.num_recent), ("pool_filled", memory.num_pool)):
                 if not 0 <= int(state[name]) <= limit:
                     raise ValueError(f"{path}: layers.{i}.{name} is {int(state[name])}, outside 0..{limit}")
             states[i] = state
-        extra = sorted(set(tensors) - {f"layers.{i}.{n}" for i in states for n in states[i]})
-        if extra:
-            raise ValueError(f"{path} holds tensors this model does not have: {', '.join(extra[:3])}")
-        for i, memory in self.memory_modules().items():
+        for i, memory in modules.items():
             memory.state = states[i]
 
     # -- forward and generate
@@ -851,7 +810,9 @@ def _train_neural_memories(memories, states, written, device) -> torch.Tensor:
                 tuple(w[part] for w in memory.weights), tuple(m[part] for m in memory.momentum),
                 memory.pending[part], memory.position,
             )
-            states[i].update(module.state_to_dict(piece_state, prefix="neural."))
+            # the layout keeps no phase / rule: fed chunk-aligned with "surprise" only, the phase is the pending count
+            flat = module.state_to_dict(piece_state, prefix="neural.")
+            states[i].update({k: v for k, v in flat.items() if k in states[i]})
             offset += size
     return torch.cat(logs).mean(0)
 
@@ -869,20 +830,9 @@ def _first_tokens(attention_mask, B: int, T: int, past: int, device) -> torch.Te
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 over parameter names, shapes and a fixed sample of float32 values (the memory's fixed parameters
-    excluded); cheap for any model size. Memory layout fields are added so a memory never meets another layout."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        if ".memory.neural." in name:
-            continue
-        flat = tensor.detach().reshape(-1)
-        count = flat.numel()
-        steps = min(count, _FINGERPRINT_SAMPLES)
-        idx = torch.arange(steps, dtype=torch.int64) * max(count - 1, 0) // max(steps - 1, 1)
-        sample = flat[idx.to(flat.device)].float().cpu().numpy().tobytes() if count else b""
-        digest.update(f"{name}|{tuple(tensor.shape)}|".encode())
-        digest.update(sample)
-    return digest.hexdigest()
+    """`memory_file.weights_fingerprint` without the memory's fixed parameters (names, shapes and a fixed sample of
+    float32 values of every other weight)."""
+    return memory_file_fingerprint(model, exclude=".memory.neural.")
 
 
 __all__ = ["LayerMemory", "MemoryLlamaAttention", "MemoryLlamaForCausalLM", "MemoryLlamaModel", "weights_fingerprint"]

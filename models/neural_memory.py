@@ -20,7 +20,8 @@ weights are ordinary parameters trained by autograd through the unrolled memory 
 
 Chunked parallel form (paper §3.2)
 ----------------------------------
-The stream is cut into chunks of C = ``chunk_size`` tokens, counted from the start of the stream. Inside a chunk,
+The stream is cut into chunks of C = ``chunk_size`` tokens, counted from the start of the stream (or the last
+``flush``), whatever rule reads them. Inside a chunk,
 every gradient u_j is taken at the chunk-start weights W_0; momentum and forgetting are still applied token by
 token (with per-token gates) and carried across chunks. The recurrences are linear in u_j, so the chunk-end
 state is closed form, with E_i = prod_{l<=i} eta_l, beta_i = prod_{l<=i} (1 - alpha_l), b_i = beta_C / beta_i:
@@ -38,14 +39,25 @@ so ordinary autograd trains the parameters through the unrolled updates. Chunks 
 Read-out: every token of chunk c is read with the weights at the START of chunk c. This keeps the module causal;
 with C = 1 it is exactly y_t = M_{t-1}(q_t), then the update with token t (``tests/paper_memory.py``, the test oracle).
 
-Streaming: ``MemoryState`` holds the weights and momenta at the last chunk boundary plus the raw inputs of the
-incomplete current chunk (``pending``). ``forward`` prepends the pending rows, applies every complete chunk and
-keeps the remainder pending; pending tokens are read with the current (chunk-start) weights. Feeding a
-sequence at once or in arbitrary pieces (e.g. token by token) gives the same outputs and state.
+Streaming: ``MemoryState`` holds the weights and momenta at the last chunk boundary, the written inputs of the
+current chunk (``pending``), the tokens consumed (``position``) and how far the current chunk has got (``phase``).
+``forward`` prepends the pending rows, applies every chunk that ends inside the call and keeps the remainder
+pending; pending tokens are read with the current (chunk-start) weights. Feeding a sequence at once or in
+arbitrary pieces (e.g. token by token) gives the same outputs and state.
 
-Update rules: "surprise" (above); "none" (frozen memory: read-outs only, the state is returned unchanged and
-inputs are not accumulated); "ema", a gradient-free moving average that is NOT in the paper: only the last MLP
-layer moves, toward the one-shot association of the token,
+Update rules: "surprise" (above); "none" (frozen memory: read-outs only, nothing is written); "ema", a
+gradient-free moving average that is NOT in the paper (below). Rules may change from call to call on one
+stream. Tokens read under "none" are not written but they still count: ``position`` and ``phase`` advance, so
+chunk boundaries stay at multiples of C counted from the stream start (a MAC host relies on segment starts being
+chunk starts). A chunk is applied when it ends, with only its written rows (as one chunk of that many rows, at
+its start weights; the "none" tokens take no part: no gradient, no momentum or forgetting step), and every token
+of it, written or not, is read with its start weights. A chunk that ends during a "none" call is applied there,
+with the rule its rows were written with (``pending_rule``); a call with the other writing rule first applies
+the pending rows of the first as a short chunk (rows of unknown rule, ``pending_rule`` None, from states saved
+before the rule was recorded, join the next writing call's chunk). ``flush`` closes the current chunk early: its rows are applied
+now and the next token starts a new chunk (a session seeded from a flushed state starts on a chunk boundary).
+
+"ema": only the last MLP layer moves, toward the one-shot association of the token,
     W_L <- (1 - r_t) W_L + r_t v_t phi_t^T / (||phi_t||^2 + eps),   r_t = theta_t / max_lr in (0, 1),
 with phi_t the input features of the last layer for k_t (at the chunk-start weights; phi_t = k_t for depth 1).
 The closed form per chunk is the same log-space product as above; other layers and the momentum are untouched.
@@ -109,25 +121,29 @@ class MemoryState(NamedTuple):
 
     weights: tuple[Tensor, ...]  # fast weights at the last chunk boundary, one (B, out, in) per MLP layer
     momentum: tuple[Tensor, ...]  # the surprise S, same shapes
-    pending: Tensor  # (B, n_pending, D) raw inputs of the incomplete current chunk, n_pending < chunk_size
-    position: int = 0  # tokens consumed since init_state (applied + pending)
+    pending: Tensor  # (B, n_pending, D) written inputs of the current (unfinished) chunk, n_pending <= phase
+    position: int = 0  # tokens consumed since init_state (written, pending or read under "none")
+    phase: int | None = None  # tokens of the current chunk consumed so far (< chunk_size); None: n_pending
+    pending_rule: str | None = "surprise"  # the rule of the pending rows (None: unknown, the next writing call's)
+
+    def chunk_phase(self) -> int:
+        """Tokens of the current chunk consumed so far, whatever rule read them."""
+        return self.pending.shape[1] if self.phase is None else self.phase
 
     def detach(self) -> MemoryState:
         """Cut the autograd graph (truncated back-propagation through time)."""
-        return MemoryState(
-            tuple(w.detach() for w in self.weights),
-            tuple(s.detach() for s in self.momentum),
-            self.pending.detach(),
-            self.position,
+        return self._replace(
+            weights=tuple(w.detach() for w in self.weights),
+            momentum=tuple(s.detach() for s in self.momentum),
+            pending=self.pending.detach(),
         )
 
     def to(self, *args, **kwargs) -> MemoryState:
         """``Tensor.to`` on every tensor (device moves; keep the dtype float32)."""
-        return MemoryState(
-            tuple(w.to(*args, **kwargs) for w in self.weights),
-            tuple(s.to(*args, **kwargs) for s in self.momentum),
-            self.pending.to(*args, **kwargs),
-            self.position,
+        return self._replace(
+            weights=tuple(w.to(*args, **kwargs) for w in self.weights),
+            momentum=tuple(s.to(*args, **kwargs) for s in self.momentum),
+            pending=self.pending.to(*args, **kwargs),
         )
 
 
@@ -306,21 +322,29 @@ class NeuralMemory(nn.Module):
             torch.zeros(batch_size, *w.shape, device=device, dtype=dtype) for w in self.initial_weights
         )
         pending = torch.zeros(batch_size, 0, self.dim, device=device, dtype=dtype)
-        return MemoryState(weights, momentum, pending, 0)
+        return MemoryState(weights, momentum, pending, 0, 0, "surprise")
 
     def state_to_dict(self, state: MemoryState, prefix: str = "") -> dict[str, Tensor]:
         """Flat, detached, contiguous tensors (safetensors-ready): ``{prefix}weights.{i}``, ``{prefix}momentum.{i}``,
-        ``{prefix}pending``, ``{prefix}position`` (int64 scalar)."""
+        ``{prefix}pending``, and int64 scalars ``{prefix}position``, ``{prefix}phase`` and ``{prefix}pending_rule``
+        (the index of the rule in ``UPDATE_RULES``)."""
         out = {}
         for i, (w, s) in enumerate(zip(state.weights, state.momentum)):
             out[f"{prefix}weights.{i}"] = w.detach().contiguous()
             out[f"{prefix}momentum.{i}"] = s.detach().contiguous()
         out[f"{prefix}pending"] = state.pending.detach().contiguous()
         out[f"{prefix}position"] = torch.tensor(int(state.position), dtype=torch.int64)
+        out[f"{prefix}phase"] = torch.tensor(state.chunk_phase(), dtype=torch.int64)
+        if state.pending_rule is not None:  # None (unknown) is saved as no tensor
+            out[f"{prefix}pending_rule"] = torch.tensor(UPDATE_RULES.index(state.pending_rule), dtype=torch.int64)
         return out
 
     def state_from_dict(self, tensors: dict[str, Tensor], prefix: str = "") -> MemoryState:
-        """Inverse of :meth:`state_to_dict`; checks the keys and shapes against this module's configuration."""
+        """Inverse of :meth:`state_to_dict`; checks the keys and shapes against this module's configuration.
+
+        ``phase`` and ``pending_rule`` may be missing (dicts written before they existed): the phase is then the
+        number of pending rows and the rule unknown (None: the pending rows are written with the rule of the next
+        writing call, as before; "surprise" if a "none" call or ``flush`` applies them)."""
         names = [f"{prefix}{kind}.{i}" for kind in ("weights", "momentum") for i in range(self.depth)]
         names += [f"{prefix}pending", f"{prefix}position"]
         missing = [n for n in names if n not in tensors]
@@ -342,7 +366,28 @@ class NeuralMemory(nn.Module):
                 f"NeuralMemory.state_from_dict: {prefix}pending has shape {tuple(pending.shape)}, expected "
                 f"(B, n < {self.chunk_size}, {self.dim})"
             )
-        return MemoryState(weights, momentum, pending, int(tensors[f"{prefix}position"].item()))
+        scalars = {}
+        for name in ("position", "phase", "pending_rule"):
+            t = tensors.get(f"{prefix}{name}")
+            if t is not None and (t.ndim != 0 or t.dtype != torch.int64):
+                raise ValueError(
+                    f"NeuralMemory.state_from_dict: {prefix}{name} must be an int64 scalar, got {t.dtype} "
+                    f"of shape {tuple(t.shape)}"
+                )
+            scalars[name] = None if t is None else int(t.item())
+        P, position = pending.shape[1], scalars["position"]
+        phase = P if scalars["phase"] is None else scalars["phase"]
+        rule = scalars["pending_rule"]
+        if not (P <= phase < self.chunk_size and P <= position):
+            raise ValueError(
+                f"NeuralMemory.state_from_dict: {prefix}position {position} and {prefix}phase {phase} do not fit "
+                f"the {P} pending rows (expected pending <= phase < {self.chunk_size} and pending <= position)"
+            )
+        if rule is not None and (not 0 <= rule < len(UPDATE_RULES) or UPDATE_RULES[rule] == "none"):
+            raise ValueError(
+                f"NeuralMemory.state_from_dict: {prefix}pending_rule {rule} names no writing rule of {UPDATE_RULES}"
+            )
+        return MemoryState(weights, momentum, pending, position, phase, None if rule is None else UPDATE_RULES[rule])
 
     # ------------------------------------------------------------------ building blocks
 
@@ -455,14 +500,15 @@ class NeuralMemory(nn.Module):
         """Read out, then write x into the memory.
 
         Keys, values and gates come from ``x``; read-out queries from ``queries`` if given, else from ``x``.
-        ``update_rule``: "surprise" (Titans), "ema" (gradient-free, last layer only) or "none" (frozen).
+        ``update_rule``: "surprise" (Titans), "ema" (gradient-free, last layer only) or "none" (frozen: nothing is
+        written, but the tokens advance ``position`` and the chunk phase; see the module docstring).
 
         Returns the read-outs (B, T, D) in x's dtype (each token read with its chunk-start weights), the new
         state and detached scalar stats over the tokens whose update was applied in this call (the complete
         chunks): "surprise_norm" (mean Frobenius norm of the per-token associative-loss gradient at the
         chunk-start weights, exact, never materialised), "lr_mean", "momentum_mean", "decay_mean" (means of the
         theta, eta, alpha gates; "ema" uses only theta) and "updated_tokens" (per sequence). All are 0 when no
-        token was applied (rule "none", or only pending tokens).
+        token was applied (only pending tokens, or rule "none" unless it ends a chunk holding written rows).
         """
         self._check_rule(update_rule, "forward")
         self._check_input(x, state, "forward")
@@ -480,26 +526,28 @@ class NeuralMemory(nn.Module):
             )
         return y.to(x.dtype), new_state, stats
 
-    def flush(self, state: MemoryState, update_rule: str = "surprise") -> MemoryState:
-        """Write the pending rows (the unfinished chunk) into the weights now, as one short chunk.
+    def flush(self, state: MemoryState, update_rule: str | None = None) -> MemoryState:
+        """Close the current chunk now: write its pending rows (the unfinished chunk) into the weights as one short
+        chunk, and start a new chunk with the next token (phase 0; ``position`` is unchanged).
 
         Call it when a session ends or is saved: otherwise up to chunk_size - 1 written tokens never reach the
-        fast weights. Later chunks then start at the flush point. "none" returns the state unchanged."""
-        self._check_rule(update_rule, "flush")
+        fast weights. The rows are written with the rule they were written with (``state.pending_rule``) unless
+        ``update_rule`` names another; "none" returns the state unchanged."""
+        rule = (state.pending_rule or "surprise") if update_rule is None else update_rule
+        self._check_rule(rule, "flush")
         P = state.pending.shape[1]
-        if update_rule == "none" or P == 0:
+        if rule == "none" or (P == 0 and state.chunk_phase() == 0):
             return state
-        dt = state.pending.dtype
-        with _no_autocast(state.pending.device):
-            W = [self._fold(w.to(dt)) for w in state.weights]
-            S = [self._fold(s.to(dt)) for s in state.momentum]
-            W, S, _, _ = self._update(W, S, state.pending, update_rule, P)
-        return MemoryState(
-            tuple(self._unfold(w) for w in W),
-            tuple(self._unfold(s) for s in S),
-            state.pending[:, :0].clone(),
-            state.position,
-        )
+        W, S = state.weights, state.momentum
+        if P:
+            dt = state.pending.dtype
+            with _no_autocast(state.pending.device):
+                W = [self._fold(w.to(dt)) for w in state.weights]
+                S = [self._fold(s.to(dt)) for s in state.momentum]
+                W, S, _, _ = self._update(W, S, state.pending, rule, P)
+            W, S = tuple(self._unfold(w) for w in W), tuple(self._unfold(s) for s in S)
+        return state._replace(weights=W, momentum=S, pending=state.pending[:, :0].clone(), phase=0,
+                              pending_rule="surprise")
 
     # ------------------------------------------------------------------ the update
 
@@ -511,34 +559,83 @@ class NeuralMemory(nn.Module):
         z = torch.zeros((), device=device)
         return {k: z for k in ("surprise_norm", "lr_mean", "momentum_mean", "decay_mean", "updated_tokens")}
 
+    @staticmethod
+    def _merge_stats(parts: list[dict[str, Tensor]], device) -> dict[str, Tensor] | None:
+        """Stats of several updates, averaged with the number of tokens each one applied."""
+        if len(parts) <= 1:
+            return parts[0] if parts else None
+        n = torch.stack([p["updated_tokens"] for p in parts])
+        total = n.sum()
+        out = {k: (torch.stack([p[k] for p in parts]) * n).sum() / total for k in parts[0] if k != "updated_tokens"}
+        out["updated_tokens"] = total
+        return out
+
     def _forward(self, x: Tensor, state: MemoryState, rule: str, queries: Tensor | None):
         B, T, _ = x.shape
+        C = self.chunk_size
         W = [self._fold(w.to(x.dtype)) for w in state.weights]
         q = self._queries(x if queries is None else queries)  # (B * heads, T, d)
-        if rule == "none" or T == 0:
+        if T == 0:
             return self._read(W, q), state, self._zero_stats(x.device)
 
-        C, P = self.chunk_size, state.pending.shape[1]
         S = [self._fold(s.to(x.dtype)) for s in state.momentum]
-        full = torch.cat([state.pending.to(x.dtype), x], dim=1) if P else x
-        n_applied = (P + T) // C * C
-        # read-out rows aligned with `full`; the P pending rows were read out in earlier calls (dummy zeros here)
-        if P:
-            q = torch.cat([q.new_zeros(q.shape[0], P, q.shape[-1]), q], dim=1)
-        stats, reads = self._zero_stats(x.device), []
-        if n_applied:
-            W, S, reads, stats = self._update(W, S, full[:, :n_applied], rule, C, q[:, :n_applied])
-        if n_applied < P + T:
-            reads.append(self._read(W, q[:, n_applied:]))
-        y = torch.cat(reads, dim=1)[:, P:] if len(reads) > 1 or P else reads[0]
+        pending, pending_rule, phase = state.pending.to(x.dtype), state.pending_rule, state.chunk_phase()
+        parts, reads, t = [], [], 0
+        if rule != "none" and pending.shape[1] and pending_rule not in (None, rule):  # rows of the other writing rule
+            W, S, _, stats = self._update(W, S, pending, pending_rule, pending.shape[1])
+            parts.append(stats)
+            pending = pending[:, :0]
+        P = pending.shape[1]
+        if phase and (rule == "none" or P < phase):
+            # the current chunk began before this call and holds fewer written rows than tokens (some were read
+            # under "none", or a rule switch applied them): finish it up to its boundary by hand
+            n = min(T, C - phase)
+            closes = phase + n == C
+            if rule == "none":
+                reads.append(self._read(W, q[:, :n]))
+                if closes and P:  # the chunk ends: its written rows are applied now, with their own rule
+                    W, S, _, stats = self._update(W, S, pending, pending_rule or "surprise", P)
+                    parts.append(stats)
+                    pending = pending[:, :0]
+            else:
+                rows = torch.cat([pending, x[:, :n]], dim=1)
+                if closes:
+                    qc = torch.cat([q.new_zeros(q.shape[0], P, q.shape[-1]), q[:, :n]], dim=1)
+                    W, S, chunk_reads, stats = self._update(W, S, rows, rule, P + n, qc)
+                    parts.append(stats)
+                    reads.append(chunk_reads[0][:, P:])
+                    pending = rows[:, :0]
+                else:
+                    reads.append(self._read(W, q[:, :n]))
+                    pending, pending_rule = rows, rule
+            t = n
+        if t < T:
+            if rule == "none":  # nothing is pending here (phase 0, or the chunk was closed above)
+                reads.append(self._read(W, q[:, t:]))
+            else:  # the pending rows fill the current chunk up to here (P == phase): chunks of C from them
+                P = pending.shape[1]
+                full = torch.cat([pending, x[:, t:]], dim=1) if P else x[:, t:]
+                qf = torch.cat([q.new_zeros(q.shape[0], P, q.shape[-1]), q[:, t:]], dim=1) if P else q[:, t:]
+                n_applied = full.shape[1] // C * C
+                body = []
+                if n_applied:
+                    W, S, body, stats = self._update(W, S, full[:, :n_applied], rule, C, qf[:, :n_applied])
+                    parts.append(stats)
+                if n_applied < full.shape[1]:
+                    body.append(self._read(W, qf[:, n_applied:]))
+                reads.append(torch.cat(body, dim=1)[:, P:] if len(body) > 1 or P else body[0])
+                pending, pending_rule = full[:, n_applied:], rule
+        y = reads[0] if len(reads) == 1 else torch.cat(reads, dim=1)
         # clone: a view would pin the whole input's storage (and alias the caller's tensor)
         new_state = MemoryState(
             tuple(self._unfold(w) for w in W),
             tuple(self._unfold(s) for s in S),
-            full[:, n_applied:].clone(),
+            pending.clone(),
             state.position + T,
+            (phase + T) % C,
+            pending_rule if pending.shape[1] else "surprise",
         )
-        return y, new_state, stats
+        return y, new_state, self._merge_stats(parts, x.device) or self._zero_stats(x.device)
 
     def _update(self, W, S, xa: Tensor, rule: str, C: int, q: Tensor | None = None):
         """Apply the rows xa (B, N * C, D) as N chunks of C tokens to folded weights W and momenta S.

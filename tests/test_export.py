@@ -73,7 +73,7 @@ def test_mac_export_folder_is_complete_and_self_contained(runs, tmp_path):
     out = tmp_path / "mac-export"
     code, text = invoke(export_mac, "--run", runs / "mac", "--checkpoint", "2", "--output", out)
     assert code == 0, text
-    assert text.startswith(f"exported MAC student of run mac (step 2) to {out}: 10 files, 1 weight shard")
+    assert text.startswith(f"exported MAC student of run mac (step 2) to {out}: 11 files, 1 weight shard")
     assert {p.name for p in out.iterdir()} == {
         "config.json", "generation_config.json", "model.safetensors", "README.md", "tokenizer.json",
         "tokenizer_config.json", "chat_template.jinja", *MODEL_FILES}
@@ -159,7 +159,15 @@ if args["stock"]:  # and without remote code at all
     report["stock_class"] = type(plain).__module__ + "." + type(plain).__name__
 ids = torch.tensor(args["ids"])
 with torch.no_grad():
-    save_file({"logits": model(ids, use_cache=False).logits.contiguous()}, "logits.safetensors")
+    outputs = {"logits": model(ids, use_cache=False).logits.contiguous()}
+    if hasattr(model, "memory_cache"):  # a MAC memory session saved and loaded by the shipped files alone
+        cache = model.memory_cache()
+        model(ids[:1, :30], past_key_values=cache, use_cache=True, update_rule="surprise")
+        model.save_memory("memory.safetensors", cache)
+        loaded = model.load_memory("memory.safetensors")
+        outputs["memory_logits"] = model(ids[:1, 30:], past_key_values=loaded, use_cache=True,
+                                         update_rule="surprise").logits.contiguous()
+    save_file(outputs, "logits.safetensors")
 for rule in args["rules"]:
     extra = {} if rule is None else {"update_rule": rule}
     report["generated"][str(rule)] = model.generate(ids, max_new_tokens=6, do_sample=False, **extra)[:, ids.shape[1]:].tolist()
@@ -171,7 +179,7 @@ print("REPORT " + json.dumps(report))
 '''
 
 
-def load_in_clean_process(export_dir: Path, ids: torch.Tensor, rules, stock: bool, workdir: Path) -> tuple[dict, torch.Tensor, str]:
+def load_in_clean_process(export_dir: Path, ids: torch.Tensor, rules, stock: bool, workdir: Path) -> tuple[dict, dict, str]:
     workdir.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
@@ -181,7 +189,8 @@ def load_in_clean_process(export_dir: Path, ids: torch.Tensor, rules, stock: boo
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.split("REPORT ", 1)[1])
-    return report, load_file(str(workdir / "logits.safetensors"))["logits"], proc.stdout.split("REPORT ", 1)[0]
+    outputs = load_file(str(workdir / "logits.safetensors"))
+    return report, outputs, proc.stdout.split("REPORT ", 1)[0]
 
 
 @pytest.mark.parametrize("kind", ["mac", "llama"])
@@ -193,7 +202,8 @@ def test_export_loads_without_titans_distil_and_matches_the_checkpoint(runs, tmp
     assert code == 0, text
     ids = ids_for(40)  # 2.5 MAC segments: the memory carries context across segments
     rules = ["surprise", "ema", "none"] if kind == "mac" else [None]
-    report, logits, printed = load_in_clean_process(out, ids, rules, stock=kind == "llama", workdir=tmp_path / "child")
+    report, outputs, printed = load_in_clean_process(out, ids, rules, stock=kind == "llama", workdir=tmp_path / "child")
+    logits = outputs["logits"]
 
     # reference: the checkpoint loaded with the project's own class, independently of the exporter
     checkpoint = runs / kind / "checkpoints" / "step-000003"
@@ -205,6 +215,15 @@ def test_export_loads_without_titans_distil_and_matches_the_checkpoint(runs, tmp
         extra = {} if rule is None else {"update_rule": rule}
         expected = reference.generate(ids, max_new_tokens=6, do_sample=False, **extra)[:, ids.shape[1]:].tolist()
         assert report["generated"][str(rule)] == expected, rule
+    if kind == "mac":  # the memory file the child wrote (flushed) and loaded carries the same memory as ours
+        with torch.no_grad():
+            cache = reference.memory_cache()
+            reference(ids[:1, :30], past_key_values=cache, use_cache=True, update_rule="surprise")
+            flushed = {i: reference.model.layers[i].memory.flush(s) for i, s in reference.memory_states(cache).items()}
+            expected = reference(ids[:1, 30:], past_key_values=reference.memory_cache(flushed), use_cache=True,
+                                 update_rule="surprise").logits
+        torch.testing.assert_close(outputs["memory_logits"], expected, rtol=0, atol=1e-5)
+        assert (tmp_path / "child" / "memory.safetensors").is_file()
     if kind == "mac":
         assert report["class"].startswith("transformers_modules.") and report["class"].endswith("modeling_mac_llama.MACLlamaForCausalLM")
     else:

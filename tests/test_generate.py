@@ -18,16 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import titans_distil
 from titans_distil.errors import UserError
-from titans_distil.generate import (
-    Session,
-    load_mac_memory,
-    load_model,
-    mac_cache,
-    mac_fingerprint,
-    mac_states,
-    no_vllm_inference,
-    save_mac_memory,
-)
+from titans_distil.generate import Session, load_model, no_vllm_inference
 from titans_distil.model_folder import trust_remote_code_for
 from titans_distil.package import package_llama_with_memory
 
@@ -53,8 +44,9 @@ def ids_for(length, seed):
 
 @torch.no_grad()
 def next_logits(model, states, ids, rule="surprise"):
-    """Next-token logits of a session seeded with `states` ({} = the initial memory) reading `ids`."""
-    return model(ids, past_key_values=mac_cache(model, states), use_cache=True, update_rule=rule).logits[0, -1]
+    """Next-token logits of a session seeded with `states` (a cache or {layer: state}; None = the initial memory)
+    reading `ids`."""
+    return model(ids, past_key_values=model.memory_cache(states), use_cache=True, update_rule=rule).logits[0, -1]
 
 
 # ------------------------------------------------------------------------------------------------- memory files
@@ -63,13 +55,13 @@ def next_logits(model, states, ids, rule="surprise"):
 @pytest.mark.parametrize("rule", ["surprise", "ema"])
 def test_mac_memory_file_round_trip_gives_identical_logits(tmp_path, rule):
     model = tiny_mac()
-    cache = mac_cache(model)
+    cache = model.memory_cache()
     with torch.no_grad():  # 37 tokens: 2 segments + a partial one, a pending (incomplete) memory chunk
         model(ids_for(37, seed=1), past_key_values=cache, use_cache=True, update_rule=rule)
-    states = mac_states(model, cache)
+    states = model.memory_states(cache)
     assert states[1].pending.shape[1] == 37 % TINY_MAC["memory_chunk_size"] and states[1].position == 37
-    save_mac_memory(model, states, tmp_path / "alice.safetensors")
-    loaded = load_mac_memory(model, tmp_path / "alice.safetensors")
+    model.save_memory(tmp_path / "alice.safetensors", cache, keep_pending=True)
+    loaded = model.load_memory_states(tmp_path / "alice.safetensors")
     for a, b in zip(states[1].weights + states[1].momentum + (states[1].pending,),
                     loaded[1].weights + loaded[1].momentum + (loaded[1].pending,)):
         assert torch.equal(a, b)
@@ -77,8 +69,9 @@ def test_mac_memory_file_round_trip_gives_identical_logits(tmp_path, rule):
     probe = ids_for(21, seed=2)
     remembered = next_logits(model, states, probe, rule)
     assert torch.equal(next_logits(model, loaded, probe, rule), remembered)
-    assert torch.equal(next_logits(tiny_mac(), load_mac_memory(tiny_mac(), tmp_path / "alice.safetensors"), probe, rule), remembered)
-    assert (next_logits(model, {}, probe, rule) - remembered).abs().max() > 1e-3  # the memory matters
+    other = tiny_mac()
+    assert torch.equal(next_logits(other, other.load_memory(tmp_path / "alice.safetensors"), probe, rule), remembered)
+    assert (next_logits(model, None, probe, rule) - remembered).abs().max() > 1e-3  # the memory matters
 
 
 def test_session_save_then_load_continues_with_the_same_memory(mac_dir, tmp_path):
@@ -92,8 +85,9 @@ def test_session_save_then_load_continues_with_the_same_memory(mac_dir, tmp_path
     other = Session(*load_model(str(mac_dir)), update_rule="surprise")
     other.load_memory(tmp_path / "m.safetensors")
     probe = torch.tensor([tokenizer("class Stack:")["input_ids"]])
-    expected = next_logits(model, mac_states(model, session.cache), probe)
-    assert torch.equal(next_logits(other.model, other.seed_states, probe), expected)
+    flushed = {i: model.model.layers[i].memory.flush(state) for i, state in model.memory_states(session.cache).items()}
+    expected = next_logits(model, flushed, probe)
+    assert torch.equal(next_logits(other.model, other.seed, probe), expected)
     with torch.no_grad():
         out = other.model(probe, past_key_values=other.cache, use_cache=True, update_rule="surprise").logits[0, -1]
     assert torch.equal(out, expected)
@@ -102,34 +96,134 @@ def test_session_save_then_load_continues_with_the_same_memory(mac_dir, tmp_path
 def test_wrong_model_and_wrong_shape_memory_files_are_refused(tmp_path):
     model = tiny_mac()
     path = tmp_path / "m.safetensors"
-    save_mac_memory(model, mac_states(model, None), path)
+    model.save_memory(path)
 
     other = tiny_mac(seed=1)
-    with pytest.raises(UserError) as err:
-        load_mac_memory(other, path)
-    assert str(err.value) == (f"{path} was saved from a different model (fingerprint {mac_fingerprint(model)[:16]}, "
-                              f"this model has {mac_fingerprint(other)[:16]}); use the model that wrote it, or start without --memory-in")
+    with pytest.raises(ValueError) as err:
+        other.load_memory(path)
+    assert str(err.value) == (f"{path} was saved from a different model (fingerprint {model.memory_fingerprint()[:16]}, "
+                              f"this model has {other.memory_fingerprint()[:16]}); load it into the model that wrote it, "
+                              "or start from the model's initial memory (no memory file)")
 
     with safe_open(path, framework="pt") as f:
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     good_shape = tuple(tensors["layers.1.weights.0"].shape)
     bad = dict(tensors, **{"layers.1.weights.0": torch.zeros(1, good_shape[1] + 1, good_shape[2])})
     save_file(bad, tmp_path / "shape.safetensors", metadata=metadata)
-    with pytest.raises(UserError) as err:
-        load_mac_memory(model, tmp_path / "shape.safetensors")
+    with pytest.raises(ValueError) as err:
+        model.load_memory(tmp_path / "shape.safetensors")
     assert str(err.value) == (f"{tmp_path / 'shape.safetensors'}: tensor layers.1.weights.0 has shape "
                               f"{(1, good_shape[1] + 1, good_shape[2])}, this model expects {good_shape}")
 
     bad = dict(tensors, **{"layers.1.momentum.1": tensors["layers.1.momentum.1"].double()})
     save_file(bad, tmp_path / "dtype.safetensors", metadata=metadata)
-    with pytest.raises(UserError, match=r"tensor layers\.1\.momentum\.1 has dtype torch\.float64, this model expects torch\.float32$"):
-        load_mac_memory(model, tmp_path / "dtype.safetensors")
+    with pytest.raises(ValueError, match=r"tensor layers\.1\.momentum\.1 has dtype torch\.float64, this model expects torch\.float32$"):
+        model.load_memory(tmp_path / "dtype.safetensors")
 
     (tmp_path / "evil.safetensors").write_bytes(b"\x80\x04K\x01.")  # a pickle
-    with pytest.raises(UserError, match="is not a safetensors memory file"):
-        load_mac_memory(model, tmp_path / "evil.safetensors")
-    with pytest.raises(UserError, match="does not exist"):
-        load_mac_memory(model, tmp_path / "nope.safetensors")
+    with pytest.raises(ValueError, match="is not a safetensors memory file"):
+        model.load_memory(tmp_path / "evil.safetensors")
+    with pytest.raises(ValueError, match="does not exist"):
+        model.load_memory(tmp_path / "nope.safetensors")
+
+
+def write_version1_mac_memory(model, cache, path):
+    """The writer of format version 1 (titans_distil/generate.py before the models saved their own memory): a
+    64-sample fingerprint, no phase / pending_rule tensors, states not flushed (as recall_experiment.py saved)."""
+    import hashlib
+    import json
+
+    fields = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "segment_len", "num_persistent_tokens",
+              "memory_layers", "memory_chunk_size", "memory_depth", "memory_expansion", "memory_dim",
+              "memory_max_lr", "memory_max_grad_norm")
+    config = model.config.to_dict()
+    fields += ("memory_version", "memory_heads", "memory_update_bound") if config.get("memory_version", 1) >= 2 else ()
+    digest = hashlib.sha256()
+    digest.update(json.dumps({k: config.get(k) for k in fields}, sort_keys=True).encode())
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        count = flat.numel()
+        steps = min(count, 64)
+        idx = torch.arange(steps, dtype=torch.int64) * max(count - 1, 0) // max(steps - 1, 1)
+        digest.update(f"{name}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat[idx].float().cpu().numpy().tobytes() if count else b"")
+    tensors = {}
+    for i, layer in enumerate(model.model.layers):
+        if layer.memory is not None:
+            state = cache.layers[i].state
+            for j, (w, m) in enumerate(zip(state.weights, state.momentum)):
+                tensors[f"layers.{i}.weights.{j}"], tensors[f"layers.{i}.momentum.{j}"] = w.contiguous(), m.contiguous()
+            tensors[f"layers.{i}.pending"] = state.pending.contiguous()
+            tensors[f"layers.{i}.position"] = torch.tensor(state.position, dtype=torch.int64)
+    save_file(tensors, str(path), metadata={"format": "titans-distil-mac-memory/1", "fingerprint": digest.hexdigest(),
+                                            "memory_layers": json.dumps(sorted({int(k.split(".")[1]) for k in tensors})),
+                                            "dtype": "float32"})
+
+
+@pytest.mark.parametrize("rule", ["surprise", "ema"])
+def test_version1_mac_memory_files_still_load(tmp_path, rule):
+    model = tiny_mac()
+    cache = model.memory_cache()
+    with torch.no_grad():
+        model(ids_for(37, seed=1), past_key_values=cache, use_cache=True, update_rule=rule)
+    write_version1_mac_memory(model, cache, tmp_path / "old.safetensors")
+    loaded = tiny_mac().load_memory_states(tmp_path / "old.safetensors")
+    states = model.memory_states(cache)
+    for i, state in states.items():
+        for a, b in zip(state.weights + state.momentum + (state.pending,),
+                        loaded[i].weights + loaded[i].momentum + (loaded[i].pending,)):
+            assert torch.equal(a, b)
+        assert loaded[i].position == 37 and loaded[i].chunk_phase() == state.pending.shape[1] > 0
+    probe = ids_for(9, seed=2)  # continuing with the same rule equals continuing the original stream's memory
+    assert torch.equal(next_logits(model, loaded, probe, rule), next_logits(model, states, probe, rule))
+    with pytest.raises(ValueError, match="was saved from a different model"):
+        tiny_mac(seed=1).load_memory(tmp_path / "old.safetensors")
+
+
+def test_save_memory_flushes_the_unfinished_chunk_unless_keep_pending(tmp_path):
+    model = tiny_mac()
+    C = TINY_MAC["memory_chunk_size"]
+    cache = model.memory_cache()
+    with torch.no_grad():
+        model(ids_for(37, seed=1), past_key_values=cache, use_cache=True, update_rule="surprise")
+    before = model.memory_states(cache)
+    model.save_memory(tmp_path / "flushed.safetensors", cache)
+    model.save_memory(tmp_path / "exact.safetensors", cache, keep_pending=True)
+    assert model.memory_states(cache) == before  # the live stream is not changed
+    flushed = model.load_memory_states(tmp_path / "flushed.safetensors")
+    exact = model.load_memory_states(tmp_path / "exact.safetensors")
+    for i, state in before.items():
+        assert state.pending.shape[1] == 37 % C > 0
+        expected = model.model.layers[i].memory.flush(state)
+        assert flushed[i].pending.shape[1] == 0 and flushed[i].phase == 0 and flushed[i].position == 37
+        for a, b in zip(flushed[i].weights + flushed[i].momentum, expected.weights + expected.momentum):
+            assert torch.equal(a, b)
+        assert not torch.equal(flushed[i].weights[0], state.weights[0])  # the pending rows reached the weights
+        assert torch.equal(exact[i].pending, state.pending) and exact[i].chunk_phase() == 37 % C
+    # a session from the flushed file starts on a chunk boundary, like its segments
+    fresh = model.load_memory(tmp_path / "flushed.safetensors")
+    with torch.no_grad():
+        model(ids_for(C, seed=3), past_key_values=fresh, use_cache=True, update_rule="surprise")
+    assert all(s.pending.shape[1] == 0 and s.phase == 0 for s in model.memory_states(fresh).values())
+
+
+def test_save_memory_is_atomic(tmp_path, monkeypatch):
+    import transformers.modeling_utils
+
+    model = tiny_mac()
+    path = tmp_path / "m.safetensors"
+    model.save_memory(path)
+    good = path.read_bytes()
+
+    def broken(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_memory(path)
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
 
 
 # ------------------------------------------------------------------------------------------------- the command
@@ -159,7 +253,7 @@ def test_cli_memory_out_then_in_and_interactive(mac_dir, tmp_path):
     assert code == 0 and out, err
     assert f"(memory saved to {tmp_path / 'b.safetensors'})" in err and "(memory cleared)" in err
     model, _ = load_model(str(mac_dir))
-    load_mac_memory(model, tmp_path / "b.safetensors")  # a valid memory file of this model
+    model.load_memory(tmp_path / "b.safetensors")  # a valid memory file of this model
 
 
 def test_cli_packaged_wrapper_uses_its_own_memory_files(tiny_teacher_dir, tmp_path):

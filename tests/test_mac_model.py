@@ -315,7 +315,7 @@ def test_trust_remote_code_export_is_self_contained(tmp_path):
     """The model files copied next to the weights load through AutoModelForCausalLM with trust_remote_code."""
     model = mac_model()
     save_with_model_code(model, tmp_path)
-    assert {"modeling_mac_llama.py", "configuration_mac_llama.py", "neural_memory.py"} <= {
+    assert {"modeling_mac_llama.py", "configuration_mac_llama.py", "neural_memory.py", "memory_file.py"} <= {
         p.name for p in tmp_path.iterdir()}
     remote = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
     assert type(remote).__module__.startswith("transformers_modules.")

@@ -274,17 +274,127 @@ def test_retrieve_uses_state_weights_only():
 # ---------------------------------------------------------------- update rules
 
 
-def test_update_rule_none_leaves_state_unchanged():
+def test_update_rule_none_writes_nothing_but_advances_the_stream():
     m = make_memory(2, chunk_size=4)
     with torch.no_grad():
-        _, state, _ = m(rand_x(T=10))  # 2 pending tokens
+        _, state, _ = m(rand_x(T=10))  # 2 pending tokens, phase 2
         x = rand_x(T=7, seed=5)
-        y, state2, stats = m(x, state, update_rule="none")
-        assert state2.position == state.position and torch.equal(state2.pending, state.pending)
-        for a, b in zip(state2.weights + state2.momentum, state.weights + state.momentum):
+        y, state1, stats = m(x[:, :1], state, update_rule="none")  # stays inside the chunk: nothing applied
+        assert (state1.position, state1.phase) == (11, 3) and torch.equal(state1.pending, state.pending)
+        for a, b in zip(state1.weights + state1.momentum, state.weights + state.momentum):
             assert torch.equal(a, b)
-        assert_close(y, m.retrieve(state, x), 1e-12)
+        assert_close(y, m.retrieve(state, x[:, :1]), 1e-12)
         assert all(float(v) == 0.0 for v in stats.values())
+        # 7 tokens cross the chunk boundary after 2: the chunk's 2 written rows are applied there (as a flush would)
+        y, state2, stats = m(x, state, update_rule="none")
+        flushed = m.flush(state)
+        assert (state2.position, state2.phase, state2.pending.shape[1]) == (17, 1, 0)
+        for a, b in zip(state2.weights + state2.momentum, flushed.weights + flushed.momentum):
+            assert_close(a, b, 1e-12)
+        assert_close(y[:, :2], m.retrieve(state, x[:, :2]), 1e-12)  # read with the chunk-start weights
+        assert_close(y[:, 2:], m.retrieve(flushed, x[:, 2:]), 1e-12)
+        assert float(stats["updated_tokens"]) == 2
+
+
+def mixed_rule_reference(m: NeuralMemory, x, rules, C):
+    """Token-level loop of a stream whose tokens carry their own rule ("surprise" or "none"), as the module
+    docstring defines it: chunks are [c C, (c + 1) C) counted from the stream start whatever the rules; every token
+    of a chunk is read with the chunk-start weights; a chunk that ends applies its written tokens only (gradients at
+    the chunk-start weights, momentum and forgetting token by token over the written tokens); the written tokens
+    of the unfinished last chunk stay pending. Returns y, W, S and the pending rows."""
+    B, T, _ = x.shape
+    W = [w.detach().unsqueeze(0).expand(B, -1, -1).clone() for w in m.initial_weights]
+    S = [torch.zeros_like(w) for w in W]
+    with torch.no_grad():
+        k, v, q, g = projections(m, x)
+    theta, eta, alpha = m.max_lr * torch.sigmoid(g[..., 0]), torch.sigmoid(g[..., 1]), torch.sigmoid(g[..., 2])
+    ys, pending = [], x[:, :0]
+    for s in range(0, T, C):
+        e = min(s + C, T)
+        ys.append(mlp(W, q[:, s:e]))
+        written = [j for j in range(s, e) if rules[j] == "surprise"]
+        if e - s < C:
+            pending = x[:, written]
+            break
+        W0 = [w.detach().requires_grad_() for w in W]
+        for j in written:
+            loss = (mlp(W0, k[:, j : j + 1]) - v[:, j : j + 1]).pow(2).sum()
+            u = torch.autograd.grad(loss, W0)
+            S = [eta[:, j, None, None] * a - theta[:, j, None, None] * b for a, b in zip(S, u)]
+            W = [(1 - alpha[:, j, None, None]) * a + b for a, b in zip(W, S)]
+    return (torch.cat(ys, 1) @ m.out_proj.weight.T).detach(), W, S, pending
+
+
+@pytest.mark.parametrize("C", [1, 4, 5])
+@pytest.mark.parametrize("token_by_token", [False, True])
+def test_mixed_rule_stream_keeps_chunks_aligned_with_the_stream(C, token_by_token):
+    """surprise, none, surprise pieces (the bug: a "none" continuation used to stop the stream's clock, so the next
+    "surprise" piece cut its chunks at offsets shifted by the "none" tokens)."""
+    m = make_memory(2, chunk_size=C)
+    plan = [("surprise", 6), ("none", 5), ("surprise", 7), ("none", 2), ("surprise", 9), ("none", 3)]
+    T = sum(n for _, n in plan)
+    x = rand_x(T=T)
+    rules = [rule for rule, n in plan for _ in range(n)]
+    pieces = [(rule, 1) for rule in rules] if token_by_token else plan
+    state, ys, pos = None, [], 0
+    with torch.no_grad():
+        for rule, n in pieces:
+            y, state, _ = m(x[:, pos : pos + n], state, update_rule=rule)
+            ys.append(y)
+            pos += n
+            # the chunk phase is the stream position modulo C, and the pending rows are the written tokens since
+            # the last multiple of C
+            start = pos - pos % C
+            assert state.position == pos and state.phase == pos % C
+            assert state.pending.shape[1] == sum(r == "surprise" for r in rules[start:pos])
+    y_ref, w_ref, s_ref, pending_ref = mixed_rule_reference(m, x, rules, C)
+    assert_close(torch.cat(ys, 1), y_ref, 1e-9)
+    for a, b in zip(state.weights + state.momentum, tuple(w_ref) + tuple(s_ref)):
+        assert_close(a, b, 1e-9)
+    assert torch.equal(state.pending, pending_ref)
+
+
+def test_chunk1_mixed_rule_stream_equals_paper_oracle_on_the_written_tokens():
+    m = make_memory(2, chunk_size=1, max_lr=1.0, init_lr=0.1)
+    paper = PaperMemory(D, DM, depth=2, max_lr=1.0).to(F64)
+    paper.load_state_dict(m.state_dict())
+    x = rand_x(T=12)
+    with torch.no_grad():
+        _, state, _ = m(x[:, :5])
+        _, state, _ = m(x[:, 5:8], state, update_rule="none")
+        _, state, _ = m(x[:, 8:], state)
+        _, w_ref, s_ref = paper(torch.cat([x[:, :5], x[:, 8:]], dim=1))
+    for a, b in zip(state.weights + state.momentum, tuple(w_ref) + tuple(s_ref)):
+        assert_close(a, b, 1e-9)
+
+
+@pytest.mark.parametrize("rule", ["surprise", "ema"])
+def test_a_chunk_ending_under_none_is_applied_with_the_rule_of_its_rows(rule):
+    m = make_memory(2, chunk_size=4)
+    x = rand_x(T=9)
+    with torch.no_grad():
+        _, state, _ = m(x[:, :6], update_rule=rule)
+        assert state.pending_rule == rule
+        _, closed, _ = m(x[:, 6:9], state, update_rule="none")
+        flushed = m.flush(state)
+    for a, b in zip(closed.weights + closed.momentum, flushed.weights + flushed.momentum):
+        assert_close(a, b, 1e-12)
+    assert closed.phase == 1 and flushed.phase == 0 and flushed.position == 6
+
+
+def test_switching_writing_rules_inside_a_chunk_applies_the_earlier_rows_first():
+    m = make_memory(2, chunk_size=4)
+    x = rand_x(T=8)
+    with torch.no_grad():
+        _, state, _ = m(x[:, :2], update_rule="surprise")
+        _, switched, _ = m(x[:, 2:8], state, update_rule="ema")
+        # reference: the 2 surprise rows as a short chunk, then the 2 ema rows finish the chunk, then a full chunk
+        short = m.flush(state)
+        _, ref, _ = m(x[:, 2:4], short._replace(phase=2), update_rule="ema")
+        _, ref, _ = m(x[:, 4:8], ref, update_rule="ema")
+    for a, b in zip(switched.weights + switched.momentum, ref.weights + ref.momentum):
+        assert_close(a, b, 1e-12)
+    assert switched.phase == 0 and switched.pending.shape[1] == 0
 
 
 @pytest.mark.parametrize("depth", [1, 2])
@@ -586,3 +696,38 @@ def test_calibrate_centre_sets_the_means():
     torch.testing.assert_close(m.query_centre.data, q.reshape(-1, 8).mean(0))
     with pytest.raises(ValueError, match="built with centre_inputs=False"):
         NeuralMemory(8).calibrate_centre(x)
+
+
+def test_state_dicts_without_phase_and_rule_load_as_before():
+    """Dicts written before `phase` / `pending_rule` existed: phase = pending rows, rule "surprise"."""
+    m = make_memory(2, chunk_size=4)
+    with torch.no_grad():
+        _, state, _ = m(rand_x(T=6))
+    flat = m.state_to_dict(state)
+    assert int(flat["phase"]) == 2 and int(flat["pending_rule"]) == 0
+    old = {k: v for k, v in flat.items() if k not in ("phase", "pending_rule")}
+    loaded = m.state_from_dict(old)
+    assert (loaded.chunk_phase(), loaded.pending_rule, loaded.position) == (2, None, 6)
+    assert "pending_rule" not in m.state_to_dict(loaded)  # unknown stays unknown
+    with torch.no_grad():  # rows of unknown rule join the next writing call's chunk, as before phase existed
+        x = rand_x(T=5, seed=4)
+        _, a, _ = m(x, loaded, update_rule="ema")
+        _, b, _ = m(x, state._replace(pending_rule="ema"), update_rule="ema")
+    for u, v in zip(a.weights + a.momentum, b.weights + b.momentum):
+        assert torch.equal(u, v)
+    with pytest.raises(ValueError, match="do not fit the 2 pending rows"):
+        m.state_from_dict(dict(flat, phase=torch.tensor(1)))
+    with pytest.raises(ValueError, match="names no writing rule"):
+        m.state_from_dict(dict(flat, pending_rule=torch.tensor(1)))  # "none"
+
+
+def test_flush_after_none_tokens_starts_a_new_chunk():
+    m = make_memory(2, chunk_size=4)
+    x = rand_x(T=9)
+    with torch.no_grad():
+        _, state, _ = m(x[:, :5])  # phase 1, 1 pending
+        _, state, _ = m(x[:, 5:7], state, update_rule="none")  # phase 3, still 1 pending
+        flushed = m.flush(state)
+        assert (flushed.phase, flushed.pending.shape[1], flushed.position) == (0, 0, 7)
+        _, after, _ = m(x[:, 7:9], flushed)
+    assert after.phase == 2 and after.pending.shape[1] == 2  # chunks now count from the flush

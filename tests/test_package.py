@@ -248,7 +248,41 @@ def test_memory_file_round_trip_and_refusals(tmp_path, monkeypatch):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 5)
     with pytest.raises(ValueError, match=r"junk.safetensors is not a safetensors memory file \("):
         other.load_memory(tmp_path / "junk.safetensors")
-    refused(other, tmp_path / "missing.safetensors", f"memory file {tmp_path / 'missing.safetensors'} does not exist")
+    refused(other, tmp_path / "missing.safetensors",
+            f"memory file {tmp_path / 'missing.safetensors'} does not exist; give a file written by save_memory")
+
+
+def test_memory_files_of_the_wrapper_written_before_memory_file_py_still_load(tmp_path):
+    """The writer of `memory-llama-memory/1` as it was inline in modeling_memory_llama.py (its own 4096-sample
+    fingerprint, a plain save_file): the shared reader and fingerprint accept its files unchanged."""
+    import hashlib
+
+    base = llama()
+    model = wrapped(base)
+    with torch.no_grad():
+        model(tokens(1, 30, seed=7), update_rule="surprise")
+        model(tokens(1, 7, seed=8), update_rule="ema")
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if ".memory.neural." in name:
+            continue
+        flat = tensor.detach().reshape(-1)
+        count = flat.numel()
+        steps = min(count, 4096)
+        idx = torch.arange(steps, dtype=torch.int64) * max(count - 1, 0) // max(steps - 1, 1)
+        digest.update(f"{name}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat[idx].float().cpu().numpy().tobytes() if count else b"")
+    old = {f"layers.{i}.{name}": t.detach().cpu().contiguous() for i, memory in model.memory_modules().items()
+           for name, t in memory.current_state().items()}
+    path = tmp_path / "old.safetensors"
+    save_file(old, path, metadata={"format": "memory-llama-memory/1", "fingerprint": digest.hexdigest(),
+                                   "memory_layers": json.dumps(list(model.config.memory_layers))})
+    other = wrapped(base)
+    other.config.memory_fingerprint = None  # computed from the weights, as the inline writer did
+    other.load_memory(path)
+    ids = tokens(1, 12)
+    torch.testing.assert_close(logits(other, ids, update_rule="none"), logits(model, ids, update_rule="none"),
+                               rtol=0, atol=0)
 
 
 def test_memory_modules_never_unpickle():
@@ -321,7 +355,7 @@ def test_package_folder_contents(tiny_package, tiny_teacher_dir):
     names = {p.name for p in tiny_package.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "README.md", "tokenizer.json",
             "tokenizer_config.json", "chat_template.jinja", "configuration_memory_llama.py",
-            "modeling_memory_llama.py", "neural_memory.py"} <= names
+            "modeling_memory_llama.py", "neural_memory.py", "memory_file.py"} <= names
     config = json.loads((tiny_package / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_memory_llama.MemoryLlamaConfig",
                                   "AutoModelForCausalLM": "modeling_memory_llama.MemoryLlamaForCausalLM"}
@@ -332,7 +366,7 @@ def test_package_folder_contents(tiny_package, tiny_teacher_dir):
     base = load_file(tiny_teacher_dir / "model.safetensors")
     for name, tensor in base.items():
         assert torch.equal(weights[name], tensor), name  # the wrapped weights, unchanged
-    for name in ("modeling_memory_llama.py", "neural_memory.py"):
+    for name in ("modeling_memory_llama.py", "neural_memory.py", "memory_file.py"):
         assert (tiny_package / name).read_bytes() == (ROOT / "models" / name).read_bytes()
     assert "trust_remote_code=True" in (tiny_package / "README.md").read_text()
 

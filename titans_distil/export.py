@@ -3,8 +3,8 @@
 Two kinds:
 
 * ``mac``: a `MACLlamaForCausalLM` (Titans memory) loaded with ``trust_remote_code=True``. The folder carries
-  ``configuration_mac_llama.py``, ``modeling_mac_llama.py`` and ``neural_memory.py`` (torch + transformers +
-  stdlib only) and ``auto_map`` entries for ``AutoConfig`` / ``AutoModelForCausalLM``.
+  ``configuration_mac_llama.py``, ``modeling_mac_llama.py``, ``neural_memory.py`` and ``memory_file.py``
+  (torch + transformers + stdlib only) and ``auto_map`` entries for ``AutoConfig`` / ``AutoModelForCausalLM``.
 * ``llama``: a student without memory as a plain `LlamaForCausalLM` that stock transformers and vLLM load.
 
 Both get the run's tokenizer (with its chat template), ``generation_config.json``, safetensors weights (sharded
@@ -599,8 +599,8 @@ def model_card(run: Run, checkpoint: Checkpoint, kind: str, config, repo_id: str
         lines += ["output = model.generate(**inputs, max_new_tokens=64, do_sample=False)"]
     lines += ['print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```", ""]
     if kind == "mac":
-        lines += ["`trust_remote_code=True` runs the three model files shipped here (`configuration_mac_llama.py`, "
-                  "`modeling_mac_llama.py`, `neural_memory.py`; they import only torch, transformers and the standard "
+        lines += ["`trust_remote_code=True` runs the four model files shipped here (`configuration_mac_llama.py`, "
+                  "`modeling_mac_llama.py`, `neural_memory.py`, `memory_file.py`; they import only torch, transformers and the standard "
                   "library). Read them before you run them. Batched inputs must be right-padded.", "",
                   "vLLM: with titans-distil installed, its vLLM plugin registers `MACLlamaForCausalLM`; vLLM then serves "
                   "this folder with frozen memory (`update_rule` none): `python vllm_inference.py --model_path " + where +

@@ -5,22 +5,20 @@ Three kinds of model folder are served:
 * **MAC** (`model_type: mac_llama`, an `export_mac_model.py` folder or a run's `final/`): the Titans memory lives
   in the `MACCache` that carries the stream through `generate()`. A *session* is one stream: it starts at position 0
   with a fresh `MACCache` whose memory layers are seeded from a memory file (or the model's initial memory), and
-  every prompt and generated token of the session passes through the cache (turns continue the same stream). The
-  memory file holds, per memory layer, the fast-weight state after the session (`weights.j`, `momentum.j`, the
-  incomplete chunk `pending` and `position`, from `NeuralMemory.state_to_dict`) and metadata with a model
-  fingerprint; a later session seeded from it retrieves from exactly that state.
+  every prompt and generated token of the session passes through the cache (turns continue the same stream).
+  Memory files go through the model's own `save_memory(path, cache)` / `load_memory(path)` (shipped in the export,
+  `modeling_mac_llama.py`): per memory layer the fast-weight state after the session, flushed (the unfinished
+  chunk's written rows are applied), and metadata with a model fingerprint; a later session seeded from it
+  retrieves from exactly that state.
 * **Packaged wrapper** (`model_type: memory_llama`, `package_model.py`): its memory lives in the model and persists
   across `generate()` calls; files go through its own `save_memory` / `load_memory`.
 * **Plain Llama**: no memory (only `--update-rule none`, no memory files).
 
-Memory files are safetensors and are never unpickled.
+Memory files are safetensors (`memory_file.py`, one format for both kinds) and are never unpickled.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,19 +28,10 @@ import torch
 
 from .cli import POSITIVE, _quiet_libraries, trust_remote_code_option, user_errors
 from .errors import UserError
-from .model_folder import atomic_file, first_line, read_config, trust_remote_code_for
+from .model_folder import first_line, read_config, trust_remote_code_for
 from .model_folder import load_model as load_folder
 
-MAC_MEMORY_FORMAT = "titans-distil-mac-memory/1"
 UPDATE_RULES = ("none", "ema", "surprise")
-# config fields that decide the memory's layout and meaning (the fingerprint hashes them)
-_ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "head_dim", "segment_len", "num_persistent_tokens",
-                "memory_layers", "memory_chunk_size", "memory_depth", "memory_expansion", "memory_dim",
-                "memory_max_lr", "memory_max_grad_norm")
-# hashed too when memory_version >= 2 (files written before memory_version existed keep their fingerprint)
-_ARCH_FIELDS_V2 = ("memory_version", "memory_heads", "memory_update_bound")
-_FINGERPRINT_SAMPLES = 64
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -79,134 +68,6 @@ def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False):
     return model.eval(), tokenizer
 
 
-# ----------------------------------------------------------------------------------------------- MAC memory files
-
-
-def mac_memory_layers(model) -> list[int]:
-    return [i for i, layer in enumerate(model.model.layers) if layer.memory is not None]
-
-
-def mac_fingerprint(model) -> str:
-    """sha256 of the architecture fields and of a fixed sample of every weight tensor (names, shapes, values)."""
-    digest = hashlib.sha256()
-    config = model.config.to_dict()
-    fields = _ARCH_FIELDS + (_ARCH_FIELDS_V2 if config.get("memory_version", 1) >= 2 else ())
-    digest.update(json.dumps({k: config.get(k) for k in fields}, sort_keys=True).encode())
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().reshape(-1)
-        count = flat.numel()
-        steps = min(count, _FINGERPRINT_SAMPLES)
-        idx = torch.arange(steps, dtype=torch.int64) * max(count - 1, 0) // max(steps - 1, 1)
-        sample = flat[idx.to(flat.device)].float().cpu().numpy().tobytes() if count else b""
-        digest.update(f"{name}|{tuple(tensor.shape)}|".encode())
-        digest.update(sample)
-    return digest.hexdigest()
-
-
-def _state_dtype(model) -> torch.dtype:
-    return torch.float64 if model.dtype == torch.float64 else torch.float32
-
-
-def mac_cache(model, states: dict | None = None):
-    """A fresh `MACCache` (position 0); memory layers seeded with `states` {layer: MemoryState} if given."""
-    # the model's own module: a trust_remote_code model has its own copies of the classes
-    cache = sys.modules[type(model).__module__].MACCache(model.config)
-    for i, state in (states or {}).items():
-        cache.layers[i].state = cache.layers[i].segment_state = state
-    return cache
-
-
-def mac_states(model, cache) -> dict:
-    """{layer: MemoryState} after the tokens the cache has seen (initial states for a cache that saw none)."""
-    out = {}
-    for i in mac_memory_layers(model):
-        state = cache.layers[i].state if cache is not None else None
-        if state is None:
-            state = model.model.layers[i].memory.init_state(1, dtype=_state_dtype(model))
-        out[i] = state
-    return out
-
-
-def save_mac_memory(model, states: dict, path) -> None:
-    """Write {layer: MemoryState} (batch 1) to a safetensors memory file with the model's fingerprint."""
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for i, state in states.items():
-        memory = model.model.layers[i].memory
-        for name, tensor in memory.state_to_dict(state, prefix=f"layers.{i}.").items():
-            tensors[name] = tensor.detach().to("cpu").contiguous()
-    metadata = {"format": MAC_MEMORY_FORMAT, "fingerprint": mac_fingerprint(model),
-                "memory_layers": json.dumps(sorted(states)), "dtype": str(_state_dtype(model)).removeprefix("torch.")}
-    with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-
-
-def load_mac_memory(model, path) -> dict:
-    """{layer: MemoryState} from a file written by `save_mac_memory` for this model; one-line `UserError` for a
-    missing or foreign file, another model's memory, and tensors of the wrong names, shapes or dtypes."""
-    from safetensors import safe_open
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"memory file {path} does not exist")
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as err:  # safetensors raises its own error types
-        raise UserError(f"{path} is not a safetensors memory file ({str(err).splitlines()[0]})") from None
-    if metadata.get("format") != MAC_MEMORY_FORMAT:
-        raise UserError(f"{path} is not a MAC memory file (format {metadata.get('format')!r}, expected {MAC_MEMORY_FORMAT!r})")
-    mine, theirs = mac_fingerprint(model), metadata.get("fingerprint", "")
-    if theirs != mine:
-        raise UserError(f"{path} was saved from a different model (fingerprint {theirs[:16]}, this model has "
-                        f"{mine[:16]}); use the model that wrote it, or start without --memory-in")
-    dtype = _state_dtype(model)
-    layers = mac_memory_layers(model)
-    states = {}
-    for i in layers:
-        memory = model.model.layers[i].memory
-        prefix = f"layers.{i}."
-        expected = {}
-        for j, w in enumerate(memory.initial_weights):
-            expected[f"{prefix}weights.{j}"] = (1, *w.shape)
-            expected[f"{prefix}momentum.{j}"] = (1, *w.shape)
-        for key, shape in expected.items():
-            if key not in tensors:
-                raise UserError(f"{path} has no tensor {key}; it holds memory for layers "
-                                f"{metadata.get('memory_layers', '?')}, this model's memory layers are {layers}")
-            tensor = tensors[key]
-            if tuple(tensor.shape) != shape:
-                raise UserError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, this model expects {shape}")
-            if tensor.dtype != dtype:
-                raise UserError(f"{path}: tensor {key} has dtype {tensor.dtype}, this model expects {dtype}")
-        pending, position = tensors.get(f"{prefix}pending"), tensors.get(f"{prefix}position")
-        if pending is None or position is None:
-            raise UserError(f"{path} has no tensor {prefix}{'pending' if pending is None else 'position'}")
-        if pending.dim() != 3 or pending.shape[0] != 1 or pending.shape[2] != memory.dim or pending.shape[1] >= memory.chunk_size:
-            raise UserError(f"{path}: tensor {prefix}pending has shape {tuple(pending.shape)}, this model expects "
-                            f"(1, n < {memory.chunk_size}, {memory.dim})")
-        if pending.dtype != dtype:
-            raise UserError(f"{path}: tensor {prefix}pending has dtype {pending.dtype}, this model expects {dtype}")
-        if position.dim() != 0 or position.dtype != torch.int64 or int(position) < pending.shape[1]:  # flush empties pending
-            raise UserError(f"{path}: tensor {prefix}position does not match its pending chunk")
-        device = memory.initial_weights[0].device
-        state_type = type(memory.init_state(1, device=device, dtype=dtype))  # the model's own MemoryState
-        states[i] = state_type(
-            tuple(tensors[f"{prefix}weights.{j}"].to(device) for j in range(memory.depth)),
-            tuple(tensors[f"{prefix}momentum.{j}"].to(device) for j in range(memory.depth)),
-            pending.to(device),
-            int(position),
-        )
-    extra = sorted(set(tensors) - {f"layers.{i}.{n}" for i in layers for n in
-                                   [*(f"{k}.{j}" for k in ("weights", "momentum")
-                                      for j in range(model.model.layers[i].memory.depth)), "pending", "position"]})
-    if extra:
-        raise UserError(f"{path} holds tensors this model does not have: {', '.join(extra[:3])}")
-    return states
-
-
 # ----------------------------------------------------------------------------------------------- sessions
 
 
@@ -221,7 +82,7 @@ class Session:
     kind: str = field(init=False)
     ids: list = field(default_factory=list)
     cache: object = None
-    seed_states: dict | None = None  # MAC: memory the session started from (None: the model's initial memory)
+    seed: object = None  # MAC: the never-fed MACCache the session's streams start from (None: initial memory)
     history: list = field(default_factory=list)
     fed_text: str = ""
 
@@ -232,40 +93,35 @@ class Session:
                             f"{self.model.config.model_type!r}); use --update-rule none, a MAC export or a package_model.py folder")
         self.reset()
 
-    # -- memory
+    # -- memory (the models' own save_memory / load_memory: a MAC memory lives in the cache, a wrapper's in the model)
 
     def reset(self, keep_seed: bool = False) -> None:
         """Start a new stream; the memory goes back to the seed (keep_seed) or to empty."""
         if not keep_seed:
-            self.seed_states = None
+            self.seed = None
             if self.kind == "memory":
                 self.model.reset_memory()
         self.ids, self.history, self.fed_text = [], [], ""
-        self.cache = mac_cache(self.model, self.seed_states) if self.kind == "mac" else None
+        self.cache = self.model.memory_cache(self.seed) if self.kind == "mac" else None
 
     def load_memory(self, path) -> None:
         if self.kind == "llama":
             raise UserError(f"--memory-in {path}: this model has no memory (model_type {self.model.config.model_type!r})")
-        if self.kind == "memory":
-            try:
-                self.model.load_memory(path)
-            except ValueError as err:
-                raise UserError(str(err)) from None
-            self.reset(keep_seed=True)
-        else:
-            self.seed_states = load_mac_memory(self.model, path)
-            self.reset(keep_seed=True)
+        try:
+            self.seed = self.model.load_memory(path)  # MAC: a fresh cache; wrapper: None (loaded into the model)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        self.reset(keep_seed=True)
 
     def save_memory(self, path) -> None:
+        """The memory after every token of the session; MAC: flushed (the file's weights hold every token written,
+        and a session from it starts a new chunk), the live session is not changed."""
         if self.kind == "llama":
             raise UserError(f"cannot save {path}: this model has no memory (model_type {self.model.config.model_type!r})")
-        if self.kind == "memory":
-            self.model.save_memory(path)
-        else:  # flushed: the file's weights hold every token written, and a session from it starts a new chunk
-            layers = self.model.model.layers
-            states = {i: layers[i].memory.flush(state, self.update_rule)
-                      for i, state in mac_states(self.model, self.cache).items()}
-            save_mac_memory(self.model, states, path)
+        try:
+            self.model.save_memory(path, *((self.cache,) if self.kind == "mac" else ()))
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot save {path}: {first_line(err)}") from None
 
     # -- prompts
 

@@ -25,8 +25,8 @@ from .errors import UserError
 KIND_OF_MODEL_TYPE = {"mac_llama": "mac", "memory_llama": "memory", "llama": "llama"}
 # The model files a trust_remote_code folder of each kind ships (they import only torch, transformers, stdlib).
 SHIPPED_FILES = {
-    "mac": ("configuration_mac_llama.py", "modeling_mac_llama.py", "neural_memory.py"),
-    "memory": ("configuration_memory_llama.py", "modeling_memory_llama.py", "neural_memory.py"),
+    "mac": ("configuration_mac_llama.py", "modeling_mac_llama.py", "neural_memory.py", "memory_file.py"),
+    "memory": ("configuration_memory_llama.py", "modeling_memory_llama.py", "neural_memory.py", "memory_file.py"),
 }
 MODELS_DIR = Path(models.__file__).resolve().parent  # the installed titans_distil.models (root folder models/)
 

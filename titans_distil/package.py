@@ -7,6 +7,7 @@ The result is a `trust_remote_code` folder that plain transformers loads with no
     configuration_memory_llama.py   the remote code (copied from `models/`, torch + transformers + stdlib only)
     modeling_memory_llama.py
     neural_memory.py
+    memory_file.py                  memory files (save_memory / load_memory), shared with MAC exports
     model.safetensors               the wrapped Llama's weights (unchanged) + the memory's fixed parameters
     generation_config.json, tokenizer files, chat template, README.md (model card)
 

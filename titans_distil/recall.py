@@ -5,7 +5,7 @@ rule R (none, ema, surprise):
 
 1. **Session 1** (a fresh model load): a short text of facts about a fictitious country (invented names the model
    cannot know) is read `repeats` times with memory updates under rule R, nothing is generated, and the memory is
-   saved with the project's own functions (`save_mac_memory` for MAC, `save_memory` for a wrapper).
+   saved with the model's own `save_memory` (a MAC model flushes its unfinished memory chunk into the file).
 2. **Session 2** (another fresh model load, empty context): the memory file is loaded and each question is asked on
    its own, starting from the loaded memory (questions do not see each other, and the memory is read-only while
    they are answered: update rule "none", so every question meets exactly the saved memory).
@@ -41,15 +41,7 @@ import torch
 
 from .cli import POSITIVE, _quiet_libraries, trust_remote_code_option, user_errors
 from .errors import UserError
-from .generate import (
-    UPDATE_RULES,
-    load_mac_memory,
-    load_model,
-    mac_cache,
-    mac_states,
-    model_kind,
-    save_mac_memory,
-)
+from .generate import UPDATE_RULES, load_model, model_kind
 from .model_folder import atomic_file
 
 PLAIN_QUESTION = "Question: {question}\nAnswer:"
@@ -183,53 +175,44 @@ def check_memory_model(model, model_path) -> str:
 
 
 def empty_memory(model):
-    """The no-memory baseline's memory handle: a MAC student's initial memory ({}), a wrapper's emptied memory."""
-    if model_kind(model) == "memory":
+    """The no-memory baseline's memory handle: a MAC student's initial memory (a fresh `MACCache`), a wrapper's
+    emptied memory (None: its memory lives inside the model)."""
+    if hasattr(model, "reset_memory"):
         model.reset_memory()
         return None
-    return {}
+    return model.memory_cache()
 
 
 @torch.no_grad()
 def write_memory(model, blocks: list[list[int]], rule: str):
-    """Session 1: read each block of token ids with memory updates under `rule`; returns the memory handle (MAC:
-    {layer: MemoryState} after the stream; a wrapper keeps its memory inside the model and returns None).
-    MAC: the blocks are one stream (one `MACCache`); wrapper: one sequence per block, as `Session` feeds turns."""
-    device = model.device
-    if model_kind(model) == "memory":
-        model.reset_memory()
-        for ids in blocks:
-            model(torch.tensor([ids], device=device), use_memory=True, update_rule=rule, use_cache=False)
-        return None
-    cache = mac_cache(model)
+    """Session 1: read each block of token ids with memory updates under `rule`; returns the memory handle (see
+    `empty_memory`). MAC: the blocks are one stream (one `MACCache`); wrapper: one sequence per block, as `Session`
+    feeds turns."""
+    handle = empty_memory(model)
     for ids in blocks:
-        model(torch.tensor([ids], device=device), past_key_values=cache, use_cache=True, update_rule=rule)
-    return mac_states(model, cache)
+        model(torch.tensor([ids], device=model.device), **_memory_kwargs(model, handle, rule, fresh=False))
+    return handle
 
 
 def save_memory_file(model, handle, path) -> None:
-    if model_kind(model) == "memory":
-        model.save_memory(path)
-    else:
-        save_mac_memory(model, handle, path)
+    """The model's own `save_memory` (MAC: the cache's memory, flushed)."""
+    model.save_memory(path, *(() if handle is None else (handle,)))
 
 
 def load_memory_file(model, path):
     """The memory handle of a file written by `save_memory_file` for this model (`UserError` otherwise)."""
-    if model_kind(model) == "memory":
-        try:
-            model.load_memory(path)
-        except ValueError as err:
-            raise UserError(str(err)) from None
-        return None
-    return load_mac_memory(model, path)
+    try:
+        return model.load_memory(path)  # MAC: a fresh MACCache; wrapper: None (loaded into the model)
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
-def _memory_kwargs(model, handle) -> dict:
-    """Forward / generate arguments that read the memory `handle` without changing it."""
-    if model_kind(model) == "memory":
-        return dict(use_memory=True, update_rule="none")
-    return dict(past_key_values=mac_cache(model, handle), use_cache=True, update_rule="none")
+def _memory_kwargs(model, handle, rule: str = "none", fresh: bool = True) -> dict:
+    """Forward / generate arguments that read the memory `handle` under `rule` ("none": without changing it). MAC:
+    a fresh copy of the handle's cache (`fresh`) or the handle itself (a stream that continues)."""
+    if handle is None:  # a wrapper: the memory is inside the model
+        return dict(use_memory=True, update_rule=rule) if fresh else dict(use_memory=True, update_rule=rule, use_cache=False)
+    return dict(past_key_values=model.memory_cache(handle) if fresh else handle, use_cache=True, update_rule=rule)
 
 
 def _pad_id(model, tokenizer):
