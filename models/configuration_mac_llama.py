@@ -8,7 +8,7 @@ imports only transformers and the standard library.
 from transformers.models.llama.configuration_llama import LlamaConfig
 
 UPDATE_RULES = ("surprise", "ema", "none")
-MEMORY_VERSION = 2  # the memory update new configs get (see `memory_version`)
+MEMORY_VERSION = 3  # the memory new configs get (see `memory_version`)
 
 
 def default_memory_layers(num_hidden_layers: int) -> list[int]:
@@ -37,12 +37,16 @@ class MACLlamaConfig(LlamaConfig):
     memory_layers (`list[int]`, *optional*):
         Indices of the layers holding a neural memory. `None` picks `default_memory_layers(num_hidden_layers)`
         (a quarter of the layers, evenly spaced); `[]` disables the memory.
-    memory_version (`int`, defaults to 2):
-        Which memory update the fields below describe. 2 (the default): keys/values/queries from centred inputs
-        (`input_centre`, calibrated on data), SiLU on values as in the paper, each chunk's summed step bounded
-        (`memory_update_bound`), forgetting toward the learned initial weights, learning-rate gate up to
-        `memory_max_lr`. 1: the update of checkpoints written before this field existed (per-token gradient
-        clipping, forgetting toward zero); a config.json without `memory_version` loads as 1, unchanged.
+    memory_version (`int`, defaults to 3):
+        Which memory the fields below describe. 3 (the default): version 2's update, and the memory's outputs
+        at the scale of the stream they join: retrieved tokens pass through the layer's `input_layernorm` (the
+        attention sees them like the hidden states beside it) and the read-out enters the gate at unit RMS
+        (at version 2's scale, ~30x below the stream, a tiny MAC learned no recall at all; see the README).
+        2: keys/values/queries from centred inputs (`input_centre`, calibrated on data), SiLU on values as in
+        the paper, each chunk's summed step bounded (`memory_update_bound`), forgetting toward the learned
+        initial weights, learning-rate gate up to `memory_max_lr`. 1: the update of checkpoints written before
+        this field existed (per-token gradient clipping, forgetting toward zero); a config.json without
+        `memory_version` loads as 1, unchanged.
     memory_chunk_size (`int`, defaults to 32):
         Tokens per memory update chunk; must divide `segment_len` so that segment starts are chunk starts
         (the retrieval at a segment start then sees every update of the previous segments). Inside a chunk all
@@ -147,8 +151,8 @@ class MACLlamaConfig(LlamaConfig):
             )
         if not is_number(self.memory_max_lr) or self.memory_max_lr <= 0:
             raise ValueError(f"memory_max_lr must be a number > 0, got {self.memory_max_lr!r}")
-        if self.memory_version not in (1, 2):
-            raise ValueError(f"memory_version must be 1 or 2, got {self.memory_version!r}")
+        if self.memory_version not in (1, 2, 3):
+            raise ValueError(f"memory_version must be 1, 2 or 3, got {self.memory_version!r}")
         width = self.hidden_size if self.memory_dim is None else self.memory_dim
         if not is_int(self.memory_heads) or self.memory_heads < 1 or width % self.memory_heads:
             raise ValueError(f"memory_heads must be an integer >= 1 dividing the memory width {width}, got {self.memory_heads!r}")

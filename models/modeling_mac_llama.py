@@ -16,13 +16,16 @@ A memory layer (index in `config.memory_layers`) owns a `NeuralMemory` whose fas
 segment to segment (and through `generate()` in `MACCache`). For a segment with normalised hidden states x
 (after `input_layernorm`, positions 0..L-1 inside the segment):
 
-1. retrieval without update: h = memory.retrieve(state at the segment start, rms(x));
+1. retrieval without update: h = memory.retrieve(state at the segment start, rms(x)); from memory version 3
+   h = input_layernorm(h), so the retrieved tokens reach the attention at the scale of the hidden states beside
+   them (the memory's raw outputs are ~30x smaller, and tokens that small draw no attention and no gradient);
 2. attention with Llama's q/k/v/o projections over the context [persistent tokens ‖ h ‖ x], queries from x
    only. Token i sees every persistent token, h_j and x_j for j <= i. RoPE: x_j and h_j get token j's
    position, persistent tokens the position of the segment's first token. The result after `o_proj` is y;
 3. memory update with y: `readout, state, stats = memory(rms(y), state, update_rule)`; each read-out uses the
    weights at the start of its memory chunk, so it is causal;
-4. o = y + g ⊙ readout with a learnable per-channel gate g, then Llama's residual and post-norm MLP.
+4. o = y + g ⊙ readout with a learnable per-channel gate g (version 3: g ⊙ rms(readout)), then Llama's
+   residual and post-norm MLP.
 
 Other layers are plain Llama layers with segment-local causal attention. rms() is a parameter-free RMS
 normalisation: the memory's step sizes are tuned for unit-RMS inputs, and a trained Llama's residual stream
@@ -307,6 +310,16 @@ def _unit_rms(hidden: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), eps=1e-6)
 
 
+def retrieved_tokens(h: torch.Tensor, input_layernorm: nn.Module, memory_version: int) -> torch.Tensor:
+    """The retrieved tokens as the attention reads them (step 1 of the module docstring)."""
+    return input_layernorm(h) if memory_version >= 3 else h
+
+
+def gated_readout(gate: torch.Tensor, readout: torch.Tensor, memory_version: int) -> torch.Tensor:
+    """g ⊙ readout, the read-out at unit RMS from version 3 (step 4 of the module docstring)."""
+    return gate * (_unit_rms(readout) if memory_version >= 3 else readout)
+
+
 def segment_pieces(offset: int, length: int, segment_len: int) -> list[tuple[int, int, int]]:
     """Cut `length` new tokens, the first one at `offset` inside its segment, into (start, count, offset)
     pieces that each lie inside one segment."""
@@ -416,6 +429,7 @@ class MACLlamaDecoderLayer(GradientCheckpointingLayer):
         self.hidden_size = config.hidden_size
         self.layer_idx = layer_idx
         self.segment_len = config.segment_len
+        self.memory_version = config.memory_version
         self.self_attn = MACLlamaAttention(config=config, layer_idx=layer_idx)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -532,6 +546,7 @@ class MACLlamaDecoderLayer(GradientCheckpointingLayer):
                 segment_state, segment_kv = state, None
                 prefix = self._persistent_kv(cos[:, start : start + 1], sin[:, start : start + 1], B)
             h = memory.retrieve(segment_state, _unit_rms(x[:, start:end])).to(x.dtype)
+            h = retrieved_tokens(h, self.input_layernorm, self.memory_version)
             h_k, h_v = attn.project_kv(h)
             _, h_k = apply_rotary_pos_emb(h_k[:, :0], h_k, piece_cos, piece_sin)
             new_kv = (h_k, h_v, k[:, :, start:end], v[:, :, start:end])
@@ -556,7 +571,7 @@ class MACLlamaDecoderLayer(GradientCheckpointingLayer):
                 )
             )
             readout, state, piece_stats = memory(_unit_rms(y), state, update_rule=update_rule)
-            outputs.append(y + self.memory_gate * readout.to(y.dtype))
+            outputs.append(y + gated_readout(self.memory_gate, readout.to(y.dtype), self.memory_version))
             stats.append(piece_stats)
 
         if layer_cache is not None:

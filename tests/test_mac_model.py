@@ -71,15 +71,44 @@ def test_llama_state_dict_loads_with_only_memory_parts_missing():
     assert {n.split(".")[2] for n in missing} == {"1", "3"}
 
 
-@pytest.mark.parametrize("version,gate", [(1, 0.0), (2, 0.01)])
+@pytest.mark.parametrize("version,gate", [(1, 0.0), (2, 0.01), (3, 0.01)])
 def test_freshly_built_student_readout_gate(version, gate):
-    """Version 2 opens the read-out gate slightly (memory parameters get gradients at once); version 1 closed."""
+    """Versions 2 and 3 open the read-out gate slightly (memory parameters get gradients at once); 1 closed."""
     mac = mac_model(open_gates=False, memory_version=version)
     for i in (1, 3):
         layer = mac.model.layers[i]
         assert torch.equal(layer.memory_gate, torch.full_like(layer.memory_gate, gate))
         assert 0 < layer.persistent_tokens.std() < 0.1
     assert mac.model.layers[0].memory is None and mac.model.layers[0].persistent_tokens is None
+
+
+def test_version_3_scales_the_memory_outputs_to_the_stream():
+    """Version 3 = version 2 plus the two scalings: retrieved tokens through input_layernorm, read-out at unit RMS.
+    Same weights, so the versions differ only there; and with the memory's outputs replaced by zeros the two
+    versions agree again (nothing else changed)."""
+    from titans_distil.models.modeling_mac_llama import gated_readout, retrieved_tokens
+
+    norm = torch.nn.RMSNorm(8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+    h = torch.randn(2, 5, 8) * 0.3  # the memory's raw outputs are small beside the stream
+    assert torch.equal(retrieved_tokens(h, norm, 2), h)
+    torch.testing.assert_close(retrieved_tokens(h, norm, 3), norm(h))
+    gate = torch.full((8,), 0.01)
+    assert torch.equal(gated_readout(gate, h, 2), gate * h)
+    rms = (gated_readout(gate, h, 3) / 0.01).pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-4, atol=1e-4)
+
+    ids = torch.randint(0, BASE["vocab_size"], (1, 40))
+    v2, v3 = mac_model(memory_version=2), mac_model(memory_version=3)
+    v3.load_state_dict(v2.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(v2(ids).logits, v3(ids).logits)
+        for model in (v2, v3):
+            for layer in model.model.layers:
+                if layer.memory is not None:
+                    layer.memory.out_proj.weight.zero_()
+        torch.testing.assert_close(v2(ids).logits, v3(ids).logits)
 
 
 def test_attention_module_alone_refuses_to_run():
@@ -105,7 +134,11 @@ def test_attention_is_segment_local():
 
 def reference_memory_layer(layer, hidden, rule):
     """The MAC layer written out segment by segment with Llama's own attention over the explicit context
-    [persistent ‖ h ‖ x] (positions: segment start for persistent tokens, token j's for h_j and x_j)."""
+    [persistent ‖ h ‖ x] (positions: segment start for persistent tokens, token j's for h_j and x_j); version 3
+    (the default): h through input_layernorm, read-out at unit RMS."""
+    def unit(t):
+        return F.rms_norm(t, (t.shape[-1],), eps=1e-6)
+
     x = layer.input_layernorm(hidden)
     B, T, _ = x.shape
     P = layer.persistent_tokens.shape[0]
@@ -114,7 +147,7 @@ def reference_memory_layer(layer, hidden, rule):
     for s in range(0, T, SEG):
         xs = x[:, s : s + SEG]
         L = xs.shape[1]
-        h = layer.memory.retrieve(state, F.rms_norm(xs, (xs.shape[-1],), eps=1e-6))
+        h = layer.input_layernorm(layer.memory.retrieve(state, unit(xs)))
         context = torch.cat([layer.persistent_tokens.expand(B, -1, -1), h, xs], dim=1)
         positions = torch.cat([torch.full((P,), s), torch.arange(s, s + L), torch.arange(s, s + L)])[None]
         allowed = torch.eye(P + 2 * L, dtype=torch.bool)  # rows of context tokens: discarded, keep them finite
@@ -122,8 +155,8 @@ def reference_memory_layer(layer, hidden, rule):
         allowed[P + L :] = torch.cat([torch.ones(L, P, dtype=torch.bool), causal, causal], dim=1)
         mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[None, None]
         y = LlamaAttention.forward(layer.self_attn, context, position_embeddings=rotary(context, positions), attention_mask=mask)[0][:, -L:]  # Llama attention on an explicit context
-        readout, state, _ = layer.memory(F.rms_norm(y, (y.shape[-1],), eps=1e-6), state, update_rule=rule)
-        outputs.append(y + layer.memory_gate * readout)
+        readout, state, _ = layer.memory(unit(y), state, update_rule=rule)
+        outputs.append(y + layer.memory_gate * unit(readout))
     hidden = hidden + torch.cat(outputs, dim=1)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
@@ -131,6 +164,7 @@ def reference_memory_layer(layer, hidden, rule):
 @pytest.mark.parametrize("rule", ["surprise", "ema"])
 def test_memory_layer_matches_written_out_reference(rule):
     model = mac_model()
+    assert model.config.memory_version == 3
     layer = model.model.layers[1]
     seen = {}
     layer.register_forward_hook(lambda mod, args, out: seen.update(input=args[0], output=out[0]))
@@ -382,7 +416,7 @@ def test_config_json_without_memory_version_loads_as_version_1(tmp_path):
     assert loaded.memory_version == 1
     memory = MACLlamaForCausalLM(loaded).model.layers[1].memory
     assert memory.input_centre is None and not memory.forget_toward_init and memory.update_bound is None
-    assert MACLlamaConfig.from_pretrained(save_config(old, tmp_path / "new")).memory_version == 2
+    assert MACLlamaConfig.from_pretrained(save_config(old, tmp_path / "new")).memory_version == 3
 
 
 def save_config(config, folder):
@@ -395,7 +429,7 @@ def test_config_defaults():
     assert (config.segment_len, config.num_persistent_tokens, config.memory_chunk_size, config.memory_depth,
             config.memory_expansion, config.memory_dim, config.memory_max_lr, config.update_rule,
             config.memory_version, config.memory_heads, config.memory_update_bound, config.memory_max_grad_norm) == (
-        256, 16, 32, 2, 2, None, 1.0, "surprise", 2, 1, 2.0, None)
+        256, 16, 32, 2, 2, None, 1.0, "surprise", 3, 1, 2.0, None)
     assert config.memory_layers == [2, 6]
     assert MACLlamaConfig(**dict(BASE, num_hidden_layers=30)).memory_layers == [2, 6, 10, 15, 19, 23, 27]
     assert MACLlamaConfig(**dict(BASE, memory_layers=[])).memory_layers == []
