@@ -1,11 +1,14 @@
 """Can a MAC model learn recall through its memory at all? A tiny MAC trained from scratch on synthetic recall.
 
 The distillation runs ask a teacher-initialised student to learn recall from a few hundred KD steps; when that
-fails, is the memory path unable to carry a fact, or is the budget too small? This isolates the mechanism. Each
-sequence is [8 key/value pairs] [filler segments] [queries]: the pairs fill the first MAC segment, random filler
-tokens fill the next ``--gap`` segments, and the last segment asks 4 of the keys (``? key value``), so the value
-of a key is nowhere in the attention's segment: only the memory can bring it. Loss: cross-entropy on the
-answer tokens. Measured on fresh sequences (same generator, unseen draws): answer accuracy of
+fails, is the memory path unable to carry a fact, or is the budget too small? This isolates the mechanism. Two
+tasks; in both, random filler tokens fill ``--gap`` segments between the fact and the question, so the answer is
+nowhere in the attention's segment: only the memory can bring it. Loss: cross-entropy on the answer tokens.
+
+    passkey: one value token fills the whole first segment; the last segment asks ``?`` -> value (a single fact,
+             written 16 times: the easiest thing a memory can be asked)
+    kv:      8 key/value pairs fill the first segment; the last segment asks 4 of the keys (``? key value``):
+             associative recall, where the memory must map each key to its own value Measured on fresh sequences (same generator, unseen draws): answer accuracy of
 
     * the trained model with its memory learning (surprise), the rule it was trained with,
     * the same model with memory off (``none``: read-outs of the initial memory only, the windowed baseline),
@@ -15,7 +18,9 @@ answer tokens. Measured on fresh sequences (same generator, unseen draws): answe
 
 and accuracy at longer gaps than trained. Chance is 1 / ``--values``.
 
-    python benchmarks/bench_mac_recall.py --threads 1                # ~10 min on 2 cores without bf16
+    python benchmarks/bench_mac_recall.py --task passkey --steps 200 --eval-every 50 --memory-layers 1 --threads 1
+    python benchmarks/bench_mac_recall.py --task passkey --steps 200 --eval-every 50 --memory-layers 1 \
+        --memory-version 2 --threads 1                                # the same with the version-2 memory
 """
 
 from __future__ import annotations
@@ -162,8 +167,9 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"chance {1 / args.values:.3f}; {PAIRS} pairs in segment 0, gap {args.gap} segments of {SEGMENT}, "
-          f"{QUERIES} queries; hidden {args.hidden}, {args.layers} layers, memory in {args.memory_layers}, "
+    facts = "one value fills segment 0" if args.task == "passkey" else f"{PAIRS} pairs in segment 0, {QUERIES} asked"
+    print(f"task {args.task}, chance {1 / args.values:.3f}; {facts}, gap {args.gap} segments of {SEGMENT}; "
+          f"hidden {args.hidden}, {args.layers} layers, memory in {args.memory_layers}, "
           f"memory version {build(args, 0).config.memory_version}")
     started = time.perf_counter()
     which = {m.strip() for m in args.models.split(",") if m.strip()}
