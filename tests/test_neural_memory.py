@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from titans_distil.models.neural_memory import MemoryState, NeuralMemory
 from paper_memory import PaperMemory
+from titans_distil.models.neural_memory import MemoryState, NeuralMemory
 
 D, DM = 16, 12  # input width, memory width (different, to catch transposed shapes)
 F64 = torch.float64
@@ -593,7 +593,7 @@ def v2_reference(m: NeuralMemory, x, chunk_lengths, queries=None):
                 grads = [torch.autograd.grad((mlp(start, k[:, j : j + 1]) - v[:, j : j + 1]).pow(2).sum(), start)
                          for j in range(s, s + n)]
 
-            def run(use_grads, W, S):
+            def run(use_grads, W, S, n=n, s=s, grads=grads):
                 for j in range(n):
                     e, t, a = (z[:, s + j, None, None] for z in (eta, theta, alpha))
                     S = [e * Si - (t * u if use_grads else 0) for Si, u in zip(S, grads[j])]
