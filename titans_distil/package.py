@@ -37,7 +37,14 @@ import torch
 
 from .cli import NON_NEGATIVE, POSITIVE, _quiet_libraries, user_errors
 from .errors import UserError
-from .model_folder import MODELS_DIR, SHIPPED_FILES, atomic_folder, check_output
+from .model_folder import (
+    MODELS_DIR,
+    SHIPPED_FILES,
+    atomic_folder,
+    check_model_folder,
+    check_output,
+    config_errors,
+)
 
 MODEL_FILES = SHIPPED_FILES["memory"]
 AUTO_MAP = {
@@ -68,9 +75,11 @@ def _load_base(spec: str, dtype: str):
         source = resolve_teacher(spec)
     except UserError as err:
         raise _as_model_error(err) from None
+    if Path(source).is_dir():  # a local folder: wrong field types, pickle-only or truncated weights in one line
+        check_model_folder(source)
     try:
         config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
+    except (OSError, *config_errors()) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load model {spec!r} ({first}); check the name, your network or HF_TOKEN, or pass a local folder") from None
     if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
