@@ -475,23 +475,23 @@ def atomic_folder(output: str | os.PathLike, keep_existing: bool = False):
     try:
         with writing(output):
             yield tmp
-        if keep_existing and output.exists():
-            return
-        apply_umask(tmp)
-        if output.is_dir() and not any(output.iterdir()):
-            output.rmdir()
-        old = None
-        if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=temp_prefix(output, "old"), dir=output.parent)) / output.name
-            os.replace(output, old)
-        try:
-            os.replace(tmp, output)
-        except OSError:
+            if keep_existing and output.exists():
+                return
+            apply_umask(tmp)
+            if output.is_dir() and not any(output.iterdir()):
+                output.rmdir()
+            old = None
+            if output.exists():
+                old = Path(tempfile.mkdtemp(prefix=temp_prefix(output, "old"), dir=output.parent)) / output.name
+                os.replace(output, old)
+            try:
+                os.replace(tmp, output)
+            except OSError:
+                if old is not None:
+                    os.replace(old, output)
+                raise
             if old is not None:
-                os.replace(old, output)
-            raise
-        if old is not None:
-            shutil.rmtree(old.parent, ignore_errors=True)
+                shutil.rmtree(old.parent, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
