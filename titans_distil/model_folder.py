@@ -251,8 +251,9 @@ def load_model(folder: str | os.PathLike, config: dict | None = None, *, trust_r
     from transformers import AutoModelForCausalLM
 
     config = read_config(folder) if config is None else config
-    check_model_folder(folder, config)
+    check_config(folder, config)
     trust = trust_remote_code_for(folder, trust_remote_code, config, quiet=quiet)
+    check_weights(folder)
     if kind_of(config) == "mac" and "AutoModelForCausalLM" not in (config.get("auto_map") or {}):
         from .models.modeling_mac_llama import MACLlamaForCausalLM
 

@@ -41,8 +41,9 @@ from .model_folder import (
     MODELS_DIR,
     SHIPPED_FILES,
     atomic_folder,
-    check_model_folder,
+    check_config,
     check_output,
+    check_weights,
     config_errors,
 )
 
@@ -75,8 +76,8 @@ def _load_base(spec: str, dtype: str):
         source = resolve_teacher(spec)
     except UserError as err:
         raise _as_model_error(err) from None
-    if Path(source).is_dir():  # a local folder: wrong field types, pickle-only or truncated weights in one line
-        check_model_folder(source)
+    if Path(source).is_dir():  # a local folder: wrong field types in one line
+        check_config(source)
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, *config_errors()) as err:
@@ -87,6 +88,8 @@ def _load_base(spec: str, dtype: str):
             f"model {spec} is a {getattr(config, 'model_type', 'unknown')!r} model; package_model.py wraps Llama-family "
             f"causal LMs (model_type {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    if Path(source).is_dir():  # pickle-only (never unpickled) or truncated weights in one line
+        check_weights(source)
     if dtype == "auto":
         torch_dtype = getattr(config, "dtype", None) or torch.float32
         if isinstance(torch_dtype, str):

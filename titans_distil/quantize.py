@@ -36,9 +36,10 @@ from .errors import UserError
 from .model_folder import (
     SHIPPED_FILES,
     atomic_folder,
-    check_model_folder,
+    check_config,
     check_output,
     check_tokenizer_fits,
+    check_weights,
     first_line,
     read_config,
     save_with_model_code,
@@ -211,8 +212,9 @@ def inspect_source(model_path: str, trust_remote_code: bool = False) -> Source:
     if kind not in MODEL_TYPES:
         raise UserError(f"--model_path {model_path} is a {kind!r} model; quantize.py handles Llama teachers and students "
                         "(model_type 'llama') and MAC students (model_type 'mac_llama')")
-    check_model_folder(path, config)  # field types; pickle-only (never unpickled), truncated or missing weights
+    check_config(path, config)  # field types in one line
     remote = trust_remote_code_for(path, trust_remote_code, config)
+    check_weights(path)  # pickle-only (never unpickled), truncated or missing weights
     return Source(model_path, path, config, kind, remote, trust_remote_code)
 
 

@@ -20,9 +20,10 @@ from .cli import POSITIVE, _quiet_libraries, finite, read_prompts_file, trust_re
 from .errors import UserError
 from .model_folder import (
     atomic_file,
-    check_model_folder,
+    check_config,
     check_output_file,
     check_tokenizer_fits,
+    check_weights,
     kind_of,
     read_config,
     trust_remote_code_for,
@@ -51,7 +52,7 @@ def serving_overrides(model_path: str, use_mac: bool, update_rule: str) -> tuple
     if not config_file.is_file():
         raise UserError(f"{model_path} holds no config.json; give an export_mac_model.py / export_llama_model.py folder")
     config = read_config(path, "re-export the model")
-    check_model_folder(path, config)  # field types, pickle-only or truncated weights: before vLLM starts
+    check_config(path, config)  # field types: before vLLM starts
     model_type = config.get("model_type")
     if model_type == "memory_llama":
         raise UserError(f"{model_path} is a package_model.py wrapper, whose memory learns inside every layer; vLLM "
@@ -107,6 +108,7 @@ def generate(model_path: str, prompts: list[str], *, use_mac: bool = False, upda
     `trust_remote_code` is the user's --trust-remote-code (see `model_folder.trust_remote_code_for`)."""
     _, overrides = serving_overrides(model_path, use_mac, update_rule)
     trust = trust_remote_code_for(model_path, trust_remote_code)
+    check_weights(model_path)  # pickle-only (never unpickled) or truncated weights: before vLLM starts
     prepare_environment()
     from transformers import AutoTokenizer
 
@@ -291,6 +293,7 @@ def vllm_inference(model_path, use_mac, update_rule, prompts, prompts_file, chat
             raise UserError("--serve starts a server: --prompt, --prompts-file and --output do not apply")
         _, overrides = serving_overrides(model_path, use_mac, update_rule)
         trust = trust_remote_code_for(model_path, trust_remote_code)
+        check_weights(model_path)
         prepare_environment()
         argv = serve_argv(model_path, overrides, host=host, port=port, dtype=dtype, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, extra=vllm_args,

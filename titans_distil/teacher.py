@@ -16,7 +16,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from .errors import UserError
-from .model_folder import atomic_folder, check_model_folder, check_tokenizer_fits, config_errors, first_line
+from .model_folder import (
+    atomic_folder,
+    check_config,
+    check_tokenizer_fits,
+    check_weights,
+    config_errors,
+    first_line,
+)
 
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -99,14 +106,16 @@ def _check_llama(config, spec: str) -> None:
 
 def load_teacher_config(spec: str):
     source = resolve_teacher(spec)
-    if Path(source).is_dir():  # a local folder: wrong field types, pickle-only or truncated weights in one line
-        check_model_folder(source)
+    if Path(source).is_dir():  # a local folder: wrong field types in one line
+        check_config(source)
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, *config_errors()) as err:
         first = first_line(err)
         raise UserError(f"cannot load teacher {spec!r} ({first}); check the name, your network or HF_TOKEN, or pass a local folder") from err
     _check_llama(config, spec)
+    if Path(source).is_dir():  # pickle-only (never unpickled) or truncated weights in one line
+        check_weights(source)
     return config
 
 
