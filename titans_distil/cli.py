@@ -3,14 +3,39 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import click
 
-from .errors import UserError
+from .errors import UserError, describe, translated, write_error
 
 POSITIVE = click.IntRange(min=1)
 NON_NEGATIVE = click.IntRange(min=0)
+
+
+class FiniteFloat(click.FloatRange):
+    """click's FloatRange that also refuses nan and inf (its range check lets nan through: every comparison with
+    nan is false). Use it for every float option where nan or inf makes no sense."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.min is None and self.max is None:
+            self.name = "float"  # help shows FLOAT, as for a plain float option
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+def finite(min=None, max=None, min_open=False, max_open=False) -> FiniteFloat:
+    """A finite float option type, optionally bounded like click.FloatRange."""
+    return FiniteFloat(min, max, min_open=min_open, max_open=max_open)
+
+
+FINITE = finite()
 
 
 def _quiet_libraries() -> None:
@@ -30,8 +55,22 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except UserError as err:
             raise click.ClickException(str(err)) from None
+        except Exception as err:  # a place that cannot be written, met where no writer translated it
+            if not write_error(err):
+                raise
+            raise click.ClickException(f"cannot write: {describe(err)}; free some space or choose another "
+                                       "output location") from None
 
     return wrapper
+
+
+def read_prompts_file(path: str, flag: str = "--prompts-file") -> list[str]:
+    """The non-empty lines of a UTF-8 text file of prompts; a file that is not UTF-8 (or unreadable) is one line."""
+    from pathlib import Path
+
+    with translated(f"{flag} {path}", "save it as UTF-8 text, one prompt per line", (OSError, UnicodeDecodeError)):
+        text = Path(path).read_text(encoding="utf-8")
+    return [line.rstrip("\n") for line in text.splitlines() if line.strip()]
 
 
 def trust_remote_code_option(fn):
@@ -54,7 +93,7 @@ def _data_options(fn):
                      help="Tokens per training sequence. [default: 512; 2048 with --use-mac]"),
         click.option("--max-train-blocks", type=POSITIVE, default=None,
                      help="Use at most this many training sequences (quick runs tokenize less)."),
-        click.option("--validation-fraction", type=click.FloatRange(0.0, 0.5, min_open=True), default=0.05, show_default=True,
+        click.option("--validation-fraction", type=finite(0.0, 0.5, min_open=True), default=0.05, show_default=True,
                      help="Share of documents held out for validation (split by document, deterministic)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for data order and initialisation."),
     ]
@@ -78,11 +117,11 @@ def _data_options(fn):
 @click.option("--batch-size", type=POSITIVE, default=4, show_default=True, help="Sequences per micro-batch per process.")
 @click.option("--grad-accum", type=POSITIVE, default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--max-steps", type=POSITIVE, default=None, help="Optimizer steps. [default: 200 unless --num-epochs]")
-@click.option("--num-epochs", type=click.FloatRange(min=0.0, min_open=True), default=None, help="Train for this many passes over the data instead of --max-steps.")
-@click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=5e-4, show_default=True, help="Peak learning rate (AdamW, cosine decay).")
+@click.option("--num-epochs", type=finite(min=0.0, min_open=True), default=None, help="Train for this many passes over the data instead of --max-steps.")
+@click.option("--lr", type=finite(min=0.0, min_open=True), default=5e-4, show_default=True, help="Peak learning rate (AdamW, cosine decay).")
 @click.option(
     "--memory-lr",
-    type=click.FloatRange(min=0.0, min_open=True),
+    type=finite(min=0.0, min_open=True),
     default=None,
     help="MAC: peak lr of the fresh memory parts (neural memory, persistent tokens, read-out gate). "
     "[default: 10 x --lr: they start from scratch, the gate at zero, while the backbone starts from the "
@@ -98,7 +137,7 @@ def _data_options(fn):
 )
 @click.option(
     "--long-range-rate",
-    type=float,
+    type=FINITE,
     default=0.0,
     show_default=True,
     help="Fraction of training blocks rewritten as a long-range item (a fact in the block's own text, asked "
@@ -120,7 +159,7 @@ def _data_options(fn):
 )
 @click.option(
     "--layer-loss-weight",
-    type=float,
+    type=FINITE,
     default=0.0,
     show_default=True,
     help="Adds W x the mean MSE of each student layer's output to that of the teacher layer it was "
@@ -129,17 +168,17 @@ def _data_options(fn):
 )
 @click.option(
     "--answer-loss-weight",
-    type=float,
+    type=FINITE,
     default=1.0,
     show_default=True,
     help="Weight of the positions that predict a long-range item's answer in the loss (the mean becomes "
     "sum(w l) / sum(w)): a few answer tokens per block are what only the memory can get right. 1: plain mean.",
 )
 @click.option("--warmup", type=NON_NEGATIVE, default=10, show_default=True, help="Linear warm-up steps.")
-@click.option("--weight-decay", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="AdamW weight decay.")
-@click.option("--max-grad-norm", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True, help="Clip the student's gradient norm.")
-@click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True, help="KD softmax temperature.")
-@click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.9, show_default=True, help="Weight of the KD loss; 1 - alpha goes to next-token cross-entropy (0 = CE only).")
+@click.option("--weight-decay", type=finite(min=0.0), default=0.0, show_default=True, help="AdamW weight decay.")
+@click.option("--max-grad-norm", type=finite(min=0.0, min_open=True), default=1.0, show_default=True, help="Clip the student's gradient norm.")
+@click.option("--temperature", type=finite(min=0.0, min_open=True), default=1.0, show_default=True, help="KD softmax temperature.")
+@click.option("--alpha", type=finite(0.0, 1.0), default=0.9, show_default=True, help="Weight of the KD loss; 1 - alpha goes to next-token cross-entropy (0 = CE only).")
 @click.option("--loss", "loss_kind", type=click.Choice(["kl", "rkl", "jsd"]), default="kl", show_default=True, help="KD divergence: forward KL, reverse KL or Jensen-Shannon.")
 @click.option("--kd-chunk-size", type=POSITIVE, default=256, show_default=True, help="Positions per chunk of the KD loss (peak memory is one chunk of logits).")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True, help="Mixed precision; auto = bf16 where the hardware has it.")
@@ -207,10 +246,12 @@ def cache_teacher(teacher, data, max_length, max_train_blocks, validation_fracti
     import torch
 
     from .data import load_blocks
+    from .model_folder import check_output_path
     from .teacher import load_teacher
     from .teacher_cache import write_teacher_cache
     from .train import resolve_precision
 
+    check_output_path(output)  # under a file, read-only: before the teacher runs
     max_length = max_length or 512
     dtype = torch.bfloat16 if resolve_precision(precision) == "bf16" else torch.float32
     model, tokenizer = load_teacher(teacher, dtype=dtype)

@@ -37,7 +37,7 @@ from pathlib import Path
 import click
 import torch
 
-from .cli import NON_NEGATIVE, POSITIVE, _quiet_libraries, trust_remote_code_option, user_errors
+from .cli import NON_NEGATIVE, POSITIVE, _quiet_libraries, finite, trust_remote_code_option, user_errors
 from .data import DEFAULT_DATA_SPEC, DEFAULT_VALIDATION_FRACTION, DataError, load_blocks
 from .errors import UserError
 from .generate import load_model, model_kind
@@ -642,7 +642,7 @@ def _output_path(value: str | None, flag: str, suffix: str) -> Path | None:
 )
 @click.option(
     "--validation-fraction",
-    type=click.FloatRange(0.0, 0.5, min_open=True),
+    type=finite(0.0, 0.5, min_open=True),
     default=DEFAULT_VALIDATION_FRACTION,
     show_default=True,
     help="Share of documents held out, as in distil (the same value gives the same held-out documents).",

@@ -30,11 +30,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, describe, network_errors
 from .model_folder import (
     SHIPPED_FILES,
     atomic_folder,
     check_output,
+    check_run_config,
     config_errors,
     display,
     kind_of,
@@ -93,6 +94,7 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         raise UserError(f"{config_file} is not valid JSON ({err.msg} at line {err.lineno}); the run folder is damaged") from None
     if not isinstance(config, dict) or "teacher" not in config:
         raise UserError(f"{config_file} is not a distil.py run config; pass a folder written by distil.py (runs/<run-name>)")
+    check_run_config(config, config_file)
     metrics_file = path / "metrics.jsonl"
     metrics = read_metrics(metrics_file)[0] if metrics_file.is_file() else []
     return Run(path, config, metrics)
@@ -335,7 +337,7 @@ def make_config(values: dict, kind: str):
     try:
         return config_class(**clean)
     except config_errors() as err:
-        raise UserError(f"the model config is invalid for a {kind} student ({str(err).splitlines()[0]}); pass a checkpoint written by distil.py") from None
+        raise UserError(f"the model config is invalid for a {kind} student ({describe(err)}); pass a checkpoint written by distil.py") from None
 
 
 def empty_model(config):
@@ -768,8 +770,8 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, token: str
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                           commit_message=f"Upload {'MAC' if kind == 'mac' else 'Llama'} student exported by titans-distil")
-    except (HfHubHTTPError, OSError, ValueError) as err:
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    except (HfHubHTTPError, OSError, ValueError, *network_errors()) as err:
+        first = next((line for line in describe(err).splitlines() if line.strip()), type(err).__name__)
         first = first.replace(token, "***")
         raise UserError(f"push to {repo_id} failed ({first}); the export is in {display(Path(folder))}, fix the cause and push again") from None
     return str(url)

@@ -26,12 +26,19 @@ from pathlib import Path
 import click
 import torch
 
-from .cli import POSITIVE, _quiet_libraries, trust_remote_code_option, user_errors
-from .errors import UserError
-from .model_folder import first_line, read_config, trust_remote_code_for
+from .cli import POSITIVE, _quiet_libraries, finite, read_prompts_file, trust_remote_code_option, user_errors
+from .errors import UserError, describe, write_error
+from .model_folder import (
+    check_output_file,
+    check_tokenizer_fits,
+    first_line,
+    read_config,
+    trust_remote_code_for,
+)
 from .model_folder import load_model as load_folder
 
 UPDATE_RULES = ("none", "ema", "surprise")
+QUIT_WORDS = ("", "/quit", "/exit", "quit", "exit")  # and EOF (Ctrl-D): how --interactive is left
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -63,8 +70,11 @@ def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False):
     try:
         model = load_folder(folder, config, trust_remote_code=trust_remote_code, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
+    except UserError:
+        raise
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load {path}: {first_line(err)}") from None
+    check_tokenizer_fits(tokenizer, model.config.vocab_size, path)
     return model.eval(), tokenizer
 
 
@@ -122,6 +132,10 @@ class Session:
             self.model.save_memory(path, *((self.cache,) if self.kind == "mac" else ()))
         except (OSError, ValueError) as err:
             raise UserError(f"cannot save {path}: {first_line(err)}") from None
+        except Exception as err:  # safetensors reports a full disk in its own type
+            if not write_error(err):
+                raise
+            raise UserError(f"cannot save {path}: {describe(err)}") from None
 
     # -- prompts
 
@@ -154,10 +168,7 @@ class Session:
             ids, past = new, None
         else:
             ids, past = self.ids + new, self.cache
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if self.kind == "llama" and limit and len(ids) + max_new_tokens > limit:
-            raise UserError(f"the conversation ({len(ids)} tokens + {max_new_tokens} new) exceeds the model's {limit} "
-                            "positions; /reset or lower --max-tokens")
+        self.check_length(len(ids), max_new_tokens)
         if self.kind == "llama" and past is None:
             from transformers import DynamicCache
 
@@ -188,6 +199,20 @@ class Session:
             self.history = self.history + [{"role": "assistant", "content": text}]
         return text
 
+    def positions(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def check_length(self, tokens: int, max_new_tokens: int) -> None:
+        """The stream (`tokens` so far, this turn's prompt included) plus `max_new_tokens` must fit the model's
+        positions (max_position_embeddings): a MAC model too, whose rotary positions count the whole stream."""
+        limit = self.positions()
+        if limit and tokens + max_new_tokens > limit:
+            room = max(limit - tokens, 0)
+            what = "the prompt" if not self.ids or self.kind == "memory" else "the conversation"
+            raise UserError(f"--max-tokens {max_new_tokens}: {what} ({tokens} tokens) + {max_new_tokens} new "
+                            f"exceeds the model's {limit} positions (max_position_embeddings); pass --max-tokens "
+                            f"{room} or less" + ("" if what == "the prompt" else ", or /reset"))
+
     def _pad_id(self):
         tok = self.tokenizer
         if tok.pad_token_id is not None:
@@ -209,12 +234,13 @@ class Session:
 @click.option("--prompts-file", type=click.Path(dir_okay=False, exists=True), default=None,
               help="A text file of prompts, one per non-empty line: further turns of the same session.")
 @click.option("--max-tokens", type=POSITIVE, default=128, show_default=True, help="New tokens per prompt.")
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=None,
+@click.option("--temperature", type=finite(min=0.0), default=None,
               help="Sample with this temperature (default: greedy).")
-@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=None, help="Nucleus sampling (implies sampling).")
+@click.option("--top-p", type=finite(0.0, 1.0, min_open=True), default=None, help="Nucleus sampling (implies sampling).")
 @click.option("--chat-template/--no-chat-template", default=None,
               help="Wrap prompts in the tokenizer's chat template. [default: on when the tokenizer has one]")
-@click.option("--interactive", is_flag=True, help="Chat on stdin: /reset clears the memory, /save FILE writes it, an empty line or EOF quits.")
+@click.option("--interactive", is_flag=True, help="Chat on stdin: /reset clears the memory, /save FILE writes it; "
+              "/quit, /exit, quit, exit, an empty line or Ctrl-D (EOF) leaves.")
 @click.option("--memory-in", type=click.Path(), default=None, help="Start from this memory file.")
 @click.option("--memory-out", type=click.Path(), default=None, help="Write the memory here after the session.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (sampling).")
@@ -236,7 +262,7 @@ def no_vllm_inference(model_path, use_mac, update_rule, prompt, prompts_file, ma
     _quiet_libraries()
     prompts = [prompt] if prompt is not None else []
     if prompts_file:
-        prompts += [line.rstrip("\n") for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts += read_prompts_file(prompts_file)
     if not prompts and not interactive:
         raise UserError("nothing to do: give --prompt, --prompts-file or --interactive")
     for flag, path in (("--memory-in", memory_in), ("--memory-out", memory_out)):
@@ -244,9 +270,15 @@ def no_vllm_inference(model_path, use_mac, update_rule, prompt, prompts_file, ma
             raise UserError(f"{flag} {path} is a folder; give a memory file (.safetensors)")
     if memory_in and not Path(memory_in).is_file():
         raise UserError(f"--memory-in {memory_in} does not exist; give a file written with --memory-out or /save")
+    if memory_out:
+        check_output_file(memory_out, "--memory-out")  # before the model loads and the session runs
     from transformers import TextStreamer, set_seed
 
     model, tokenizer = load_model(model_path, dtype, trust_remote_code)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and max_tokens >= limit:
+        raise UserError(f"--max-tokens {max_tokens} exceeds what {model_path} can hold: {limit} positions "
+                        f"(max_position_embeddings) minus the prompt; pass --max-tokens {limit - 1} or less")
     kind = model_kind(model)
     if use_mac and kind != "mac":
         raise UserError(f"--use_mac: {model_path} is not a MAC model (model_type {model.config.model_type!r})")
@@ -273,10 +305,12 @@ def no_vllm_inference(model_path, use_mac, update_rule, prompt, prompts_file, ma
             click.echo(f"> {text}")
         session.generate(text, max_tokens, streamer=streamer, **options)
     if interactive:
+        click.echo("(interactive: /reset clears the memory, /save FILE writes it; /quit, an empty line or Ctrl-D "
+                   "leaves)", err=True)
         while True:
             click.echo("> ", nl=False, err=True)
             line = sys.stdin.readline()
-            if not line or not line.strip():
+            if not line or line.strip() in QUIT_WORDS:
                 break
             line = line.strip()
             if line == "/reset":
@@ -288,13 +322,17 @@ def no_vllm_inference(model_path, use_mac, update_rule, prompt, prompts_file, ma
                 if not target:
                     click.echo("usage: /save FILE", err=True)
                     continue
-                try:
+                try:  # a failed /save is reported and the session goes on
+                    check_output_file(target, "/save")
                     session.save_memory(target)
                     click.echo(f"(memory saved to {target})", err=True)
                 except UserError as err:
                     click.echo(f"Error: {err}", err=True)
                 continue
-            session.generate(line, max_tokens, streamer=streamer, **options)
+            try:  # a turn too long for the model is reported and the session goes on
+                session.generate(line, max_tokens, streamer=streamer, **options)
+            except UserError as err:
+                click.echo(f"Error: {err}", err=True)
     if memory_out:
         session.save_memory(memory_out)
         click.echo(f"memory saved to {memory_out}", err=True)

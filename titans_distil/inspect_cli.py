@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from .cli import _quiet_libraries, trust_remote_code_option, user_errors
+from .cli import _quiet_libraries, finite, trust_remote_code_option, user_errors
 from .errors import UserError
 from .model_folder import kind_of, read_config, trust_remote_code_for
 
@@ -219,7 +219,7 @@ def architecture(folder, weights_path):
 @click.option("--checkpoint", default="latest", show_default=True, help="Checkpoint of --run to compare with.")
 @click.option("--tokens", type=click.IntRange(min=2), default=None, help="Prompt length. [default: two MAC segments + 8, or 64]")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=8, show_default=True, help="Greedy tokens generated per update rule.")
-@click.option("--atol", type=float, default=1e-5, show_default=True, help="Largest allowed |logit difference|.")
+@click.option("--atol", type=finite(min=0.0), default=1e-5, show_default=True, help="Largest allowed |logit difference|.")
 @trust_remote_code_option
 @user_errors
 def verify(export_dir, run_dir, checkpoint, tokens, new_tokens, atol, trust_remote_code):

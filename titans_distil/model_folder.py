@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 from . import __version__, models
-from .errors import UserError
+from .errors import UserError, describe, translated, write_error
 
 KIND_OF_MODEL_TYPE = {"mac_llama": "mac", "memory_llama": "memory", "llama": "llama"}
 # The model files a trust_remote_code folder of each kind ships (they import only torch, transformers, stdlib).
@@ -60,6 +60,131 @@ def kind_of(config: dict) -> str | None:
     """"mac", "memory" or "llama" from a config dict (or object); None for any other model type."""
     model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     return KIND_OF_MODEL_TYPE.get(model_type)
+
+
+def config_class(config: dict):
+    """The class `from_pretrained` builds a config dict with: the project's own for MAC / memory folders,
+    transformers' for a model type it knows; None for an unknown model type (the caller refuses it)."""
+    kind = kind_of(config)
+    if kind == "mac":
+        from .models.configuration_mac_llama import MACLlamaConfig
+
+        return MACLlamaConfig
+    if kind == "memory":
+        from .models.configuration_memory_llama import MemoryLlamaConfig
+
+        return MemoryLlamaConfig
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    return CONFIG_MAPPING[model_type] if isinstance(model_type, str) and model_type in CONFIG_MAPPING else None
+
+
+def check_config(folder: str | os.PathLike, config: dict | None = None,
+                 fix: str = "correct that field, or pass an intact model folder"):
+    """The config object of `folder`, built from config.json as `from_pretrained` builds it; a field of the wrong
+    type or value is a one-line `UserError` naming the file and the field (None for an unknown model type)."""
+    config = read_config(folder) if config is None else config
+    cls = config_class(config)
+    if cls is None:
+        return None
+    with translated(display(Path(folder) / "config.json"), fix, config_errors()):
+        return cls.from_dict(dict(config))
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def convert_hint(folder: str | os.PathLike) -> str:
+    return (f"convert them once, where you trust the file: python -c \"from transformers import "
+            f"AutoModelForCausalLM as M; M.from_pretrained('{folder}', use_safetensors=False)"
+            f".save_pretrained('{folder}-safetensors')\", and pass {folder}-safetensors")
+
+
+def check_weights(folder: str | os.PathLike) -> list[Path]:
+    """The safetensors weight files of a model folder, each with a readable header that covers the whole file.
+    A folder with only pickle weights (never unpickled here), a truncated or corrupt file, or a shard missing
+    from the index is a one-line `UserError`."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise UserError(f"{display(folder)} holds only pickle weights ({pickles[0]}), which are never unpickled "
+                            f"here: safetensors are needed; {convert_hint(display(folder))}")
+        raise UserError(f"{display(folder)} holds no weights (*.safetensors); pass a saved model folder")
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{display(index)} is not a valid safetensors index; copy or export the folder "
+                            "again") from None
+        missing = sorted(name for name in shards if not (folder / str(name)).is_file())
+        if missing:
+            raise UserError(f"{display(folder)} is incomplete: shard {missing[0]} named in {INDEX_NAME} is "
+                            "missing; copy or export the whole folder again")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as err:  # safetensors raises its own type for a truncated or corrupt header
+            raise UserError(f"{display(file)} is unreadable ({describe(err)}); the file is truncated or corrupt, "
+                            "copy or export the folder again") from None
+    return files
+
+
+def check_model_folder(folder: str | os.PathLike, config: dict | None = None):
+    """Everything cheap that `from_pretrained` would otherwise fail on with a traceback: the config's field
+    types (`check_config`) and the weight files (`check_weights`). Returns the config object (or None)."""
+    config = read_config(folder) if config is None else config
+    built = check_config(folder, config)
+    check_weights(folder)
+    return built
+
+
+# A model's embedding matrix may be larger than its tokenizer: vocabularies are padded up to a multiple of 64
+# or 128 for fast matmuls. More rows than that padding, or fewer rows than tokens, means the folder holds
+# another model's tokenizer: the ids it makes would index garbage rows, or past the matrix.
+VOCAB_PADDING = 128
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, where: str) -> None:
+    """Refuse a tokenizer that does not belong to a model with `vocab_size` embeddings: len(tokenizer) must be
+    <= vocab_size, and vocab_size at most len(tokenizer) rounded up to a multiple of VOCAB_PADDING."""
+    tokens = len(tokenizer)
+    padded = -(-tokens // VOCAB_PADDING) * VOCAB_PADDING
+    if tokens > vocab_size or vocab_size > padded:
+        relation = "more tokens than" if tokens > vocab_size else "far fewer tokens than"
+        raise UserError(f"{where}: the tokenizer has {tokens} tokens, {relation} the model's {vocab_size} "
+                        f"embeddings (at most a padding to a multiple of {VOCAB_PADDING} is allowed); it is another "
+                        "model's tokenizer: save the model's own tokenizer into the folder")
+
+
+_ANNOTATION_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "None": (type(None),)}
+
+
+def check_run_config(config: dict, path: str | os.PathLike) -> dict:
+    """A distil.py run config (runs/NAME/config.json) whose known fields have the types DistilConfig gives them;
+    a wrong one (`"teacher": 5`) is a one-line `UserError` naming the file and the field."""
+    import dataclasses
+
+    from .train import DistilConfig
+
+    for field in dataclasses.fields(DistilConfig):
+        if field.name not in config:
+            continue
+        names = [part.strip() for part in str(field.type).split("|")]
+        allowed = tuple(t for name in names for t in _ANNOTATION_TYPES.get(name, (object,)))
+        value = config[field.name]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            wanted = " or ".join("null" if name == "None" else name for name in names)
+            raise UserError(f"{display(Path(path))}: field {field.name!r} should be {wanted}, not "
+                            f"{json.dumps(value)}; the run folder is damaged, correct that field")
+    return config
 
 
 TRUST_FLAG = "--trust-remote-code"
@@ -126,7 +251,9 @@ def load_model(folder: str | os.PathLike, config: dict | None = None, *, trust_r
     from transformers import AutoModelForCausalLM
 
     config = read_config(folder) if config is None else config
+    check_config(folder, config)
     trust = trust_remote_code_for(folder, trust_remote_code, config, quiet=quiet)
+    check_weights(folder)
     if kind_of(config) == "mac" and "AutoModelForCausalLM" not in (config.get("auto_map") or {}):
         from .models.modeling_mac_llama import MACLlamaForCausalLM
 
@@ -158,10 +285,27 @@ def save_with_model_code(model, out, **save_kwargs) -> None:
                            "this is a bug, please report it")
 
 
-def check_output(output: str | os.PathLike, overwrite: bool, protect: list[Path] = (), flag: str = "--output") -> Path:
-    """Where a folder may be written: not a file, not a folder the command reads (or one holding it), and not a
-    non-empty folder unless `overwrite`."""
+def check_output_path(output: str | os.PathLike, flag: str = "--output", container: bool = False) -> Path:
+    """Whether `output` (a file or a folder, existing or not) can be written, checked before the costly work:
+    the nearest existing folder above it (with `container`, a folder that will hold the output: from `output`
+    itself) must be a folder, not a file, and writable. What an existing target means (refused, replaced with
+    --overwrite) is each command's own rule."""
     out = Path(output).expanduser()
+    parent = out.absolute() if container else out.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        where = "is" if parent == out.absolute() else f"is under {display(parent)}, which is"
+        raise UserError(f"{flag} {output} {where} a file, not a folder; choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {output}: the folder {display(parent)} is not writable; choose another {flag}")
+    return out
+
+
+def check_output(output: str | os.PathLike, overwrite: bool, protect: list[Path] = (), flag: str = "--output") -> Path:
+    """Where a folder may be written: somewhere writable (`check_output_path`), not a file, not a folder the
+    command reads (or one holding it), and not a non-empty folder unless `overwrite`."""
+    out = check_output_path(output, flag)
     resolved = out.resolve()
     for path in protect:
         path = Path(path).resolve()
@@ -173,6 +317,29 @@ def check_output(output: str | os.PathLike, overwrite: bool, protect: list[Path]
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{flag} {output} is not empty; pass --overwrite to replace it, or choose another {flag}")
     return out
+
+
+def check_output_file(output: str | os.PathLike, flag: str = "--output") -> Path:
+    """Where a file may be written: somewhere writable (`check_output_path`) and not an existing folder."""
+    out = check_output_path(output, flag)
+    if out.is_dir():
+        raise UserError(f"{flag} {output} is a folder; give a file name")
+    return out
+
+
+@contextlib.contextmanager
+def writing(target: str | os.PathLike):
+    """An error saying that `target` cannot be written (full disk, read-only, ...: `errors.write_error`) met
+    inside the block becomes one line naming `target`."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        if not write_error(err):
+            raise
+        raise UserError(f"cannot write {display(Path(target))}: {describe(err, paths=False)}; free some space or choose "
+                        "another place") from None
 
 
 def display(path: Path) -> str:
@@ -280,12 +447,13 @@ def atomic_file(path: str | os.PathLike, suffix: str = ""):
     """Yield a temporary path beside `path`; when the block succeeds it replaces `path`. Leftovers of killed
     writers of the same file are removed first; on failure the temporary is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent, path.name)
     tmp = temp_path(path, suffix)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(path.parent, path.name)
+            yield tmp
+            os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -301,28 +469,30 @@ def atomic_folder(output: str | os.PathLike, keep_existing: bool = False):
     (another process finished first). When the block fails the temporary folder is removed and `output` is
     untouched."""
     output = Path(output).expanduser()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(output.parent, output.name)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(output), dir=output.parent))
+    with writing(output):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(output.parent, output.name)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(output), dir=output.parent))
     try:
-        yield tmp
-        if keep_existing and output.exists():
-            return
-        apply_umask(tmp)
-        if output.is_dir() and not any(output.iterdir()):
-            output.rmdir()
-        old = None
-        if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=temp_prefix(output, "old"), dir=output.parent)) / output.name
-            os.replace(output, old)
-        try:
-            os.replace(tmp, output)
-        except OSError:
+        with writing(output):
+            yield tmp
+            if keep_existing and output.exists():
+                return
+            apply_umask(tmp)
+            if output.is_dir() and not any(output.iterdir()):
+                output.rmdir()
+            old = None
+            if output.exists():
+                old = Path(tempfile.mkdtemp(prefix=temp_prefix(output, "old"), dir=output.parent)) / output.name
+                os.replace(output, old)
+            try:
+                os.replace(tmp, output)
+            except OSError:
+                if old is not None:
+                    os.replace(old, output)
+                raise
             if old is not None:
-                os.replace(old, output)
-            raise
-        if old is not None:
-            shutil.rmtree(old.parent, ignore_errors=True)
+                shutil.rmtree(old.parent, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -37,7 +37,15 @@ import torch
 
 from .cli import NON_NEGATIVE, POSITIVE, _quiet_libraries, user_errors
 from .errors import UserError
-from .model_folder import MODELS_DIR, SHIPPED_FILES, atomic_folder, check_output
+from .model_folder import (
+    MODELS_DIR,
+    SHIPPED_FILES,
+    atomic_folder,
+    check_config,
+    check_output,
+    check_weights,
+    config_errors,
+)
 
 MODEL_FILES = SHIPPED_FILES["memory"]
 AUTO_MAP = {
@@ -68,9 +76,11 @@ def _load_base(spec: str, dtype: str):
         source = resolve_teacher(spec)
     except UserError as err:
         raise _as_model_error(err) from None
+    if Path(source).is_dir():  # a local folder: wrong field types in one line
+        check_config(source)
     try:
         config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
+    except (OSError, *config_errors()) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load model {spec!r} ({first}); check the name, your network or HF_TOKEN, or pass a local folder") from None
     if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
@@ -78,6 +88,8 @@ def _load_base(spec: str, dtype: str):
             f"model {spec} is a {getattr(config, 'model_type', 'unknown')!r} model; package_model.py wraps Llama-family "
             f"causal LMs (model_type {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    if Path(source).is_dir():  # pickle-only (never unpickled) or truncated weights in one line
+        check_weights(source)
     if dtype == "auto":
         torch_dtype = getattr(config, "dtype", None) or torch.float32
         if isinstance(torch_dtype, str):

@@ -36,7 +36,10 @@ from .errors import UserError
 from .model_folder import (
     SHIPPED_FILES,
     atomic_folder,
+    check_config,
     check_output,
+    check_tokenizer_fits,
+    check_weights,
     first_line,
     read_config,
     save_with_model_code,
@@ -209,9 +212,9 @@ def inspect_source(model_path: str, trust_remote_code: bool = False) -> Source:
     if kind not in MODEL_TYPES:
         raise UserError(f"--model_path {model_path} is a {kind!r} model; quantize.py handles Llama teachers and students "
                         "(model_type 'llama') and MAC students (model_type 'mac_llama')")
-    if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
-        raise UserError(f"--model_path {model_path} holds no weights (*.safetensors / *.bin); pass a saved model folder")
+    check_config(path, config)  # field types in one line
     remote = trust_remote_code_for(path, trust_remote_code, config)
+    check_weights(path)  # pickle-only (never unpickled), truncated or missing weights
     return Source(model_path, path, config, kind, remote, trust_remote_code)
 
 
@@ -481,11 +484,13 @@ def _load_tokenizer(source: Source):
     try:
         # an exported MAC folder's config.json names its own config class (auto_map): without trust_remote_code
         # AutoTokenizer would stop and ask whether to run that code
-        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=source.remote)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=source.remote)
     except (OSError, ValueError, TypeError) as err:
         first = first_line(err)
         raise UserError(f"--model_path {source.spec} has no usable tokenizer ({first[:120]}); save the tokenizer into "
                         "the folder (students share their teacher's)") from None
+    check_tokenizer_fits(tokenizer, int(source.config["vocab_size"]), f"--model_path {source.spec}")
+    return tokenizer
 
 
 # ------------------------------------------------------------------------------------------ the whole run
@@ -543,7 +548,7 @@ def quantize(model_path: str, output: str, spec: QuantSpec, *, overwrite: bool =
 def _command():
     import click
 
-    from .cli import POSITIVE, _quiet_libraries, trust_remote_code_option, user_errors
+    from .cli import FINITE, POSITIVE, _quiet_libraries, trust_remote_code_option, user_errors
 
     @click.command(name="quantize.py", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
     @click.option("--model_path", "--model-path", "model_path", required=True,
@@ -555,7 +560,7 @@ def _command():
     @click.option("--compute-dtype", default=None,
                   help="4-bit: compute dtype of the quantized layers: float32, bfloat16 or float16. [default: float32] "
                        "(bitsandbytes' AVX512-bf16 CPU kernel computes in bfloat16 whatever this says.)")
-    @click.option("--int8-threshold", type=float, default=None,
+    @click.option("--int8-threshold", type=FINITE, default=None,
                   help=f"8-bit: LLM.int8() outlier threshold; activation columns with a value >= it stay 16-bit. "
                        f"Lower is more accurate and slower. [default: {DEFAULT_INT8_THRESHOLD:g}; bitsandbytes' own: 6.0]")
     @click.option("--output", type=click.Path(), required=True, help="Folder for the quantized model (created).")

@@ -16,9 +16,18 @@ from pathlib import Path
 
 import click
 
-from .cli import POSITIVE, _quiet_libraries, trust_remote_code_option, user_errors
+from .cli import POSITIVE, _quiet_libraries, finite, read_prompts_file, trust_remote_code_option, user_errors
 from .errors import UserError
-from .model_folder import kind_of, read_config, trust_remote_code_for
+from .model_folder import (
+    atomic_file,
+    check_config,
+    check_output_file,
+    check_tokenizer_fits,
+    check_weights,
+    kind_of,
+    read_config,
+    trust_remote_code_for,
+)
 
 UPDATE_RULES = ("none", "ema", "surprise")
 DEFAULT_CPU_KVCACHE_GIB = "2"
@@ -43,6 +52,7 @@ def serving_overrides(model_path: str, use_mac: bool, update_rule: str) -> tuple
     if not config_file.is_file():
         raise UserError(f"{model_path} holds no config.json; give an export_mac_model.py / export_llama_model.py folder")
     config = read_config(path, "re-export the model")
+    check_config(path, config)  # field types: before vLLM starts
     model_type = config.get("model_type")
     if model_type == "memory_llama":
         raise UserError(f"{model_path} is a package_model.py wrapper, whose memory learns inside every layer; vLLM "
@@ -76,7 +86,7 @@ def serving_overrides(model_path: str, use_mac: bool, update_rule: str) -> tuple
 def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str]:
     out = list(prompts)
     if prompts_file:
-        out += [line.rstrip("\n") for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        out += read_prompts_file(prompts_file)
     if not out:
         raise UserError("nothing to generate: give --prompt (repeatable) or --prompts-file, or --serve")
     return out
@@ -98,10 +108,12 @@ def generate(model_path: str, prompts: list[str], *, use_mac: bool = False, upda
     `trust_remote_code` is the user's --trust-remote-code (see `model_folder.trust_remote_code_for`)."""
     _, overrides = serving_overrides(model_path, use_mac, update_rule)
     trust = trust_remote_code_for(model_path, trust_remote_code)
+    check_weights(model_path)  # pickle-only (never unpickled) or truncated weights: before vLLM starts
     prepare_environment()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust)
+    check_tokenizer_fits(tokenizer, read_config(model_path)["vocab_size"], model_path)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat_template and not has_template:
         raise UserError(f"--chat-template: the tokenizer of {model_path} has no chat template")
@@ -236,8 +248,8 @@ def serve_argv(model_path: str, overrides: dict | None, *, host: str, port: int,
 @click.option("--chat-template/--no-chat-template", default=None,
               help="Wrap each prompt in the tokenizer's chat template as a user turn. [default: on when it has one]")
 @click.option("--max-tokens", type=POSITIVE, default=128, show_default=True, help="New tokens per prompt.")
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
+@click.option("--temperature", type=finite(min=0.0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=finite(0.0, 1.0, min_open=True), default=1.0, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
 @click.option("--ignore-eos", is_flag=True, help="Always generate --max-tokens tokens (benchmarks).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
@@ -272,8 +284,8 @@ def vllm_inference(model_path, use_mac, update_rule, prompts, prompts_file, chat
       python vllm_inference.py --model_path exports/plain-llama --serve -- --served-model-name plain
     """
     _quiet_libraries()
-    if output and Path(output).is_dir():
-        raise UserError(f"--output {output} is a folder; give a file name")
+    if output:
+        check_output_file(output)
     if vllm_args and not serve:
         raise UserError(f"unexpected arguments {' '.join(vllm_args)}: extra arguments go to vllm serve (--serve)")
     if serve:
@@ -281,6 +293,7 @@ def vllm_inference(model_path, use_mac, update_rule, prompts, prompts_file, chat
             raise UserError("--serve starts a server: --prompt, --prompts-file and --output do not apply")
         _, overrides = serving_overrides(model_path, use_mac, update_rule)
         trust = trust_remote_code_for(model_path, trust_remote_code)
+        check_weights(model_path)
         prepare_environment()
         argv = serve_argv(model_path, overrides, host=host, port=port, dtype=dtype, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, extra=vllm_args,
@@ -288,7 +301,8 @@ def vllm_inference(model_path, use_mac, update_rule, prompts, prompts_file, chat
         click.echo("+ " + " ".join(argv), err=True)
         sys.stdout.flush()
         os.execv(argv[0], argv)
-    results = generate(model_path, read_prompts(prompts, prompts_file), use_mac=use_mac, update_rule=update_rule,
+    prompt_list = read_prompts(prompts, prompts_file)  # a bad --prompts-file fails before vLLM starts
+    results = generate(model_path, prompt_list, use_mac=use_mac, update_rule=update_rule,
                        chat_template=chat_template, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                        top_k=top_k, ignore_eos=ignore_eos, seed=seed, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                        enforce_eager=enforce_eager, trust_remote_code=trust_remote_code)
@@ -297,7 +311,6 @@ def vllm_inference(model_path, use_mac, update_rule, prompts, prompts_file, chat
             click.echo(f"### {i + 1}: {result['prompt']}")
         click.echo(result["completion"])
     if output:
-        with open(output, "w", encoding="utf-8") as f:
-            for result in results:
-                f.write(json.dumps(result) + "\n")
+        with atomic_file(output) as tmp:
+            tmp.write_text("".join(json.dumps(result) + "\n" for result in results), encoding="utf-8")
         click.echo(f"results written to {output}", err=True)

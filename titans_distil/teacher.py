@@ -16,7 +16,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from .errors import UserError
-from .model_folder import atomic_folder
+from .model_folder import (
+    atomic_folder,
+    check_config,
+    check_tokenizer_fits,
+    check_weights,
+    config_errors,
+    first_line,
+)
 
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -99,12 +106,16 @@ def _check_llama(config, spec: str) -> None:
 
 def load_teacher_config(spec: str):
     source = resolve_teacher(spec)
+    if Path(source).is_dir():  # a local folder: wrong field types in one line
+        check_config(source)
     try:
         config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except (OSError, *config_errors()) as err:
+        first = first_line(err)
         raise UserError(f"cannot load teacher {spec!r} ({first}); check the name, your network or HF_TOKEN, or pass a local folder") from err
     _check_llama(config, spec)
+    if Path(source).is_dir():  # pickle-only (never unpickled) or truncated weights in one line
+        check_weights(source)
     return config
 
 
@@ -118,4 +129,6 @@ def load_teacher(spec: str, dtype: torch.dtype = torch.float32):
     source = resolve_teacher(spec)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     model.eval().requires_grad_(False)
-    return model, AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    check_tokenizer_fits(tokenizer, model.config.vocab_size, f"teacher {spec}")
+    return model, tokenizer

@@ -29,7 +29,14 @@ from .data import LONG_RANGE_ROOM, BlockSampler, load_blocks, mix_long_range
 from .errors import UserError
 from .long_range import KINDS
 from .losses import DenseTeacher, distillation_loss
-from .model_folder import atomic_file, atomic_folder, read_config, remove_stale_temporaries
+from .model_folder import (
+    atomic_file,
+    atomic_folder,
+    check_output_path,
+    check_run_config,
+    read_config,
+    remove_stale_temporaries,
+)
 from .models.neural_memory import NeuralMemory
 from .student import CALIBRATION_BLOCKS, build_student, calibrate_memory, pick_layers, student_config
 from .teacher import load_teacher, load_teacher_config
@@ -271,7 +278,7 @@ def _same_value(field: str, stored, given) -> bool:
 def read_run_config(run_dir: Path) -> dict:
     if not (Path(run_dir) / "config.json").is_file():
         raise UserError(f"--resume: {run_dir} holds no run to resume; drop --resume to start it")
-    return read_config(run_dir, fix="the run folder is damaged")
+    return check_run_config(read_config(run_dir, fix="the run folder is damaged"), Path(run_dir) / "config.json")
 
 
 def resumed_config(output_dir: str, run_name: str, given: dict, explicit: set[str]) -> DistilConfig:
@@ -466,6 +473,7 @@ def distil(cfg: DistilConfig) -> Path:
     )
     is_main = accelerator.is_main_process
     # Validate everything cheap before touching the run folder.
+    check_output_path(cfg.output_dir, "--output-dir", container=True)  # a file, read-only: before any work
     teacher_config = load_teacher_config(cfg.teacher)
     if cfg.max_length > teacher_config.max_position_embeddings:
         raise UserError(f"--max-length {cfg.max_length} exceeds the teacher's {teacher_config.max_position_embeddings} positions; pass --max-length {teacher_config.max_position_embeddings} or less")
