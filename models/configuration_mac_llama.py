@@ -38,10 +38,10 @@ class MACLlamaConfig(LlamaConfig):
         Indices of the layers holding a neural memory. `None` picks `default_memory_layers(num_hidden_layers)`
         (a quarter of the layers, evenly spaced); `[]` disables the memory.
     memory_version (`int`, defaults to 3):
-        Which memory the fields below describe. 3 (the default): version 2's update, and the memory's outputs
-        at the scale of the stream they join: retrieved tokens pass through the layer's `input_layernorm` (the
-        attention sees them like the hidden states beside it) and the read-out enters the gate at unit RMS
-        (at version 2's scale, ~30x below the stream, a tiny MAC learned no recall at all; see the README).
+        Which memory the fields below describe. 3 (the default): version 2's update, and the read-out brought
+        to the scale of the attention output it joins (o = y + g ⊙ rms(readout) ⊙ RMS(y), g starting at 0.05):
+        at version 2's raw scale, ~30x below y, times a gate of 0.01, a tiny MAC learned no recall at all (see
+        the README).
         2: keys/values/queries from centred inputs (`input_centre`, calibrated on data), SiLU on values as in
         the paper, each chunk's summed step bounded (`memory_update_bound`), forgetting toward the learned
         initial weights, learning-rate gate up to `memory_max_lr`. 1: the update of checkpoints written before

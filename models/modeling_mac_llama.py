@@ -16,16 +16,16 @@ A memory layer (index in `config.memory_layers`) owns a `NeuralMemory` whose fas
 segment to segment (and through `generate()` in `MACCache`). For a segment with normalised hidden states x
 (after `input_layernorm`, positions 0..L-1 inside the segment):
 
-1. retrieval without update: h = memory.retrieve(state at the segment start, rms(x)); from memory version 3
-   h = input_layernorm(h), so the retrieved tokens reach the attention at the scale of the hidden states beside
-   them (the memory's raw outputs are ~30x smaller, and tokens that small draw no attention and no gradient);
+1. retrieval without update: h = memory.retrieve(state at the segment start, rms(x));
 2. attention with Llama's q/k/v/o projections over the context [persistent tokens ‖ h ‖ x], queries from x
    only. Token i sees every persistent token, h_j and x_j for j <= i. RoPE: x_j and h_j get token j's
    position, persistent tokens the position of the segment's first token. The result after `o_proj` is y;
 3. memory update with y: `readout, state, stats = memory(rms(y), state, update_rule)`; each read-out uses the
    weights at the start of its memory chunk, so it is causal;
-4. o = y + g ⊙ readout with a learnable per-channel gate g (version 3: g ⊙ rms(readout)), then Llama's
-   residual and post-norm MLP.
+4. o = y + g ⊙ readout with a learnable per-channel gate g, then Llama's residual and post-norm MLP. From memory
+   version 3 the read-out is first brought to y's scale, o = y + g ⊙ rms(readout) ⊙ RMS(y) (per token), with g
+   starting at 0.05: g is then the read-out's share of the attention output. At the memory's raw scale (~30x
+   below y) times a gate of 0.01 the read-out changed nothing a loss could see, and a tiny MAC learned no recall.
 
 Other layers are plain Llama layers with segment-local causal attention. rms() is a parameter-free RMS
 normalisation: the memory's step sizes are tuned for unit-RMS inputs, and a trained Llama's residual stream
@@ -303,6 +303,7 @@ class MACCache(Cache):
 
 
 MEMORY_GATE_INIT = 0.01  # version 2's read-out gate at init: open enough for gradients, small beside y
+MEMORY_SHARE_INIT = 0.05  # version 3's: the read-out starts at 5% of the attention output's RMS
 
 
 def _unit_rms(hidden: torch.Tensor) -> torch.Tensor:
@@ -310,14 +311,16 @@ def _unit_rms(hidden: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), eps=1e-6)
 
 
-def retrieved_tokens(h: torch.Tensor, input_layernorm: nn.Module, memory_version: int) -> torch.Tensor:
-    """The retrieved tokens as the attention reads them (step 1 of the module docstring)."""
-    return input_layernorm(h) if memory_version >= 3 else h
+def gated_readout(gate: torch.Tensor, readout: torch.Tensor, y: torch.Tensor, memory_version: int) -> torch.Tensor:
+    """What the read-out adds to the attention output y (step 4 of the module docstring)."""
+    if memory_version < 3:
+        return gate * readout
+    scale = y.float().pow(2).mean(-1, keepdim=True).sqrt().to(y.dtype)
+    return gate * _unit_rms(readout) * scale
 
 
-def gated_readout(gate: torch.Tensor, readout: torch.Tensor, memory_version: int) -> torch.Tensor:
-    """g ⊙ readout, the read-out at unit RMS from version 3 (step 4 of the module docstring)."""
-    return gate * (_unit_rms(readout) if memory_version >= 3 else readout)
+def initial_gate(memory_version: int) -> float:
+    return 0.0 if memory_version == 1 else MEMORY_GATE_INIT if memory_version == 2 else MEMORY_SHARE_INIT
 
 
 def segment_pieces(offset: int, length: int, segment_len: int) -> list[tuple[int, int, int]]:
@@ -442,8 +445,7 @@ class MACLlamaDecoderLayer(GradientCheckpointingLayer):
             self.memory = memory_from_config(config)
             # version 1: zero, the read-out path starts closed; version 2: slightly open, so the memory's own
             # parameters get a gradient through the read-out from the first step (see the module docstring)
-            gate = 0.0 if config.memory_version == 1 else MEMORY_GATE_INIT
-            self.memory_gate = nn.Parameter(torch.full((config.hidden_size,), gate))
+            self.memory_gate = nn.Parameter(torch.full((config.hidden_size,), initial_gate(config.memory_version)))
             if config.num_persistent_tokens:
                 self.persistent_tokens = nn.Parameter(
                     torch.randn(config.num_persistent_tokens, config.hidden_size) * config.initializer_range
@@ -546,7 +548,6 @@ class MACLlamaDecoderLayer(GradientCheckpointingLayer):
                 segment_state, segment_kv = state, None
                 prefix = self._persistent_kv(cos[:, start : start + 1], sin[:, start : start + 1], B)
             h = memory.retrieve(segment_state, _unit_rms(x[:, start:end])).to(x.dtype)
-            h = retrieved_tokens(h, self.input_layernorm, self.memory_version)
             h_k, h_v = attn.project_kv(h)
             _, h_k = apply_rotary_pos_emb(h_k[:, :0], h_k, piece_cos, piece_sin)
             new_kv = (h_k, h_v, k[:, :, start:end], v[:, :, start:end])
@@ -571,7 +572,7 @@ class MACLlamaDecoderLayer(GradientCheckpointingLayer):
                 )
             )
             readout, state, piece_stats = memory(_unit_rms(y), state, update_rule=update_rule)
-            outputs.append(y + gated_readout(self.memory_gate, readout.to(y.dtype), self.memory_version))
+            outputs.append(y + gated_readout(self.memory_gate, readout.to(y.dtype), y, self.memory_version))
             stats.append(piece_stats)
 
         if layer_cache is not None:
@@ -607,7 +608,7 @@ class MACLlamaPreTrainedModel(PreTrainedModel):
             return
         super()._init_weights(module)
         if isinstance(module, MACLlamaDecoderLayer) and module.memory is not None:
-            init.constant_(module.memory_gate, 0.0 if self.config.memory_version == 1 else MEMORY_GATE_INIT)
+            init.constant_(module.memory_gate, initial_gate(self.config.memory_version))
             if module.persistent_tokens is not None:
                 init.normal_(module.persistent_tokens, mean=0.0, std=self.config.initializer_range)
 

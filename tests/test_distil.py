@@ -108,8 +108,8 @@ def test_memory_parts_get_their_own_lr_and_learn_while_the_backbone_is_frozen(
     tiny_teacher_dir, small_corpus, tmp_path, one_thread
 ):
     from safetensors.torch import load_file
-
     from titans_distil.models.neural_memory import NeuralMemory
+
     from titans_distil.student import build_student
     from titans_distil.train import parameter_groups
 

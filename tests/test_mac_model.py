@@ -71,9 +71,10 @@ def test_llama_state_dict_loads_with_only_memory_parts_missing():
     assert {n.split(".")[2] for n in missing} == {"1", "3"}
 
 
-@pytest.mark.parametrize("version,gate", [(1, 0.0), (2, 0.01), (3, 0.01)])
+@pytest.mark.parametrize("version,gate", [(1, 0.0), (2, 0.01), (3, 0.05)])
 def test_freshly_built_student_readout_gate(version, gate):
-    """Versions 2 and 3 open the read-out gate slightly (memory parameters get gradients at once); 1 closed."""
+    """Versions 2 and 3 open the read-out gate slightly (memory parameters get gradients at once; in version 3
+    the gate is the read-out's share of the attention output); version 1 starts closed."""
     mac = mac_model(open_gates=False, memory_version=version)
     for i in (1, 3):
         layer = mac.model.layers[i]
@@ -82,22 +83,16 @@ def test_freshly_built_student_readout_gate(version, gate):
     assert mac.model.layers[0].memory is None and mac.model.layers[0].persistent_tokens is None
 
 
-def test_version_3_scales_the_memory_outputs_to_the_stream():
-    """Version 3 = version 2 plus the two scalings: retrieved tokens through input_layernorm, read-out at unit RMS.
-    Same weights, so the versions differ only there; and with the memory's outputs replaced by zeros the two
-    versions agree again (nothing else changed)."""
-    from titans_distil.models.modeling_mac_llama import gated_readout, retrieved_tokens
+def test_version_3_scales_the_readout_to_the_attention_output():
+    """Version 3 = version 2 with the read-out at y's RMS before the gate; same weights, so the versions differ
+    only there; with the read-out zeroed (out_proj = 0) the two versions agree again (nothing else changed)."""
+    from titans_distil.models.modeling_mac_llama import gated_readout
 
-    norm = torch.nn.RMSNorm(8, eps=1e-6)
-    with torch.no_grad():
-        norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
-    h = torch.randn(2, 5, 8) * 0.3  # the memory's raw outputs are small beside the stream
-    assert torch.equal(retrieved_tokens(h, norm, 2), h)
-    torch.testing.assert_close(retrieved_tokens(h, norm, 3), norm(h))
-    gate = torch.full((8,), 0.01)
-    assert torch.equal(gated_readout(gate, h, 2), gate * h)
-    rms = (gated_readout(gate, h, 3) / 0.01).pow(2).mean(-1).sqrt()
-    torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-4, atol=1e-4)
+    readout, y = torch.randn(2, 5, 8) * 0.3, torch.randn(2, 5, 8) * 7.0
+    gate = torch.full((8,), 0.05)
+    assert torch.equal(gated_readout(gate, readout, y, 2), gate * readout)
+    share = gated_readout(gate, readout, y, 3).pow(2).mean(-1).sqrt() / y.pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(share, torch.full_like(share, 0.05), rtol=1e-4, atol=1e-6)
 
     ids = torch.randint(0, BASE["vocab_size"], (1, 40))
     v2, v3 = mac_model(memory_version=2), mac_model(memory_version=3)
@@ -135,7 +130,7 @@ def test_attention_is_segment_local():
 def reference_memory_layer(layer, hidden, rule):
     """The MAC layer written out segment by segment with Llama's own attention over the explicit context
     [persistent ‖ h ‖ x] (positions: segment start for persistent tokens, token j's for h_j and x_j); version 3
-    (the default): h through input_layernorm, read-out at unit RMS."""
+    (the default): the read-out at y's RMS (per token) before the gate."""
     def unit(t):
         return F.rms_norm(t, (t.shape[-1],), eps=1e-6)
 
@@ -147,7 +142,7 @@ def reference_memory_layer(layer, hidden, rule):
     for s in range(0, T, SEG):
         xs = x[:, s : s + SEG]
         L = xs.shape[1]
-        h = layer.input_layernorm(layer.memory.retrieve(state, unit(xs)))
+        h = layer.memory.retrieve(state, unit(xs))
         context = torch.cat([layer.persistent_tokens.expand(B, -1, -1), h, xs], dim=1)
         positions = torch.cat([torch.full((P,), s), torch.arange(s, s + L), torch.arange(s, s + L)])[None]
         allowed = torch.eye(P + 2 * L, dtype=torch.bool)  # rows of context tokens: discarded, keep them finite
@@ -156,7 +151,7 @@ def reference_memory_layer(layer, hidden, rule):
         mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[None, None]
         y = LlamaAttention.forward(layer.self_attn, context, position_embeddings=rotary(context, positions), attention_mask=mask)[0][:, -L:]  # Llama attention on an explicit context
         readout, state, _ = layer.memory(unit(y), state, update_rule=rule)
-        outputs.append(y + layer.memory_gate * unit(readout))
+        outputs.append(y + layer.memory_gate * unit(readout) * y.pow(2).mean(-1, keepdim=True).sqrt())
     hidden = hidden + torch.cat(outputs, dim=1)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 

@@ -37,7 +37,7 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.utils import extract_layer_index
 
-from .models.modeling_mac_llama import _unit_rms, gated_readout, memory_from_config, retrieved_tokens
+from .models.modeling_mac_llama import _unit_rms, gated_readout, memory_from_config
 
 logger = init_logger(__name__)
 
@@ -235,14 +235,14 @@ class MACMemoryDecoderLayer(MACDecoderLayer):
         attn, state = self.self_attn, self.frozen_state
         q, k, v = self._qkv(x)
         h = self.memory.retrieve(state, _unit_rms(x)[None])[0].to(x.dtype)
-        _, h_k, h_v = self._qkv(retrieved_tokens(h, self.input_layernorm, self.memory_version))
+        _, h_k, h_v = self._qkv(h)
         q, keys = attn.rotary_emb(positions, q, torch.cat([k, h_k], dim=-1))
         k, h_k = keys.split(attn.kv_size, dim=-1)
         streams = [(attn.attn, k, v), (self.retrieved_attn, h_k, h_v)]
         out = segment_attention(attn, positions, q, streams, self.segment_len, self.persistent_kv)
         y, _ = attn.o_proj(out)
         readout = self.memory.retrieve(state, _unit_rms(y)[None])[0]
-        return y + gated_readout(self.memory_gate, readout.to(y.dtype), self.memory_version)
+        return y + gated_readout(self.memory_gate, readout.to(y.dtype), y, self.memory_version)
 
 
 # ----------------------------------------------------------------------------------------------- model
