@@ -14,7 +14,7 @@ from titans_distil.models.configuration_mac_llama import MACLlamaConfig
 from titans_distil.models.modeling_mac_llama import MACLlamaForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from titans_distil.export import save_with_model_code
+from titans_distil.model_folder import save_with_model_code
 from titans_distil.quantize import (
     DEFAULT_INT8_THRESHOLD,
     MAC_MODEL_FILES,

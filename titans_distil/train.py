@@ -31,6 +31,7 @@ from .long_range import KINDS
 from .losses import DenseTeacher, distillation_loss
 from .model_folder import atomic_file, atomic_folder, read_config, remove_stale_temporaries
 from .models.neural_memory import NeuralMemory
+from .run_folder import CHECKPOINTS
 from .student import CALIBRATION_BLOCKS, build_student, calibrate_memory, pick_layers, student_config
 from .teacher import load_teacher, load_teacher_config
 from .teacher_cache import TeacherCache
@@ -477,7 +478,7 @@ def distil(cfg: DistilConfig) -> Path:
         raise UserError(f"--loss {cfg.loss} needs the full teacher distribution; a --teacher-cache holds only top-k logits, use --loss kl")
     run_dir = prepare_run_dir(cfg, is_main)
     if is_main:  # leftovers of a run killed while it wrote a checkpoint, final/ or a metrics rewrite
-        for folder in (run_dir, run_dir / "checkpoints"):
+        for folder in (run_dir, run_dir / CHECKPOINTS):
             remove_stale_temporaries(folder)
     accelerator.wait_for_everyone()
 
