@@ -28,22 +28,18 @@ import torch
 
 from .cli import POSITIVE, _quiet_libraries, trust_remote_code_option, user_errors
 from .errors import UserError
-from .model_folder import first_line, read_config, trust_remote_code_for
+from .model_folder import first_line, kind_of, read_config, trust_remote_code_for
 from .model_folder import load_model as load_folder
-
-UPDATE_RULES = ("none", "ema", "surprise")
-
+from .models.neural_memory import UPDATE_RULES
 
 # ----------------------------------------------------------------------------------------------- loading
 
 
 def model_kind(model) -> str:
     """'mac', 'memory' (packaged wrapper) or 'llama' (anything else: no memory)."""
-    model_type = getattr(model.config, "model_type", "")
-    if model_type == "mac_llama":
-        return "mac"
-    if model_type == "memory_llama" and hasattr(model, "load_memory"):
-        return "memory"
+    kind = kind_of(model.config)
+    if kind == "mac" or (kind == "memory" and hasattr(model, "load_memory")):
+        return kind
     return "llama"
 
 

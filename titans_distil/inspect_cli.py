@@ -41,7 +41,6 @@ from .weights import (
 )
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
-UPDATE_RULES = ("surprise", "ema", "none")
 
 
 @click.group(context_settings=CONTEXT)
@@ -77,7 +76,7 @@ def _folder_config(folder: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{folder} has no config.json; pass a model folder (an export, a checkpoint or final/)")
     config = read_config(folder, "the folder is damaged")
-    if config.get("model_type") not in ("llama", "mac_llama"):
+    if kind_of(config) not in ("llama", "mac"):
         raise UserError(f"{folder} holds a {config.get('model_type')!r} model; only llama and mac_llama folders are inspected here")
     return config
 
@@ -217,6 +216,8 @@ def verify(export_dir, run_dir, checkpoint, tokens, new_tokens, atol, trust_remo
     The export's model code runs only when identical to this titans-distil's, or with --trust-remote-code."""
     _quiet_libraries()
     import torch
+
+    from .models.neural_memory import UPDATE_RULES
 
     export = Path(export_dir)
     values = _folder_config(export)

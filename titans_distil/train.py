@@ -30,6 +30,7 @@ from .errors import UserError
 from .long_range import KINDS
 from .losses import DenseTeacher, distillation_loss
 from .model_folder import atomic_file, atomic_folder, read_config, remove_stale_temporaries
+from .models.configuration_mac_llama import MACLlamaConfig
 from .models.neural_memory import NeuralMemory
 from .run_folder import CHECKPOINTS
 from .student import CALIBRATION_BLOCKS, build_student, calibrate_memory, pick_layers, student_config
@@ -56,12 +57,12 @@ class DistilConfig:
     data: str = "stdlib"
     student_layers: str = "6"
     use_mac: bool = False
-    segment_len: int = 256
-    persistent_tokens: int = 16
+    segment_len: int = MACLlamaConfig.segment_len  # the MAC fields default to the model config's
+    persistent_tokens: int = MACLlamaConfig.num_persistent_tokens
     memory_layers: str | None = None
-    memory_chunk_size: int = 32
-    memory_depth: int = 2
-    update_rule: str = "surprise"
+    memory_chunk_size: int = MACLlamaConfig.memory_chunk_size
+    memory_depth: int = MACLlamaConfig.memory_depth
+    update_rule: str = MACLlamaConfig.update_rule
     max_length: int = 512
     batch_size: int = 4
     grad_accum: int = 1
