@@ -35,6 +35,7 @@ DROPPED_CONFIG_KEYS = ("architectures", "auto_map", "_name_or_path", "_model_nam
 
 
 def weight_files(folder: Path, label: str) -> list[Path]:
+    """The safetensors files holding a folder's weights (one file or an index's shards); pickles are refused."""
     single, index = folder / "model.safetensors", folder / INDEX_NAME
     if single.is_file():
         return [single]
@@ -47,6 +48,7 @@ def weight_files(folder: Path, label: str) -> list[Path]:
 
 
 def index_shards(index: Path, label: str) -> list[Path]:
+    """The shard files a `model.safetensors.index.json` names, all present."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError):
@@ -56,7 +58,6 @@ def index_shards(index: Path, label: str) -> list[Path]:
     if missing:
         raise UserError(f"checkpoint {label} is incomplete: shard {missing[0]} named in {index.name} is missing; copy the whole folder")
     return shards
-
 
 
 def has_weights(folder: Path) -> bool:
