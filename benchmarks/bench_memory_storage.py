@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from models.configuration_mac_llama import MACLlamaConfig  # noqa: E402
-from models.modeling_mac_llama import _unit_rms, memory_from_config  # noqa: E402
+from models.modeling_mac_llama import memory_from_config  # noqa: E402
+from models.neural_memory import unit_rms  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -78,7 +79,7 @@ class HiddenStates:
             self.model.model(torch.tensor([ids[s : s + piece]]))
             h = self.captured[0] if isinstance(self.captured, tuple) else self.captured
             out.append(h[0])
-        return _unit_rms(torch.cat(out).float())
+        return unit_rms(torch.cat(out).float())
 
 
 def stream_of(hs: HiddenStates, files: list[Path], n: int) -> tuple[torch.Tensor, int]:

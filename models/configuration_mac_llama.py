@@ -2,16 +2,17 @@
 
 A `MACLlamaConfig` is a `LlamaConfig` (every Llama field keeps its meaning, so a Llama checkpoint's config
 converts by adding fields) plus the memory fields below. This file travels inside exported checkpoints: it
-imports only transformers and the standard library.
+imports only transformers, the standard library and its sibling `neural_memory.py` (for `UPDATE_RULES`).
 """
 
 from transformers.models.llama.configuration_llama import LlamaConfig
 
-UPDATE_RULES = ("surprise", "ema", "none")
+from .neural_memory import UPDATE_RULES
+
 MEMORY_VERSION = 3  # the memory new configs get (see `memory_version`)
 
 
-def default_memory_layers(num_hidden_layers: int) -> list[int]:
+def mac_memory_layers(num_hidden_layers: int) -> list[int]:
     """A quarter of the layers (at least one), evenly spaced and centred: 4 layers -> [2], 8 -> [2, 6],
     30 -> [2, 6, 10, 15, 19, 23, 27].
 
@@ -35,7 +36,7 @@ class MACLlamaConfig(LlamaConfig):
     num_persistent_tokens (`int`, defaults to 16):
         Learnable context tokens prepended to the attention of every memory layer (0 disables them).
     memory_layers (`list[int]`, *optional*):
-        Indices of the layers holding a neural memory. `None` picks `default_memory_layers(num_hidden_layers)`
+        Indices of the layers holding a neural memory. `None` picks `mac_memory_layers(num_hidden_layers)`
         (a quarter of the layers, evenly spaced); `[]` disables the memory.
     memory_version (`int`, defaults to 3):
         Which memory the fields below describe. 3 (the default): version 2's update, and the read-out brought
@@ -101,7 +102,7 @@ class MACLlamaConfig(LlamaConfig):
 
     def __post_init__(self, **kwargs):
         if self.memory_layers is None:
-            self.memory_layers = default_memory_layers(self.num_hidden_layers)
+            self.memory_layers = mac_memory_layers(self.num_hidden_layers)
         super().__post_init__(**kwargs)
         self.check_memory_settings()
         self.memory_layers = sorted(self.memory_layers)
@@ -166,4 +167,4 @@ class MACLlamaConfig(LlamaConfig):
             raise ValueError(f"update_rule must be one of {UPDATE_RULES}, got {self.update_rule!r}")
 
 
-__all__ = ["MACLlamaConfig", "MEMORY_VERSION", "UPDATE_RULES", "default_memory_layers"]
+__all__ = ["MACLlamaConfig", "MEMORY_VERSION", "UPDATE_RULES", "mac_memory_layers"]

@@ -3,16 +3,17 @@
 
 A `MemoryLlamaConfig` is a `LlamaConfig` (every Llama field keeps its meaning, so any Llama checkpoint's config
 converts by adding fields) plus the memory fields below. This file travels inside packaged checkpoints: it imports
-only transformers and the standard library. See `modeling_memory_llama.py` for what the fields do.
+only transformers, the standard library and its sibling `neural_memory.py` (for `UPDATE_RULES`). See `modeling_memory_llama.py` for what the fields do.
 """
 
 from transformers.models.llama.configuration_llama import LlamaConfig
 
-UPDATE_RULES = ("ema", "surprise", "none")
+from .neural_memory import UPDATE_RULES
 
 
-def default_memory_layers(num_hidden_layers: int) -> list[int]:
-    """Every layer.
+def wrapper_memory_layers(num_hidden_layers: int) -> list[int]:
+    """Every layer (the opposite of `configuration_mac_llama.mac_memory_layers`, a quarter of the layers: that
+    memory is a trained Titans memory per layer, costly; this one holds each layer's own keys and values).
 
     Why: the memory stores each layer's own keys and values, so with every layer a remembered token is seen by the
     whole stack exactly as if it were an earlier part of the context. Measured on SmolLM2-135M-Instruct (30 layers):
@@ -29,7 +30,7 @@ class MemoryLlamaConfig(LlamaConfig):
 
     memory_layers (`list[int]`, *optional*):
         Indices of the layers whose attention also reads the memory. `None` picks
-        `default_memory_layers(num_hidden_layers)`; `[]` disables the memory.
+        `wrapper_memory_layers(num_hidden_layers)`; `[]` disables the memory.
     memory_slots (`int`, defaults to 512):
         Key/value slots per memory layer and key/value head (both rules write them).
     memory_recent_slots (`int`, *optional*):
@@ -88,7 +89,7 @@ class MemoryLlamaConfig(LlamaConfig):
 
     def __post_init__(self, **kwargs):
         if self.memory_layers is None:
-            self.memory_layers = default_memory_layers(self.num_hidden_layers)
+            self.memory_layers = wrapper_memory_layers(self.num_hidden_layers)
         super().__post_init__(**kwargs)
         self.check_memory_settings()
         self.memory_layers = sorted(self.memory_layers)
@@ -144,4 +145,4 @@ class MemoryLlamaConfig(LlamaConfig):
             raise ValueError(f"use_memory must be true or false, got {self.use_memory!r}")
 
 
-__all__ = ["MemoryLlamaConfig", "UPDATE_RULES", "default_memory_layers"]
+__all__ = ["MemoryLlamaConfig", "UPDATE_RULES", "wrapper_memory_layers"]

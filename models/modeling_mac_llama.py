@@ -101,7 +101,7 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.utils import logging
 
-from .configuration_mac_llama import UPDATE_RULES, MACLlamaConfig
+from .configuration_mac_llama import MACLlamaConfig
 from .memory_file import (
     FINGERPRINT_SAMPLES,
     check_tensors,
@@ -109,7 +109,7 @@ from .memory_file import (
     weights_fingerprint,
     write_memory_file,
 )
-from .neural_memory import MemoryState, NeuralMemory
+from .neural_memory import UPDATE_RULES, MemoryState, NeuralMemory, unit_rms
 
 logger = logging.get_logger(__name__)
 
@@ -306,17 +306,12 @@ MEMORY_GATE_INIT = 0.01  # version 2's read-out gate at init: open enough for gr
 MEMORY_SHARE_INIT = 0.05  # version 3's: the read-out starts at 5% of the attention output's RMS
 
 
-def _unit_rms(hidden: torch.Tensor) -> torch.Tensor:
-    """Parameter-free RMS normalisation of the memory's inputs (see the module docstring)."""
-    return torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), eps=1e-6)
-
-
 def gated_readout(gate: torch.Tensor, readout: torch.Tensor, y: torch.Tensor, memory_version: int) -> torch.Tensor:
     """What the read-out adds to the attention output y (step 4 of the module docstring)."""
     if memory_version < 3:
         return gate * readout
     scale = y.float().pow(2).mean(-1, keepdim=True).sqrt().to(y.dtype)
-    return gate * _unit_rms(readout) * scale
+    return gate * unit_rms(readout) * scale
 
 
 def initial_gate(memory_version: int) -> float:
@@ -547,7 +542,7 @@ class MACLlamaDecoderLayer(GradientCheckpointingLayer):
             if offset == 0:  # a new segment: retrieve from the state after the previous one
                 segment_state, segment_kv = state, None
                 prefix = self._persistent_kv(cos[:, start : start + 1], sin[:, start : start + 1], B)
-            h = memory.retrieve(segment_state, _unit_rms(x[:, start:end])).to(x.dtype)
+            h = memory.retrieve(segment_state, unit_rms(x[:, start:end])).to(x.dtype)
             h_k, h_v = attn.project_kv(h)
             _, h_k = apply_rotary_pos_emb(h_k[:, :0], h_k, piece_cos, piece_sin)
             new_kv = (h_k, h_v, k[:, :, start:end], v[:, :, start:end])
@@ -571,7 +566,7 @@ class MACLlamaDecoderLayer(GradientCheckpointingLayer):
                     mask=torch.cat(mask, dim=1),
                 )
             )
-            readout, state, piece_stats = memory(_unit_rms(y), state, update_rule=update_rule)
+            readout, state, piece_stats = memory(unit_rms(y), state, update_rule=update_rule)
             outputs.append(y + gated_readout(self.memory_gate, readout.to(y.dtype), y, self.memory_version))
             stats.append(piece_stats)
 

@@ -118,10 +118,10 @@ from transformers.models.llama.modeling_llama import (
     rotate_half,
 )
 
-from .configuration_memory_llama import UPDATE_RULES, MemoryLlamaConfig
+from .configuration_memory_llama import MemoryLlamaConfig
 from .memory_file import check_tensors, read_memory_file, write_memory_file
 from .memory_file import weights_fingerprint as memory_file_fingerprint
-from .neural_memory import MemoryState, NeuralMemory
+from .neural_memory import UPDATE_RULES, MemoryState, NeuralMemory, unit_rms
 
 MEMORY_FORMAT = "memory-llama-memory/1"
 
@@ -134,10 +134,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     """RoPE on (B, heads, n, d) with `cos`/`sin` of shape (B|1, n, d) (Llama's formula, keys only)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + rotate_half(x) * sin
-
-
-def _unit_rms(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), eps=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- one layer's memory
@@ -326,12 +322,12 @@ class LayerMemory(nn.Module):
         keys = keys.to(device=state["recent_keys"].device, dtype=torch.float32)
         values = values.to(device=state["recent_keys"].device, dtype=torch.float32)
         before, N = int(state["neural.position"]), keys.shape[0]
-        unit_keys = _unit_rms(keys)
+        unit_keys = unit_rms(keys)
         # centre the keys on the running mean of the written (unit-RMS) keys, token by token: keys of a Llama layer
         # share one dominant direction (~90% of their norm), which would make all features alike
         counts = torch.arange(before + 1, before + N + 1, device=keys.device, dtype=torch.float32)[:, None, None]
         means = (state["key_mean"] * before + unit_keys.cumsum(0)) / counts  # (N, H, d)
-        x = torch.cat([unit_keys - means, _unit_rms(values)], dim=-1).transpose(0, 1)  # (H, N, 2d)
+        x = torch.cat([unit_keys - means, unit_rms(values)], dim=-1).transpose(0, 1)  # (H, N, 2d)
         state["key_mean"] = means[-1]
         state["key_rms"] = (state["key_rms"] * before + keys.square().mean(-1).sqrt().sum(0)) / (before + N)
         state["value_rms"] = (state["value_rms"] * before + values.square().mean(-1).sqrt().sum(0)) / (before + N)
@@ -360,7 +356,7 @@ class LayerMemory(nn.Module):
         B, H, T, d = queries.shape
         Hkv, groups = self.num_kv_heads, H // self.num_kv_heads
         q = queries.float().reshape(B, Hkv, groups, T, d).permute(1, 0, 2, 3, 4).reshape(Hkv, B * groups * T, d)
-        x = torch.cat([_unit_rms(q), torch.zeros_like(q)], dim=-1)
+        x = torch.cat([unit_rms(q), torch.zeros_like(q)], dim=-1)
         out = self.neural.retrieve(self._neural_state(state), x)  # (Hkv, B*g*T, 2d)
         kappa = (out[..., :d] + state["key_mean"][:, None, :]) * state["key_rms"][:, None, None]
         nu = out[..., d:] * state["value_rms"][:, None, None]

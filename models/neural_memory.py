@@ -111,9 +111,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MemoryState", "NeuralMemory", "UPDATE_RULES"]
+__all__ = ["MemoryState", "NeuralMemory", "UPDATE_RULES", "unit_rms"]
 
+# The memory update rules, the project's one list of them (the configs, models and command lines take it from here).
+# The order is part of the memory file format: `state_to_dict` stores a pending rule as its index here.
 UPDATE_RULES = ("surprise", "none", "ema")
+
+
+def unit_rms(x: Tensor) -> Tensor:
+    """Parameter-free RMS normalisation (eps 1e-6) of what a model hands its memory: keys, values and queries
+    get unit scale whatever the scale of the layer's hidden states (used by the MAC and the wrapper models)."""
+    return F.rms_norm(x, (x.shape[-1],), eps=1e-6)
 
 
 class MemoryState(NamedTuple):

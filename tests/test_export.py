@@ -26,9 +26,11 @@ from titans_distil.models.modeling_mac_llama import MACLlamaForCausalLM
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from titans_distil.cli import distil
-from titans_distil.export import MODEL_FILES, file_hashes, foreign_imports, teacher_card_facts
+from titans_distil.export import teacher_card_facts
 from titans_distil.export_cli import export_llama, export_mac
 from titans_distil.inspect_cli import inspect_model
+from titans_distil.model_folder import SHIPPED_FILES
+from titans_distil.verify import file_hashes, foreign_imports
 
 ROOT = Path(__file__).resolve().parents[1]
 MAC_FLAGS = ("--use-mac", "--segment-len", 16, "--memory-chunk-size", 8, "--persistent-tokens", 4, "--memory-layers", "1")
@@ -76,14 +78,14 @@ def test_mac_export_folder_is_complete_and_self_contained(runs, tmp_path):
     assert text.startswith(f"exported MAC student of run mac (step 2) to {out}: 11 files, 1 weight shard")
     assert {p.name for p in out.iterdir()} == {
         "config.json", "generation_config.json", "model.safetensors", "README.md", "tokenizer.json",
-        "tokenizer_config.json", "chat_template.jinja", *MODEL_FILES}
+        "tokenizer_config.json", "chat_template.jinja", *SHIPPED_FILES["mac"]}
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["MACLlamaForCausalLM"] and config["model_type"] == "mac_llama"
     assert config["auto_map"] == {"AutoConfig": "configuration_mac_llama.MACLlamaConfig",
                                   "AutoModelForCausalLM": "modeling_mac_llama.MACLlamaForCausalLM"}
     assert config["memory_layers"] == [1] and config["segment_len"] == 16 and "_name_or_path" not in config
     # the shipped model files are the project's own, importing nothing but torch, transformers and the stdlib
-    for name in MODEL_FILES:
+    for name in SHIPPED_FILES["mac"]:
         assert (out / name).read_bytes() == (ROOT / "models" / name).read_bytes()
     assert foreign_imports(out) == []
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
@@ -118,7 +120,8 @@ def test_llama_export_is_a_stock_llama_folder(runs, tmp_path):
 
 
 def test_bfloat16_export_matches_the_checkpoint_cast_to_bfloat16(runs, tmp_path):
-    from titans_distil.export import load_run, load_student, resolve_checkpoint
+    from titans_distil.run_folder import load_run, resolve_checkpoint
+    from titans_distil.weights import load_student
 
     out = tmp_path / "bf16"
     code, text = invoke(export_llama, "--run", runs / "llama", "--output", out, "--dtype", "bfloat16")

@@ -11,7 +11,7 @@ from titans_distil.models.modeling_mac_llama import MACCache, MACLlamaForCausalL
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
-from titans_distil.export import save_with_model_code
+from titans_distil.model_folder import save_with_model_code
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, bos_token_id=None, eos_token_id=None)

@@ -156,14 +156,14 @@ def test_memory_persists_across_calls_until_reset_and_rules_are_checked():
     model.reset_memory()
     assert model.memory_info()["slot_tokens"] == 0
     torch.testing.assert_close(model.generate(prompt, **greedy).logits[0], plain.logits[0], rtol=0, atol=1e-5)
-    message = "update_rule must be one of 'ema', 'surprise', 'none'; got 'fast'"
+    message = "update_rule must be one of 'surprise', 'none', 'ema'; got 'fast'"
     with pytest.raises(ValueError, match=message):
         model.generate(prompt, max_new_tokens=2, update_rule="fast")
     with pytest.raises(ValueError, match=message):
         model(prompt, update_rule="fast")
     with pytest.raises(ValueError, match="use_memory must be True or False, got 'yes'"):
         model(prompt, use_memory="yes")
-    with pytest.raises(ValueError, match="update_rule must be one of ema, surprise, none; got 'x'"):
+    with pytest.raises(ValueError, match="update_rule must be one of surprise, none, ema; got 'x'"):
         MemoryLlamaConfig(**BASE, update_rule="x")
     with pytest.raises(ValueError, match=r"memory_layers \[7\] holds indices \[7\] outside 0..3"):
         MemoryLlamaConfig(**BASE, memory_layers=[7])
@@ -388,7 +388,7 @@ def test_package_loads_in_a_process_that_cannot_see_the_project(tiny_package, ti
     assert out["info"]["surprise_tokens"] > 0 and out["info"]["slot_tokens"] > out["info"]["surprise_tokens"]
     assert out["read"] > 1e-3 and out["off_after"] <= 1e-5
     assert out["reloaded"] == 0.0
-    assert out["bad_rule"] == "update_rule must be one of 'ema', 'surprise', 'none'; got 'bogus'"
+    assert out["bad_rule"] == "update_rule must be one of 'surprise', 'none', 'ema'; got 'bogus'"
     assert out["still_hidden"]
 
 

@@ -14,10 +14,9 @@ from titans_distil.models.configuration_mac_llama import MACLlamaConfig
 from titans_distil.models.modeling_mac_llama import MACLlamaForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from titans_distil.export import save_with_model_code
+from titans_distil.model_folder import SHIPPED_FILES, save_with_model_code
 from titans_distil.quantize import (
     DEFAULT_INT8_THRESHOLD,
-    MAC_MODEL_FILES,
     _cpu_packed_layers,
     inspect_source,
     load_quantized,
@@ -174,7 +173,7 @@ def test_round_trip(dirs, tokenizer, tmp_path, kind, bits, quant_type):
     assert qc["llm_int8_skip_modules"] == ["lm_head"] + [f"model.layers.{i}.memory" for i in MEMORY_LAYERS if kind != "llama"]
     assert (out / "tokenizer.json").is_file()
     if kind != "llama":  # trust_remote_code folder: model files + auto_map, even from a final/ folder without them
-        assert set(MAC_MODEL_FILES) <= {p.name for p in out.iterdir()}
+        assert set(SHIPPED_FILES["mac"]) <= {p.name for p in out.iterdir()}
         assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mac_llama.MACLlamaForCausalLM"
         assert type(reloaded).__module__.startswith("transformers_modules.")
         assert MACLlamaForCausalLM._auto_class is None  # the temporary registration was undone

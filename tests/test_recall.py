@@ -142,9 +142,9 @@ def test_facts_files(tmp_path):
 def test_bad_input_is_one_line_error(tiny_teacher_dir, mac_dir, tmp_path):
     assert parse_rules(" ema , none") == ("ema", "none")
     cases = [
-        (["--rules", "ema,bogus"], "Error: --rules: unknown update rule 'bogus'; choose from none, ema, surprise"),
+        (["--rules", "ema,bogus"], "Error: --rules: unknown update rule 'bogus'; choose from surprise, none, ema"),
         (["--rules", "ema,ema"], "Error: --rules: ema is listed twice"),
-        (["--rules", " , "], "Error: --rules ' , ' names no update rule; give a comma-separated list of none, ema, surprise"),
+        (["--rules", " , "], "Error: --rules ' , ' names no update rule; give a comma-separated list of surprise, none, ema"),
         (["--facts", tmp_path / "nope.json"], f"Error: --facts {tmp_path / 'nope.json'} does not exist"),
         (["--output", tmp_path], f"Error: --output {tmp_path} is a folder; give a .json file name"),
         (["--facts", tmp_path], f"Error: --facts {tmp_path} is a folder; give a JSON file"),
@@ -166,4 +166,4 @@ def test_bad_input_is_one_line_error(tiny_teacher_dir, mac_dir, tmp_path):
 def test_root_script(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "recall_experiment.py"), "--model_path", str(tmp_path),
                            "--rules", "forget"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert (proc.returncode, proc.stderr.strip()) == (1, "Error: --rules: unknown update rule 'forget'; choose from none, ema, surprise")
+    assert (proc.returncode, proc.stderr.strip()) == (1, "Error: --rules: unknown update rule 'forget'; choose from surprise, none, ema")

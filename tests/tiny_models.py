@@ -7,7 +7,7 @@ from titans_distil.models.configuration_mac_llama import MACLlamaConfig
 from titans_distil.models.modeling_mac_llama import MACLlamaForCausalLM
 from transformers import AutoTokenizer
 
-from titans_distil.export import save_with_model_code
+from titans_distil.model_folder import save_with_model_code
 
 TINY_MAC = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1,

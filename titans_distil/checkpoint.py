@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 from pathlib import Path
 
 import torch
@@ -20,8 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 from .model_folder import atomic_folder, remove_stale_temporaries
-
-STEP_DIR = re.compile(r"step-(\d+)")
+from .run_folder import step_dir, step_dirs
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -88,10 +86,9 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: dict) -> Path:
     """Write `checkpoints/step-N/` atomically and return its path (leftovers of killed saves are removed)."""
-    parent = Path(run_dir) / "checkpoints"
-    parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(parent)
-    final = parent / f"step-{step:06d}"
+    final = step_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final.parent)
     with atomic_folder(final) as tmp:
         model.save_pretrained(tmp)
         tensors, meta = _optimizer_tensors(optimizer)
@@ -101,18 +98,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
     return final
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """The run's `checkpoints/step-N` folders, newest first."""
-    steps = [(int(m.group(1)), p) for p in (Path(run_dir) / "checkpoints").glob("step-*")
-             if (m := STEP_DIR.fullmatch(p.name)) and p.is_dir()]
-    return [path for _, path in sorted(steps, reverse=True)]
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = checkpoints(run_dir)
-    return found[0] if found else None
 
 
 def read_checkpoint(checkpoint: Path) -> dict:
@@ -143,7 +128,7 @@ def read_checkpoint(checkpoint: Path) -> dict:
 def newest_readable_checkpoint(run_dir: Path, warn=print) -> dict | None:
     """`read_checkpoint` of the newest checkpoint that reads, with a one-line `warn` for each newer broken
     one; None when the run has no checkpoint; a one-line `UserError` when it has some but none reads."""
-    found = checkpoints(run_dir)
+    found = [folder for _, folder in reversed(step_dirs(run_dir))]  # newest first
     broken = []
     for folder in found:
         try:

@@ -46,6 +46,34 @@ def _quiet_libraries() -> None:
     logging.set_verbosity_error()
 
 
+class UpdateRule(click.Choice):
+    """`click.Choice` of the shipped `UPDATE_RULES` (models/neural_memory.py), read when first needed: that module
+    imports torch, too slow to import at the start of every command."""
+
+    def __init__(self) -> None:
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from .models.neural_memory import UPDATE_RULES
+
+        return UPDATE_RULES
+
+
+class MACDefault(click.Option):
+    """An option whose default is the `MACLlamaConfig` field `field` (one home for the MAC defaults), read when
+    first needed: the configuration module imports transformers, too slow to import at every command's start."""
+
+    def __init__(self, *args, field: str, **kwargs) -> None:
+        super().__init__(*args, show_default=True, **kwargs)
+        self.field = field
+
+    def get_default(self, ctx, call: bool = True):
+        from .models.configuration_mac_llama import MACLlamaConfig
+
+        return getattr(MACLlamaConfig, self.field)
+
+
 def user_errors(fn):
     """Turn bad-input exceptions into click's one-line `Error: ...` and a non-zero exit."""
 
@@ -107,12 +135,12 @@ def _data_options(fn):
 @click.option("--student-layers", default="6", show_default=True,
               help="Teacher layers the student keeps: a count (evenly spaced, first and last included) or a list like 0,10,20,29.")
 @click.option("--use-mac", is_flag=True, help="Give the student Titans neural memory (Memory as Context).")
-@click.option("--segment-len", type=POSITIVE, default=256, show_default=True, help="MAC: attention segment length; memory carries everything older.")
-@click.option("--persistent-tokens", type=NON_NEGATIVE, default=16, show_default=True, help="MAC: learnable persistent-memory tokens (0 disables).")
+@click.option("--segment-len", type=POSITIVE, cls=MACDefault, field="segment_len", help="MAC: attention segment length; memory carries everything older.")
+@click.option("--persistent-tokens", type=NON_NEGATIVE, cls=MACDefault, field="num_persistent_tokens", help="MAC: learnable persistent-memory tokens (0 disables).")
 @click.option("--memory-layers", default=None, help="MAC: student layers holding a neural memory, e.g. 1,4. [default: the model's choice]")
-@click.option("--memory-chunk-size", type=POSITIVE, default=32, show_default=True, help="MAC: tokens per memory update chunk (divides --segment-len).")
-@click.option("--memory-depth", type=POSITIVE, default=2, show_default=True, help="MAC: layers of the memory MLP.")
-@click.option("--update-rule", type=click.Choice(["surprise", "ema", "none"]), default="surprise", show_default=True,
+@click.option("--memory-chunk-size", type=POSITIVE, cls=MACDefault, field="memory_chunk_size", help="MAC: tokens per memory update chunk (divides --segment-len).")
+@click.option("--memory-depth", type=POSITIVE, cls=MACDefault, field="memory_depth", help="MAC: layers of the memory MLP.")
+@click.option("--update-rule", type=UpdateRule(), cls=MACDefault, field="update_rule",
               help="MAC: memory update during training and, by default, at inference.")
 @click.option("--batch-size", type=POSITIVE, default=4, show_default=True, help="Sequences per micro-batch per process.")
 @click.option("--grad-accum", type=POSITIVE, default=1, show_default=True, help="Micro-batches per optimizer step.")

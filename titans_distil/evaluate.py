@@ -44,6 +44,7 @@ from .generate import load_model, model_kind
 from .long_range import KINDS, make_items
 from .model_folder import atomic_file, display, kind_of, read_config
 from .models.neural_memory import UPDATE_RULES
+from .run_folder import CHECKPOINTS
 
 # the classic passkey-retrieval filler (Mohtashami & Jaggi 2023): prose with nothing to remember
 PROSE_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -146,10 +147,11 @@ def load_any(path: str, checkpoint: str = "latest", dtype: str = "auto", trust_r
     run_dir, spec = None, None
     if _is_run(folder):
         run_dir, spec = folder, checkpoint
-    elif folder.parent.name == "checkpoints" and _is_run(folder.parent.parent):
+    elif folder.parent.name == CHECKPOINTS and _is_run(folder.parent.parent):
         run_dir, spec = folder.parent.parent, str(folder)
     if run_dir is not None:  # weights of a run: built from the run's own config, as the exporters do
-        from .export import load_run, load_student, resolve_checkpoint, run_tokenizer
+        from .run_folder import load_run, resolve_checkpoint, run_tokenizer
+        from .weights import load_student
 
         run = load_run(run_dir)
         ckpt = resolve_checkpoint(run, spec)

@@ -32,12 +32,13 @@ from .model_folder import (
     check_output_file,
     check_tokenizer_fits,
     first_line,
+    kind_of,
     read_config,
     trust_remote_code_for,
 )
 from .model_folder import load_model as load_folder
+from .models.neural_memory import UPDATE_RULES
 
-UPDATE_RULES = ("none", "ema", "surprise")
 QUIT_WORDS = ("", "/quit", "/exit", "quit", "exit")  # and EOF (Ctrl-D): how --interactive is left
 
 
@@ -46,11 +47,9 @@ QUIT_WORDS = ("", "/quit", "/exit", "quit", "exit")  # and EOF (Ctrl-D): how --i
 
 def model_kind(model) -> str:
     """'mac', 'memory' (packaged wrapper) or 'llama' (anything else: no memory)."""
-    model_type = getattr(model.config, "model_type", "")
-    if model_type == "mac_llama":
-        return "mac"
-    if model_type == "memory_llama" and hasattr(model, "load_memory"):
-        return "memory"
+    kind = kind_of(model.config)
+    if kind == "mac" or (kind == "memory" and hasattr(model, "load_memory")):
+        return kind
     return "llama"
 
 

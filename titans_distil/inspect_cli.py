@@ -22,10 +22,25 @@ import click
 
 from .cli import _quiet_libraries, finite, trust_remote_code_option, user_errors
 from .errors import UserError
-from .model_folder import kind_of, read_config, trust_remote_code_for
+from .model_folder import kind_of, quiet_transformers, read_config, trust_remote_code_for
+from .run_folder import load_run, resolve_checkpoint, run_tokenizer
+from .verify import file_hashes, foreign_imports, run_isolated, sha256_file
+from .weights import (
+    PICKLE_SUFFIXES,
+    check_fit,
+    index_shards,
+    instantiate,
+    load_student,
+    make_config,
+    model_classes,
+    model_shapes,
+    read_headers,
+    read_weights,
+    unreadable,
+    weight_files,
+)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
-UPDATE_RULES = ("surprise", "ema", "none")
 
 
 @click.group(context_settings=CONTEXT)
@@ -38,8 +53,6 @@ def inspect_model():
 
 def _weights_of(path: str) -> tuple[list[Path], str]:
     """Weight files behind PATH: a .safetensors file, an index, a folder holding them, or a run (latest checkpoint)."""
-    from .export import PICKLE_SUFFIXES, _index_shards, _weight_files, load_run, resolve_checkpoint
-
     target = Path(path).expanduser()
     if not target.exists():
         raise UserError(f"{path} does not exist; pass a .safetensors file, a model/checkpoint folder or a run folder")
@@ -47,7 +60,7 @@ def _weights_of(path: str) -> tuple[list[Path], str]:
         if target.suffix in PICKLE_SUFFIXES:
             raise UserError(f"{path} is a pickle file; it is never unpickled here (loading pickle can run code), convert it to safetensors")
         if target.name.endswith(".index.json"):
-            return _index_shards(target, path), path
+            return index_shards(target, path), path
         if target.suffix != ".safetensors":
             raise UserError(f"{path} is not a .safetensors file; pass a .safetensors file, a model/checkpoint folder or a run folder")
         return [target], path
@@ -55,15 +68,7 @@ def _weights_of(path: str) -> tuple[list[Path], str]:
     if config.is_file() and "teacher" in json.loads(config.read_text()) and not (target / "model.safetensors").exists():
         checkpoint = resolve_checkpoint(load_run(target), "latest")
         return checkpoint.files, checkpoint.label
-    return _weight_files(target, path), path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return weight_files(target, path), path
 
 
 def _folder_config(folder: Path) -> dict:
@@ -71,7 +76,7 @@ def _folder_config(folder: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{folder} has no config.json; pass a model folder (an export, a checkpoint or final/)")
     config = read_config(folder, "the folder is damaged")
-    if config.get("model_type") not in ("llama", "mac_llama"):
+    if kind_of(config) not in ("llama", "mac"):
         raise UserError(f"{folder} holds a {config.get('model_type')!r} model; only llama and mac_llama folders are inspected here")
     return config
 
@@ -81,29 +86,16 @@ def folder_tokenizer(folder: Path, values: dict):
     configuration file (trust_remote_code) just to learn the model type; hand it the project's config instead."""
     from transformers import AutoTokenizer
 
-    from .export import _quiet, make_config
-
-    with _quiet():
+    with quiet_transformers():
         return AutoTokenizer.from_pretrained(folder, config=make_config(values, kind_of(values)))
 
 
 def load_folder_model(folder: Path, dtype=None):
     """A model folder (export, checkpoint, final/) loaded with the project's classes (no remote code run)."""
-    from .export import (
-        _weight_files,
-        check_fit,
-        instantiate,
-        make_config,
-        model_classes,
-        model_shapes,
-        read_headers,
-        read_weights,
-    )
-
     values = _folder_config(folder)
     kind = kind_of(values)
     config = make_config(values, kind)
-    files = _weight_files(Path(folder), str(folder))
+    files = weight_files(Path(folder), str(folder))
     headers = read_headers(files, str(folder))
     fit = check_fit(model_shapes(config), {n: s for n, (_, s) in headers.items()}, bool(config.tie_word_embeddings))
     if not fit.ok:
@@ -135,8 +127,6 @@ def weights(path, pattern, no_stats):
     or a run folder for its latest checkpoint). Only safetensors are read; pickle files are refused."""
     from safetensors import safe_open
 
-    from .export import _unreadable, read_headers
-
     files, label = _weights_of(path)
     headers = read_headers(files, label)
     try:
@@ -144,7 +134,7 @@ def weights(path, pattern, no_stats):
     except re.error as err:
         raise UserError(f"--filter {pattern!r} is not a valid regular expression ({err})") from None
     for file in files:
-        click.echo(f"{file}  sha256 {_sha256(file)}  {file.stat().st_size:,} bytes")
+        click.echo(f"{file}  sha256 {sha256_file(file)}  {file.stat().st_size:,} bytes")
     names = [n for n in headers if regex is None or regex.search(n)]
     width = max((len(n) for n in names), default=4)
     click.echo(f"{'tensor':<{width}}  {'dtype':<5}  {'shape':<16}  {'params':>12}" + ("" if no_stats else f"  {'L2 norm':>12}  {'max |x|':>10}"))
@@ -156,7 +146,7 @@ def weights(path, pattern, no_stats):
                 for name in handle.keys():
                     owner[name] = file
         except Exception as err:
-            raise _unreadable(file, label, err) from err
+            raise unreadable(file, label, err) from err
     for name in names:
         dtype, shape = headers[name]
         count = math.prod(shape)
@@ -186,8 +176,6 @@ def weights(path, pattern, no_stats):
 @user_errors
 def architecture(folder, weights_path):
     """Check a model folder's config.json against its weights: missing, unexpected and mis-shaped tensors."""
-    from .export import check_fit, make_config, model_shapes, read_headers
-
     values = _folder_config(Path(folder))
     kind = kind_of(values)
     config = make_config(values, kind)
@@ -229,16 +217,7 @@ def verify(export_dir, run_dir, checkpoint, tokens, new_tokens, atol, trust_remo
     _quiet_libraries()
     import torch
 
-    from .export import (
-        _weight_files,
-        file_hashes,
-        foreign_imports,
-        load_run,
-        load_student,
-        read_headers,
-        resolve_checkpoint,
-        run_isolated,
-    )
+    from .models.neural_memory import UPDATE_RULES
 
     export = Path(export_dir)
     values = _folder_config(export)
@@ -255,7 +234,7 @@ def verify(export_dir, run_dir, checkpoint, tokens, new_tokens, atol, trust_remo
     if run_dir:
         run = load_run(run_dir)
         ckpt = resolve_checkpoint(run, checkpoint)
-        stored = {dtype for dtype, _ in read_headers(_weight_files(export, str(export)), str(export)).values()}
+        stored = {dtype for dtype, _ in read_headers(weight_files(export, str(export)), str(export)).values()}
         dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(stored.pop()) if len(stored) == 1 else None
         # the checkpoint cast to the export's dtype (--dtype bfloat16 exports compare with a bf16 reference)
         reference, where = load_student(run, ckpt, dtype), f"checkpoint {ckpt.label}" + (f" cast to {str(dtype).removeprefix('torch.')}" if dtype else "")
@@ -321,12 +300,11 @@ def tokenizers(run_dir, export_dir):
     """Check that teacher, student and export share one tokenizer: vocabulary, special tokens, chat template, and
     that it fits the models' embeddings."""
     _quiet_libraries()
-    from .export import load_run, run_model_config, run_tokenizer
     from .teacher import load_tokenizer
 
     run = load_run(run_dir)
     columns = {"teacher": load_tokenizer(run.config["teacher"]), "student": run_tokenizer(run)}
-    vocab_sizes = {"student": run_model_config(run).get("vocab_size")}
+    vocab_sizes = {"student": run.model_config().get("vocab_size")}
     if export_dir:
         values = _folder_config(Path(export_dir))
         columns["export"] = folder_tokenizer(Path(export_dir), values)
@@ -370,7 +348,6 @@ def compare(run_dir, checkpoint, export_dir, blocks, max_length, dtype):
     import torch.nn.functional as F
 
     from .data import load_blocks
-    from .export import load_run, load_student, resolve_checkpoint
     from .teacher import load_teacher
 
     run = load_run(run_dir)
@@ -422,7 +399,6 @@ def examples(run_dir, count, split, max_chars):
     """Decode the first training (or validation) blocks of a run, exactly as the student saw them."""
     _quiet_libraries()
     from .data import load_blocks
-    from .export import load_run, run_tokenizer
 
     run = load_run(run_dir)
     tokenizer = run_tokenizer(run)

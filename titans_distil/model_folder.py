@@ -349,6 +349,22 @@ def display(path: Path) -> str:
     return str(path)
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' progress bars and warnings inside the block (saving, loading a tokenizer)."""
+    from transformers.utils import logging
+
+    was, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if was:
+            logging.enable_progress_bar()
+
+
 # Temporaries of the atomic writers are named `.{target}.tmp-{pid}@{host}-{random}` (`.old-` for a replaced
 # folder parked aside), so a later writer can tell a crashed writer's leftover from a live one's work.
 TEMP_NAME = re.compile(r"\.(?P<target>.+)\.(?P<role>tmp|old)-(?:(?P<pid>\d+)@(?P<host>[A-Za-z0-9]*)-)?[^/]+")

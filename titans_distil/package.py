@@ -46,8 +46,8 @@ from .model_folder import (
     check_weights,
     config_errors,
 )
+from .models.neural_memory import UPDATE_RULES
 
-MODEL_FILES = SHIPPED_FILES["memory"]
 AUTO_MAP = {
     "AutoConfig": "configuration_memory_llama.MemoryLlamaConfig",
     "AutoModelForCausalLM": "modeling_memory_llama.MemoryLlamaForCausalLM",
@@ -220,7 +220,7 @@ def package_llama_with_memory(
     with atomic_folder(output) as tmp:
         wrapped.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        for name in MODEL_FILES:
+        for name in SHIPPED_FILES["memory"]:
             shutil.copy2(MODELS_DIR / name, tmp / name)
         cfg = wrapped.config
         recent = cfg.memory_slots // 2 if cfg.memory_recent_slots is None else cfg.memory_recent_slots
@@ -242,7 +242,7 @@ def package_llama_with_memory(
 @click.option("--memory-layers", default=None, help="Layers whose attention reads the memory: 'all', 'none' or a list like 10,12,14. [default: all]")
 @click.option("--memory-slots", type=POSITIVE, default=512, show_default=True, help="Key/value slots per memory layer and KV head.")
 @click.option("--recent-slots", type=NON_NEGATIVE, default=None, help="Of these, slots holding the most recent tokens verbatim. [default: half]")
-@click.option("--update-rule", type=click.Choice(["ema", "surprise", "none"]), default="ema", show_default=True,
+@click.option("--update-rule", type=click.Choice(UPDATE_RULES), default="ema", show_default=True,
               help="Default memory update at inference (generate() can override it per call).")
 @click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True, help="Weight dtype of the package (auto: the model's).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --output folder.")

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from .errors import UserError
-from .export import read_metrics
+from .run_folder import read_metrics
 
 # family name -> (keys, y-axis label, log scale)
 FAMILIES = {

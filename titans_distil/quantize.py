@@ -34,13 +34,13 @@ import torch
 
 from .errors import UserError
 from .model_folder import (
-    SHIPPED_FILES,
     atomic_folder,
     check_config,
     check_output,
     check_tokenizer_fits,
     check_weights,
     first_line,
+    kind_of,
     read_config,
     save_with_model_code,
     trust_remote_code_for,
@@ -55,9 +55,8 @@ BITS = (8, 4)
 DEFAULT_INT8_THRESHOLD = 2.0
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MODEL_TYPES = {"llama": "Llama", "mac_llama": "MAC"}
+KIND_NAMES = {"llama": "Llama", "mac": "MAC"}  # the kinds (`model_folder.kind_of`) quantized here
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-MAC_MODEL_FILES = SHIPPED_FILES["mac"]
 
 # A fixed prompt set for greedy agreement: prose, instructions and Python (the embedded corpus is Python source).
 PROMPTS = (
@@ -158,13 +157,13 @@ class Source:
     spec: str  # what the user passed
     path: Path
     config: dict
-    kind: str  # "llama" or "mac_llama"
+    kind: str  # "llama" or "mac" (`model_folder.kind_of`)
     remote: bool  # a folder whose own model code may run (`trust_remote_code_for`): loaded with trust_remote_code
     trust_remote_code: bool = False  # the user's --trust-remote-code
 
     @property
     def is_mac(self) -> bool:
-        return self.kind == "mac_llama"
+        return self.kind == "mac"
 
     @property
     def memory_layers(self) -> list[int]:
@@ -172,9 +171,9 @@ class Source:
             return []
         layers = self.config.get("memory_layers")
         if layers is None:  # the config's default, resolved the same way the model does
-            from .models.configuration_mac_llama import default_memory_layers
+            from .models.configuration_mac_llama import mac_memory_layers
 
-            layers = default_memory_layers(int(self.config["num_hidden_layers"]))
+            layers = mac_memory_layers(int(self.config["num_hidden_layers"]))
         return sorted(int(i) for i in layers)
 
 
@@ -208,9 +207,9 @@ def inspect_source(model_path: str, trust_remote_code: bool = False) -> Source:
     if qc:
         raise UserError(f"--model_path {model_path} is already quantized ({_describe_quantization(qc)}); "
                         "pass the unquantized model folder it was made from")
-    kind = config.get("model_type")
-    if kind not in MODEL_TYPES:
-        raise UserError(f"--model_path {model_path} is a {kind!r} model; quantize.py handles Llama teachers and students "
+    kind = kind_of(config)
+    if kind not in KIND_NAMES:
+        raise UserError(f"--model_path {model_path} is a {config.get('model_type')!r} model; quantize.py handles Llama teachers and students "
                         "(model_type 'llama') and MAC students (model_type 'mac_llama')")
     check_config(path, config)  # field types in one line
     remote = trust_remote_code_for(path, trust_remote_code, config)
@@ -283,7 +282,7 @@ def save_quantized(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
             "pass; bitsandbytes 0.50.2 cannot save them intact. Save the model before running it (or reload it from a "
             "saved folder)")
     out = Path(out_dir)
-    is_mac = getattr(model.config, "model_type", None) == "mac_llama"
+    is_mac = kind_of(model.config) == "mac"
     if is_mac:  # the model files travel with the weights
         save_with_model_code(model, out)
     else:
@@ -460,7 +459,7 @@ def format_report(r: Report) -> str:
                      f"{identical}/{r.prompts} continuations identical"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    kind = MODEL_TYPES[r.source.kind]
+    kind = KIND_NAMES[r.source.kind]
     head = (f"quantized {r.source.spec} ({kind}, {r.source.config.get('num_hidden_layers')} layers) to {r.spec.label} "
             f"with bitsandbytes {r.bnb_version} -> {r.output}")
     tail = [f"kept in {b.dtype}: {', '.join(r.kept)}"]

@@ -41,8 +41,9 @@ import torch
 
 from .cli import POSITIVE, _quiet_libraries, trust_remote_code_option, user_errors
 from .errors import UserError
-from .generate import UPDATE_RULES, load_model, model_kind
+from .generate import load_model, model_kind
 from .model_folder import atomic_file
+from .models.neural_memory import UPDATE_RULES
 
 PLAIN_QUESTION = "Question: {question}\nAnswer:"
 

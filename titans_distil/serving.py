@@ -16,7 +16,15 @@ from pathlib import Path
 
 import click
 
-from .cli import POSITIVE, _quiet_libraries, finite, read_prompts_file, trust_remote_code_option, user_errors
+from .cli import (
+    POSITIVE,
+    UpdateRule,
+    _quiet_libraries,
+    finite,
+    read_prompts_file,
+    trust_remote_code_option,
+    user_errors,
+)
 from .errors import UserError
 from .model_folder import (
     atomic_file,
@@ -29,7 +37,6 @@ from .model_folder import (
     trust_remote_code_for,
 )
 
-UPDATE_RULES = ("none", "ema", "surprise")
 DEFAULT_CPU_KVCACHE_GIB = "2"
 
 
@@ -54,7 +61,7 @@ def serving_overrides(model_path: str, use_mac: bool, update_rule: str) -> tuple
     config = read_config(path, "re-export the model")
     check_config(path, config)  # field types: before vLLM starts
     model_type = config.get("model_type")
-    if model_type == "memory_llama":
+    if kind_of(config) == "memory":
         raise UserError(f"{model_path} is a package_model.py wrapper, whose memory learns inside every layer; vLLM "
                         "cannot serve it: use no_vllm_inference.py")
     kind = kind_of(config) or "llama"
@@ -240,7 +247,7 @@ def serve_argv(model_path: str, overrides: dict | None, *, host: str, port: int,
 @click.option("--model_path", "--model-path", "model_path", required=True,
               help="An export_mac_model.py folder (served by the titans-distil vLLM plugin) or a plain Llama folder.")
 @click.option("--use_mac", "--use-mac", "use_mac", is_flag=True, help="Require a MAC (Titans memory) model.")
-@click.option("--update-rule", type=click.Choice(UPDATE_RULES), default="none", show_default=True,
+@click.option("--update-rule", type=UpdateRule(), default="none", show_default=True,
               help="vLLM serves MAC memories frozen: 'ema'/'surprise' are refused (use no_vllm_inference.py).")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt; repeat for a batch.")
 @click.option("--prompts-file", type=click.Path(dir_okay=False, exists=True), default=None,

@@ -37,7 +37,9 @@ from .model_folder import (
     read_config,
     remove_stale_temporaries,
 )
+from .models.configuration_mac_llama import MACLlamaConfig
 from .models.neural_memory import NeuralMemory
+from .run_folder import CHECKPOINTS
 from .student import CALIBRATION_BLOCKS, build_student, calibrate_memory, pick_layers, student_config
 from .teacher import load_teacher, load_teacher_config
 from .teacher_cache import TeacherCache
@@ -62,12 +64,12 @@ class DistilConfig:
     data: str = "stdlib"
     student_layers: str = "6"
     use_mac: bool = False
-    segment_len: int = 256
-    persistent_tokens: int = 16
+    segment_len: int = MACLlamaConfig.segment_len  # the MAC fields default to the model config's
+    persistent_tokens: int = MACLlamaConfig.num_persistent_tokens
     memory_layers: str | None = None
-    memory_chunk_size: int = 32
-    memory_depth: int = 2
-    update_rule: str = "surprise"
+    memory_chunk_size: int = MACLlamaConfig.memory_chunk_size
+    memory_depth: int = MACLlamaConfig.memory_depth
+    update_rule: str = MACLlamaConfig.update_rule
     max_length: int = 512
     batch_size: int = 4
     grad_accum: int = 1
@@ -485,7 +487,7 @@ def distil(cfg: DistilConfig) -> Path:
         raise UserError(f"--loss {cfg.loss} needs the full teacher distribution; a --teacher-cache holds only top-k logits, use --loss kl")
     run_dir = prepare_run_dir(cfg, is_main)
     if is_main:  # leftovers of a run killed while it wrote a checkpoint, final/ or a metrics rewrite
-        for folder in (run_dir, run_dir / "checkpoints"):
+        for folder in (run_dir, run_dir / CHECKPOINTS):
             remove_stale_temporaries(folder)
     accelerator.wait_for_everyone()
 

@@ -25,7 +25,6 @@ read-out itself is `NeuralMemory.retrieve` from the training code, so both sides
 implementation.
 """
 
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -37,7 +36,8 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.utils import extract_layer_index
 
-from .models.modeling_mac_llama import _unit_rms, gated_readout, memory_from_config
+from .models.modeling_mac_llama import gated_readout, memory_from_config
+from .models.neural_memory import unit_rms
 
 logger = init_logger(__name__)
 
@@ -234,14 +234,14 @@ class MACMemoryDecoderLayer(MACDecoderLayer):
             self.freeze_memory()
         attn, state = self.self_attn, self.frozen_state
         q, k, v = self._qkv(x)
-        h = self.memory.retrieve(state, _unit_rms(x)[None])[0].to(x.dtype)
+        h = self.memory.retrieve(state, unit_rms(x)[None])[0].to(x.dtype)
         _, h_k, h_v = self._qkv(h)
         q, keys = attn.rotary_emb(positions, q, torch.cat([k, h_k], dim=-1))
         k, h_k = keys.split(attn.kv_size, dim=-1)
         streams = [(attn.attn, k, v), (self.retrieved_attn, h_k, h_v)]
         out = segment_attention(attn, positions, q, streams, self.segment_len, self.persistent_kv)
         y, _ = attn.o_proj(out)
-        readout = self.memory.retrieve(state, _unit_rms(y)[None])[0]
+        readout = self.memory.retrieve(state, unit_rms(y)[None])[0]
         return y + gated_readout(self.memory_gate, readout.to(y.dtype), y, self.memory_version)
 
 
@@ -254,11 +254,16 @@ class MACLlamaModel(LlamaModel):
 
 
 class MACLlamaForCausalLM(LlamaForCausalLM):
-    """vLLM model for `MACLlamaForCausalLM` checkpoints (see the module docstring for what is supported)."""
+    """vLLM model for `MACLlamaForCausalLM` checkpoints (see the module docstring for what is supported).
+
+    `check_servable` has already refused a learning memory when vLLM built its config (the plugin's config hook in
+    vllm_plugin.py), before this class is built. Weights load with Llama's own `load_weights` (stacked q/k/v and
+    gate/up); the memory parameters keep their transformers names (`model.layers.N.memory.*`, `.memory_gate`,
+    `.persistent_tokens`) and load one to one, the memory's update parameters (keys, values, gates) too although
+    frozen serving never uses them."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         config = vllm_config.model_config.hf_config
-        check_servable(config)
         memory_layers = set(config.memory_layers)
         logger.info("MAC model: frozen memory (update_rule none) in layers %s, segments of %d tokens",
                     sorted(memory_layers), config.segment_len)
@@ -271,9 +276,3 @@ class MACLlamaForCausalLM(LlamaForCausalLM):
 
     def _init_model(self, vllm_config: VllmConfig, prefix: str = "", layer_type=LlamaDecoderLayer):
         return MACLlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Llama's loader (stacked q/k/v and gate/up); the memory parameters keep their transformers names
-        (`model.layers.N.memory.*`, `.memory_gate`, `.persistent_tokens`) and load one to one. The memory's
-        update parameters (keys, values, gates) are loaded too although frozen serving never uses them."""
-        return super().load_weights(weights)
