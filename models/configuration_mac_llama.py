@@ -40,7 +40,7 @@ class MACLlamaConfig(LlamaConfig):
         (a quarter of the layers, evenly spaced); `[]` disables the memory.
     memory_version (`int`, defaults to 3):
         Which memory the fields below describe. 3 (the default): version 2's update, and the read-out brought
-        to the scale of the attention output it joins (o = y + g ⊙ rms(readout) ⊙ RMS(y), g starting at 0.05):
+        to the scale of the attention output it joins (o = y + g ⊙ rms(readout) ⊙ RMS(y), g starting at 0.2):
         at version 2's raw scale, ~30x below y, times a gate of 0.01, a tiny MAC learned no recall at all (see
         the README).
         2: keys/values/queries from centred inputs (`input_centre`, calibrated on data), SiLU on values as in

@@ -24,7 +24,7 @@ segment to segment (and through `generate()` in `MACCache`). For a segment with 
    weights at the start of its memory chunk, so it is causal;
 4. o = y + g ⊙ readout with a learnable per-channel gate g, then Llama's residual and post-norm MLP. From memory
    version 3 the read-out is first brought to y's scale, o = y + g ⊙ rms(readout) ⊙ RMS(y) (per token), with g
-   starting at 0.05: g is then the read-out's share of the attention output. At the memory's raw scale (~30x
+   starting at 0.2: g is then the read-out's share of the attention output. At the memory's raw scale (~30x
    below y) times a gate of 0.01 the read-out changed nothing a loss could see, and a tiny MAC learned no recall.
 
 Other layers are plain Llama layers with segment-local causal attention. rms() is a parameter-free RMS
@@ -303,7 +303,7 @@ class MACCache(Cache):
 
 
 MEMORY_GATE_INIT = 0.01  # version 2's read-out gate at init: open enough for gradients, small beside y
-MEMORY_SHARE_INIT = 0.05  # version 3's: the read-out starts at 5% of the attention output's RMS
+MEMORY_SHARE_INIT = 0.2  # version 3's: the read-out starts at 20% of the attention output's RMS
 
 
 def gated_readout(gate: torch.Tensor, readout: torch.Tensor, y: torch.Tensor, memory_version: int) -> torch.Tensor:

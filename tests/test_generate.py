@@ -247,10 +247,10 @@ def test_cli_memory_out_then_in_and_interactive(mac_dir, tmp_path):
     mem = tmp_path / "alice.safetensors"
     code, out, err = invoke("--model_path", mac_dir, "--update-rule", "surprise", "--prompt", "My name is Alice.",
                             "--max-tokens", 4, "--memory-out", mem)
-    assert code == 0 and out and err == f"memory saved to {mem}" and mem.is_file()
+    assert code == 0 and err == f"memory saved to {mem}" and mem.is_file()  # (a random model may print only newlines)
     code, out, err = invoke("--model_path", mac_dir, "--update-rule", "surprise", "--memory-in", mem, "--interactive",
                             "--max-tokens", 3, input=f"What is my name?\n/save {tmp_path / 'b.safetensors'}\n/reset\nhi\n\n")
-    assert code == 0 and out, err
+    assert code == 0 and err.count("> ") >= 4, err  # a prompt for each of the four lines before the empty one
     assert f"(memory saved to {tmp_path / 'b.safetensors'})" in err and "(memory cleared)" in err
     model, _ = load_model(str(mac_dir))
     model.load_memory(tmp_path / "b.safetensors")  # a valid memory file of this model

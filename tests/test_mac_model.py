@@ -71,7 +71,7 @@ def test_llama_state_dict_loads_with_only_memory_parts_missing():
     assert {n.split(".")[2] for n in missing} == {"1", "3"}
 
 
-@pytest.mark.parametrize("version,gate", [(1, 0.0), (2, 0.01), (3, 0.05)])
+@pytest.mark.parametrize("version,gate", [(1, 0.0), (2, 0.01), (3, 0.2)])
 def test_freshly_built_student_readout_gate(version, gate):
     """Versions 2 and 3 open the read-out gate slightly (memory parameters get gradients at once; in version 3
     the gate is the read-out's share of the attention output); version 1 starts closed."""
