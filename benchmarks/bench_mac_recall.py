@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from models.configuration_mac_llama import MACLlamaConfig  # noqa: E402
+from models.configuration_mac_llama import MEMORY_VERSION, MACLlamaConfig  # noqa: E402
 from models.modeling_mac_llama import MACLlamaForCausalLM  # noqa: E402
 
 PAIRS, QUERIES = 8, 4
@@ -170,7 +170,7 @@ def main() -> None:
     facts = "one value fills segment 0" if args.task == "passkey" else f"{PAIRS} pairs in segment 0, {QUERIES} asked"
     print(f"task {args.task}, chance {1 / args.values:.3f}; {facts}, gap {args.gap} segments of {SEGMENT}; "
           f"hidden {args.hidden}, {args.layers} layers, memory in {args.memory_layers}, "
-          f"memory version {build(args, 0).config.memory_version}")
+          f"memory version {args.memory_version or MEMORY_VERSION}")
     started = time.perf_counter()
     which = {m.strip() for m in args.models.split(",") if m.strip()}
     trained = {}
