@@ -1,6 +1,6 @@
 """Distil a Llama teacher into a smaller student, optionally with Titans neural memory (`--use-mac`).
 
-    python distil.py --help
+python distil.py --help
 """
 
 from titans_distil.cli import distil

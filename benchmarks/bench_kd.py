@@ -51,8 +51,16 @@ def naive_step(teacher, student, ids, optimizer, temperature):
     with torch.no_grad():
         teacher_logits = teacher(input_ids=ids).logits[:, :-1].float()
     student_logits = student(input_ids=ids).logits[:, :-1].float()
-    kd = F.kl_div(F.log_softmax(student_logits / temperature, -1), F.log_softmax(teacher_logits / temperature, -1),
-                  log_target=True, reduction="batchmean") * temperature**2 / ids.shape[1]
+    kd = (
+        F.kl_div(
+            F.log_softmax(student_logits / temperature, -1),
+            F.log_softmax(teacher_logits / temperature, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * temperature**2
+        / ids.shape[1]
+    )
     kd.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -64,7 +72,9 @@ def our_step(teacher, distiller, ids, optimizer, temperature, autocast):
 
     targets = teacher_targets(teacher, ids)
     with autocast:
-        loss, kd, _, _ = distiller(ids, targets, kind="kl", temperature=temperature, alpha=1.0, chunk_size=256)
+        loss, kd, _, _ = distiller(
+            ids, targets, kind="kl", temperature=temperature, alpha=1.0, chunk_size=256
+        )
         loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -76,8 +86,16 @@ def our_step(teacher, distiller, ids, optimizer, temperature, autocast):
 @click.option("--student-layers", default="6", show_default=True)
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--max-length", type=int, default=512, show_default=True)
-@click.option("--repeats", type=int, default=3, show_default=True, help="Timed steps per side (after one warm-up).")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True, help="Ours only; naive is fp32.")
+@click.option(
+    "--repeats", type=int, default=3, show_default=True, help="Timed steps per side (after one warm-up)."
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "bf16", "fp32"]),
+    default="auto",
+    show_default=True,
+    help="Ours only; naive is fp32.",
+)
 def main(teacher, student_layers, batch_size, max_length, repeats, precision):
     """Print tokens/s and peak extra memory of our KD step and of the naive loop, and their ratios."""
     from titans_distil.student import build_student, pick_layers
@@ -122,13 +140,17 @@ def main(teacher, student_layers, batch_size, max_length, repeats, precision):
             peaks.append(mem.extra)
     results[f"ours ({resolved}, chunked KD)"] = (statistics.median(times), max(peaks))
 
-    print(f"\nKD step: teacher {teacher} -> student layers {layers}, batch {batch_size} x {max_length} tokens, "
-          f"{torch.get_num_threads()} threads, median of {repeats}")
+    print(
+        f"\nKD step: teacher {teacher} -> student layers {layers}, batch {batch_size} x {max_length} tokens, "
+        f"{torch.get_num_threads()} threads, median of {repeats}"
+    )
     print(f"{'':40s} {'s/step':>8s} {'tokens/s':>9s} {'peak extra MB':>14s}")
     for name, (seconds, peak) in results.items():
         print(f"{name:40s} {seconds:8.2f} {tokens / seconds:9.0f} {peak / 2**20:14.0f}")
     (naive_s, naive_mem), (ours_s, ours_mem) = results.values()
-    print(f"\nthroughput ratio ours/naive: {naive_s / ours_s:.2f}x   peak-memory ratio ours/naive: {ours_mem / naive_mem:.2f}x")
+    print(
+        f"\nthroughput ratio ours/naive: {naive_s / ours_s:.2f}x   peak-memory ratio ours/naive: {ours_mem / naive_mem:.2f}x"
+    )
 
 
 if __name__ == "__main__":

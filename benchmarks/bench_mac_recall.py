@@ -49,8 +49,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--task", choices=["kv", "passkey"], default="kv",
-                   help="kv: 8 key/value pairs, 4 asked; passkey: one value fills the first segment, asked once")
+    p.add_argument(
+        "--task",
+        choices=["kv", "passkey"],
+        default="kv",
+        help="kv: 8 key/value pairs, 4 asked; passkey: one value fills the first segment, asked once",
+    )
     p.add_argument("--gap", type=int, default=1, help="filler segments between the pairs and the queries")
     p.add_argument("--eval-gaps", default="1,2,4", help="gaps measured after training")
     p.add_argument("--keys", type=int, default=64)
@@ -58,12 +62,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--memory-layers", default="0,1")
-    p.add_argument("--memory-version", type=int, default=None, help="MAC memory version [default: the config's]")
+    p.add_argument(
+        "--memory-version", type=int, default=None, help="MAC memory version [default: the config's]"
+    )
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-sequences", type=int, default=512)
-    p.add_argument("--models", default="memory,control,full",
-                   help="which to train: memory (rule surprise), control (rule none), full (one segment holds the "
-                   "whole sequence)")
+    p.add_argument(
+        "--models",
+        default="memory,control,full",
+        help="which to train: memory (rule surprise), control (rule none), full (one segment holds the "
+        "whole sequence)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
@@ -110,10 +119,20 @@ def batch(args, n: int, gap: int, generator: torch.Generator) -> tuple[torch.Ten
 def build(args, seed: int, segment_len: int = SEGMENT) -> MACLlamaForCausalLM:
     torch.manual_seed(seed)
     config = MACLlamaConfig(
-        vocab_size=vocab(args)[2] + 64, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True, bos_token_id=PAD, eos_token_id=PAD,
-        pad_token_id=PAD, segment_len=segment_len, memory_chunk_size=4, num_persistent_tokens=4,
+        vocab_size=vocab(args)[2] + 64,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=True,
+        bos_token_id=PAD,
+        eos_token_id=PAD,
+        pad_token_id=PAD,
+        segment_len=segment_len,
+        memory_chunk_size=4,
+        num_persistent_tokens=4,
         memory_layers=[int(i) for i in args.memory_layers.split(",") if i.strip()],
         **({} if args.memory_version is None else {"memory_version": args.memory_version}),
     )
@@ -130,7 +149,9 @@ def answer_loss(model, ids, answer, rule) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def accuracy(model, args, gap: int, rule: str) -> float:
-    generator = torch.Generator().manual_seed(10_000 + gap)  # the same fresh sequences for every model and rule
+    generator = torch.Generator().manual_seed(
+        10_000 + gap
+    )  # the same fresh sequences for every model and rule
     model.eval()
     hits = []
     for _ in range(0, args.eval_sequences, 128):
@@ -157,9 +178,11 @@ def train(args, rule: str, label: str, segment_len: int = SEGMENT) -> MACLlamaFo
         if step % args.eval_every == 0 or step == args.steps:
             on = accuracy(model, args, args.gap, rule)
             off = accuracy(model, args, args.gap, "none") if rule != "none" else on
-            print(f"  {label} step {step:5d}  loss {loss.item():.3f}  train acc {correct.mean().item():.3f}  "
-                  f"eval acc {rule} {on:.3f} / none {off:.3f}  ({time.perf_counter() - started:.0f} s)",
-                  flush=True)
+            print(
+                f"  {label} step {step:5d}  loss {loss.item():.3f}  train acc {correct.mean().item():.3f}  "
+                f"eval acc {rule} {on:.3f} / none {off:.3f}  ({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
     return model
 
 
@@ -167,10 +190,16 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    facts = "one value fills segment 0" if args.task == "passkey" else f"{PAIRS} pairs in segment 0, {QUERIES} asked"
-    print(f"task {args.task}, chance {1 / args.values:.3f}; {facts}, gap {args.gap} segments of {SEGMENT}; "
-          f"hidden {args.hidden}, {args.layers} layers, memory in {args.memory_layers}, "
-          f"memory version {args.memory_version or MEMORY_VERSION}")
+    facts = (
+        "one value fills segment 0"
+        if args.task == "passkey"
+        else f"{PAIRS} pairs in segment 0, {QUERIES} asked"
+    )
+    print(
+        f"task {args.task}, chance {1 / args.values:.3f}; {facts}, gap {args.gap} segments of {SEGMENT}; "
+        f"hidden {args.hidden}, {args.layers} layers, memory in {args.memory_layers}, "
+        f"memory version {args.memory_version or MEMORY_VERSION}"
+    )
     started = time.perf_counter()
     which = {m.strip() for m in args.models.split(",") if m.strip()}
     trained = {}
@@ -181,18 +210,24 @@ def main() -> None:
     if "full" in which:  # the ceiling: attention sees the pairs
         trained["full"] = train(args, "none", "full attn ", segment_len=MAX_POSITIONS)
     gaps = [int(g) for g in args.eval_gaps.split(",") if g.strip()]
-    print(f"\n| model (trained gap {args.gap}) | rule at eval | " + " | ".join(f"gap {g}" for g in gaps) + " |")
+    print(
+        f"\n| model (trained gap {args.gap}) | rule at eval | " + " | ".join(f"gap {g}" for g in gaps) + " |"
+    )
     print("|---|---|" + "---|" * len(gaps))
     rows = []
     if "surprise" in trained:
-        rows += [("memory on (surprise)", trained["surprise"], "surprise"),
-                 ("same model, memory off", trained["surprise"], "none")]
+        rows += [
+            ("memory on (surprise)", trained["surprise"], "surprise"),
+            ("same model, memory off", trained["surprise"], "none"),
+        ]
     if "none" in trained:
         rows.append(("control trained memory off", trained["none"], "none"))
     if "full" in trained:
         rows.append(("full attention (one segment)", trained["full"], "none"))
     for name, model, rule in rows:
-        print(f"| {name} | {rule} | " + " | ".join(f"{accuracy(model, args, g, rule):.3f}" for g in gaps) + " |")
+        print(
+            f"| {name} | {rule} | " + " | ".join(f"{accuracy(model, args, g, rule):.3f}" for g in gaps) + " |"
+        )
     print(f"\n{time.perf_counter() - started:.0f} s; threads {torch.get_num_threads()}")
 
 

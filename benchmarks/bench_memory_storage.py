@@ -41,7 +41,9 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--layer", type=int, default=15, help="teacher layer whose output feeds the memory")
     p.add_argument("--long-tokens", type=int, default=16384, help="tokens of the NaN/inf check (d)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
+    )
     p.add_argument("--no-peer", action="store_true", help="skip the titans-pytorch speed comparison")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
@@ -92,8 +94,13 @@ def stream_of(hs: HiddenStates, files: list[Path], n: int) -> tuple[torch.Tensor
 
 
 # the MAC memory before memory_version 2 (what checkpoints without memory_version still run)
-VERSION_1 = dict(memory_version=1, memory_chunk_size=64, memory_max_lr=0.004, memory_max_grad_norm=1.0,
-                 memory_update_bound=None)
+VERSION_1 = dict(
+    memory_version=1,
+    memory_chunk_size=64,
+    memory_max_lr=0.004,
+    memory_max_grad_norm=1.0,
+    memory_update_bound=None,
+)
 
 
 @torch.no_grad()
@@ -101,7 +108,9 @@ def written_ratio(memory, stream: torch.Tensor, written: torch.Tensor, fresh: to
     """Error ratio after writing `stream` once (the unfinished chunk flushed, as a session's end does)."""
     _, state, _ = memory(stream[None], update_rule="surprise")
     state = memory.flush(state)
-    return (memory.recall_error(state, written[None]).mean() / memory.recall_error(state, fresh[None]).mean()).item()
+    return (
+        memory.recall_error(state, written[None]).mean() / memory.recall_error(state, fresh[None]).mean()
+    ).item()
 
 
 def measure(memory, streams: dict, long: torch.Tensor) -> dict:
@@ -110,7 +119,9 @@ def measure(memory, streams: dict, long: torch.Tensor) -> dict:
     with torch.no_grad():  # streamed in 1024-token pieces as a session would
         for s in range(0, long.shape[0], 1024):
             y, state, _ = memory(long[None, s : s + 1024], state, update_rule="surprise")
-            finite &= bool(torch.isfinite(y).all()) and all(bool(torch.isfinite(w).all()) for w in state.weights)
+            finite &= bool(torch.isfinite(y).all()) and all(
+                bool(torch.isfinite(w).all()) for w in state.weights
+            )
     out[f"(d) finite over {long.shape[0]} tokens"] = finite
     x = torch.randn(1, 1024, memory.dim)
     with torch.no_grad():
@@ -126,7 +137,8 @@ def peer_seconds(cfg: MACLlamaConfig) -> float:
     import titans_pytorch
 
     peer = titans_pytorch.NeuralMemory(
-        dim=cfg.hidden_size, chunk_size=cfg.memory_chunk_size,
+        dim=cfg.hidden_size,
+        chunk_size=cfg.memory_chunk_size,
         default_model_kwargs=dict(depth=cfg.memory_depth, expansion_factor=cfg.memory_expansion),
     )
     x = torch.randn(1, 1024, cfg.hidden_size)
@@ -171,8 +183,13 @@ def main() -> None:
         "(c) 32 pairs x 16": (rounds, few, fresh),
     }
 
-    shape = dict(hidden_size=hs.model.config.hidden_size, num_hidden_layers=1, num_attention_heads=9,
-                 num_key_value_heads=3, intermediate_size=1536)
+    shape = dict(
+        hidden_size=hs.model.config.hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+    )
     columns, peers = {}, {}
     for label, overrides in (("version 1", VERSION_1), ("version 2", {})):
         cfg = MACLlamaConfig(**shape, **overrides)
@@ -183,10 +200,14 @@ def main() -> None:
         columns[f"{label} (C={cfg.memory_chunk_size})"] = measure(memory, streams, long)
         if not args.no_peer:
             peers[label] = peer_seconds(cfg)
-            columns[f"{label} (C={cfg.memory_chunk_size})"]["forward (1, 1024, D) s, titans-pytorch"] = peers[label]
+            columns[f"{label} (C={cfg.memory_chunk_size})"]["forward (1, 1024, D) s, titans-pytorch"] = peers[
+                label
+            ]
 
-    print(f"teacher layer {args.layer} hidden states, D = {shape['hidden_size']}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}; error ratio = written / fresh (1.00: nothing stored)")
+    print(
+        f"teacher layer {args.layer} hidden states, D = {shape['hidden_size']}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}; error ratio = written / fresh (1.00: nothing stored)"
+    )
     names = list(columns)
     print(f"| {'measure':<48} | " + " | ".join(f"{n:>20}" for n in names) + " |")
     print(f"|{'-' * 50}|" + "|".join("-" * 22 for _ in names) + "|")

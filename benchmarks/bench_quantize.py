@@ -67,11 +67,18 @@ TARGETS = {8: (None, 1.0), 4: (0.40, 5.0)}  # bits -> (footprint ratio to fp32, 
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--models", default="teacher,mac", help="comma list of teacher, mac")
-    p.add_argument("--quants", default="int8,int8-t6,nf4,nf4-dq,fp4", help=f"comma list of {', '.join(QUANTS)}")
-    p.add_argument("--mac-path", default=str(ROOT / "runs" / "demo" / "final"),
-                   help="MAC student folder; built from the teacher if absent")
+    p.add_argument(
+        "--quants", default="int8,int8-t6,nf4,nf4-dq,fp4", help=f"comma list of {', '.join(QUANTS)}"
+    )
+    p.add_argument(
+        "--mac-path",
+        default=str(ROOT / "runs" / "demo" / "final"),
+        help="MAC student folder; built from the teacher if absent",
+    )
     p.add_argument("--eval-blocks", type=int, default=8)
     p.add_argument("--eval-length", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -128,15 +135,34 @@ def main() -> None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(source.path)
-            blocks = load_blocks("stdlib", tokenizer, args.eval_length, "validation", max_blocks=args.eval_blocks)
+            blocks = load_blocks(
+                "stdlib", tokenizer, args.eval_length, "validation", max_blocks=args.eval_blocks
+            )
             ref = greedy_reference(reference, tokenizer, PROMPTS, args.new_tokens)
             base_ppl = perplexity(reference, blocks)
             base_fp, base_fp32 = memory_footprint(reference), fp32_bytes(reference)
             base_files = weight_bytes(source.path)
             dtype = str(reference.dtype).removeprefix("torch.")
-            rows.append((description, dtype, f"{base_fp / 1e6:.1f}", f"{base_fp / base_fp32:.2f}", f"{base_files / 1e6:.1f}",
-                         f"{base_ppl:.3f}", "", "100%", f"{len(PROMPTS)}/{len(PROMPTS)}", "", f"{time.perf_counter() - t0:.0f}", ""))
-            print(f"{description}: {dtype}, {base_fp / 1e6:.1f} MB, ppl {base_ppl:.3f} ({len(blocks)}x{args.eval_length} tokens)", flush=True)
+            rows.append(
+                (
+                    description,
+                    dtype,
+                    f"{base_fp / 1e6:.1f}",
+                    f"{base_fp / base_fp32:.2f}",
+                    f"{base_files / 1e6:.1f}",
+                    f"{base_ppl:.3f}",
+                    "",
+                    "100%",
+                    f"{len(PROMPTS)}/{len(PROMPTS)}",
+                    "",
+                    f"{time.perf_counter() - t0:.0f}",
+                    "",
+                )
+            )
+            print(
+                f"{description}: {dtype}, {base_fp / 1e6:.1f} MB, ppl {base_ppl:.3f} ({len(blocks)}x{args.eval_length} tokens)",
+                flush=True,
+            )
             del reference
             gc.collect()
             for quant in quants:
@@ -158,24 +184,56 @@ def main() -> None:
                 max_ratio, max_change = TARGETS[spec.bits]
                 targets = [f"ppl <= +{max_change:g}%: {'met' if change <= max_change else 'MISSED'}"]
                 if max_ratio is not None:
-                    targets.insert(0, f"x fp32 <= {max_ratio:.2f}: {'met' if ratio <= max_ratio else 'MISSED'}")
-                rows.append(("", spec.label, f"{footprint / 1e6:.1f}", f"{ratio:.2f}", f"{weight_bytes(out) / 1e6:.1f}",
-                             f"{ppl:.3f}", f"{change:+.2f}%", f"{100 * agree / total:.1f}%", f"{identical}/{len(PROMPTS)}",
-                             memory, f"{seconds:.0f}", "; ".join(targets)))
-                print(f"  {spec.label}: {footprint / 1e6:.1f} MB (x{ratio:.2f} of fp32), ppl {ppl:.3f} ({change:+.2f}%), "
-                      f"agreement {100 * agree / total:.1f}% ({identical}/{len(PROMPTS)} identical) {memory}", flush=True)
+                    targets.insert(
+                        0, f"x fp32 <= {max_ratio:.2f}: {'met' if ratio <= max_ratio else 'MISSED'}"
+                    )
+                rows.append(
+                    (
+                        "",
+                        spec.label,
+                        f"{footprint / 1e6:.1f}",
+                        f"{ratio:.2f}",
+                        f"{weight_bytes(out) / 1e6:.1f}",
+                        f"{ppl:.3f}",
+                        f"{change:+.2f}%",
+                        f"{100 * agree / total:.1f}%",
+                        f"{identical}/{len(PROMPTS)}",
+                        memory,
+                        f"{seconds:.0f}",
+                        "; ".join(targets),
+                    )
+                )
+                print(
+                    f"  {spec.label}: {footprint / 1e6:.1f} MB (x{ratio:.2f} of fp32), ppl {ppl:.3f} ({change:+.2f}%), "
+                    f"agreement {100 * agree / total:.1f}% ({identical}/{len(PROMPTS)} identical) {memory}",
+                    flush=True,
+                )
                 del model
                 gc.collect()
             notes.append(f"{description}: {source.path}")
 
-    header = ("model", "weights", "footprint MB", "x fp32", "files MB", "val ppl", "ppl change", "greedy agree",
-              "identical", "MAC memory tokens written", "s", "targets")
+    header = (
+        "model",
+        "weights",
+        "footprint MB",
+        "x fp32",
+        "files MB",
+        "val ppl",
+        "ppl change",
+        "greedy agree",
+        "identical",
+        "MAC memory tokens written",
+        "s",
+        "targets",
+    )
     table = [header, *rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     print()
-    print(f"bitsandbytes {bnb_version}, torch {torch.__version__}; ppl on {args.eval_blocks}x{args.eval_length} stdlib "
-          f"validation tokens; greedy agreement over {len(PROMPTS)} prompts x {args.new_tokens} tokens; "
-          f"int8 = LLM.int8() with outlier threshold {DEFAULT_INT8_THRESHOLD:g}, int8(t=6) = bitsandbytes' default")
+    print(
+        f"bitsandbytes {bnb_version}, torch {torch.__version__}; ppl on {args.eval_blocks}x{args.eval_length} stdlib "
+        f"validation tokens; greedy agreement over {len(PROMPTS)} prompts x {args.new_tokens} tokens; "
+        f"int8 = LLM.int8() with outlier threshold {DEFAULT_INT8_THRESHOLD:g}, int8(t=6) = bitsandbytes' default"
+    )
     for r in table:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
         if r is header:

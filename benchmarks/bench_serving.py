@@ -35,14 +35,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="exports/demo-mac", help="a MAC export folder (export_mac_model.py)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", default="exports/demo-mac", help="a MAC export folder (export_mac_model.py)"
+    )
     parser.add_argument("--prompts", type=int, default=16, help="batch of prompts")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--long-prompt-tokens", type=int, default=1024,
-                        help="also compare vLLM MAC vs plain Llama with prompts this long (0: skip)")
+    parser.add_argument(
+        "--long-prompt-tokens",
+        type=int,
+        default=1024,
+        help="also compare vLLM MAC vs plain Llama with prompts this long (0: skip)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     return parser.parse_args(argv)
@@ -70,13 +79,20 @@ def plain_llama_twin(mac_dir: Path, out: Path) -> Path:
 
     config = json.loads((mac_dir / "config.json").read_text())
     llama_fields = LlamaConfig().to_dict().keys()
-    llama = LlamaConfig(**{k: v for k, v in config.items() if k in llama_fields and k not in ("model_type", "architectures")})
+    llama = LlamaConfig(
+        **{k: v for k, v in config.items() if k in llama_fields and k not in ("model_type", "architectures")}
+    )
     llama.architectures = ["LlamaForCausalLM"]
     llama.save_pretrained(out)
     weights = {}
     for shard in sorted(mac_dir.glob("*.safetensors")):
-        weights.update({k: v for k, v in load_file(shard).items()
-                        if not any(part in k for part in (".memory.", ".memory_gate", ".persistent_tokens"))})
+        weights.update(
+            {
+                k: v
+                for k, v in load_file(shard).items()
+                if not any(part in k for part in (".memory.", ".memory_gate", ".persistent_tokens"))
+            }
+        )
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     AutoTokenizer.from_pretrained(mac_dir).save_pretrained(out)
     return out
@@ -96,9 +112,16 @@ def vllm_throughput(path: Path, prompts, args, overrides=None) -> float:
     """Output tokens/s of one vLLM engine on `prompts` (token id lists of equal length)."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(str(path), trust_remote_code=True, dtype=args.dtype, enforce_eager=True, seed=0,
-              max_num_seqs=len(prompts), hf_overrides=overrides,
-              max_model_len=len(prompts[0]) + args.new_tokens)
+    llm = LLM(
+        str(path),
+        trust_remote_code=True,
+        dtype=args.dtype,
+        enforce_eager=True,
+        seed=0,
+        max_num_seqs=len(prompts),
+        hf_overrides=overrides,
+        max_model_len=len(prompts[0]) + args.new_tokens,
+    )
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     batch = [{"prompt_token_ids": ids} for ids in prompts]
     seconds = median_time(lambda: llm.generate(batch, params, use_tqdm=False), args.repeats)
@@ -112,14 +135,19 @@ def main(argv=None):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     mac_dir = Path(args.model)
     if not (mac_dir / "config.json").is_file():
-        raise SystemExit(f"{mac_dir} is not an export; run: .venv/bin/python export_mac_model.py --run runs/demo")
+        raise SystemExit(
+            f"{mac_dir} is not an export; run: .venv/bin/python export_mac_model.py --run runs/demo"
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(mac_dir)
     prompts = make_prompts(tokenizer, args.prompts, args.prompt_tokens)
     frozen = {"update_rule": "none"}
-    print(f"{args.prompts} prompts x {args.prompt_tokens} tokens, {args.new_tokens} new tokens each, {args.dtype}, "
-          f"torch threads {torch.get_num_threads()}, median of {args.repeats}", flush=True)
+    print(
+        f"{args.prompts} prompts x {args.prompt_tokens} tokens, {args.new_tokens} new tokens each, {args.dtype}, "
+        f"torch threads {torch.get_num_threads()}, median of {args.repeats}",
+        flush=True,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         plain_dir = plain_llama_twin(mac_dir, Path(tmp) / "plain")
@@ -130,28 +158,66 @@ def main(argv=None):
             long_mac = vllm_throughput(mac_dir, long_prompts, args, frozen)
             long_plain = vllm_throughput(plain_dir, long_prompts, args)
 
-    model = AutoModelForCausalLM.from_pretrained(mac_dir, trust_remote_code=True, dtype=getattr(torch, args.dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        mac_dir, trust_remote_code=True, dtype=getattr(torch, args.dtype)
+    ).eval()
     batch = torch.tensor(prompts)
 
     def hf_generate(ids, rule):
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                           min_new_tokens=args.new_tokens, do_sample=False, update_rule=rule,
-                           pad_token_id=tokenizer.eos_token_id)
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                update_rule=rule,
+                pad_token_id=tokenizer.eos_token_id,
+            )
 
     hf_mac = len(prompts) * args.new_tokens / median_time(lambda: hf_generate(batch, "none"), args.repeats)
-    hf_one_by_one = len(prompts) * args.new_tokens / median_time(
-        lambda: [hf_generate(batch[i : i + 1], "none") for i in range(len(prompts))], 1)
-    latency = {rule: median_time(lambda rule=rule: hf_generate(batch[:1], rule), args.repeats)
-               for rule in ("none", "surprise")}
+    hf_one_by_one = (
+        len(prompts)
+        * args.new_tokens
+        / median_time(lambda: [hf_generate(batch[i : i + 1], "none") for i in range(len(prompts))], 1)
+    )
+    latency = {
+        rule: median_time(lambda rule=rule: hf_generate(batch[:1], rule), args.repeats)
+        for rule in ("none", "surprise")
+    }
 
     rows = [
         ("vLLM MAC vs vLLM plain Llama (same layers), output tok/s", vllm_mac, vllm_plain, ">= 0.8x"),
-        *([(f"the same with {args.long_prompt_tokens}-token prompts, tok/s (prefill + decode)", long_mac * (1 + args.long_prompt_tokens / args.new_tokens),
-            long_plain * (1 + args.long_prompt_tokens / args.new_tokens), "(info)")] if args.long_prompt_tokens else []),
-        ("vLLM MAC vs transformers generate (MAC, one batch of equal-length prompts), output tok/s", vllm_mac, hf_mac, ">= 5x"),
-        ("vLLM MAC vs transformers generate (MAC, one prompt at a time), output tok/s", vllm_mac, hf_one_by_one, ">= 5x"),
-        ("transformers latency of 1 prompt, surprise vs none, s", latency["surprise"], latency["none"], "<= 1.5x"),
+        *(
+            [
+                (
+                    f"the same with {args.long_prompt_tokens}-token prompts, tok/s (prefill + decode)",
+                    long_mac * (1 + args.long_prompt_tokens / args.new_tokens),
+                    long_plain * (1 + args.long_prompt_tokens / args.new_tokens),
+                    "(info)",
+                )
+            ]
+            if args.long_prompt_tokens
+            else []
+        ),
+        (
+            "vLLM MAC vs transformers generate (MAC, one batch of equal-length prompts), output tok/s",
+            vllm_mac,
+            hf_mac,
+            ">= 5x",
+        ),
+        (
+            "vLLM MAC vs transformers generate (MAC, one prompt at a time), output tok/s",
+            vllm_mac,
+            hf_one_by_one,
+            ">= 5x",
+        ),
+        (
+            "transformers latency of 1 prompt, surprise vs none, s",
+            latency["surprise"],
+            latency["none"],
+            "<= 1.5x",
+        ),
     ]
     print("| comparison | ours | baseline | ratio | target |\n|---|---|---|---|---|")
     for name, ours, base, target in rows:

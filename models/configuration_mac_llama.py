@@ -156,9 +156,13 @@ class MACLlamaConfig(LlamaConfig):
             raise ValueError(f"memory_version must be 1, 2 or 3, got {self.memory_version!r}")
         width = self.hidden_size if self.memory_dim is None else self.memory_dim
         if not is_int(self.memory_heads) or self.memory_heads < 1 or width % self.memory_heads:
-            raise ValueError(f"memory_heads must be an integer >= 1 dividing the memory width {width}, got {self.memory_heads!r}")
+            raise ValueError(
+                f"memory_heads must be an integer >= 1 dividing the memory width {width}, got {self.memory_heads!r}"
+            )
         if self.memory_version == 1 and self.memory_heads != 1:
-            raise ValueError("memory_heads must be 1 with memory_version 1 (the version-1 memory has one head)")
+            raise ValueError(
+                "memory_heads must be 1 with memory_version 1 (the version-1 memory has one head)"
+            )
         for name in ("memory_update_bound", "memory_max_grad_norm"):
             value = getattr(self, name)
             if value is not None and (not is_number(value) or value <= 0):

@@ -105,7 +105,9 @@ class MemoryLlamaConfig(LlamaConfig):
 
         layers = self.memory_layers
         if not isinstance(layers, (list, tuple)) or not all(is_int(i) for i in layers):
-            raise ValueError(f"memory_layers must be a list of layer indices (or None for the default), got {layers!r}")
+            raise ValueError(
+                f"memory_layers must be a list of layer indices (or None for the default), got {layers!r}"
+            )
         bad = [i for i in layers if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise ValueError(
@@ -136,11 +138,17 @@ class MemoryLlamaConfig(LlamaConfig):
         if self.memory_max_grad_norm is not None and (
             not is_number(self.memory_max_grad_norm) or self.memory_max_grad_norm <= 0
         ):
-            raise ValueError(f"memory_max_grad_norm must be a number > 0 or None, got {self.memory_max_grad_norm!r}")
+            raise ValueError(
+                f"memory_max_grad_norm must be a number > 0 or None, got {self.memory_max_grad_norm!r}"
+            )
         if not is_int(self.memory_readout_distance) or self.memory_readout_distance < 0:
-            raise ValueError(f"memory_readout_distance must be an integer >= 0, got {self.memory_readout_distance!r}")
+            raise ValueError(
+                f"memory_readout_distance must be an integer >= 0, got {self.memory_readout_distance!r}"
+            )
         if self.update_rule not in UPDATE_RULES:
-            raise ValueError(f"update_rule must be one of {', '.join(UPDATE_RULES)}; got {self.update_rule!r}")
+            raise ValueError(
+                f"update_rule must be one of {', '.join(UPDATE_RULES)}; got {self.update_rule!r}"
+            )
         if not isinstance(self.use_memory, bool):
             raise ValueError(f"use_memory must be true or false, got {self.use_memory!r}")
 

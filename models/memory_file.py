@@ -24,15 +24,25 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["FINGERPRINT_SAMPLES", "check_tensors", "read_memory_file", "weights_fingerprint", "write_memory_file"]
+__all__ = [
+    "FINGERPRINT_SAMPLES",
+    "check_tensors",
+    "read_memory_file",
+    "weights_fingerprint",
+    "write_memory_file",
+]
 
 FINGERPRINT_SAMPLES = 4096  # values sampled per weight tensor (evenly spaced, first and last included)
 
 Shape = tuple  # of ints, or `range`s for a dimension that may take any value in the range (e.g. pending rows)
 
 
-def weights_fingerprint(model: nn.Module, fields: dict | None = None, exclude: str | None = None,
-                        samples: int = FINGERPRINT_SAMPLES) -> str:
+def weights_fingerprint(
+    model: nn.Module,
+    fields: dict | None = None,
+    exclude: str | None = None,
+    samples: int = FINGERPRINT_SAMPLES,
+) -> str:
     """sha256 over `fields` (JSON, e.g. the config fields that decide the memory's layout) and, for every entry of
     `model.state_dict()` whose name does not contain `exclude`, its name, shape and a fixed sample of `samples`
     values as float32: cheap for any model size, and a memory file never meets another model."""
@@ -62,7 +72,9 @@ def write_memory_file(path, tensors: dict[str, torch.Tensor], metadata: dict[str
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        safe_save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        safe_save_file(
+            {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata
+        )
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -70,8 +82,9 @@ def write_memory_file(path, tensors: dict[str, torch.Tensor], metadata: dict[str
         raise
 
 
-def read_memory_file(path, fingerprints: dict[str, Callable[[], str]], fix: str
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_memory_file(
+    path, fingerprints: dict[str, Callable[[], str]], fix: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of the memory file `path`, after the file checks: it exists, is safetensors, has one
     of the formats in `fingerprints` (format -> this model's fingerprint for files of that format; the first one
     is the current format) and was written by this model (`fix` ends the fingerprint error)."""
@@ -85,16 +98,22 @@ def read_memory_file(path, fingerprints: dict[str, Callable[[], str]], fix: str
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as err:  # safetensors raises its own error types
-        raise ValueError(f"{path} is not a safetensors memory file ({str(err).splitlines()[0]}); give a file "
-                         "written by save_memory") from None
+        raise ValueError(
+            f"{path} is not a safetensors memory file ({str(err).splitlines()[0]}); give a file "
+            "written by save_memory"
+        ) from None
     fmt = metadata.get("format")
     if fmt not in fingerprints:
-        raise ValueError(f"{path} is not a memory file of this model type (format {fmt!r}, expected "
-                         f"{next(iter(fingerprints))!r})")
+        raise ValueError(
+            f"{path} is not a memory file of this model type (format {fmt!r}, expected "
+            f"{next(iter(fingerprints))!r})"
+        )
     mine, theirs = fingerprints[fmt](), metadata.get("fingerprint", "")
     if theirs != mine:
-        raise ValueError(f"{path} was saved from a different model (fingerprint {theirs[:16]}, this model has "
-                         f"{mine[:16]}); {fix}")
+        raise ValueError(
+            f"{path} was saved from a different model (fingerprint {theirs[:16]}, this model has "
+            f"{mine[:16]}); {fix}"
+        )
     return tensors, metadata
 
 
@@ -109,9 +128,15 @@ def _show(expected: Shape) -> str:
     return f"({', '.join(parts)}{',' if len(parts) == 1 else ''})"
 
 
-def check_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                  layout: dict[str, tuple[Shape, torch.dtype]], memory_layers: Iterable[int],
-                  optional: Iterable[str] = (), note: str = "") -> None:
+def check_tensors(
+    path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    layout: dict[str, tuple[Shape, torch.dtype]],
+    memory_layers: Iterable[int],
+    optional: Iterable[str] = (),
+    note: str = "",
+) -> None:
     """Check the names, dtypes and shapes of a file's tensors against `layout` (name -> (shape, dtype); names in
     `optional` may be missing); `memory_layers` are this model's, `note` is added to shape errors."""
     path, optional = os.fspath(path), set(optional)
@@ -119,14 +144,18 @@ def check_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, st
         if key not in tensors:
             if key in optional:
                 continue
-            raise ValueError(f"{path} has no tensor {key}; it holds memory for layers "
-                             f"{metadata.get('memory_layers', '?')}, this model's memory layers are {list(memory_layers)}")
+            raise ValueError(
+                f"{path} has no tensor {key}; it holds memory for layers "
+                f"{metadata.get('memory_layers', '?')}, this model's memory layers are {list(memory_layers)}"
+            )
         tensor = tensors[key]
         if tensor.dtype != dtype:
             raise ValueError(f"{path}: tensor {key} has dtype {tensor.dtype}, this model expects {dtype}")
         if not _fits(tuple(tensor.shape), shape):
-            raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, this model expects "
-                             f"{_show(shape)}{note}")
+            raise ValueError(
+                f"{path}: tensor {key} has shape {tuple(tensor.shape)}, this model expects "
+                f"{_show(shape)}{note}"
+            )
     extra = sorted(set(tensors) - set(layout))
     if extra:
         raise ValueError(f"{path} holds tensors this model does not have: {', '.join(extra[:3])}")

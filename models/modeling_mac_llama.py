@@ -119,10 +119,25 @@ MEMORY_FORMAT = "titans-distil-mac-memory/2"
 # format -> values sampled per tensor by its fingerprint: files of version 1 (64 samples) still load
 MEMORY_FORMATS = {MEMORY_FORMAT: FINGERPRINT_SAMPLES, "titans-distil-mac-memory/1": 64}
 # config fields that decide the memory's layout and meaning (the fingerprint hashes them)
-FINGERPRINT_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                      "num_attention_heads", "num_key_value_heads", "head_dim", "segment_len",
-                      "num_persistent_tokens", "memory_layers", "memory_chunk_size", "memory_depth",
-                      "memory_expansion", "memory_dim", "memory_max_lr", "memory_max_grad_norm")
+FINGERPRINT_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "segment_len",
+    "num_persistent_tokens",
+    "memory_layers",
+    "memory_chunk_size",
+    "memory_depth",
+    "memory_expansion",
+    "memory_dim",
+    "memory_max_lr",
+    "memory_max_grad_norm",
+)
 # hashed too when memory_version >= 2 (files written before memory_version existed keep their fingerprint)
 FINGERPRINT_FIELDS_V2 = ("memory_version", "memory_heads", "memory_update_bound")
 
@@ -306,7 +321,9 @@ MEMORY_GATE_INIT = 0.01  # version 2's read-out gate at init: open enough for gr
 MEMORY_SHARE_INIT = 0.2  # version 3's: the read-out starts at 20% of the attention output's RMS
 
 
-def gated_readout(gate: torch.Tensor, readout: torch.Tensor, y: torch.Tensor, memory_version: int) -> torch.Tensor:
+def gated_readout(
+    gate: torch.Tensor, readout: torch.Tensor, y: torch.Tensor, memory_version: int
+) -> torch.Tensor:
     """What the read-out adds to the attention output y (step 4 of the module docstring)."""
     if memory_version < 3:
         return gate * readout
@@ -440,7 +457,9 @@ class MACLlamaDecoderLayer(GradientCheckpointingLayer):
             self.memory = memory_from_config(config)
             # version 1: zero, the read-out path starts closed; version 2: slightly open, so the memory's own
             # parameters get a gradient through the read-out from the first step (see the module docstring)
-            self.memory_gate = nn.Parameter(torch.full((config.hidden_size,), initial_gate(config.memory_version)))
+            self.memory_gate = nn.Parameter(
+                torch.full((config.hidden_size,), initial_gate(config.memory_version))
+            )
             if config.num_persistent_tokens:
                 self.persistent_tokens = nn.Parameter(
                     torch.randn(config.num_persistent_tokens, config.hidden_size) * config.initializer_range
@@ -819,16 +838,24 @@ class MACLlamaForCausalLM(MACLlamaPreTrainedModel, GenerationMixin):
         (checked), or the model's initial memory (None, or a cache that saw no token)."""
         if isinstance(memory, dict):
             if sorted(memory) != self.memory_layers():
-                raise ValueError(f"memory states for layers {sorted(memory)}; this model's memory layers are "
-                                 f"{self.memory_layers()}")
+                raise ValueError(
+                    f"memory states for layers {sorted(memory)}; this model's memory layers are "
+                    f"{self.memory_layers()}"
+                )
             return dict(memory)
         if memory is not None and not isinstance(memory, MACCache):
-            raise TypeError(f"memory must be a MACCache, a {{layer: MemoryState}} dict or None, got "
-                            f"{type(memory).__name__}")
+            raise TypeError(
+                f"memory must be a MACCache, a {{layer: MemoryState}} dict or None, got "
+                f"{type(memory).__name__}"
+            )
         out = {}
         for i in self.memory_layers():
             state = memory.layers[i].state if memory is not None else None
-            out[i] = state if state is not None else self.model.layers[i].memory.init_state(1, dtype=self._state_dtype())
+            out[i] = (
+                state
+                if state is not None
+                else self.model.layers[i].memory.init_state(1, dtype=self._state_dtype())
+            )
         return out
 
     def memory_cache(self, memory=None) -> MACCache:
@@ -848,23 +875,31 @@ class MACLlamaForCausalLM(MACLlamaPreTrainedModel, GenerationMixin):
         tensors = {}
         for i, state in states.items():
             if state.weights[0].shape[0] != 1:
-                raise ValueError(f"save_memory saves one stream, this memory has batch size "
-                                 f"{state.weights[0].shape[0]}; save one row at a time")
+                raise ValueError(
+                    f"save_memory saves one stream, this memory has batch size "
+                    f"{state.weights[0].shape[0]}; save one row at a time"
+                )
             neural = self.model.layers[i].memory
             if not keep_pending:
                 state = neural.flush(state)
             tensors.update(neural.state_to_dict(state, prefix=f"layers.{i}."))
-        metadata = {"format": MEMORY_FORMAT, "fingerprint": self.memory_fingerprint(),
-                    "memory_layers": json.dumps(sorted(states)),
-                    "dtype": str(self._state_dtype()).removeprefix("torch.")}
+        metadata = {
+            "format": MEMORY_FORMAT,
+            "fingerprint": self.memory_fingerprint(),
+            "memory_layers": json.dumps(sorted(states)),
+            "dtype": str(self._state_dtype()).removeprefix("torch."),
+        }
         write_memory_file(path, tensors, metadata)
 
     def load_memory_states(self, path) -> dict[int, MemoryState]:
         """{layer: MemoryState} of a file written by `save_memory` of this model; one-line ValueError for a
         missing or foreign file, another model's memory, and tensors of the wrong names, shapes or dtypes."""
         fingerprints = {fmt: (lambda n=n: self.memory_fingerprint(n)) for fmt, n in MEMORY_FORMATS.items()}
-        tensors, metadata = read_memory_file(path, fingerprints, "load it into the model that wrote it, or start "
-                                             "from the model's initial memory (no memory file)")
+        tensors, metadata = read_memory_file(
+            path,
+            fingerprints,
+            "load it into the model that wrote it, or start from the model's initial memory (no memory file)",
+        )
         dtype, i64 = self._state_dtype(), torch.int64
         layout, optional = {}, []
         for i in self.memory_layers():
@@ -882,8 +917,10 @@ class MACLlamaForCausalLM(MACLlamaPreTrainedModel, GenerationMixin):
             try:
                 state = neural.state_from_dict(tensors, prefix=f"layers.{i}.")
             except ValueError as err:
-                raise ValueError(f"{os.fspath(path)}: {str(err).removeprefix('NeuralMemory.state_from_dict: ')}; "
-                                 "the file is damaged, save it again") from None
+                raise ValueError(
+                    f"{os.fspath(path)}: {str(err).removeprefix('NeuralMemory.state_from_dict: ')}; "
+                    "the file is damaged, save it again"
+                ) from None
             states[i] = state.to(neural.initial_weights[0].device)
         return states
 

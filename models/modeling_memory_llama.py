@@ -147,7 +147,9 @@ def fixed_neural_parameters(neural: NeuralMemory) -> dict[str, torch.Tensor]:
     d = width // 2
     eye, zero = torch.eye(d), torch.zeros(d, d)
     keys = torch.cat([torch.cat([eye, zero], 1), torch.cat([-eye, zero], 1)], 0)
-    bias = torch.tensor([_logit(neural.init_lr / neural.max_lr), _logit(neural.init_momentum), _logit(neural.init_decay)])
+    bias = torch.tensor(
+        [_logit(neural.init_lr / neural.max_lr), _logit(neural.init_momentum), _logit(neural.init_decay)]
+    )
     return {
         "to_keys.weight": keys,
         "to_queries.weight": keys.clone(),
@@ -180,10 +182,14 @@ class LayerMemory(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.num_slots = config.memory_slots
-        self.num_recent = config.memory_slots // 2 if config.memory_recent_slots is None else config.memory_recent_slots
+        self.num_recent = (
+            config.memory_slots // 2 if config.memory_recent_slots is None else config.memory_recent_slots
+        )
         self.num_pool = self.num_slots - self.num_recent
         self.ema_rate = float(config.memory_ema_rate)
-        self.priority_decay = -math.log1p(-float(config.memory_decay))  # lambda: (1 - decay) per written token
+        self.priority_decay = -math.log1p(
+            -float(config.memory_decay)
+        )  # lambda: (1 - decay) per written token
         width = 2 * self.head_dim
         self.neural = NeuralMemory(
             dim=width,
@@ -211,8 +217,11 @@ class LayerMemory(nn.Module):
     def empty_state(self, device=None) -> dict[str, torch.Tensor]:
         device = self.device() if device is None else device
         return {
-            name: (torch.zeros(shape, device=device, dtype=dtype) if shape is not None
-                   else torch.zeros(self.num_kv_heads, 0, 2 * self.head_dim, device=device, dtype=dtype))
+            name: (
+                torch.zeros(shape, device=device, dtype=dtype)
+                if shape is not None
+                else torch.zeros(self.num_kv_heads, 0, 2 * self.head_dim, device=device, dtype=dtype)
+            )
             for name, (shape, dtype) in self.expected_layout().items()
         }
 
@@ -227,7 +236,13 @@ class LayerMemory(nn.Module):
     def expected_layout(self) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype]]:
         """Name -> (shape, dtype) of every state tensor (`None`: the neural memory's pending rows, (H, n < C, 2d)).
         Unfilled entries hold zeros; priorities are decayed log-surprises (see `write_begin`), 0 where unused."""
-        H, R, P, d, width = self.num_kv_heads, self.num_recent, self.num_pool, self.head_dim, 2 * self.head_dim
+        H, R, P, d, width = (
+            self.num_kv_heads,
+            self.num_recent,
+            self.num_pool,
+            self.head_dim,
+            2 * self.head_dim,
+        )
         f32, i64 = torch.float32, torch.int64
         return {
             "recent_keys": ((H, R, d), f32),  # the last written tokens, oldest first
@@ -275,7 +290,9 @@ class LayerMemory(nn.Module):
             # log(surprise) + t * lambda: comparing these compares surprises decayed by (1 - decay) per written token
             scores = (surprise.to(keys.device) + times * self.priority_decay)[:, None].expand(N, H)
         else:
-            scores = torch.full((N, H), float("-inf"), device=keys.device)  # ema-written: the first to be replaced
+            scores = torch.full(
+                (N, H), float("-inf"), device=keys.device
+            )  # ema-written: the first to be replaced
         scores = scores.masked_fill(sinks.to(keys.device)[:, None], float("inf"))
         state["slot_tokens"] = state["slot_tokens"] + N
 
@@ -287,7 +304,9 @@ class LayerMemory(nn.Module):
         R = self.num_recent
         keep = min(R, seq_k.shape[1])
         leave = seq_k.shape[1] - keep
-        recent_k, recent_v, recent_p = (torch.zeros_like(state[n]) for n in ("recent_keys", "recent_values", "recent_priority"))
+        recent_k, recent_v, recent_p = (
+            torch.zeros_like(state[n]) for n in ("recent_keys", "recent_values", "recent_priority")
+        )
         recent_k[:, :keep], recent_v[:, :keep] = seq_k[:, leave:], seq_v[:, leave:]
         recent_p[:, :keep] = seq_p[:, leave:]
         state.update(recent_keys=recent_k, recent_values=recent_v, recent_priority=recent_p)
@@ -325,12 +344,16 @@ class LayerMemory(nn.Module):
         unit_keys = unit_rms(keys)
         # centre the keys on the running mean of the written (unit-RMS) keys, token by token: keys of a Llama layer
         # share one dominant direction (~90% of their norm), which would make all features alike
-        counts = torch.arange(before + 1, before + N + 1, device=keys.device, dtype=torch.float32)[:, None, None]
+        counts = torch.arange(before + 1, before + N + 1, device=keys.device, dtype=torch.float32)[
+            :, None, None
+        ]
         means = (state["key_mean"] * before + unit_keys.cumsum(0)) / counts  # (N, H, d)
         x = torch.cat([unit_keys - means, unit_rms(values)], dim=-1).transpose(0, 1)  # (H, N, 2d)
         state["key_mean"] = means[-1]
         state["key_rms"] = (state["key_rms"] * before + keys.square().mean(-1).sqrt().sum(0)) / (before + N)
-        state["value_rms"] = (state["value_rms"] * before + values.square().mean(-1).sqrt().sum(0)) / (before + N)
+        state["value_rms"] = (state["value_rms"] * before + values.square().mean(-1).sqrt().sum(0)) / (
+            before + N
+        )
         return x, state
 
     # -- reads
@@ -342,8 +365,12 @@ class LayerMemory(nn.Module):
         filled = pool + recent
         if not filled:
             return None
-        keys = torch.cat([state["pool_keys"][:, :pool], state["recent_keys"][:, :recent]], dim=1).to(dtype)[None]
-        values = torch.cat([state["pool_values"][:, :pool], state["recent_values"][:, :recent]], dim=1).to(dtype)[None]
+        keys = torch.cat([state["pool_keys"][:, :pool], state["recent_keys"][:, :recent]], dim=1).to(dtype)[
+            None
+        ]
+        values = torch.cat([state["pool_values"][:, :pool], state["recent_values"][:, :recent]], dim=1).to(
+            dtype
+        )[None]
         cos = cos[:, -filled:].to(device=keys.device, dtype=dtype)
         sin = sin[:, -filled:].to(device=keys.device, dtype=dtype)
         return _rotate(keys, cos, sin)[0], values[0]
@@ -355,14 +382,21 @@ class LayerMemory(nn.Module):
             return None
         B, H, T, d = queries.shape
         Hkv, groups = self.num_kv_heads, H // self.num_kv_heads
-        q = queries.float().reshape(B, Hkv, groups, T, d).permute(1, 0, 2, 3, 4).reshape(Hkv, B * groups * T, d)
+        q = (
+            queries.float()
+            .reshape(B, Hkv, groups, T, d)
+            .permute(1, 0, 2, 3, 4)
+            .reshape(Hkv, B * groups * T, d)
+        )
         x = torch.cat([unit_rms(q), torch.zeros_like(q)], dim=-1)
         out = self.neural.retrieve(self._neural_state(state), x)  # (Hkv, B*g*T, 2d)
         kappa = (out[..., :d] + state["key_mean"][:, None, :]) * state["key_rms"][:, None, None]
         nu = out[..., d:] * state["value_rms"][:, None, None]
 
         def back(t):
-            return t.reshape(Hkv, B, groups, T, d).permute(1, 0, 2, 3, 4).reshape(B, H, T, d).to(queries.dtype)
+            return (
+                t.reshape(Hkv, B, groups, T, d).permute(1, 0, 2, 3, 4).reshape(B, H, T, d).to(queries.dtype)
+            )
 
         kappa, nu = back(kappa), back(nu)
         return _rotate(kappa, cos.to(kappa.device, kappa.dtype), sin.to(kappa.device, kappa.dtype)), nu
@@ -397,19 +431,27 @@ def merge_into_pools(items, ema_rate: float) -> None:
             replace = new_p[:, t] > priority[heads, weakest]
             j = torch.where(replace, weakest, nearest)
             n = torch.where(replace, torch.zeros_like(counts[:, 0]), counts[heads, j])
-            rate = torch.where(replace, torch.ones_like(n), torch.clamp(1.0 / (n + 1.0), min=ema_rate))[:, None]
+            rate = torch.where(replace, torch.ones_like(n), torch.clamp(1.0 / (n + 1.0), min=ema_rate))[
+                :, None
+            ]
             k = pool_k[heads, j] + rate * (new_k[:, t] - pool_k[heads, j])
             pool_k[heads, j] = k
             pool_v[heads, j] = pool_v[heads, j] + rate * (new_v[:, t] - pool_v[heads, j])
             counts[heads, j] = n + 1
-            priority[heads, j] = torch.where(replace, new_p[:, t], torch.maximum(priority[heads, j], new_p[:, t]))
+            priority[heads, j] = torch.where(
+                replace, new_p[:, t], torch.maximum(priority[heads, j], new_p[:, t])
+            )
             unit[heads, j] = F.normalize(k, dim=-1)
         start = 0
         for memory, state, _ in group:
             H = memory.num_kv_heads
             part = slice(start, start + H)
-            state.update(pool_keys=pool_k[part], pool_values=pool_v[part], pool_counts=counts[part],
-                         pool_priority=priority[part])
+            state.update(
+                pool_keys=pool_k[part],
+                pool_values=pool_v[part],
+                pool_counts=counts[part],
+                pool_priority=priority[part],
+            )
             memory.state = state
             start += H
 
@@ -437,11 +479,15 @@ class MemoryLlamaAttention(LlamaAttention):
         self.memory = LayerMemory(config, layer_idx)
         self._call: _CallContext | None = None
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(
+        self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs
+    ):
         call = self._call
         state = None if call is None else call.snapshot.get(self.layer_idx)
         if call is None or (state is None and not call.record):
-            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+            return super().forward(
+                hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs
+            )
 
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
@@ -468,13 +514,19 @@ class MemoryLlamaAttention(LlamaAttention):
                 T = query_states.shape[2]
                 entries.append((*read, torch.eye(T, dtype=torch.bool, device=read[0].device)[None, None]))
         if not entries:  # recording only (empty memory): Llama's own attention on the same tensors
-            return self._llama_attention(query_states, key_states, value_states, attention_mask, input_shape, **kwargs)
+            return self._llama_attention(
+                query_states, key_states, value_states, attention_mask, input_shape, **kwargs
+            )
 
         B, T, Tk = query_states.shape[0], query_states.shape[2], key_states.shape[2]
         context_mask = _context_visibility(attention_mask, T, Tk, query_states.device)
         keys = torch.cat([e[0] for e in entries] + [repeat_kv(key_states, self.num_key_value_groups)], dim=2)
-        values = torch.cat([e[1] for e in entries] + [repeat_kv(value_states, self.num_key_value_groups)], dim=2)
-        mask = torch.cat([e[2].expand(B, 1, T, -1) for e in entries] + [context_mask.expand(B, 1, T, Tk)], dim=-1)
+        values = torch.cat(
+            [e[1] for e in entries] + [repeat_kv(value_states, self.num_key_value_groups)], dim=2
+        )
+        mask = torch.cat(
+            [e[2].expand(B, 1, T, -1) for e in entries] + [context_mask.expand(B, 1, T, Tk)], dim=-1
+        )
         out = F.scaled_dot_product_attention(
             query_states,
             keys,
@@ -557,7 +609,9 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM):
     _can_compile_fullgraph = False
 
     def __init__(self, config: MemoryLlamaConfig):
-        LlamaPreTrainedModel.__init__(self, config)  # LlamaForCausalLM's own __init__ would build a plain LlamaModel
+        LlamaPreTrainedModel.__init__(
+            self, config
+        )  # LlamaForCausalLM's own __init__ would build a plain LlamaModel
         self.model = MemoryLlamaModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -576,8 +630,13 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM):
 
     def memory_info(self) -> dict[str, int]:
         """Totals over memory layers: slots filled, tokens written by "ema" and by "surprise"."""
-        info = {"memory_layers": len(self.config.memory_layers), "slots": self.config.memory_slots,
-                "slots_filled": 0, "slot_tokens": 0, "surprise_tokens": 0}
+        info = {
+            "memory_layers": len(self.config.memory_layers),
+            "slots": self.config.memory_slots,
+            "slots_filled": 0,
+            "slot_tokens": 0,
+            "surprise_tokens": 0,
+        }
         for memory in self.memory_modules().values():
             if memory.state is not None:
                 filled = int(memory.state["pool_filled"]) + int(memory.state["recent_filled"])
@@ -592,7 +651,9 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM):
             raise ValueError(f"use_memory must be True or False, got {use_memory!r}")
         rule = self.config.update_rule if update_rule is None else update_rule
         if rule not in UPDATE_RULES:
-            raise ValueError(f"update_rule must be one of {', '.join(repr(r) for r in UPDATE_RULES)}; got {rule!r}")
+            raise ValueError(
+                f"update_rule must be one of {', '.join(repr(r) for r in UPDATE_RULES)}; got {rule!r}"
+            )
         return use_memory, rule
 
     # -- fingerprint and files
@@ -627,8 +688,11 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM):
     def load_memory(self, path) -> None:
         """Replace the memory by a file written by `save_memory` of this model; refuses (ValueError) a missing or
         foreign file, another model's memory, and tensors of the wrong names, shapes or dtypes. Never unpickles."""
-        tensors, metadata = read_memory_file(path, {MEMORY_FORMAT: self.memory_fingerprint},
-                                             "load it into the model that wrote it, or call reset_memory() to start empty")
+        tensors, metadata = read_memory_file(
+            path,
+            {MEMORY_FORMAT: self.memory_fingerprint},
+            "load it into the model that wrote it, or call reset_memory() to start empty",
+        )
         path = os.fspath(path)
         modules = self.memory_modules()
         layout, note = {}, ""
@@ -640,7 +704,9 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM):
         check_tensors(path, tensors, metadata, layout, self.config.memory_layers, note=note)
         states = {}
         for i, memory in modules.items():
-            state = {name: tensors[f"layers.{i}.{name}"].to(memory.device()) for name in memory.expected_layout()}
+            state = {
+                name: tensors[f"layers.{i}.{name}"].to(memory.device()) for name in memory.expected_layout()
+            }
             for name, limit in (("recent_filled", memory.num_recent), ("pool_filled", memory.num_pool)):
                 if not 0 <= int(state[name]) <= limit:
                     raise ValueError(f"{path}: layers.{i}.{name} is {int(state[name])}, outside 0..{limit}")
@@ -673,9 +739,15 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM):
         memories = self.memory_modules()
         if not use_memory or not memories:
             return super().forward(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                logits_to_keep=logits_to_keep, **kwargs,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
             )
 
         if (input_ids is None) == (inputs_embeds is None):
@@ -709,9 +781,15 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM):
             self.model.layers[memory.layer_idx].self_attn._call = call
         try:
             outputs = super().forward(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                logits_to_keep=logits_to_keep, **kwargs,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
             )
         finally:
             for memory in memories.values():
@@ -791,7 +869,9 @@ def _train_neural_memories(memories, states, written, device) -> torch.Tensor:
             parts[0].position,
         )
         errors, start, N = [], 0, x.shape[1]
-        while start < N:  # pieces aligned with the memory's chunks (so the split of a text into calls is irrelevant)
+        while (
+            start < N
+        ):  # pieces aligned with the memory's chunks (so the split of a text into calls is irrelevant)
             end = min(N, start + module.chunk_size - memory.pending.shape[1])
             piece = x[:, start:end]
             errors.append((module.retrieve(memory, piece) - piece).norm(dim=-1))
@@ -803,8 +883,10 @@ def _train_neural_memories(memories, states, written, device) -> torch.Tensor:
         for i, size in zip(group, sizes):
             part = slice(offset, offset + size)
             piece_state = MemoryState(
-                tuple(w[part] for w in memory.weights), tuple(m[part] for m in memory.momentum),
-                memory.pending[part], memory.position,
+                tuple(w[part] for w in memory.weights),
+                tuple(m[part] for m in memory.momentum),
+                memory.pending[part],
+                memory.position,
             )
             # the layout keeps no phase / rule: fed chunk-aligned with "surprise" only, the phase is the pending count
             flat = module.state_to_dict(piece_state, prefix="neural.")
@@ -831,4 +913,10 @@ def weights_fingerprint(model: nn.Module) -> str:
     return memory_file_fingerprint(model, exclude=".memory.neural.")
 
 
-__all__ = ["LayerMemory", "MemoryLlamaAttention", "MemoryLlamaForCausalLM", "MemoryLlamaModel", "weights_fingerprint"]
+__all__ = [
+    "LayerMemory",
+    "MemoryLlamaAttention",
+    "MemoryLlamaForCausalLM",
+    "MemoryLlamaModel",
+    "weights_fingerprint",
+]

@@ -132,7 +132,9 @@ class MemoryState(NamedTuple):
     pending: Tensor  # (B, n_pending, D) written inputs of the current (unfinished) chunk, n_pending <= phase
     position: int = 0  # tokens consumed since init_state (written, pending or read under "none")
     phase: int | None = None  # tokens of the current chunk consumed so far (< chunk_size); None: n_pending
-    pending_rule: str | None = "surprise"  # the rule of the pending rows (None: unknown, the next writing call's)
+    pending_rule: str | None = (
+        "surprise"  # the rule of the pending rows (None: unknown, the next writing call's)
+    )
 
     def chunk_phase(self) -> int:
         """Tokens of the current chunk consumed so far, whatever rule read them."""
@@ -236,8 +238,14 @@ class NeuralMemory(nn.Module):
         _check(0 < init_momentum < 1, f"init_momentum must be in (0, 1), got {init_momentum!r}")
         _check(0 < init_decay < 1, f"init_decay must be in (0, 1), got {init_decay!r}")
         _check(ema_eps > 0, f"ema_eps must be > 0, got {ema_eps!r}")
-        _check(max_grad_norm is None or max_grad_norm > 0, f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
-        _check(update_bound is None or update_bound > 0, f"update_bound must be > 0 or None, got {update_bound!r}")
+        _check(
+            max_grad_norm is None or max_grad_norm > 0,
+            f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}",
+        )
+        _check(
+            update_bound is None or update_bound > 0,
+            f"update_bound must be > 0 or None, got {update_bound!r}",
+        )
         _check(
             _is_int(heads) and heads >= 1 and memory_dim % heads == 0,
             f"heads must be an integer >= 1 dividing memory_dim={memory_dim}, got {heads!r}",
@@ -344,7 +352,9 @@ class NeuralMemory(nn.Module):
         out[f"{prefix}position"] = torch.tensor(int(state.position), dtype=torch.int64)
         out[f"{prefix}phase"] = torch.tensor(state.chunk_phase(), dtype=torch.int64)
         if state.pending_rule is not None:  # None (unknown) is saved as no tensor
-            out[f"{prefix}pending_rule"] = torch.tensor(UPDATE_RULES.index(state.pending_rule), dtype=torch.int64)
+            out[f"{prefix}pending_rule"] = torch.tensor(
+                UPDATE_RULES.index(state.pending_rule), dtype=torch.int64
+            )
         return out
 
     def state_from_dict(self, tensors: dict[str, Tensor], prefix: str = "") -> MemoryState:
@@ -395,7 +405,9 @@ class NeuralMemory(nn.Module):
             raise ValueError(
                 f"NeuralMemory.state_from_dict: {prefix}pending_rule {rule} names no writing rule of {UPDATE_RULES}"
             )
-        return MemoryState(weights, momentum, pending, position, phase, None if rule is None else UPDATE_RULES[rule])
+        return MemoryState(
+            weights, momentum, pending, position, phase, None if rule is None else UPDATE_RULES[rule]
+        )
 
     # ------------------------------------------------------------------ building blocks
 
@@ -484,7 +496,9 @@ class NeuralMemory(nn.Module):
         self._check_input(x, state, "retrieve")
         dt = self._compute_dtype(x)
         with _no_autocast(x.device):
-            return self._read([self._fold(w.to(dt)) for w in state.weights], self._queries(x.to(dt))).to(x.dtype)
+            return self._read([self._fold(w.to(dt)) for w in state.weights], self._queries(x.to(dt))).to(
+                x.dtype
+            )
 
     @torch.no_grad()
     def recall_error(self, state: MemoryState, x: Tensor) -> Tensor:
@@ -554,14 +568,17 @@ class NeuralMemory(nn.Module):
                 S = [self._fold(s.to(dt)) for s in state.momentum]
                 W, S, _, _ = self._update(W, S, state.pending, rule, P)
             W, S = tuple(self._unfold(w) for w in W), tuple(self._unfold(s) for s in S)
-        return state._replace(weights=W, momentum=S, pending=state.pending[:, :0].clone(), phase=0,
-                              pending_rule="surprise")
+        return state._replace(
+            weights=W, momentum=S, pending=state.pending[:, :0].clone(), phase=0, pending_rule="surprise"
+        )
 
     # ------------------------------------------------------------------ the update
 
     def _check_rule(self, rule: str, what: str) -> None:
         if rule not in UPDATE_RULES:
-            raise ValueError(f"NeuralMemory.{what}: unknown update_rule {rule!r}; expected one of {UPDATE_RULES}")
+            raise ValueError(
+                f"NeuralMemory.{what}: unknown update_rule {rule!r}; expected one of {UPDATE_RULES}"
+            )
 
     def _zero_stats(self, device) -> dict[str, Tensor]:
         z = torch.zeros((), device=device)
@@ -574,7 +591,11 @@ class NeuralMemory(nn.Module):
             return parts[0] if parts else None
         n = torch.stack([p["updated_tokens"] for p in parts])
         total = n.sum()
-        out = {k: (torch.stack([p[k] for p in parts]) * n).sum() / total for k in parts[0] if k != "updated_tokens"}
+        out = {
+            k: (torch.stack([p[k] for p in parts]) * n).sum() / total
+            for k in parts[0]
+            if k != "updated_tokens"
+        }
         out["updated_tokens"] = total
         return out
 
@@ -589,7 +610,9 @@ class NeuralMemory(nn.Module):
         S = [self._fold(s.to(x.dtype)) for s in state.momentum]
         pending, pending_rule, phase = state.pending.to(x.dtype), state.pending_rule, state.chunk_phase()
         parts, reads, t = [], [], 0
-        if rule != "none" and pending.shape[1] and pending_rule not in (None, rule):  # rows of the other writing rule
+        if (
+            rule != "none" and pending.shape[1] and pending_rule not in (None, rule)
+        ):  # rows of the other writing rule
             W, S, _, stats = self._update(W, S, pending, pending_rule, pending.shape[1])
             parts.append(stats)
             pending = pending[:, :0]
@@ -670,7 +693,10 @@ class NeuralMemory(nn.Module):
             s0_coef = torch.exp(row).sum(-1)  # sum_i b_i E_i
             E_C, beta_C = torch.exp(cE_C[..., 0]), torch.exp(cB_C[..., 0])
             if self.forget_toward_init:
-                W_init = [self._fold(w.to(xa.dtype).unsqueeze(0).expand(BH // H, -1, -1)) for w in self.initial_weights]
+                W_init = [
+                    self._fold(w.to(xa.dtype).unsqueeze(0).expand(BH // H, -1, -1))
+                    for w in self.initial_weights
+                ]
         else:  # ema: r_t = theta_t / max_lr
             cR = torch.cumsum(F.logsigmoid(-a[..., 0]), -1)
             ema_coef = torch.sigmoid(a[..., 0]) * torch.exp(cR[..., -1:] - cR)  # r_j prod_{i>j} (1 - r_i)
@@ -691,11 +717,15 @@ class NeuralMemory(nn.Module):
                 new_W, new_S = [None] * self.depth, [None] * self.depth
                 for i in reversed(range(self.depth)):
                     h, dT = inputs[i][:, :C], delta.transpose(1, 2)
-                    token_sq = delta.square().sum(-1) * h.square().sum(-1)  # ||u_j||^2 = ||delta_j||^2 ||h_j||^2
+                    token_sq = delta.square().sum(-1) * h.square().sum(
+                        -1
+                    )  # ||u_j||^2 = ||delta_j||^2 ||h_j||^2
                     sq = sq + token_sq.detach()
                     layer_wc, layer_sc = wc, sc
                     if self.max_grad_norm is not None:  # clip each token's gradient for this layer
-                        clip = (self.max_grad_norm / token_sq.clamp_min(1e-24).sqrt()).clamp(max=1.0)[..., None]
+                        clip = (self.max_grad_norm / token_sq.clamp_min(1e-24).sqrt()).clamp(max=1.0)[
+                            ..., None
+                        ]
                         layer_wc, layer_sc = wc * clip, sc * clip
                     # sum_j c_j u_j = delta^T diag(c) h: the chunk's gradient step on the weights (and momentum)
                     step_W, step_S = torch.bmm(dT, h * layer_wc), torch.bmm(dT, h * layer_sc)

@@ -35,9 +35,19 @@ def embedded_dir() -> Path:
 def tiny_teacher_dir(tmp_path_factory, embedded_dir) -> Path:
     """A 4-layer random Llama sharing the embedded teacher's tokenizer (vocab 49152)."""
     out = tmp_path_factory.mktemp("tiny-teacher")
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(embedded_dir).save_pretrained(out)
@@ -49,7 +59,27 @@ def small_corpus(tmp_path_factory) -> Path:
     """Twenty real standard-library modules in a folder: enough for dozens of short blocks."""
     out = tmp_path_factory.mktemp("corpus")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ["abc", "bisect", "calendar", "colorsys", "copy", "dataclasses", "fnmatch", "functools", "heapq", "keyword",
-                 "linecache", "numbers", "operator", "queue", "random", "shlex", "string", "textwrap", "types", "weakref"]:
+    for name in [
+        "abc",
+        "bisect",
+        "calendar",
+        "colorsys",
+        "copy",
+        "dataclasses",
+        "fnmatch",
+        "functools",
+        "heapq",
+        "keyword",
+        "linecache",
+        "numbers",
+        "operator",
+        "queue",
+        "random",
+        "shlex",
+        "string",
+        "textwrap",
+        "types",
+        "weakref",
+    ]:
         shutil.copy(stdlib / f"{name}.py", out / f"{name}.py")
     return out

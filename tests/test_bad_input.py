@@ -26,7 +26,17 @@ from transformers import AutoTokenizer
 from titans_distil.commands import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-MAC_FLAGS = ("--use-mac", "--segment-len", 16, "--memory-chunk-size", 8, "--persistent-tokens", 4, "--memory-layers", "1")
+MAC_FLAGS = (
+    "--use-mac",
+    "--segment-len",
+    16,
+    "--memory-chunk-size",
+    8,
+    "--persistent-tokens",
+    4,
+    "--memory-layers",
+    "1",
+)
 
 
 def set_field(folder: Path, **values) -> Path:
@@ -81,16 +91,48 @@ def world(tiny_teacher_dir, small_corpus, tmp_path_factory):
     other_tokenizer(shutil.copytree(w / "mac", w / "mac-bigtok"), larger=True)
     other_tokenizer(shutil.copytree(w / "mac", w / "mac-smalltok"), larger=False)
     other_tokenizer(shutil.copytree(w / "teacher", w / "teacher-smalltok"), larger=False)
-    result = CliRunner().invoke(main, [str(a) for a in (
-        "distil", "--teacher", w / "teacher", "--data", w / "corpus", "--student-layers", 2, "--max-length", 32,
-        "--batch-size", 2, "--validation-fraction", 0.2, "--eval-batches", 1, "--precision", "fp32",
-        "--max-steps", 2, "--save-every", 2, "--eval-every", 2, "--output-dir", w / "runs", "--run-name", "mac",
-        *MAC_FLAGS)])
+    result = CliRunner().invoke(
+        main,
+        [
+            str(a)
+            for a in (
+                "distil",
+                "--teacher",
+                w / "teacher",
+                "--data",
+                w / "corpus",
+                "--student-layers",
+                2,
+                "--max-length",
+                32,
+                "--batch-size",
+                2,
+                "--validation-fraction",
+                0.2,
+                "--eval-batches",
+                1,
+                "--precision",
+                "fp32",
+                "--max-steps",
+                2,
+                "--save-every",
+                2,
+                "--eval-every",
+                2,
+                "--output-dir",
+                w / "runs",
+                "--run-name",
+                "mac",
+                *MAC_FLAGS,
+            )
+        ],
+    )
     assert result.exit_code == 0, result.output
     for name, values in (("run-types", {"teacher": 5}), ("run-types-length", {"max_length": "32"})):
         (w / "runs" / name).mkdir()
         (w / "runs" / name / "config.json").write_text(
-            json.dumps({**json.loads((w / "runs" / "mac" / "config.json").read_text()), **values}))
+            json.dumps({**json.loads((w / "runs" / "mac" / "config.json").read_text()), **values})
+        )
     (w / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (w / "long.txt").write_text("word " * 700 + "\n")
     (w / "afile").write_text("in the way\n")
@@ -101,8 +143,10 @@ def world(tiny_teacher_dir, small_corpus, tmp_path_factory):
 
 def snapshot(root: Path) -> dict:
     """Every file (size, mtime) and folder under `root`: what a command must neither create nor overwrite."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "folder"
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "folder"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 @pytest.fixture
@@ -111,8 +155,13 @@ def read_only(world, monkeypatch):
     ro.chmod(0o555)
     if os.geteuid() == 0:  # root writes anywhere: answer as the kernel would for anyone else
         real = os.access
-        monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
-            False if Path(path).resolve() == ro.resolve() and mode & os.W_OK else real(path, mode, **kw)))
+        monkeypatch.setattr(
+            os,
+            "access",
+            lambda path, mode, **kw: (
+                False if Path(path).resolve() == ro.resolve() and mode & os.W_OK else real(path, mode, **kw)
+            ),
+        )
     yield ro
     ro.chmod(0o755)
 
@@ -145,93 +194,588 @@ def offline_hub(monkeypatch, world):
     shutil.rmtree(world / "pushed", ignore_errors=True)
 
 
-DISTIL = ("distil", "--data", "{w}/corpus", "--student-layers", "2", "--max-length", "32", "--max-steps", "1",
-          "--output-dir", "{w}/new-runs")
+DISTIL = (
+    "distil",
+    "--data",
+    "{w}/corpus",
+    "--student-layers",
+    "2",
+    "--max-length",
+    "32",
+    "--max-steps",
+    "1",
+    "--output-dir",
+    "{w}/new-runs",
+)
 PUSH = "export-mac", "--run", "{w}/runs/mac", "--output", "{w}/pushed", "--push-to-hub", "me/tiny"
 
 # (class, id, arguments, fragment of our message, setup fixture or None)
 CASES = [
     # -- config.json with wrong types: the file and the field are named
-    ("types", "distil-teacher", (*DISTIL, "--teacher", "{w}/teacher-types"), "teacher-types/config.json: Field 'hidden_size' expected int", None),
-    ("types", "cache-teacher", ("distil", "cache-teacher", "--teacher", "{w}/teacher-types", "--data", "{w}/corpus", "--output", "{w}/cache"), "teacher-types/config.json: Field 'hidden_size'", None),
-    ("types", "distil-resume", ("distil", "--output-dir", "{w}/runs", "--run-name", "run-types", "--resume"), "run-types/config.json: field 'teacher' should be str, not 5", None),
-    ("types", "distil-resume-int", ("distil", "--output-dir", "{w}/runs", "--run-name", "run-types-length", "--resume"), "field 'max_length' should be int, not \"32\"", None),
-    ("types", "export-mac", ("export-mac", "--run", "{w}/runs/run-types", "--output", "{w}/out"), "run-types/config.json: field 'teacher' should be str", None),
-    ("types", "export-llama", ("export-llama", "--run", "{w}/runs/run-types", "--output", "{w}/out"), "field 'teacher' should be str", None),
-    ("types", "inspect-tokenizers", ("inspect", "tokenizers", "--run", "{w}/runs/run-types"), "field 'teacher' should be str", None),
-    ("types", "inspect-architecture", ("inspect", "architecture", "{w}/teacher-types"), "Field 'hidden_size' expected int", None),
-    ("types", "quantize", ("quantize", "--model_path", "{w}/teacher-types", "--bits", "8", "--output", "{w}/out"), "teacher-types/config.json: Field 'hidden_size'", None),
-    ("types", "package", ("package", "--model", "{w}/teacher-types", "--output", "{w}/out"), "teacher-types/config.json: Field 'hidden_size'", None),
-    ("types", "generate", ("generate", "--model_path", "{w}/mac-types", "--prompt", "hi"), "mac-types/config.json: Field 'num_hidden_layers' expected int", None),
-    ("types", "vllm", ("vllm", "--model_path", "{w}/mac-types", "--prompt", "hi"), "mac-types/config.json: Field 'num_hidden_layers'", None),
-    ("types", "eval", ("eval", "{w}/mac-types", "--output", "{w}/out.json"), "mac-types/config.json: Field 'num_hidden_layers'", None),
-    ("types", "recall", ("recall", "--model_path", "{w}/mac-types"), "mac-types/config.json: Field 'num_hidden_layers'", None),
+    (
+        "types",
+        "distil-teacher",
+        (*DISTIL, "--teacher", "{w}/teacher-types"),
+        "teacher-types/config.json: Field 'hidden_size' expected int",
+        None,
+    ),
+    (
+        "types",
+        "cache-teacher",
+        (
+            "distil",
+            "cache-teacher",
+            "--teacher",
+            "{w}/teacher-types",
+            "--data",
+            "{w}/corpus",
+            "--output",
+            "{w}/cache",
+        ),
+        "teacher-types/config.json: Field 'hidden_size'",
+        None,
+    ),
+    (
+        "types",
+        "distil-resume",
+        ("distil", "--output-dir", "{w}/runs", "--run-name", "run-types", "--resume"),
+        "run-types/config.json: field 'teacher' should be str, not 5",
+        None,
+    ),
+    (
+        "types",
+        "distil-resume-int",
+        ("distil", "--output-dir", "{w}/runs", "--run-name", "run-types-length", "--resume"),
+        "field 'max_length' should be int, not \"32\"",
+        None,
+    ),
+    (
+        "types",
+        "export-mac",
+        ("export-mac", "--run", "{w}/runs/run-types", "--output", "{w}/out"),
+        "run-types/config.json: field 'teacher' should be str",
+        None,
+    ),
+    (
+        "types",
+        "export-llama",
+        ("export-llama", "--run", "{w}/runs/run-types", "--output", "{w}/out"),
+        "field 'teacher' should be str",
+        None,
+    ),
+    (
+        "types",
+        "inspect-tokenizers",
+        ("inspect", "tokenizers", "--run", "{w}/runs/run-types"),
+        "field 'teacher' should be str",
+        None,
+    ),
+    (
+        "types",
+        "inspect-architecture",
+        ("inspect", "architecture", "{w}/teacher-types"),
+        "Field 'hidden_size' expected int",
+        None,
+    ),
+    (
+        "types",
+        "quantize",
+        ("quantize", "--model_path", "{w}/teacher-types", "--bits", "8", "--output", "{w}/out"),
+        "teacher-types/config.json: Field 'hidden_size'",
+        None,
+    ),
+    (
+        "types",
+        "package",
+        ("package", "--model", "{w}/teacher-types", "--output", "{w}/out"),
+        "teacher-types/config.json: Field 'hidden_size'",
+        None,
+    ),
+    (
+        "types",
+        "generate",
+        ("generate", "--model_path", "{w}/mac-types", "--prompt", "hi"),
+        "mac-types/config.json: Field 'num_hidden_layers' expected int",
+        None,
+    ),
+    (
+        "types",
+        "vllm",
+        ("vllm", "--model_path", "{w}/mac-types", "--prompt", "hi"),
+        "mac-types/config.json: Field 'num_hidden_layers'",
+        None,
+    ),
+    (
+        "types",
+        "eval",
+        ("eval", "{w}/mac-types", "--output", "{w}/out.json"),
+        "mac-types/config.json: Field 'num_hidden_layers'",
+        None,
+    ),
+    (
+        "types",
+        "recall",
+        ("recall", "--model_path", "{w}/mac-types"),
+        "mac-types/config.json: Field 'num_hidden_layers'",
+        None,
+    ),
     # -- the output under a file / in a read-only folder / on a full disk: checked before the work, or one line
-    ("output", "distil-under-file", (*DISTIL, "--teacher", "{w}/teacher", "--output-dir", "{w}/afile/runs"), "afile, which is a file, not a folder", None),
-    ("output", "distil-is-file", (*DISTIL, "--teacher", "{w}/teacher", "--output-dir", "{w}/afile"), "is a file", None),
-    ("output", "cache-teacher-under-file", ("distil", "cache-teacher", "--teacher", "{w}/teacher", "--data", "{w}/corpus", "--output", "{w}/afile/cache"), "which is a file, not a folder", None),
-    ("output", "export-under-file", ("export-mac", "--run", "{w}/runs/mac", "--output", "{w}/afile/out"), "--output {w}/afile/out is under", None),
-    ("output", "memory-out-under-file", ("generate", "--model_path", "{w}/mac", "--prompt", "hi", "--memory-out", "{w}/afile/m.safetensors"), "--memory-out {w}/afile/m.safetensors is under", None),
-    ("output", "quantize-under-file", ("quantize", "--model_path", "{w}/teacher", "--bits", "8", "--output", "{w}/afile/q"), "--output {w}/afile/q is under", None),
-    ("output", "package-under-file", ("package", "--model", "{w}/teacher", "--output", "{w}/afile/p"), "--output {w}/afile/p is under", None),
-    ("output", "vllm-under-file", ("vllm", "--model_path", "{w}/mac", "--prompt", "hi", "--output", "{w}/afile/o.jsonl"), "--output {w}/afile/o.jsonl is under", None),
-    ("output", "vllm-is-folder", ("vllm", "--model_path", "{w}/mac", "--prompt", "hi", "--output", "{w}/ro"), "is a directory", None),
-    ("output", "distil-read-only", (*DISTIL, "--teacher", "{w}/teacher", "--output-dir", "{w}/ro/runs"), "the folder {w}/ro is not writable", "read_only"),
-    ("output", "cache-teacher-read-only", ("distil", "cache-teacher", "--teacher", "{w}/teacher", "--data", "{w}/corpus", "--output", "{w}/ro/c"), "is not writable", "read_only"),
-    ("output", "export-read-only", ("export-mac", "--run", "{w}/runs/mac", "--output", "{w}/ro/out"), "the folder {w}/ro is not writable", "read_only"),
-    ("output", "memory-out-read-only", ("generate", "--model_path", "{w}/mac", "--prompt", "hi", "--memory-out", "{w}/ro/m.safetensors"), "is not writable", "read_only"),
-    ("output", "quantize-read-only", ("quantize", "--model_path", "{w}/teacher", "--bits", "8", "--output", "{w}/ro/q"), "is not writable", "read_only"),
-    ("output", "package-read-only", ("package", "--model", "{w}/teacher", "--output", "{w}/ro/p"), "is not writable", "read_only"),
-    ("output", "vllm-read-only", ("vllm", "--model_path", "{w}/mac", "--prompt", "hi", "--output", "{w}/ro/o.jsonl"), "is not writable", "read_only"),
-    ("output", "export-full-disk", ("export-mac", "--run", "{w}/runs/mac", "--output", "{w}/full/out"), "cannot write {w}/full/out: No space left on device", "full_disk"),
-    ("output", "memory-out-full-disk", ("generate", "--model_path", "{w}/mac", "--prompt", "hi", "--max-tokens", "2", "--update-rule", "surprise", "--memory-out", "{w}/full/m.safetensors"), "No space left on device", "full_disk"),
-    ("output", "package-full-disk", ("package", "--model", "{w}/teacher", "--output", "{w}/full/p"), "cannot write {w}/full/p: No space left on device", "full_disk"),
-    ("output", "quantize-full-disk", ("quantize", "--model_path", "{w}/teacher", "--bits", "8", "--output", "{w}/full/q", "--eval-blocks", "0", "--new-tokens", "1"), "cannot write {w}/full/q: No space left on device", "full_disk"),
+    (
+        "output",
+        "distil-under-file",
+        (*DISTIL, "--teacher", "{w}/teacher", "--output-dir", "{w}/afile/runs"),
+        "afile, which is a file, not a folder",
+        None,
+    ),
+    (
+        "output",
+        "distil-is-file",
+        (*DISTIL, "--teacher", "{w}/teacher", "--output-dir", "{w}/afile"),
+        "is a file",
+        None,
+    ),
+    (
+        "output",
+        "cache-teacher-under-file",
+        (
+            "distil",
+            "cache-teacher",
+            "--teacher",
+            "{w}/teacher",
+            "--data",
+            "{w}/corpus",
+            "--output",
+            "{w}/afile/cache",
+        ),
+        "which is a file, not a folder",
+        None,
+    ),
+    (
+        "output",
+        "export-under-file",
+        ("export-mac", "--run", "{w}/runs/mac", "--output", "{w}/afile/out"),
+        "--output {w}/afile/out is under",
+        None,
+    ),
+    (
+        "output",
+        "memory-out-under-file",
+        ("generate", "--model_path", "{w}/mac", "--prompt", "hi", "--memory-out", "{w}/afile/m.safetensors"),
+        "--memory-out {w}/afile/m.safetensors is under",
+        None,
+    ),
+    (
+        "output",
+        "quantize-under-file",
+        ("quantize", "--model_path", "{w}/teacher", "--bits", "8", "--output", "{w}/afile/q"),
+        "--output {w}/afile/q is under",
+        None,
+    ),
+    (
+        "output",
+        "package-under-file",
+        ("package", "--model", "{w}/teacher", "--output", "{w}/afile/p"),
+        "--output {w}/afile/p is under",
+        None,
+    ),
+    (
+        "output",
+        "vllm-under-file",
+        ("vllm", "--model_path", "{w}/mac", "--prompt", "hi", "--output", "{w}/afile/o.jsonl"),
+        "--output {w}/afile/o.jsonl is under",
+        None,
+    ),
+    (
+        "output",
+        "vllm-is-folder",
+        ("vllm", "--model_path", "{w}/mac", "--prompt", "hi", "--output", "{w}/ro"),
+        "is a directory",
+        None,
+    ),
+    (
+        "output",
+        "distil-read-only",
+        (*DISTIL, "--teacher", "{w}/teacher", "--output-dir", "{w}/ro/runs"),
+        "the folder {w}/ro is not writable",
+        "read_only",
+    ),
+    (
+        "output",
+        "cache-teacher-read-only",
+        (
+            "distil",
+            "cache-teacher",
+            "--teacher",
+            "{w}/teacher",
+            "--data",
+            "{w}/corpus",
+            "--output",
+            "{w}/ro/c",
+        ),
+        "is not writable",
+        "read_only",
+    ),
+    (
+        "output",
+        "export-read-only",
+        ("export-mac", "--run", "{w}/runs/mac", "--output", "{w}/ro/out"),
+        "the folder {w}/ro is not writable",
+        "read_only",
+    ),
+    (
+        "output",
+        "memory-out-read-only",
+        ("generate", "--model_path", "{w}/mac", "--prompt", "hi", "--memory-out", "{w}/ro/m.safetensors"),
+        "is not writable",
+        "read_only",
+    ),
+    (
+        "output",
+        "quantize-read-only",
+        ("quantize", "--model_path", "{w}/teacher", "--bits", "8", "--output", "{w}/ro/q"),
+        "is not writable",
+        "read_only",
+    ),
+    (
+        "output",
+        "package-read-only",
+        ("package", "--model", "{w}/teacher", "--output", "{w}/ro/p"),
+        "is not writable",
+        "read_only",
+    ),
+    (
+        "output",
+        "vllm-read-only",
+        ("vllm", "--model_path", "{w}/mac", "--prompt", "hi", "--output", "{w}/ro/o.jsonl"),
+        "is not writable",
+        "read_only",
+    ),
+    (
+        "output",
+        "export-full-disk",
+        ("export-mac", "--run", "{w}/runs/mac", "--output", "{w}/full/out"),
+        "cannot write {w}/full/out: No space left on device",
+        "full_disk",
+    ),
+    (
+        "output",
+        "memory-out-full-disk",
+        (
+            "generate",
+            "--model_path",
+            "{w}/mac",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "2",
+            "--update-rule",
+            "surprise",
+            "--memory-out",
+            "{w}/full/m.safetensors",
+        ),
+        "No space left on device",
+        "full_disk",
+    ),
+    (
+        "output",
+        "package-full-disk",
+        ("package", "--model", "{w}/teacher", "--output", "{w}/full/p"),
+        "cannot write {w}/full/p: No space left on device",
+        "full_disk",
+    ),
+    (
+        "output",
+        "quantize-full-disk",
+        (
+            "quantize",
+            "--model_path",
+            "{w}/teacher",
+            "--bits",
+            "8",
+            "--output",
+            "{w}/full/q",
+            "--eval-blocks",
+            "0",
+            "--new-tokens",
+            "1",
+        ),
+        "cannot write {w}/full/q: No space left on device",
+        "full_disk",
+    ),
     # -- pickle-only weights: never unpickled, and one line saying how to convert
-    ("pickle", "distil", (*DISTIL, "--teacher", "{w}/teacher-pickle"), "holds only pickle weights (pytorch_model.bin), which are never unpickled here: safetensors are needed; convert them", None),
-    ("pickle", "cache-teacher", ("distil", "cache-teacher", "--teacher", "{w}/teacher-pickle", "--data", "{w}/corpus", "--output", "{w}/cache"), "safetensors are needed", None),
-    ("pickle", "generate", ("generate", "--model_path", "{w}/teacher-pickle", "--prompt", "hi"), "safetensors are needed", None),
-    ("pickle", "quantize", ("quantize", "--model_path", "{w}/teacher-pickle", "--bits", "8", "--output", "{w}/out"), "safetensors are needed", None),
-    ("pickle", "package", ("package", "--model", "{w}/teacher-pickle", "--output", "{w}/out"), "safetensors are needed", None),
-    ("pickle", "vllm", ("vllm", "--model_path", "{w}/teacher-pickle", "--prompt", "hi"), "safetensors are needed", None),
-    ("pickle", "eval", ("eval", "{w}/teacher-pickle", "--output", "{w}/out.json"), "safetensors are needed", None),
+    (
+        "pickle",
+        "distil",
+        (*DISTIL, "--teacher", "{w}/teacher-pickle"),
+        "holds only pickle weights (pytorch_model.bin), which are never unpickled here: safetensors are needed; convert them",
+        None,
+    ),
+    (
+        "pickle",
+        "cache-teacher",
+        (
+            "distil",
+            "cache-teacher",
+            "--teacher",
+            "{w}/teacher-pickle",
+            "--data",
+            "{w}/corpus",
+            "--output",
+            "{w}/cache",
+        ),
+        "safetensors are needed",
+        None,
+    ),
+    (
+        "pickle",
+        "generate",
+        ("generate", "--model_path", "{w}/teacher-pickle", "--prompt", "hi"),
+        "safetensors are needed",
+        None,
+    ),
+    (
+        "pickle",
+        "quantize",
+        ("quantize", "--model_path", "{w}/teacher-pickle", "--bits", "8", "--output", "{w}/out"),
+        "safetensors are needed",
+        None,
+    ),
+    (
+        "pickle",
+        "package",
+        ("package", "--model", "{w}/teacher-pickle", "--output", "{w}/out"),
+        "safetensors are needed",
+        None,
+    ),
+    (
+        "pickle",
+        "vllm",
+        ("vllm", "--model_path", "{w}/teacher-pickle", "--prompt", "hi"),
+        "safetensors are needed",
+        None,
+    ),
+    (
+        "pickle",
+        "eval",
+        ("eval", "{w}/teacher-pickle", "--output", "{w}/out.json"),
+        "safetensors are needed",
+        None,
+    ),
     # -- truncated safetensors in a model folder
-    ("truncated", "generate", ("generate", "--model_path", "{w}/mac-truncated", "--prompt", "hi"), "mac-truncated/model.safetensors is unreadable", None),
-    ("truncated", "quantize", ("quantize", "--model_path", "{w}/mac-truncated", "--bits", "8", "--output", "{w}/out"), "model.safetensors is unreadable", None),
-    ("truncated", "vllm", ("vllm", "--model_path", "{w}/mac-truncated", "--prompt", "hi"), "model.safetensors is unreadable", None),
-    ("truncated", "eval", ("eval", "{w}/mac-truncated", "--output", "{w}/out.json"), "model.safetensors is unreadable", None),
-    ("truncated", "recall", ("recall", "--model_path", "{w}/mac-truncated"), "model.safetensors is unreadable", None),
-    ("truncated", "distil", (*DISTIL, "--teacher", "{w}/teacher-truncated"), "teacher-truncated/model.safetensors is unreadable", None),
-    ("truncated", "package", ("package", "--model", "{w}/teacher-truncated", "--output", "{w}/out"), "model.safetensors is unreadable", None),
+    (
+        "truncated",
+        "generate",
+        ("generate", "--model_path", "{w}/mac-truncated", "--prompt", "hi"),
+        "mac-truncated/model.safetensors is unreadable",
+        None,
+    ),
+    (
+        "truncated",
+        "quantize",
+        ("quantize", "--model_path", "{w}/mac-truncated", "--bits", "8", "--output", "{w}/out"),
+        "model.safetensors is unreadable",
+        None,
+    ),
+    (
+        "truncated",
+        "vllm",
+        ("vllm", "--model_path", "{w}/mac-truncated", "--prompt", "hi"),
+        "model.safetensors is unreadable",
+        None,
+    ),
+    (
+        "truncated",
+        "eval",
+        ("eval", "{w}/mac-truncated", "--output", "{w}/out.json"),
+        "model.safetensors is unreadable",
+        None,
+    ),
+    (
+        "truncated",
+        "recall",
+        ("recall", "--model_path", "{w}/mac-truncated"),
+        "model.safetensors is unreadable",
+        None,
+    ),
+    (
+        "truncated",
+        "distil",
+        (*DISTIL, "--teacher", "{w}/teacher-truncated"),
+        "teacher-truncated/model.safetensors is unreadable",
+        None,
+    ),
+    (
+        "truncated",
+        "package",
+        ("package", "--model", "{w}/teacher-truncated", "--output", "{w}/out"),
+        "model.safetensors is unreadable",
+        None,
+    ),
     # -- prompts files that are not UTF-8
-    ("utf8", "generate", ("generate", "--model_path", "{w}/mac", "--prompts-file", "{w}/latin1.txt"), "latin1.txt: not UTF-8 text (byte 0xe9 at offset 3); save it as UTF-8", None),
-    ("utf8", "vllm", ("vllm", "--model_path", "{w}/mac", "--prompts-file", "{w}/latin1.txt"), "not UTF-8 text", None),
+    (
+        "utf8",
+        "generate",
+        ("generate", "--model_path", "{w}/mac", "--prompts-file", "{w}/latin1.txt"),
+        "latin1.txt: not UTF-8 text (byte 0xe9 at offset 3); save it as UTF-8",
+        None,
+    ),
+    (
+        "utf8",
+        "vllm",
+        ("vllm", "--model_path", "{w}/mac", "--prompts-file", "{w}/latin1.txt"),
+        "not UTF-8 text",
+        None,
+    ),
     # -- another model's tokenizer in the folder: larger than the vocabulary, or far smaller
-    ("tokenizer", "generate-larger", ("generate", "--model_path", "{w}/mac-bigtok", "--prompt", "hi"), "the tokenizer has 49252 tokens, more tokens than the model's 49152 embeddings", None),
-    ("tokenizer", "generate-smaller", ("generate", "--model_path", "{w}/mac-smalltok", "--prompt", "hi"), "the tokenizer has 4 tokens, far fewer tokens than the model's 49152", None),
-    ("tokenizer", "vllm-larger", ("vllm", "--model_path", "{w}/mac-bigtok", "--prompt", "hi"), "more tokens than the model's", None),
-    ("tokenizer", "vllm-smaller", ("vllm", "--model_path", "{w}/mac-smalltok", "--prompt", "hi"), "far fewer tokens than the model's", None),
-    ("tokenizer", "quantize-smaller", ("quantize", "--model_path", "{w}/mac-smalltok", "--bits", "8", "--output", "{w}/out"), "another model's tokenizer", None),
-    ("tokenizer", "eval-larger", ("eval", "{w}/mac-bigtok", "--output", "{w}/out.json"), "another model's tokenizer", None),
-    ("tokenizer", "recall-smaller", ("recall", "--model_path", "{w}/mac-smalltok"), "another model's tokenizer", None),
-    ("tokenizer", "distil-teacher-smaller", (*DISTIL, "--teacher", "{w}/teacher-smalltok"), "another model's tokenizer", None),
-    ("tokenizer", "package-smaller", ("package", "--model", "{w}/teacher-smalltok", "--output", "{w}/out"), "another model's tokenizer", None),
+    (
+        "tokenizer",
+        "generate-larger",
+        ("generate", "--model_path", "{w}/mac-bigtok", "--prompt", "hi"),
+        "the tokenizer has 49252 tokens, more tokens than the model's 49152 embeddings",
+        None,
+    ),
+    (
+        "tokenizer",
+        "generate-smaller",
+        ("generate", "--model_path", "{w}/mac-smalltok", "--prompt", "hi"),
+        "the tokenizer has 4 tokens, far fewer tokens than the model's 49152",
+        None,
+    ),
+    (
+        "tokenizer",
+        "vllm-larger",
+        ("vllm", "--model_path", "{w}/mac-bigtok", "--prompt", "hi"),
+        "more tokens than the model's",
+        None,
+    ),
+    (
+        "tokenizer",
+        "vllm-smaller",
+        ("vllm", "--model_path", "{w}/mac-smalltok", "--prompt", "hi"),
+        "far fewer tokens than the model's",
+        None,
+    ),
+    (
+        "tokenizer",
+        "quantize-smaller",
+        ("quantize", "--model_path", "{w}/mac-smalltok", "--bits", "8", "--output", "{w}/out"),
+        "another model's tokenizer",
+        None,
+    ),
+    (
+        "tokenizer",
+        "eval-larger",
+        ("eval", "{w}/mac-bigtok", "--output", "{w}/out.json"),
+        "another model's tokenizer",
+        None,
+    ),
+    (
+        "tokenizer",
+        "recall-smaller",
+        ("recall", "--model_path", "{w}/mac-smalltok"),
+        "another model's tokenizer",
+        None,
+    ),
+    (
+        "tokenizer",
+        "distil-teacher-smaller",
+        (*DISTIL, "--teacher", "{w}/teacher-smalltok"),
+        "another model's tokenizer",
+        None,
+    ),
+    (
+        "tokenizer",
+        "package-smaller",
+        ("package", "--model", "{w}/teacher-smalltok", "--output", "{w}/out"),
+        "another model's tokenizer",
+        None,
+    ),
     # -- nan / inf floats, and --max-tokens beyond the model's positions
-    ("numbers", "lr-nan", (*DISTIL, "--lr", "nan"), "Invalid value for '--lr': 'nan' is not a finite number", None),
+    (
+        "numbers",
+        "lr-nan",
+        (*DISTIL, "--lr", "nan"),
+        "Invalid value for '--lr': 'nan' is not a finite number",
+        None,
+    ),
     ("numbers", "lr-inf", (*DISTIL, "--lr", "inf"), "'inf' is not a finite number", None),
     ("numbers", "memory-lr-nan", (*DISTIL, "--memory-lr", "nan"), "--memory-lr", None),
     ("numbers", "alpha-nan", (*DISTIL, "--alpha", "nan"), "--alpha", None),
     ("numbers", "long-range-rate-nan", (*DISTIL, "--long-range-rate", "nan"), "--long-range-rate", None),
-    ("numbers", "layer-loss-weight-inf", (*DISTIL, "--layer-loss-weight", "inf"), "--layer-loss-weight", None),
-    ("numbers", "generate-temperature-nan", ("generate", "--model_path", "{w}/mac", "--prompt", "hi", "--temperature", "nan"), "not a finite number", None),
-    ("numbers", "vllm-top-p-nan", ("vllm", "--model_path", "{w}/mac", "--prompt", "hi", "--top-p", "nan"), "not a finite number", None),
-    ("numbers", "quantize-threshold-nan", ("quantize", "--model_path", "{w}/teacher", "--bits", "8", "--int8-threshold", "nan", "--output", "{w}/out"), "not a finite number", None),
-    ("numbers", "inspect-atol-nan", ("inspect", "verify", "{w}/mac", "--atol", "nan"), "not a finite number", None),
-    ("numbers", "eval-fraction-nan", ("eval", "{w}/mac", "--validation-fraction", "nan"), "not a finite number", None),
-    ("numbers", "max-tokens-huge", ("generate", "--model_path", "{w}/mac", "--prompt", "hi", "--max-tokens", "1000000000"), "--max-tokens 1000000000 exceeds what {w}/mac can hold: 1024 positions (max_position_embeddings) minus the prompt; pass --max-tokens 1023 or less", None),
-    ("numbers", "max-tokens-after-prompt", ("generate", "--model_path", "{w}/mac", "--prompts-file", "{w}/long.txt", "--max-tokens", "1000"), "+ 1000 new exceeds the model's 1024 positions (max_position_embeddings); pass --max-tokens", None),
+    (
+        "numbers",
+        "layer-loss-weight-inf",
+        (*DISTIL, "--layer-loss-weight", "inf"),
+        "--layer-loss-weight",
+        None,
+    ),
+    (
+        "numbers",
+        "generate-temperature-nan",
+        ("generate", "--model_path", "{w}/mac", "--prompt", "hi", "--temperature", "nan"),
+        "not a finite number",
+        None,
+    ),
+    (
+        "numbers",
+        "vllm-top-p-nan",
+        ("vllm", "--model_path", "{w}/mac", "--prompt", "hi", "--top-p", "nan"),
+        "not a finite number",
+        None,
+    ),
+    (
+        "numbers",
+        "quantize-threshold-nan",
+        (
+            "quantize",
+            "--model_path",
+            "{w}/teacher",
+            "--bits",
+            "8",
+            "--int8-threshold",
+            "nan",
+            "--output",
+            "{w}/out",
+        ),
+        "not a finite number",
+        None,
+    ),
+    (
+        "numbers",
+        "inspect-atol-nan",
+        ("inspect", "verify", "{w}/mac", "--atol", "nan"),
+        "not a finite number",
+        None,
+    ),
+    (
+        "numbers",
+        "eval-fraction-nan",
+        ("eval", "{w}/mac", "--validation-fraction", "nan"),
+        "not a finite number",
+        None,
+    ),
+    (
+        "numbers",
+        "max-tokens-huge",
+        ("generate", "--model_path", "{w}/mac", "--prompt", "hi", "--max-tokens", "1000000000"),
+        "--max-tokens 1000000000 exceeds what {w}/mac can hold: 1024 positions (max_position_embeddings) minus the prompt; pass --max-tokens 1023 or less",
+        None,
+    ),
+    (
+        "numbers",
+        "max-tokens-after-prompt",
+        ("generate", "--model_path", "{w}/mac", "--prompts-file", "{w}/long.txt", "--max-tokens", "1000"),
+        "+ 1000 new exceeds the model's 1024 positions (max_position_embeddings); pass --max-tokens",
+        None,
+    ),
     # -- a Hub push without network: one line, the export stays where the message says
-    ("hub", "export-mac-push", PUSH, "push to me/tiny failed (no connection to the Hub (ConnectError", "offline_hub"),
+    (
+        "hub",
+        "export-mac-push",
+        PUSH,
+        "push to me/tiny failed (no connection to the Hub (ConnectError",
+        "offline_hub",
+    ),
 ]
 
 
@@ -250,7 +794,9 @@ def test_bad_input_is_one_line_and_touches_nothing(world, request, kind, name, a
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, result.output
     assert fragment.replace("{w}", str(world)) in errors[0], result.output
-    assert result.output.rstrip().endswith(errors[0]), result.output  # the message is the last line, and one line
+    assert result.output.rstrip().endswith(errors[0]), (
+        result.output
+    )  # the message is the last line, and one line
     after = snapshot(world)
     if setup == "offline_hub":  # the export is written before the push, and the message says where it is
         after = {k: v for k, v in after.items() if not k.startswith("pushed")}
@@ -280,8 +826,11 @@ def interact(world, monkeypatch, lines: str, *extra):
         return real(self, prompt, *args, **kwargs)
 
     monkeypatch.setattr(generate.Session, "generate", record)
-    result = CliRunner().invoke(main, ["generate", "--model_path", str(world / "mac"), "--interactive",
-                                       "--max-tokens", "2", *extra], input=lines)
+    result = CliRunner().invoke(
+        main,
+        ["generate", "--model_path", str(world / "mac"), "--interactive", "--max-tokens", "2", *extra],
+        input=lines,
+    )
     return result, asked
 
 
@@ -295,8 +844,10 @@ def test_interactive_leaves_on_quit_words_and_eof(world, monkeypatch, leave):
 
 
 def test_interactive_save_failure_is_reported_and_the_session_goes_on(world, monkeypatch, read_only):
-    lines = (f"hello\n/save {world}/afile/m.safetensors\n/save {read_only}/m.safetensors\n"
-             f"/save {world}/mac\nagain\n/quit\n")
+    lines = (
+        f"hello\n/save {world}/afile/m.safetensors\n/save {read_only}/m.safetensors\n"
+        f"/save {world}/mac\nagain\n/quit\n"
+    )
     before = snapshot(world)
     result, asked = interact(world, monkeypatch, lines, "--update-rule", "surprise")
     assert result.exit_code == 0, result.output
@@ -341,7 +892,11 @@ def test_tokenizer_rule_allows_padding_to_a_multiple_of_128_only():
 def test_embedded_teacher_tokenizer_matches_its_vocabulary(embedded_dir):
     from transformers import AutoConfig
 
-    assert len(AutoTokenizer.from_pretrained(embedded_dir)) == AutoConfig.from_pretrained(embedded_dir).vocab_size == 49152
+    assert (
+        len(AutoTokenizer.from_pretrained(embedded_dir))
+        == AutoConfig.from_pretrained(embedded_dir).vocab_size
+        == 49152
+    )
 
 
 def test_every_class_has_cases():

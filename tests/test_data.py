@@ -100,7 +100,10 @@ def test_parse_colons_fields_hub_and_presets(tmp_path, monkeypatch):
     assert (src.kind, src.hub.path, src.hub.name, src.hub.fields) == ("hub", "org/set", "cfg", ("body",))
     src = D._resolve_source("codesearchnet")
     assert (src.hub.path, src.hub.name, src.hub.fields) == (
-        "code-search-net/code_search_net", "python", ("whole_func_string",))
+        "code-search-net/code_search_net",
+        "python",
+        ("whole_func_string",),
+    )
     assert D._resolve_source("codesearchnet:java").hub.name == "java"
     assert D._resolve_source("the-stack").hub.data_dir == "data/python"
     assert D._resolve_source("the-stack:rust").hub.data_dir == "data/rust"
@@ -111,35 +114,77 @@ def test_parse_colons_fields_hub_and_presets(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("", "empty --data spec; use 'stdlib', a folder, a .txt/.jsonl/.parquet file, a preset or hf:<dataset>"),
-        ("stdlib,,x", "empty source in --data 'stdlib,,x'; separate sources with single commas, "
-                      "e.g. stdlib:0.7,notes.jsonl:0.3"),
-        ("nonsense", "unknown data source 'nonsense'; use stdlib, a preset (codesearchnet, the-stack, apps), "
-                     "hf:<dataset>[:<config>], or a path to a folder or .txt/.jsonl/.parquet file"),
-        ("missing/notes.jsonl", "data file or folder not found: 'missing/notes.jsonl'; check the path given "
-                                "to --data"),
-        ("stdlib:0", "bad mixture weight '0' for data source 'stdlib'; weights must be positive numbers, "
-                     "e.g. stdlib:0.7,notes.jsonl:0.3"),
-        ("stdlib:-1", "bad mixture weight '-1' for data source 'stdlib'; weights must be positive numbers, "
-                      "e.g. stdlib:0.7,notes.jsonl:0.3"),
-        ("stdlib:nan", "bad mixture weight 'nan' for data source 'stdlib'; weights must be positive numbers, "
-                       "e.g. stdlib:0.7,notes.jsonl:0.3"),
-        ("stdlib:1e999", "bad mixture weight '1e999' for data source 'stdlib'; weights must be positive "
-                         "numbers, e.g. stdlib:0.7,notes.jsonl:0.3"),
-        ("stdlib:", "bad mixture weight '' for data source 'stdlib'; weights must be positive numbers, "
-                    "e.g. stdlib:0.7,notes.jsonl:0.3"),
-        (":0.5", "missing data source before ':0.5' in --data; write source:weight, "
-                 "e.g. stdlib:0.7,notes.jsonl:0.3"),
-        ("stdlib,stdlib:2", "data source 'stdlib' appears twice in --data; give each source once with its "
-                            "total weight"),
-        ("hf:", "missing dataset name in 'hf:'; write hf:<name>[:<config>][#field], "
-                "e.g. hf:bigcode/the-stack-smol#content"),
+        (
+            "",
+            "empty --data spec; use 'stdlib', a folder, a .txt/.jsonl/.parquet file, a preset or hf:<dataset>",
+        ),
+        (
+            "stdlib,,x",
+            "empty source in --data 'stdlib,,x'; separate sources with single commas, "
+            "e.g. stdlib:0.7,notes.jsonl:0.3",
+        ),
+        (
+            "nonsense",
+            "unknown data source 'nonsense'; use stdlib, a preset (codesearchnet, the-stack, apps), "
+            "hf:<dataset>[:<config>], or a path to a folder or .txt/.jsonl/.parquet file",
+        ),
+        (
+            "missing/notes.jsonl",
+            "data file or folder not found: 'missing/notes.jsonl'; check the path given to --data",
+        ),
+        (
+            "stdlib:0",
+            "bad mixture weight '0' for data source 'stdlib'; weights must be positive numbers, "
+            "e.g. stdlib:0.7,notes.jsonl:0.3",
+        ),
+        (
+            "stdlib:-1",
+            "bad mixture weight '-1' for data source 'stdlib'; weights must be positive numbers, "
+            "e.g. stdlib:0.7,notes.jsonl:0.3",
+        ),
+        (
+            "stdlib:nan",
+            "bad mixture weight 'nan' for data source 'stdlib'; weights must be positive numbers, "
+            "e.g. stdlib:0.7,notes.jsonl:0.3",
+        ),
+        (
+            "stdlib:1e999",
+            "bad mixture weight '1e999' for data source 'stdlib'; weights must be positive "
+            "numbers, e.g. stdlib:0.7,notes.jsonl:0.3",
+        ),
+        (
+            "stdlib:",
+            "bad mixture weight '' for data source 'stdlib'; weights must be positive numbers, "
+            "e.g. stdlib:0.7,notes.jsonl:0.3",
+        ),
+        (
+            ":0.5",
+            "missing data source before ':0.5' in --data; write source:weight, "
+            "e.g. stdlib:0.7,notes.jsonl:0.3",
+        ),
+        (
+            "stdlib,stdlib:2",
+            "data source 'stdlib' appears twice in --data; give each source once with its total weight",
+        ),
+        (
+            "hf:",
+            "missing dataset name in 'hf:'; write hf:<name>[:<config>][#field], "
+            "e.g. hf:bigcode/the-stack-smol#content",
+        ),
         ("apps:python", "preset 'apps' has no variants, got 'apps:python'; write 'apps'"),
-        ("stdlib#text", "'#field' applies to .jsonl, .parquet and Hub sources, not 'stdlib#text'; drop '#text'"),
-        ("data.csv", "unsupported data file type '.csv' for 'data.csv'; use a .txt, .jsonl or .parquet file, "
-                     "or a folder of code/text files"),
-        ("folder#text", "'#field' applies to .jsonl, .parquet and Hub sources, not 'folder#text'; "
-                        "drop '#text'"),
+        (
+            "stdlib#text",
+            "'#field' applies to .jsonl, .parquet and Hub sources, not 'stdlib#text'; drop '#text'",
+        ),
+        (
+            "data.csv",
+            "unsupported data file type '.csv' for 'data.csv'; use a .txt, .jsonl or .parquet file, "
+            "or a folder of code/text files",
+        ),
+        (
+            "folder#text",
+            "'#field' applies to .jsonl, .parquet and Hub sources, not 'folder#text'; drop '#text'",
+        ),
     ],
 )
 def test_parse_errors_are_one_line(spec, message, tmp_path, monkeypatch):
@@ -194,25 +239,42 @@ def test_empty_folder_is_an_error(tmp_path, monkeypatch):
     (tmp_path / "empty" / "pic.png").write_bytes(b"\0")
     with pytest.raises(DataError) as err:
         read_documents("empty")
-    assert str(err.value) == ("data source 'empty' is empty: no readable code/text files (.py .md .txt .js ...); "
-                              "point --data at a source with text")
+    assert str(err.value) == (
+        "data source 'empty' is empty: no readable code/text files (.py .md .txt .js ...); "
+        "point --data at a source with text"
+    )
 
 
 def test_txt_file_splits_documents_on_blank_lines(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("first para\nline2\n\n\nsecond\n  \t\nthird\n\n")
-    assert read_documents(str(path)) == [("para:0", "first para\nline2"), ("para:1", "second"),
-                                         ("para:2", "third")]
+    assert read_documents(str(path)) == [
+        ("para:0", "first para\nline2"),
+        ("para:1", "second"),
+        ("para:2", "third"),
+    ]
 
 
 def test_jsonl_default_fields_and_hash_field(tmp_path):
-    path = write_jsonl(tmp_path / "rows.jsonl", [
-        {"text": "alpha"}, {"content": "beta"}, {"text": ""}, "gamma", {"code": "delta"}, {"other": 1},
-    ])
+    path = write_jsonl(
+        tmp_path / "rows.jsonl",
+        [
+            {"text": "alpha"},
+            {"content": "beta"},
+            {"text": ""},
+            "gamma",
+            {"code": "delta"},
+            {"other": 1},
+        ],
+    )
     with open(path, "a") as fh:
         fh.write("\n")
-    assert read_documents(str(path)) == [("line:1", "alpha"), ("line:2", "beta"), ("line:4", "gamma"),
-                                         ("line:5", "delta")]
+    assert read_documents(str(path)) == [
+        ("line:1", "alpha"),
+        ("line:2", "beta"),
+        ("line:4", "gamma"),
+        ("line:5", "delta"),
+    ]
     assert read_documents(str(path), max_documents=2) == [("line:1", "alpha"), ("line:2", "beta")]
 
     path = write_jsonl(tmp_path / "f.jsonl", [{"body": "x", "text": "y"}, {"body": ["p", "q"]}])
@@ -225,13 +287,17 @@ def test_jsonl_errors(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "f.jsonl", [{"body": "x", "text": "y"}])
     with pytest.raises(DataError) as err:
         read_documents("f.jsonl#nope")
-    assert str(err.value) == ("no documents with a field 'nope' in 'f.jsonl' (fields seen: body, text); "
-                              "name the text field as f.jsonl#<field>")
+    assert str(err.value) == (
+        "no documents with a field 'nope' in 'f.jsonl' (fields seen: body, text); "
+        "name the text field as f.jsonl#<field>"
+    )
     write_jsonl(tmp_path / "g.jsonl", [{"body": "x"}])
     with pytest.raises(DataError) as err:
         read_documents("g.jsonl")
-    assert str(err.value) == ("no documents with a 'text', 'content' or 'code' field in 'g.jsonl' (fields seen: "
-                              "body); name the text field as g.jsonl#<field>")
+    assert str(err.value) == (
+        "no documents with a 'text', 'content' or 'code' field in 'g.jsonl' (fields seen: "
+        "body); name the text field as g.jsonl#<field>"
+    )
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{broken\n')
     with pytest.raises(DataError, match=r"^bad\.jsonl:2: invalid JSON \(.*\); each line of a \.jsonl file"):
         read_documents("bad.jsonl")
@@ -242,13 +308,17 @@ def test_parquet_source_reads_field(tmp_path):
     import pyarrow.parquet as pq
 
     path = tmp_path / "rows.parquet"
-    pq.write_table(pa.table({"n": [1, 2, 3], "content": ["a = 1", None, "b = 2"], "body": ["x", "y", "z"]}),
-                   path)
+    pq.write_table(
+        pa.table({"n": [1, 2, 3], "content": ["a = 1", None, "b = 2"], "body": ["x", "y", "z"]}), path
+    )
     assert read_documents(str(path)) == [("row:0", "a = 1"), ("row:2", "b = 2")]
     assert read_documents(f"{path}#body") == [("row:0", "x"), ("row:1", "y"), ("row:2", "z")]
     assert read_documents(f"{path}#body", max_documents=2) == [("row:0", "x"), ("row:1", "y")]
-    with pytest.raises(DataError, match=r"^no documents with a field 'nope' in .*rows\.parquet' \(fields seen: "
-                                        r"body, content, n\); name the text field as .*rows\.parquet#<field>$"):
+    with pytest.raises(
+        DataError,
+        match=r"^no documents with a field 'nope' in .*rows\.parquet' \(fields seen: "
+        r"body, content, n\); name the text field as .*rows\.parquet#<field>$",
+    ):
         read_documents(f"{path}#nope")
 
 
@@ -361,8 +431,10 @@ def test_too_short_for_one_block(tok, tmp_path, monkeypatch):
     n_train = len(split_documents([f"line:{i}" for i in range(1, 31)], 0.05)[0])
     with pytest.raises(DataError) as err:
         load_blocks("tiny.jsonl", tok, 512, use_cache=False)
-    assert str(err.value) == (f"data source 'tiny.jsonl' (train split) has {3 * n_train} tokens, fewer than "
-                              "--max-length 512; use a larger --data or a smaller --max-length")
+    assert str(err.value) == (
+        f"data source 'tiny.jsonl' (train split) has {3 * n_train} tokens, fewer than "
+        "--max-length 512; use a larger --data or a smaller --max-length"
+    )
 
 
 def test_split_errors(tok, tmp_path, monkeypatch):
@@ -370,8 +442,10 @@ def test_split_errors(tok, tmp_path, monkeypatch):
     write_jsonl(tmp_path / "one.jsonl", [{"text": "a single document " * 10}])
     with pytest.raises(DataError) as err:
         load_blocks("one.jsonl", tok, 8, use_cache=False)
-    assert str(err.value) == ("data source 'one.jsonl' has 1 document(s), all held out for validation; add "
-                              "documents (a .txt file splits on blank lines) or use validation fraction 0")
+    assert str(err.value) == (
+        "data source 'one.jsonl' has 1 document(s), all held out for validation; add "
+        "documents (a .txt file splits on blank lines) or use validation fraction 0"
+    )
     assert load_blocks("one.jsonl", tok, 8, validation_fraction=0.0, use_cache=False).shape[0] > 0
     with pytest.raises(DataError, match="has no validation documents"):
         load_blocks("one.jsonl", tok, 8, "validation", validation_fraction=0.0, use_cache=False)
@@ -447,8 +521,11 @@ def test_hub_source_reads_bounded_rows(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     docs = read_documents("hf:org/set:cfg", max_documents=5)
     assert docs == [(f"row:{i}", f"row {i}") for i in range(5)]
-    assert calls[0] == ("org/set", "cfg", {"data_dir": None, "data_files": None, "split": "train",
-                                           "streaming": True})
+    assert calls[0] == (
+        "org/set",
+        "cfg",
+        {"data_dir": None, "data_files": None, "split": "train", "streaming": True},
+    )
     assert len(read_documents("hf:org/set")) == 1000  # default bound: DEFAULT_HUB_MAX_DOCUMENTS
 
 
@@ -469,12 +546,17 @@ def test_hub_failure_names_the_source(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError) as err:
         read_documents("hf:org/set:cfg")
-    assert str(err.value) == ("cannot load Hub dataset 'org/set:cfg' for data source 'hf:org/set:cfg' "
-                              "(ConnectionError: Couldn't reach 'org/set' on the Hub (OfflineModeIsEnabled)); "
-                              "check the name and your network/HF token, or use a local folder or "
-                              ".jsonl/.parquet file")
-    with pytest.raises(DataError, match=r"^cannot load Hub dataset 'bigcode/the-stack-smol' for data source "
-                                        r"'the-stack' .*\(gated: accept the terms"):
+    assert str(err.value) == (
+        "cannot load Hub dataset 'org/set:cfg' for data source 'hf:org/set:cfg' "
+        "(ConnectionError: Couldn't reach 'org/set' on the Hub (OfflineModeIsEnabled)); "
+        "check the name and your network/HF token, or use a local folder or "
+        ".jsonl/.parquet file"
+    )
+    with pytest.raises(
+        DataError,
+        match=r"^cannot load Hub dataset 'bigcode/the-stack-smol' for data source "
+        r"'the-stack' .*\(gated: accept the terms",
+    ):
         read_documents("the-stack")
 
 

@@ -22,9 +22,29 @@ PY = sys.executable
 
 
 def tiny_args(teacher, corpus, out, name, *extra):
-    return ["--teacher", str(teacher), "--data", str(corpus), "--student-layers", "2", "--max-length", "32",
-            "--batch-size", "2", "--validation-fraction", "0.2", "--eval-batches", "2", "--precision", "fp32",
-            "--output-dir", str(out), "--run-name", name, *map(str, extra)]
+    return [
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(corpus),
+        "--student-layers",
+        "2",
+        "--max-length",
+        "32",
+        "--batch-size",
+        "2",
+        "--validation-fraction",
+        "0.2",
+        "--eval-batches",
+        "2",
+        "--precision",
+        "fp32",
+        "--output-dir",
+        str(out),
+        "--run-name",
+        name,
+        *map(str, extra),
+    ]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -37,7 +57,17 @@ def run_cli(*args, env_extra=None, launcher=(PY, str(ROOT / "distil.py"))):
     return subprocess.run([*launcher, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
 
 
-MAC_FLAGS = ("--use-mac", "--segment-len", 16, "--memory-chunk-size", 8, "--persistent-tokens", 4, "--memory-layers", "1")
+MAC_FLAGS = (
+    "--use-mac",
+    "--segment-len",
+    16,
+    "--memory-chunk-size",
+    8,
+    "--persistent-tokens",
+    4,
+    "--memory-layers",
+    "1",
+)
 
 
 # MAC with the recipe flags: the kill (step 3) and the resume fall on either side of the unfreeze (step 4);
@@ -57,21 +87,34 @@ STUDENT_FLAGS = {"llama": (), "mac": MAC_FLAGS, "mac-recipe": RECIPE_FLAGS}
 
 
 @pytest.mark.parametrize("student", list(STUDENT_FLAGS))
-def test_sigkill_and_resume_reproduces_uninterrupted_losses(tiny_teacher_dir, small_corpus, tmp_path, student):
+def test_sigkill_and_resume_reproduces_uninterrupted_losses(
+    tiny_teacher_dir, small_corpus, tmp_path, student
+):
     common = ("--max-steps", 8, "--save-every", 3, "--eval-every", 0, "--lr", "3e-3", *STUDENT_FLAGS[student])
     full = run_cli(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "full", *common))
     assert full.returncode == 0, full.stderr[-2000:]
 
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([PY, str(ROOT / "distil.py"), *tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "killed", *common)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            PY,
+            str(ROOT / "distil.py"),
+            *tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "killed", *common),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoint = tmp_path / "killed" / "checkpoints" / "step-000003"
     deadline = time.time() + 300
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert checkpoint.exists() and not (tmp_path / "killed" / "final").exists(), "the run must be killed mid-way"
+    assert checkpoint.exists() and not (tmp_path / "killed" / "final").exists(), (
+        "the run must be killed mid-way"
+    )
 
     resumed = run_cli(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "killed", *common, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -96,12 +139,32 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_teacher
         for step in want:
             assert got[step] == pytest.approx(want[step], rel=1e-4)
         rows = [json.loads(line) for line in (tmp_path / launcher / "metrics.jsonl").read_text().splitlines()]
-        assert rows[0]["val_ppl"] == pytest.approx(json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])["val_ppl"], rel=1e-5)
-    launch = [PY, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+        assert rows[0]["val_ppl"] == pytest.approx(
+            json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])["val_ppl"], rel=1e-5
+        )
+    launch = [
+        PY,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29533",
+    ]
     # Accelerate's --cpu launcher starts one process without MPI: refused instead of silently training alone.
-    alone = run_cli(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "alone", *common), launcher=[*launch, "--cpu", str(ROOT / "distil.py")])
-    assert alone.returncode != 0 and "started a single process (Accelerate needs MPI for that)" in alone.stderr
+    alone = run_cli(
+        *tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "alone", *common),
+        launcher=[*launch, "--cpu", str(ROOT / "distil.py")],
+    )
+    assert (
+        alone.returncode != 0 and "started a single process (Accelerate needs MPI for that)" in alone.stderr
+    )
 
 
 def test_memory_parts_get_their_own_lr_and_learn_while_the_backbone_is_frozen(
@@ -181,14 +244,26 @@ def test_answer_weights_mark_the_positions_that_predict_each_answer():
 def test_answer_loss_weight_changes_the_loss_of_long_range_blocks_only(
     tiny_teacher_dir, small_corpus, tmp_path, one_thread
 ):
-    common = (*MAC_FLAGS, "--max-length", 160, "--max-steps", 2, "--save-every", 0, "--eval-every", 0,
-              "--long-range-rate", "1.0")
+    common = (
+        *MAC_FLAGS,
+        "--max-length",
+        160,
+        "--max-steps",
+        2,
+        "--save-every",
+        0,
+        "--eval-every",
+        0,
+        "--long-range-rate",
+        "1.0",
+    )
     runs = {"plain": (), "weighted": ("--answer-loss-weight", "20")}
     for name, extra in runs.items():
         code, out = invoke(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path, name, *common, *extra))
         assert code == 0, out
     plain, weighted = (
-        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in runs
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in runs
     )
     assert plain[1]["kd"] == weighted[1]["kd"] and plain[1]["ce"] == weighted[1]["ce"]  # same first forward
     assert plain[1]["loss"] != weighted[1]["loss"]
@@ -314,39 +389,77 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tiny_teacher_dir, small
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.json").write_text('{"precious": true}')
     code, out = invoke(*base)
-    assert code == 1 and out == f"Error: {tmp_path / 'r'} already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another --run-name"
+    assert (
+        code == 1
+        and out
+        == f"Error: {tmp_path / 'r'} already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another --run-name"
+    )
     assert (tmp_path / "r" / "config.json").read_text() == '{"precious": true}'
     # Resume with a different config.
     (tmp_path / "r" / "config.json").write_text(json.dumps({"teacher": "other"}))
     code, out = invoke(*base, "--resume")
-    assert code == 1 and "was started with a different config (teacher: run has 'other'" in out and "\n" not in out
+    assert (
+        code == 1
+        and "was started with a different config (teacher: run has 'other'" in out
+        and "\n" not in out
+    )
 
     cases = [
-        (["--teacher", str(tmp_path / "nope")], "does not exist; pass an existing folder, a .gguf file, a Hub id or 'embedded'"),
-        (["--max-length", "4096"], "--max-length 4096 exceeds the teacher's 1024 positions; pass --max-length 1024 or less"),
+        (
+            ["--teacher", str(tmp_path / "nope")],
+            "does not exist; pass an existing folder, a .gguf file, a Hub id or 'embedded'",
+        ),
+        (
+            ["--max-length", "4096"],
+            "--max-length 4096 exceeds the teacher's 1024 positions; pass --max-length 1024 or less",
+        ),
         (["--data", str(tmp_path / "empty")], "empty"),
-        (["--data", str(tmp_path / "short")], "fewer than --max-length 32; use a larger --data or a smaller --max-length"),
+        (
+            ["--data", str(tmp_path / "short")],
+            "fewer than --max-length 32; use a larger --data or a smaller --max-length",
+        ),
         (["--student-layers", "9"], "--student-layers 9 is out of range; the teacher has 4 layers"),
-        (["--use-mac", "--segment-len", "16", "--memory-chunk-size", "6"], "invalid memory settings: memory_chunk_size (6) must divide segment_len (16)"),
-        (["--use-mac", "--memory-layers", "x"], "--memory-layers 'x' is not a comma-separated list of student layer indices"),
-        (["--use-mac", "--memory-layers", "5"], "invalid memory settings: memory_layers [5] holds indices [5] outside 0..1"),
+        (
+            ["--use-mac", "--segment-len", "16", "--memory-chunk-size", "6"],
+            "invalid memory settings: memory_chunk_size (6) must divide segment_len (16)",
+        ),
+        (
+            ["--use-mac", "--memory-layers", "x"],
+            "--memory-layers 'x' is not a comma-separated list of student layer indices",
+        ),
+        (
+            ["--use-mac", "--memory-layers", "5"],
+            "invalid memory settings: memory_layers [5] holds indices [5] outside 0..1",
+        ),
         (["--memory-lr", "1e-3"], "--memory-lr needs a student with memory (nothing else would train)"),
         (["--freeze-backbone-steps", "1"], "--freeze-backbone-steps needs a student with memory"),
         (["--use-mac", "--memory-layers", "", "--freeze-backbone-steps", "1"], "needs a student with memory"),
         (["--use-mac", "--freeze-backbone-steps", "2"], "--freeze-backbone-steps 2 exceeds --max-steps 1"),
         (["--long-range-rate", "-0.1"], "--long-range-rate -0.1 is not a fraction in [0, 1]"),
         (["--long-range-rate", "1.5"], "--long-range-rate 1.5 is not a fraction in [0, 1]"),
-        (["--long-range-kinds", "passkey,needle"], "--long-range-kinds 'passkey,needle' names no or unknown kinds"),
-        (["--long-range-rate", "0.5"], "--long-range-distance 512 needs 640 tokens per item (distance + 128) but "
-                                       "--max-length is 32; pass a larger --max-length or a smaller"),
-        (["--long-range-rate", "0.5", "--long-range-distance", "8", "--teacher-cache", tmp_path / "cache"],
-         "--long-range-rate rewrites training blocks, which the teacher targets stored in --teacher-cache"),
+        (
+            ["--long-range-kinds", "passkey,needle"],
+            "--long-range-kinds 'passkey,needle' names no or unknown kinds",
+        ),
+        (
+            ["--long-range-rate", "0.5"],
+            "--long-range-distance 512 needs 640 tokens per item (distance + 128) but "
+            "--max-length is 32; pass a larger --max-length or a smaller",
+        ),
+        (
+            ["--long-range-rate", "0.5", "--long-range-distance", "8", "--teacher-cache", tmp_path / "cache"],
+            "--long-range-rate rewrites training blocks, which the teacher targets stored in --teacher-cache",
+        ),
         (["--layer-loss-weight", "-1"], "--layer-loss-weight -1.0 is not a number >= 0"),
-        (["--layer-loss-weight", "0.1", "--teacher-cache", tmp_path / "cache"],
-         "--layer-loss-weight needs the teacher's hidden states, which a --teacher-cache does not hold"),
+        (
+            ["--layer-loss-weight", "0.1", "--teacher-cache", tmp_path / "cache"],
+            "--layer-loss-weight needs the teacher's hidden states, which a --teacher-cache does not hold",
+        ),
         (["--answer-loss-weight", "0"], "--answer-loss-weight 0.0 is not a number > 0; pass e.g. 10"),
-        (["--answer-loss-weight", "5"], "--answer-loss-weight 5.0 weights the answers of long-range items, and "
-                                        "--long-range-rate is 0"),
+        (
+            ["--answer-loss-weight", "5"],
+            "--answer-loss-weight 5.0 weights the answers of long-range items, and --long-range-rate is 0",
+        ),
     ]
     (tmp_path / "empty").mkdir()
     (tmp_path / "short").mkdir()
@@ -356,11 +469,21 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tiny_teacher_dir, small
         code, out = invoke(*base, "--run-name", "fresh", *extra)
         assert code == 1 and message in out and "\n" not in out, (extra, out)
         assert not (tmp_path / "fresh").exists()
-    rejected_by_click = [("--lr", "-1"), ("--batch-size", "0"), ("--alpha", "1.5"), ("--loss", "mse"),
-                         ("--memory-lr", "-1"), ("--freeze-backbone-steps", "-1"), ("--long-range-distance", "-1"),
-                         # nan and inf pass click's range checks; the finite float type refuses them
-                         ("--memory-lr", "nan"), ("--long-range-rate", "nan"), ("--layer-loss-weight", "nan"),
-                         ("--answer-loss-weight", "nan"), ("--lr", "inf")]
+    rejected_by_click = [
+        ("--lr", "-1"),
+        ("--batch-size", "0"),
+        ("--alpha", "1.5"),
+        ("--loss", "mse"),
+        ("--memory-lr", "-1"),
+        ("--freeze-backbone-steps", "-1"),
+        ("--long-range-distance", "-1"),
+        # nan and inf pass click's range checks; the finite float type refuses them
+        ("--memory-lr", "nan"),
+        ("--long-range-rate", "nan"),
+        ("--layer-loss-weight", "nan"),
+        ("--answer-loss-weight", "nan"),
+        ("--lr", "inf"),
+    ]
     for flag, value in rejected_by_click:
         code, out = invoke(*base, flag, value)
         assert code == 2 and f"Invalid value for '{flag}'" in out
@@ -368,25 +491,56 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tiny_teacher_dir, small
 
 def test_tokenizer_larger_than_teacher_vocab_is_refused(tiny_teacher_dir, small_corpus, tmp_path):
     small_vocab = tmp_path / "small-vocab"
-    config = LlamaConfig(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    config = LlamaConfig(
+        vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
     LlamaForCausalLM(config).save_pretrained(small_vocab)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (small_vocab / name).write_bytes((tiny_teacher_dir / name).read_bytes())
     code, out = invoke(*tiny_args(small_vocab, small_corpus, tmp_path, "v", "--max-steps", 1))
-    assert code == 1 and out == (f"Error: teacher {small_vocab}: the tokenizer has 49152 tokens, more tokens than the "
-                                 "model's 1000 embeddings (at most a padding to a multiple of 128 is allowed); it is "
-                                 "another model's tokenizer: save the model's own tokenizer into the folder")
+    assert code == 1 and out == (
+        f"Error: teacher {small_vocab}: the tokenizer has 49152 tokens, more tokens than the "
+        "model's 1000 embeddings (at most a padding to a multiple of 128 is allowed); it is "
+        "another model's tokenizer: save the model's own tokenizer into the folder"
+    )
 
 
 def test_teacher_cache_trains_without_the_teacher(tiny_teacher_dir, small_corpus, tmp_path):
-    data = ["--teacher", str(tiny_teacher_dir), "--data", str(small_corpus), "--max-length", "32", "--validation-fraction", "0.2",
-            "--max-train-blocks", "8", "--precision", "fp32"]
-    code, out = invoke("cache-teacher", *data, "--output", tmp_path / "cache", "--top-k", "16", "--blocks-per-shard", "3")
+    data = [
+        "--teacher",
+        str(tiny_teacher_dir),
+        "--data",
+        str(small_corpus),
+        "--max-length",
+        "32",
+        "--validation-fraction",
+        "0.2",
+        "--max-train-blocks",
+        "8",
+        "--precision",
+        "fp32",
+    ]
+    code, out = invoke(
+        "cache-teacher", *data, "--output", tmp_path / "cache", "--top-k", "16", "--blocks-per-shard", "3"
+    )
     assert code == 0, out
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["n_blocks"] == 8 and len(manifest["shards"]) == 3 and manifest["top_k"] == 16
-    args = [*data, "--student-layers", "2", "--batch-size", "2", "--max-steps", "2", "--eval-batches", "1",
-            "--output-dir", tmp_path, "--teacher-cache", tmp_path / "cache"]
+    args = [
+        *data,
+        "--student-layers",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--eval-batches",
+        "1",
+        "--output-dir",
+        tmp_path,
+        "--teacher-cache",
+        tmp_path / "cache",
+    ]
     code, out = invoke(*args, "--run-name", "cached")
     assert code == 0, out
     assert len(losses(tmp_path / "cached")) == 2
@@ -398,11 +552,31 @@ def test_teacher_cache_trains_without_the_teacher(tiny_teacher_dir, small_corpus
 
 @pytest.mark.slow
 def test_few_steps_on_the_embedded_teacher(embedded_dir, small_corpus, tmp_path):
-    result = run_cli("--data", small_corpus, "--student-layers", "3", "--max-length", "128", "--batch-size", "2", "--max-steps", "3",
-                     "--eval-every", "3", "--eval-batches", "1", "--output-dir", tmp_path, "--run-name", "e2e")
+    result = run_cli(
+        "--data",
+        small_corpus,
+        "--student-layers",
+        "3",
+        "--max-length",
+        "128",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "3",
+        "--eval-every",
+        "3",
+        "--eval-batches",
+        "1",
+        "--output-dir",
+        tmp_path,
+        "--run-name",
+        "e2e",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "e2e" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["teacher_val_ppl"] < rows[0]["val_ppl"]  # a 3-layer cut of the teacher starts worse than it
+    assert (
+        rows[0]["teacher_val_ppl"] < rows[0]["val_ppl"]
+    )  # a 3-layer cut of the teacher starts worse than it
     assert all(torch.isfinite(torch.tensor(r.get("loss", 0.0))) for r in rows)
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "e2e" / "final")
     assert student.config.num_hidden_layers == 3 and student.config.teacher_layers == [0, 14, 29]
@@ -413,5 +587,15 @@ def test_console_script_groups_the_root_commands():
     from titans_distil.commands import main
 
     out = CliRunner().invoke(main, ["--help"]).output
-    for name in ("distil", "export-mac", "export-llama", "inspect", "quantize", "package", "generate", "vllm", "recall"):
+    for name in (
+        "distil",
+        "export-mac",
+        "export-llama",
+        "inspect",
+        "quantize",
+        "package",
+        "generate",
+        "vllm",
+        "recall",
+    ):
         assert f"  {name} " in out

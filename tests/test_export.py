@@ -33,7 +33,17 @@ from titans_distil.model_folder import SHIPPED_FILES
 from titans_distil.verify import file_hashes, foreign_imports
 
 ROOT = Path(__file__).resolve().parents[1]
-MAC_FLAGS = ("--use-mac", "--segment-len", 16, "--memory-chunk-size", 8, "--persistent-tokens", 4, "--memory-layers", "1")
+MAC_FLAGS = (
+    "--use-mac",
+    "--segment-len",
+    16,
+    "--memory-chunk-size",
+    8,
+    "--persistent-tokens",
+    4,
+    "--memory-layers",
+    "1",
+)
 TOKEN = "hf_testTOKEN0123456789secret"
 
 
@@ -52,10 +62,38 @@ def runs(tiny_teacher_dir, small_corpus, tmp_path_factory):
     """Two 3-step runs (plain Llama and MAC) with checkpoints at steps 2 and 3 and a final/ folder."""
     out = tmp_path_factory.mktemp("runs")
     for name, extra in (("llama", ()), ("mac", MAC_FLAGS)):
-        code, text = invoke(distil, "--teacher", tiny_teacher_dir, "--data", small_corpus, "--student-layers", 2, "--max-length", 32,
-                            "--batch-size", 2, "--validation-fraction", 0.2, "--eval-batches", 2, "--precision", "fp32",
-                            "--max-steps", 3, "--save-every", 2, "--eval-every", 2, "--lr", "3e-3",
-                            "--output-dir", out, "--run-name", name, *extra)
+        code, text = invoke(
+            distil,
+            "--teacher",
+            tiny_teacher_dir,
+            "--data",
+            small_corpus,
+            "--student-layers",
+            2,
+            "--max-length",
+            32,
+            "--batch-size",
+            2,
+            "--validation-fraction",
+            0.2,
+            "--eval-batches",
+            2,
+            "--precision",
+            "fp32",
+            "--max-steps",
+            3,
+            "--save-every",
+            2,
+            "--eval-every",
+            2,
+            "--lr",
+            "3e-3",
+            "--output-dir",
+            out,
+            "--run-name",
+            name,
+            *extra,
+        )
         assert code == 0, text
     return out
 
@@ -77,12 +115,21 @@ def test_mac_export_folder_is_complete_and_self_contained(runs, tmp_path):
     assert code == 0, text
     assert text.startswith(f"exported MAC student of run mac (step 2) to {out}: 11 files, 1 weight shard")
     assert {p.name for p in out.iterdir()} == {
-        "config.json", "generation_config.json", "model.safetensors", "README.md", "tokenizer.json",
-        "tokenizer_config.json", "chat_template.jinja", *SHIPPED_FILES["mac"]}
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "README.md",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        *SHIPPED_FILES["mac"],
+    }
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["MACLlamaForCausalLM"] and config["model_type"] == "mac_llama"
-    assert config["auto_map"] == {"AutoConfig": "configuration_mac_llama.MACLlamaConfig",
-                                  "AutoModelForCausalLM": "modeling_mac_llama.MACLlamaForCausalLM"}
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_mac_llama.MACLlamaConfig",
+        "AutoModelForCausalLM": "modeling_mac_llama.MACLlamaForCausalLM",
+    }
     assert config["memory_layers"] == [1] and config["segment_len"] == 16 and "_name_or_path" not in config
     # the shipped model files are the project's own, importing nothing but torch, transformers and the stdlib
     for name in SHIPPED_FILES["mac"]:
@@ -94,12 +141,18 @@ def test_mac_export_folder_is_complete_and_self_contained(runs, tmp_path):
     card = (out / "README.md").read_text()
     rows = [json.loads(line) for line in (runs / "mac" / "metrics.jsonl").read_text().splitlines()]
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\nlicense: other\n")
-    for needle in ["| exported weights | step 2 of 3 steps |", f"`{rows[0]['teacher_val_ppl']:,.2f}`"[1:-1],
-                   f"| student at step 0 (teacher layers, fresh memory) | {rows[0]['val_ppl']:,.2f} |",
-                   f"| student at step 2 (these weights) | {rows[2]['val_ppl']:,.2f} |",
-                   "trust_remote_code=True", 'update_rule="surprise"', "its vLLM plugin registers `MACLlamaForCausalLM`", "frozen memory (`update_rule` none)",
-                   "memory | layers [1], 2-layer MLP, 4 persistent tokens, segments of 16 tokens",
-                   "check the teacher's licence before you publish"]:
+    for needle in [
+        "| exported weights | step 2 of 3 steps |",
+        f"`{rows[0]['teacher_val_ppl']:,.2f}`"[1:-1],
+        f"| student at step 0 (teacher layers, fresh memory) | {rows[0]['val_ppl']:,.2f} |",
+        f"| student at step 2 (these weights) | {rows[2]['val_ppl']:,.2f} |",
+        "trust_remote_code=True",
+        'update_rule="surprise"',
+        "its vLLM plugin registers `MACLlamaForCausalLM`",
+        "frozen memory (`update_rule` none)",
+        "memory | layers [1], 2-layer MLP, 4 persistent tokens, segments of 16 tokens",
+        "check the teacher's licence before you publish",
+    ]:
         assert needle in card, needle
     embedded = teacher_card_facts("embedded")
     assert embedded["license"] == "apache-2.0" and embedded["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -111,10 +164,17 @@ def test_llama_export_is_a_stock_llama_folder(runs, tmp_path):
     assert code == 0, text
     assert "to " + str(out) + ": 9 files, 2 weight shards" in text
     config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama" and "auto_map" not in config
+    assert (
+        config["architectures"] == ["LlamaForCausalLM"]
+        and config["model_type"] == "llama"
+        and "auto_map" not in config
+    )
     assert not list(out.glob("*.py"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert sorted(set(index["weight_map"].values())) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
     card = (out / "README.md").read_text()
     assert "trust_remote_code" not in card and "vllm serve path/to/llama-export" in card
 
@@ -139,7 +199,7 @@ def test_bfloat16_export_matches_the_checkpoint_cast_to_bfloat16(runs, tmp_path)
 
 # ------------------------------------------------------------------------------------------------ clean process
 
-CHILD = r'''
+CHILD = r"""
 import importlib.util, json, os, re, sys
 root = os.path.realpath(sys.argv[1])
 args = json.loads(sys.argv[2])
@@ -179,17 +239,30 @@ card = open(os.path.join(args["dir"], "README.md")).read()
 snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
 exec(snippet.replace("path/to/" + os.path.basename(args["dir"]), args["dir"]), {})
 print("REPORT " + json.dumps(report))
-'''
+"""
 
 
-def load_in_clean_process(export_dir: Path, ids: torch.Tensor, rules, stock: bool, workdir: Path) -> tuple[dict, dict, str]:
+def load_in_clean_process(
+    export_dir: Path, ids: torch.Tensor, rules, stock: bool, workdir: Path
+) -> tuple[dict, dict, str]:
     workdir.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               HF_MODULES_CACHE=str(workdir / "modules"), TRANSFORMERS_VERBOSITY="error")
+    env.update(
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_MODULES_CACHE=str(workdir / "modules"),
+        TRANSFORMERS_VERBOSITY="error",
+    )
     args = {"dir": str(export_dir), "ids": ids.tolist(), "rules": list(rules), "stock": stock}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), json.dumps(args)], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(ROOT), json.dumps(args)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.split("REPORT ", 1)[1])
     outputs = load_file(str(workdir / "logits.safetensors"))
@@ -200,12 +273,22 @@ def load_in_clean_process(export_dir: Path, ids: torch.Tensor, rules, stock: boo
 def test_export_loads_without_titans_distil_and_matches_the_checkpoint(runs, tmp_path, kind):
     out = tmp_path / f"{kind}-export"
     command = export_mac if kind == "mac" else export_llama
-    code, text = invoke(command, "--run", runs / kind, "--checkpoint", "checkpoints/step-000003", "--output", out,
-                        *(["--max-shard-size", "2MB"] if kind == "llama" else []))
+    code, text = invoke(
+        command,
+        "--run",
+        runs / kind,
+        "--checkpoint",
+        "checkpoints/step-000003",
+        "--output",
+        out,
+        *(["--max-shard-size", "2MB"] if kind == "llama" else []),
+    )
     assert code == 0, text
     ids = ids_for(40)  # 2.5 MAC segments: the memory carries context across segments
     rules = ["surprise", "ema", "none"] if kind == "mac" else [None]
-    report, outputs, printed = load_in_clean_process(out, ids, rules, stock=kind == "llama", workdir=tmp_path / "child")
+    report, outputs, printed = load_in_clean_process(
+        out, ids, rules, stock=kind == "llama", workdir=tmp_path / "child"
+    )
     logits = outputs["logits"]
 
     # reference: the checkpoint loaded with the project's own class, independently of the exporter
@@ -216,21 +299,36 @@ def test_export_loads_without_titans_distil_and_matches_the_checkpoint(runs, tmp
         torch.testing.assert_close(logits, reference(ids, use_cache=False).logits, rtol=0, atol=1e-5)
     for rule in rules:
         extra = {} if rule is None else {"update_rule": rule}
-        expected = reference.generate(ids, max_new_tokens=6, do_sample=False, **extra)[:, ids.shape[1]:].tolist()
+        expected = reference.generate(ids, max_new_tokens=6, do_sample=False, **extra)[
+            :, ids.shape[1] :
+        ].tolist()
         assert report["generated"][str(rule)] == expected, rule
     if kind == "mac":  # the memory file the child wrote (flushed) and loaded carries the same memory as ours
         with torch.no_grad():
             cache = reference.memory_cache()
             reference(ids[:1, :30], past_key_values=cache, use_cache=True, update_rule="surprise")
-            flushed = {i: reference.model.layers[i].memory.flush(s) for i, s in reference.memory_states(cache).items()}
-            expected = reference(ids[:1, 30:], past_key_values=reference.memory_cache(flushed), use_cache=True,
-                                 update_rule="surprise").logits
+            flushed = {
+                i: reference.model.layers[i].memory.flush(s)
+                for i, s in reference.memory_states(cache).items()
+            }
+            expected = reference(
+                ids[:1, 30:],
+                past_key_values=reference.memory_cache(flushed),
+                use_cache=True,
+                update_rule="surprise",
+            ).logits
         torch.testing.assert_close(outputs["memory_logits"], expected, rtol=0, atol=1e-5)
         assert (tmp_path / "child" / "memory.safetensors").is_file()
     if kind == "mac":
-        assert report["class"].startswith("transformers_modules.") and report["class"].endswith("modeling_mac_llama.MACLlamaForCausalLM")
+        assert report["class"].startswith("transformers_modules.") and report["class"].endswith(
+            "modeling_mac_llama.MACLlamaForCausalLM"
+        )
     else:
-        assert report["class"] == report["stock_class"] == "transformers.models.llama.modeling_llama.LlamaForCausalLM"
+        assert (
+            report["class"]
+            == report["stock_class"]
+            == "transformers.models.llama.modeling_llama.LlamaForCausalLM"
+        )
     assert printed.strip()  # the card's snippet generated and printed something
 
 
@@ -275,12 +373,21 @@ class HubStandIn(http.server.BaseHTTPRequestHandler):
             return self.reply(401, {"error": "Invalid username or password."})
         if self.path == "/api/repos/create":
             server.created = json.loads(body)
-            return self.reply(200, {"url": f"{server.endpoint}/{server.created['organization']}/{server.created['name']}"})
+            return self.reply(
+                200, {"url": f"{server.endpoint}/{server.created['organization']}/{server.created['name']}"}
+            )
         if self.path == "/api/validate-yaml":
             return self.reply(200, {})
         if "/preupload/" in self.path:
             files = json.loads(body)["files"]
-            return self.reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+            return self.reply(
+                200,
+                {
+                    "files": [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+                    ]
+                },
+            )
         if "/commit/" in self.path:
             server.commit_path = self.path
             repo = self.path.split("/api/models/", 1)[1].rsplit("/commit/", 1)[0]
@@ -288,7 +395,9 @@ class HubStandIn(http.server.BaseHTTPRequestHandler):
                 item = json.loads(line)
                 if item["key"] == "file":
                     server.uploaded[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-            return self.reply(200, {"commitUrl": f"{server.endpoint}/{repo}/commit/{'0' * 40}", "commitOid": "0" * 40})
+            return self.reply(
+                200, {"commitUrl": f"{server.endpoint}/{repo}/commit/{'0' * 40}", "commitOid": "0" * 40}
+            )
         return self.reply(404, {"error": f"unexpected {self.path}"})
 
 
@@ -314,40 +423,75 @@ def hub(monkeypatch, tmp_path):
 def test_push_to_hub_uploads_the_export_with_the_token_never_shown(runs, tmp_path, hub, monkeypatch, capfd):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     out = tmp_path / "pushed"
-    code, text = invoke(export_mac, "--run", runs / "mac", "--output", out, "--push-to-hub", "me/tiny-mac", "--private")
+    code, text = invoke(
+        export_mac, "--run", runs / "mac", "--output", out, "--push-to-hub", "me/tiny-mac", "--private"
+    )
     assert code == 0, text
     assert f"pushed to {hub.endpoint}/me/tiny-mac (private)" in text
     assert hub.created == {"name": "tiny-mac", "organization": "me", "visibility": "private", "type": "model"}
     assert hub.commit_path == "/api/models/me/tiny-mac/commit/main"
     local = {p.name: p.read_bytes() for p in out.iterdir()}
     assert hub.uploaded == local  # every file, byte for byte
-    assert 'AutoModelForCausalLM.from_pretrained("me/tiny-mac", trust_remote_code=True)' in local["README.md"].decode()
+    assert (
+        'AutoModelForCausalLM.from_pretrained("me/tiny-mac", trust_remote_code=True)'
+        in local["README.md"].decode()
+    )
     assert all(auth == f"Bearer {TOKEN}" for _, auth in hub.seen)
     captured = capfd.readouterr()
     assert TOKEN not in text + captured.out + captured.err
 
     # a wrong token: one line, the export stays, the token is not echoed
     monkeypatch.setenv("HF_TOKEN", "hf_wrongWRONGwrong")
-    code, text = invoke(export_llama, "--run", runs / "llama", "--output", tmp_path / "rejected", "--push-to-hub", "me/tiny-llama")
+    code, text = invoke(
+        export_llama,
+        "--run",
+        runs / "llama",
+        "--output",
+        tmp_path / "rejected",
+        "--push-to-hub",
+        "me/tiny-llama",
+    )
     assert code == 1 and "\n" not in text.split("Error: ", 1)[1]
-    assert re.search(r"Error: push to me/tiny-llama failed \(.*401.*\); the export is in .*rejected, fix the cause and push again$", text)
+    assert re.search(
+        r"Error: push to me/tiny-llama failed \(.*401.*\); the export is in .*rejected, fix the cause and push again$",
+        text,
+    )
     assert (tmp_path / "rejected" / "model.safetensors").is_file() and "hf_wrong" not in text
 
     # the stored login (`hf auth login`) is used when HF_TOKEN is unset
     monkeypatch.delenv("HF_TOKEN")
     Path(tmp_path / "stored-token").write_text(TOKEN)
-    code, text = invoke(export_llama, "--run", runs / "llama", "--output", tmp_path / "stored", "--push-to-hub", "me/tiny-llama")
+    code, text = invoke(
+        export_llama,
+        "--run",
+        runs / "llama",
+        "--output",
+        tmp_path / "stored",
+        "--push-to-hub",
+        "me/tiny-llama",
+    )
     assert code == 0 and f"pushed to {hub.endpoint}/me/tiny-llama (public)" in text
-    assert hub.created == {"name": "tiny-llama", "organization": "me", "visibility": "public", "type": "model"}
+    assert hub.created == {
+        "name": "tiny-llama",
+        "organization": "me",
+        "visibility": "public",
+        "type": "model",
+    }
 
 
 def test_push_without_a_token_is_refused_before_anything_is_written(runs, tmp_path, hub):
     out = tmp_path / "never"
     code, text = invoke(export_mac, "--run", runs / "mac", "--output", out, "--push-to-hub", "me/tiny-mac")
-    assert (code, text) == (1, "Error: --push-to-hub needs a Hugging Face token; set HF_TOKEN or run `hf auth login`, then export again")
+    assert (code, text) == (
+        1,
+        "Error: --push-to-hub needs a Hugging Face token; set HF_TOKEN or run `hf auth login`, then export again",
+    )
     assert not out.exists() and hub.seen == []
     code, text = invoke(export_mac, "--run", runs / "mac", "--output", out, "--push-to-hub", "not a repo")
-    assert (code, text) == (1, "Error: --push-to-hub 'not a repo' is not a Hub repo id; use OWNER/NAME (letters, digits, '-', '_', '.')")
+    assert (code, text) == (
+        1,
+        "Error: --push-to-hub 'not a repo' is not a Hub repo id; use OWNER/NAME (letters, digits, '-', '_', '.')",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -364,52 +508,135 @@ def test_bad_input_is_one_line_and_overwrites_nothing(runs, tmp_path, monkeypatc
         assert not out.exists()
         no_temp_left(Path("."))
 
-    refused(export_mac, "--run", "runs/nope", message="run folder runs/nope does not exist; pass a folder written by distil.py (runs/<run-name>)")
+    refused(
+        export_mac,
+        "--run",
+        "runs/nope",
+        message="run folder runs/nope does not exist; pass a folder written by distil.py (runs/<run-name>)",
+    )
     Path("empty").mkdir()
-    refused(export_mac, "--run", "empty", message="empty holds no run (no config.json); pass a folder written by distil.py (runs/<run-name>)")
-    refused(export_mac, "--run", "runs/llama", message="run runs/llama trained a plain Llama student (no neural memory); export it with export_llama_model.py")
-    refused(export_llama, "--run", "runs/mac", message="run runs/mac trained a MAC student with neural memory, which a plain LlamaForCausalLM cannot hold; export it with export_mac_model.py")
-    refused(export_mac, "--run", "runs/mac", "--checkpoint", "99",
-            message="checkpoint 99 not found (this run has: step-000002, step-000003, final); pass a checkpoint folder or .safetensors file, a step number, 'final' or 'latest'")
+    refused(
+        export_mac,
+        "--run",
+        "empty",
+        message="empty holds no run (no config.json); pass a folder written by distil.py (runs/<run-name>)",
+    )
+    refused(
+        export_mac,
+        "--run",
+        "runs/llama",
+        message="run runs/llama trained a plain Llama student (no neural memory); export it with export_llama_model.py",
+    )
+    refused(
+        export_llama,
+        "--run",
+        "runs/mac",
+        message="run runs/mac trained a MAC student with neural memory, which a plain LlamaForCausalLM cannot hold; export it with export_mac_model.py",
+    )
+    refused(
+        export_mac,
+        "--run",
+        "runs/mac",
+        "--checkpoint",
+        "99",
+        message="checkpoint 99 not found (this run has: step-000002, step-000003, final); pass a checkpoint folder or .safetensors file, a step number, 'final' or 'latest'",
+    )
 
     # truncated and corrupt weights
     broken = Path("broken")
     shutil.copytree("runs/mac/checkpoints/step-000003", broken)
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
-    refused(export_mac, "--run", "runs/mac", "--checkpoint", broken,
-            message="checkpoint broken: weights model.safetensors are unreadable (Error while deserializing header: incomplete metadata, file not fully covered); the file is truncated or corrupt, use another checkpoint")
-    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + data[24:])
-    refused(export_mac, "--run", "runs/mac", "--checkpoint", broken / "model.safetensors",
-            message="checkpoint broken/model.safetensors: weights model.safetensors are unreadable (Error while deserializing header: invalid JSON in header: key must be a string at line 1 column 2); the file is truncated or corrupt, use another checkpoint")
+    refused(
+        export_mac,
+        "--run",
+        "runs/mac",
+        "--checkpoint",
+        broken,
+        message="checkpoint broken: weights model.safetensors are unreadable (Error while deserializing header: incomplete metadata, file not fully covered); the file is truncated or corrupt, use another checkpoint",
+    )
+    (broken / "model.safetensors").write_bytes(
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + data[24:]
+    )
+    refused(
+        export_mac,
+        "--run",
+        "runs/mac",
+        "--checkpoint",
+        broken / "model.safetensors",
+        message="checkpoint broken/model.safetensors: weights model.safetensors are unreadable (Error while deserializing header: invalid JSON in header: key must be a string at line 1 column 2); the file is truncated or corrupt, use another checkpoint",
+    )
     Path("weights.bin").write_bytes(pickle.dumps({"x": 1}))
-    refused(export_llama, "--run", "runs/llama", "--checkpoint", "weights.bin",
-            message="checkpoint weights.bin is a pickle file; it is never unpickled here, pass a .safetensors file")
+    refused(
+        export_llama,
+        "--run",
+        "runs/llama",
+        "--checkpoint",
+        "weights.bin",
+        message="checkpoint weights.bin is a pickle file; it is never unpickled here, pass a .safetensors file",
+    )
 
     # another architecture: the MAC run's checkpoint for the Llama run (as a folder, and as a bare file)
-    refused(export_llama, "--run", "runs/llama", "--checkpoint", "runs/mac/checkpoints/step-000003",
-            message="checkpoint runs/mac/checkpoints/step-000003 does not fit run runs/llama (model_type 'mac_llama' vs 'llama', memory_layers [1] vs None, num_persistent_tokens 4 vs None); it belongs to another architecture or size, pass a checkpoint of this run")
+    refused(
+        export_llama,
+        "--run",
+        "runs/llama",
+        "--checkpoint",
+        "runs/mac/checkpoints/step-000003",
+        message="checkpoint runs/mac/checkpoints/step-000003 does not fit run runs/llama (model_type 'mac_llama' vs 'llama', memory_layers [1] vs None, num_persistent_tokens 4 vs None); it belongs to another architecture or size, pass a checkpoint of this run",
+    )
     shutil.copy("runs/mac/checkpoints/step-000003/model.safetensors", "mac.safetensors")
-    refused(export_llama, "--run", "runs/llama", "--checkpoint", "mac.safetensors",
-            message="checkpoint mac.safetensors does not fit run runs/llama's LlamaForCausalLM, 2 layers, hidden 32 (unexpected 12 (model.layers.1.memory.gate_bias, model.layers.1.memory.gate_weight, model.layers.1.memory.initial_weights.0, ...)); it belongs to another architecture or size, pass a checkpoint of this run")
+    refused(
+        export_llama,
+        "--run",
+        "runs/llama",
+        "--checkpoint",
+        "mac.safetensors",
+        message="checkpoint mac.safetensors does not fit run runs/llama's LlamaForCausalLM, 2 layers, hidden 32 (unexpected 12 (model.layers.1.memory.gate_bias, model.layers.1.memory.gate_weight, model.layers.1.memory.initial_weights.0, ...)); it belongs to another architecture or size, pass a checkpoint of this run",
+    )
     # another size: a wider 3-layer Llama
-    config = LlamaConfig(vocab_size=49152, hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(config).save_pretrained("wide")
-    refused(export_llama, "--run", "runs/llama", "--checkpoint", "wide",
-            message="checkpoint wide does not fit run runs/llama (num_hidden_layers 3 vs 2, hidden_size 48 vs 32, head_dim 12 vs 8); it belongs to another architecture or size, pass a checkpoint of this run")
+    refused(
+        export_llama,
+        "--run",
+        "runs/llama",
+        "--checkpoint",
+        "wide",
+        message="checkpoint wide does not fit run runs/llama (num_hidden_layers 3 vs 2, hidden_size 48 vs 32, head_dim 12 vs 8); it belongs to another architecture or size, pass a checkpoint of this run",
+    )
     shutil.copy("wide/model.safetensors", "wide.safetensors")  # without its config.json: the shapes tell
-    refused(export_llama, "--run", "runs/llama", "--checkpoint", "wide.safetensors",
-            message="checkpoint wide.safetensors does not fit run runs/llama's LlamaForCausalLM, 2 layers, hidden 32 (unexpected 9 (model.layers.2.input_layernorm.weight, model.layers.2.mlp.down_proj.weight, model.layers.2.mlp.gate_proj.weight, ...); shape mismatch 20 (model.embed_tokens.weight [49152, 32] vs [49152, 48], model.layers.0.self_attn.q_proj.weight [32, 32] vs [48, 48], model.layers.0.self_attn.k_proj.weight [16, 32] vs [24, 48], ...)); it belongs to another architecture or size, pass a checkpoint of this run")
+    refused(
+        export_llama,
+        "--run",
+        "runs/llama",
+        "--checkpoint",
+        "wide.safetensors",
+        message="checkpoint wide.safetensors does not fit run runs/llama's LlamaForCausalLM, 2 layers, hidden 32 (unexpected 9 (model.layers.2.input_layernorm.weight, model.layers.2.mlp.down_proj.weight, model.layers.2.mlp.gate_proj.weight, ...); shape mismatch 20 (model.embed_tokens.weight [49152, 32] vs [49152, 48], model.layers.0.self_attn.q_proj.weight [32, 32] vs [48, 48], model.layers.0.self_attn.k_proj.weight [16, 32] vs [24, 48], ...)); it belongs to another architecture or size, pass a checkpoint of this run",
+    )
 
     # the output: a non-empty folder is kept unless --overwrite; the run itself is never a valid output
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     code, text = invoke(export_mac, "--run", "runs/mac", "--output", out)
-    assert (code, text) == (1, "Error: --output out is not empty; pass --overwrite to replace it, or choose another --output")
+    assert (code, text) == (
+        1,
+        "Error: --output out is not empty; pass --overwrite to replace it, or choose another --output",
+    )
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
     code, text = invoke(export_mac, "--run", "runs/mac", "--output", "runs", "--overwrite")
-    assert (code, text) == (1, "Error: --output runs would replace runs/mac, which this command reads; choose another --output")
+    assert (code, text) == (
+        1,
+        "Error: --output runs would replace runs/mac, which this command reads; choose another --output",
+    )
     code, text = invoke(export_mac, "--run", "runs/mac", "--output", out, "--overwrite")
     assert code == 0, text
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
@@ -431,8 +658,13 @@ def test_inspect_weights_reads_safetensors_and_never_unpickles(mac_export, tmp_p
     assert code == 0, text
     state = load_file(str(mac_export / "model.safetensors"))
     norm = state["model.layers.1.memory.initial_weights.0"].double().norm().item()
-    assert re.search(rf"model\.layers\.1\.memory\.initial_weights\.0\s+F32\s+\[64, 32\]\s+2,048\s+{norm:.4f}", text)
-    assert "2 tensors, 4,096 parameters (of 32 tensors)" in text and file_hashes(mac_export)["model.safetensors"] in text
+    assert re.search(
+        rf"model\.layers\.1\.memory\.initial_weights\.0\s+F32\s+\[64, 32\]\s+2,048\s+{norm:.4f}", text
+    )
+    assert (
+        "2 tensors, 4,096 parameters (of 32 tensors)" in text
+        and file_hashes(mac_export)["model.safetensors"] in text
+    )
     # a pickle that would leave a marker file if it were ever unpickled
     marker = tmp_path / "unpickled"
 
@@ -442,20 +674,29 @@ def test_inspect_weights_reads_safetensors_and_never_unpickles(mac_export, tmp_p
 
     (tmp_path / "model.bin").write_bytes(pickle.dumps(Trap()))
     code, text = invoke(inspect_model, "weights", tmp_path / "model.bin")
-    assert (code, text) == (1, f"Error: {tmp_path / 'model.bin'} is a pickle file; it is never unpickled here (loading pickle can run code), convert it to safetensors")
+    assert (code, text) == (
+        1,
+        f"Error: {tmp_path / 'model.bin'} is a pickle file; it is never unpickled here (loading pickle can run code), convert it to safetensors",
+    )
     assert not marker.exists()
     save_file({"w": torch.tensor([1.0, float("nan")])}, str(tmp_path / "nan.safetensors"))
     code, text = invoke(inspect_model, "weights", tmp_path / "nan.safetensors")
-    assert code == 1 and text.endswith("Error: 1 tensors hold NaN or Inf (first: w); use an earlier checkpoint")
+    assert code == 1 and text.endswith(
+        "Error: 1 tensors hold NaN or Inf (first: w); use an earlier checkpoint"
+    )
 
 
 def test_inspect_architecture(runs, mac_export):
     code, text = invoke(inspect_model, "architecture", mac_export)
-    assert code == 0 and text.endswith("OK: every tensor the config needs is present with the right shape, and nothing else")
+    assert code == 0 and text.endswith(
+        "OK: every tensor the config needs is present with the right shape, and nothing else"
+    )
     code, text = invoke(inspect_model, "architecture", mac_export, "--weights", runs / "llama" / "final")
     assert code == 1 and "  missing    model.layers.1.memory_gate" in text
-    assert text.splitlines()[-1] == ("Error: the weights do not fit the config (missing 12 (model.layers.1.memory_gate, "
-                                     "model.layers.1.persistent_tokens, model.layers.1.memory.gate_weight, ...))")
+    assert text.splitlines()[-1] == (
+        "Error: the weights do not fit the config (missing 12 (model.layers.1.memory_gate, "
+        "model.layers.1.persistent_tokens, model.layers.1.memory.gate_weight, ...))"
+    )
 
 
 def test_inspect_verify_reloads_the_export_without_titans_distil(runs, mac_export, monkeypatch, tmp_path):
@@ -476,7 +717,9 @@ def test_inspect_verify_reloads_the_export_without_titans_distil(runs, mac_expor
     shutil.copytree(mac_export, tampered)
     save_file(state, str(tampered / "model.safetensors"), metadata={"format": "pt"})
     code, text = invoke(inspect_model, "verify", tampered, "--run", runs / "mac", "--new-tokens", 4)
-    assert code == 1 and re.search(r"Error: verify failed: logits differ by \S+ > 1e-05.*; re-export from the checkpoint$", text)
+    assert code == 1 and re.search(
+        r"Error: verify failed: logits differ by \S+ > 1e-05.*; re-export from the checkpoint$", text
+    )
 
 
 def test_inspect_tokenizers_compare_and_examples(runs, mac_export, small_corpus, tiny_teacher_dir, tmp_path):
@@ -489,22 +732,33 @@ def test_inspect_tokenizers_compare_and_examples(runs, mac_export, small_corpus,
     (drifted / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     code, text = invoke(inspect_model, "tokenizers", "--run", runs / "mac", "--export", drifted)
     assert code == 1 and re.search(r"chat template\s+\w+\s+\w+\s+\w+  <- differs", text)
-    assert text.splitlines()[-1] == ("Error: tokenizers are not aligned (chat template); export from the run again so it "
-                                     "carries the teacher's tokenizer")
+    assert text.splitlines()[-1] == (
+        "Error: tokenizers are not aligned (chat template); export from the run again so it "
+        "carries the teacher's tokenizer"
+    )
 
     code, text = invoke(inspect_model, "compare", "--run", runs / "mac", "--blocks", 2)
     assert code == 0, text
     kl = float(re.search(r"KL\(teacher \|\| student\)\s+(\S+) nats/token", text).group(1))
     agree = float(re.search(r"top-1 agreement\s+(\S+) %", text).group(1))
     assert kl >= 0 and 0 <= agree <= 100 and "2 blocks x 32 tokens (62 predicted tokens, float32)" in text
-    code, exported = invoke(inspect_model, "compare", "--run", runs / "mac", "--export", mac_export, "--blocks", 2)
-    assert code == 0 and exported.splitlines()[1:] == text.splitlines()[1:]  # the export is the final checkpoint
+    code, exported = invoke(
+        inspect_model, "compare", "--run", runs / "mac", "--export", mac_export, "--blocks", 2
+    )
+    assert (
+        code == 0 and exported.splitlines()[1:] == text.splitlines()[1:]
+    )  # the export is the final checkpoint
 
     code, text = invoke(inspect_model, "examples", "--run", runs / "mac", "--count", 2, "--max-chars", 0)
     assert code == 0, text
     from titans_distil.data import load_blocks
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_teacher_dir)
-    blocks = load_blocks(str(small_corpus), tokenizer, 32, "train", seed=0, validation_fraction=0.2, max_blocks=2)
-    assert f"--- train block 0: 32 tokens, first ids {blocks[0][:8].tolist()} ---\n{tokenizer.decode(blocks[0].tolist())}" in text
+    blocks = load_blocks(
+        str(small_corpus), tokenizer, 32, "train", seed=0, validation_fraction=0.2, max_blocks=2
+    )
+    assert (
+        f"--- train block 0: 32 tokens, first ids {blocks[0][:8].tolist()} ---\n{tokenizer.decode(blocks[0].tolist())}"
+        in text
+    )
     assert "--- train block 1:" in text

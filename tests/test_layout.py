@@ -13,4 +13,6 @@ def test_readme_layout_names_every_module():
         named = set(re.findall(r"`([\w.]+\.py)`", row))
         modules = {p.name for p in (ROOT / folder).glob("*.py") if p.name != "__init__.py"}
         assert modules - named == set(), f"README's {folder}/ row does not name {sorted(modules - named)}"
-        assert named - modules == set(), f"README's {folder}/ row names missing files {sorted(named - modules)}"
+        assert named - modules == set(), (
+            f"README's {folder}/ row names missing files {sorted(named - modules)}"
+        )

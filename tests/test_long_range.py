@@ -16,8 +16,9 @@ def tokenizer(embedded_dir):
 
 @pytest.fixture(scope="module")
 def filler(tokenizer, small_corpus):
-    return load_blocks(str(small_corpus), tokenizer, 512, "validation", validation_fraction=0.2,
-                       use_cache=False).reshape(-1)
+    return load_blocks(
+        str(small_corpus), tokenizer, 512, "validation", validation_fraction=0.2, use_cache=False
+    ).reshape(-1)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -27,8 +28,8 @@ def test_spans_and_distance_are_exact(tokenizer, filler, kind, distance):
         assert item.distance == distance
         assert item.fact[0] == 0 and item.answer[1] == len(item.ids)
         assert item.question[1] == item.answer[0]
-        answer = tokenizer.decode(item.ids[item.answer[0]:item.answer[1]])
-        fact = tokenizer.decode(item.ids[item.fact[0]:item.fact[1]])
+        answer = tokenizer.decode(item.ids[item.answer[0] : item.answer[1]])
+        fact = tokenizer.decode(item.ids[item.fact[0] : item.fact[1]])
         if kind == "kv":  # the key is asked, the value answered
             assert f"{item.key} ->{answer}\n" in fact
         else:

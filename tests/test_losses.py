@@ -33,7 +33,9 @@ def direct_loss(hidden, weight, teacher_hidden, teacher_weight, labels, kind, te
         per_token = F.kl_div(t, s, log_target=True, reduction="none").sum(-1)
     else:
         m = ((s.exp() + t.exp()) / 2).log()
-        per_token = 0.5 * F.kl_div(m, t, log_target=True, reduction="none").sum(-1) + 0.5 * F.kl_div(m, s, log_target=True, reduction="none").sum(-1)
+        per_token = 0.5 * F.kl_div(m, t, log_target=True, reduction="none").sum(-1) + 0.5 * F.kl_div(
+            m, s, log_target=True, reduction="none"
+        ).sum(-1)
     mask = labels != -100
     kd = per_token[mask].mean()
     ce = F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100)
@@ -47,7 +49,16 @@ def test_chunked_equals_direct_formula(case, kind, chunk_size):
     temperature, alpha = 2.0, 0.7
     ref, ref_kd, ref_ce = direct_loss(hidden, weight, th, tw, labels, kind, temperature, alpha)
     ref_grads = torch.autograd.grad(ref, (hidden, weight))
-    loss, kd, ce = distillation_loss(hidden, weight, labels, DenseTeacher(th, tw), kind=kind, temperature=temperature, alpha=alpha, chunk_size=chunk_size)
+    loss, kd, ce = distillation_loss(
+        hidden,
+        weight,
+        labels,
+        DenseTeacher(th, tw),
+        kind=kind,
+        temperature=temperature,
+        alpha=alpha,
+        chunk_size=chunk_size,
+    )
     grads = torch.autograd.grad(loss * 3.0, (hidden, weight))  # upstream gradient scales through
     torch.testing.assert_close(loss, ref.float(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(kd, ref_kd.float(), rtol=1e-6, atol=1e-6)
@@ -58,11 +69,15 @@ def test_chunked_equals_direct_formula(case, kind, chunk_size):
 
 def test_kl_of_identical_models_is_zero_and_ce_only_ignores_teacher(case):
     hidden, weight, _, _, labels = case
-    loss, kd, _ = distillation_loss(hidden, weight, labels, DenseTeacher(hidden.detach(), weight.detach()), kind="kl", alpha=1.0)
+    loss, kd, _ = distillation_loss(
+        hidden, weight, labels, DenseTeacher(hidden.detach(), weight.detach()), kind="kl", alpha=1.0
+    )
     assert abs(kd.item()) < 1e-6 and abs(loss.item()) < 1e-6
     loss, kd, ce = distillation_loss(hidden, weight, labels, None, alpha=0.0)
     assert kd.item() == 0.0
-    torch.testing.assert_close(loss, F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100).float())
+    torch.testing.assert_close(
+        loss, F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100).float()
+    )
 
 
 def test_topk_teacher_with_full_k_equals_dense_kl(case):
@@ -70,9 +85,13 @@ def test_topk_teacher_with_full_k_equals_dense_kl(case):
     teacher_logits = th @ tw.T
     values, indices = teacher_logits.topk(V, dim=-1)
     dense = distillation_loss(hidden, weight, labels, DenseTeacher(th, tw), kind="kl", temperature=1.5)[0]
-    topk = distillation_loss(hidden, weight, labels, TopKTeacher(values, indices), kind="kl", temperature=1.5, chunk_size=5)[0]
+    topk = distillation_loss(
+        hidden, weight, labels, TopKTeacher(values, indices), kind="kl", temperature=1.5, chunk_size=5
+    )[0]
     torch.testing.assert_close(topk, dense)
-    truncated = distillation_loss(hidden, weight, labels, TopKTeacher(*teacher_logits.topk(5, dim=-1)), kind="kl")[0]
+    truncated = distillation_loss(
+        hidden, weight, labels, TopKTeacher(*teacher_logits.topk(5, dim=-1)), kind="kl"
+    )[0]
     assert math.isfinite(truncated.item()) and truncated.item() != dense.item()
 
 
@@ -98,8 +117,17 @@ def test_position_weights_weight_the_loss_but_not_the_reported_means(case, chunk
     mask = labels != -100
     ref = ((alpha * temperature**2 * per_kd + (1 - alpha) * per_ce) * w)[mask].sum() / w[mask].sum()
     ref_grads = torch.autograd.grad(ref, (hidden, weight))
-    loss, kd, ce = distillation_loss(hidden, weight, labels, DenseTeacher(th, tw), kind="kl", temperature=temperature,
-                                     alpha=alpha, chunk_size=chunk_size, weights=w)
+    loss, kd, ce = distillation_loss(
+        hidden,
+        weight,
+        labels,
+        DenseTeacher(th, tw),
+        kind="kl",
+        temperature=temperature,
+        alpha=alpha,
+        chunk_size=chunk_size,
+        weights=w,
+    )
     torch.testing.assert_close(loss, ref.float(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(kd, per_kd[mask].mean().float(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ce, per_ce[mask].mean().float(), rtol=1e-6, atol=1e-6)

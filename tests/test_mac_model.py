@@ -13,11 +13,29 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotary
 
 from titans_distil.model_folder import save_with_model_code
 
-BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, bos_token_id=None, eos_token_id=None)
+BASE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=None,
+    eos_token_id=None,
+)
 SEG, CHUNK = 16, 4
-MAC_FIELDS = ("segment_len", "num_persistent_tokens", "memory_layers", "memory_chunk_size", "memory_depth",
-              "memory_expansion", "memory_dim", "memory_max_lr", "update_rule")
+MAC_FIELDS = (
+    "segment_len",
+    "num_persistent_tokens",
+    "memory_layers",
+    "memory_chunk_size",
+    "memory_depth",
+    "memory_expansion",
+    "memory_dim",
+    "memory_max_lr",
+    "update_rule",
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,7 +44,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def mac_model(seed=0, open_gates=True, **overrides):
     """A MAC model with memory in layers 1 and 3, 4 persistent tokens, 16-token segments, 4-token chunks.
     `open_gates` gives the read-out gates random non-zero values so the read-out path is exercised."""
-    values = dict(BASE, segment_len=SEG, memory_chunk_size=CHUNK, num_persistent_tokens=4, memory_layers=[1, 3])
+    values = dict(
+        BASE, segment_len=SEG, memory_chunk_size=CHUNK, num_persistent_tokens=4, memory_layers=[1, 3]
+    )
     values.update(overrides)
     torch.manual_seed(seed)
     model = MACLlamaForCausalLM(MACLlamaConfig(**values)).eval()
@@ -39,7 +59,9 @@ def mac_model(seed=0, open_gates=True, **overrides):
 
 
 def tokens(batch, length, seed=1):
-    return torch.randint(0, BASE["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, BASE["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed)
+    )
 
 
 @torch.no_grad()
@@ -53,7 +75,9 @@ def logits(model, ids, **kwargs):
 @pytest.mark.parametrize("tied", [False, True])
 def test_without_memory_and_one_segment_equals_llama(tied):
     mac = mac_model(memory_layers=[], num_persistent_tokens=0, segment_len=64, tie_word_embeddings=tied)
-    values = {k: v for k, v in mac.config.to_dict().items() if k not in MAC_FIELDS + ("model_type", "architectures")}
+    values = {
+        k: v for k, v in mac.config.to_dict().items() if k not in MAC_FIELDS + ("model_type", "architectures")
+    }
     llama = LlamaForCausalLM(LlamaConfig(**values)).eval()
     missing, unexpected = llama.load_state_dict(mac.state_dict(), strict=False)
     assert not missing and not unexpected
@@ -67,7 +91,9 @@ def test_llama_state_dict_loads_with_only_memory_parts_missing():
     mac = mac_model()
     missing, unexpected = mac.load_state_dict(llama.state_dict(), strict=False)
     assert not unexpected
-    assert missing and all(".memory." in n or n.endswith(("memory_gate", "persistent_tokens")) for n in missing)
+    assert missing and all(
+        ".memory." in n or n.endswith(("memory_gate", "persistent_tokens")) for n in missing
+    )
     assert {n.split(".")[2] for n in missing} == {"1", "3"}
 
 
@@ -131,6 +157,7 @@ def reference_memory_layer(layer, hidden, rule):
     """The MAC layer written out segment by segment with Llama's own attention over the explicit context
     [persistent ‖ h ‖ x] (positions: segment start for persistent tokens, token j's for h_j and x_j); version 3
     (the default): the read-out at y's RMS (per token) before the gate."""
+
     def unit(t):
         return F.rms_norm(t, (t.shape[-1],), eps=1e-6)
 
@@ -145,11 +172,15 @@ def reference_memory_layer(layer, hidden, rule):
         h = layer.memory.retrieve(state, unit(xs))
         context = torch.cat([layer.persistent_tokens.expand(B, -1, -1), h, xs], dim=1)
         positions = torch.cat([torch.full((P,), s), torch.arange(s, s + L), torch.arange(s, s + L)])[None]
-        allowed = torch.eye(P + 2 * L, dtype=torch.bool)  # rows of context tokens: discarded, keep them finite
+        allowed = torch.eye(
+            P + 2 * L, dtype=torch.bool
+        )  # rows of context tokens: discarded, keep them finite
         causal = torch.ones(L, L, dtype=torch.bool).tril()
         allowed[P + L :] = torch.cat([torch.ones(L, P, dtype=torch.bool), causal, causal], dim=1)
         mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[None, None]
-        y = LlamaAttention.forward(layer.self_attn, context, position_embeddings=rotary(context, positions), attention_mask=mask)[0][:, -L:]  # Llama attention on an explicit context
+        y = LlamaAttention.forward(
+            layer.self_attn, context, position_embeddings=rotary(context, positions), attention_mask=mask
+        )[0][:, -L:]  # Llama attention on an explicit context
         readout, state, _ = layer.memory(unit(y), state, update_rule=rule)
         outputs.append(y + layer.memory_gate * unit(readout) * y.pow(2).mean(-1, keepdim=True).sqrt())
     hidden = hidden + torch.cat(outputs, dim=1)
@@ -181,7 +212,9 @@ def test_changing_a_token_never_changes_earlier_logits(rule):
         changed = ids.clone()
         changed[:, j] = (changed[:, j] + 1) % BASE["vocab_size"]
         out = logits(model, changed, update_rule=rule)
-        torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=1e-6, msg=f"token {j} leaked backwards")
+        torch.testing.assert_close(
+            out[:, :j], base[:, :j], rtol=0, atol=1e-6, msg=f"token {j} leaked backwards"
+        )
         assert (out[:, j] - base[:, j]).abs().max() > 1e-4
 
 
@@ -192,7 +225,9 @@ def test_memory_carries_information_across_segments(rule, carries):
     ids = tokens(1, 2 * SEG)
     changed = ids.clone()
     changed[:, 2] += 1
-    diff = (logits(model, ids, update_rule=rule) - logits(model, changed, update_rule=rule))[:, SEG:].abs().max()
+    diff = (
+        (logits(model, ids, update_rule=rule) - logits(model, changed, update_rule=rule))[:, SEG:].abs().max()
+    )
     assert (diff > 1e-4) if carries else (diff == 0)
 
 
@@ -217,8 +252,14 @@ def test_cache_streaming_in_pieces_equals_one_forward():
 def test_greedy_generate_equals_full_recomputation(rule, prompt_len):
     model = mac_model()
     prompt, steps = tokens(2, prompt_len), 2 * SEG + 3  # crosses at least two segment boundaries
-    out = model.generate(prompt, max_new_tokens=steps, do_sample=False, update_rule=rule,
-                         return_dict_in_generate=True, output_logits=True)
+    out = model.generate(
+        prompt,
+        max_new_tokens=steps,
+        do_sample=False,
+        update_rule=rule,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
     assert isinstance(out.past_key_values, MACCache)
     assert out.past_key_values.get_seq_length() == prompt_len + steps - 1
     seq = out.sequences
@@ -251,10 +292,14 @@ def test_beam_search_and_sampling_run_with_the_cache():
     model = mac_model()
     prompt = tokens(2, SEG + 3)
     beams = model.generate(prompt, max_new_tokens=SEG + 2, num_beams=3, do_sample=False)
-    assert torch.equal(beams, model.generate(prompt, max_new_tokens=SEG + 2, num_beams=3, do_sample=False,
-                                             use_cache=False))
+    assert torch.equal(
+        beams, model.generate(prompt, max_new_tokens=SEG + 2, num_beams=3, do_sample=False, use_cache=False)
+    )
     torch.manual_seed(0)
-    assert model.generate(prompt, max_new_tokens=4, do_sample=True, num_return_sequences=2).shape == (4, SEG + 7)
+    assert model.generate(prompt, max_new_tokens=4, do_sample=True, num_return_sequences=2).shape == (
+        4,
+        SEG + 7,
+    )
 
 
 def test_bfloat16_model_and_autocast_run():
@@ -277,8 +322,11 @@ def test_gradients_reach_every_memory_part():
     model(ids, labels=ids).loss.backward()
     for i in (1, 3):
         layer = model.model.layers[i]
-        for name, param in [*layer.memory.named_parameters(), ("memory_gate", layer.memory_gate),
-                            ("persistent_tokens", layer.persistent_tokens)]:
+        for name, param in [
+            *layer.memory.named_parameters(),
+            ("memory_gate", layer.memory_gate),
+            ("persistent_tokens", layer.persistent_tokens),
+        ]:
             assert param.grad is not None and param.grad.abs().max() > 0, f"layer {i}: no gradient for {name}"
 
 
@@ -301,7 +349,13 @@ def test_base_model_output_carries_hidden_state_and_memory_stats():
         out = model.model(input_ids=ids, output_hidden_states=True)
     assert out.last_hidden_state.shape == (2, 2 * SEG, BASE["hidden_size"])
     assert len(out.hidden_states) == BASE["num_hidden_layers"] + 1
-    assert set(out.memory_stats) == {"surprise_norm", "lr_mean", "momentum_mean", "decay_mean", "updated_tokens"}
+    assert set(out.memory_stats) == {
+        "surprise_norm",
+        "lr_mean",
+        "momentum_mean",
+        "decay_mean",
+        "updated_tokens",
+    }
     assert out.memory_stats["updated_tokens"] == 2 * SEG and 0 < out.memory_stats["lr_mean"] < 1
     assert all(torch.isfinite(v) for v in out.memory_stats.values())
     no_memory = mac_model(memory_layers=[])
@@ -345,7 +399,8 @@ def test_trust_remote_code_export_is_self_contained(tmp_path):
     model = mac_model()
     save_with_model_code(model, tmp_path)
     assert {"modeling_mac_llama.py", "configuration_mac_llama.py", "neural_memory.py", "memory_file.py"} <= {
-        p.name for p in tmp_path.iterdir()}
+        p.name for p in tmp_path.iterdir()
+    }
     remote = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
     assert type(remote).__module__.startswith("transformers_modules.")
     ids = tokens(1, SEG + 3)
@@ -364,9 +419,13 @@ def test_update_rule_per_call():
     torch.testing.assert_close(surprise[:, :CHUNK], none[:, :CHUNK], rtol=0, atol=0)
     assert (surprise[:, SEG:] - none[:, SEG:]).abs().max() > 1e-3
     assert (surprise[:, SEG:] - ema[:, SEG:]).abs().max() > 1e-3
-    generated = model.generate(ids[:, :SEG + 2], max_new_tokens=SEG, do_sample=False, update_rule="none")
-    assert torch.equal(generated, model.generate(ids[:, :SEG + 2], max_new_tokens=SEG, do_sample=False,
-                                                 generation_config=None, update_rule="none"))
+    generated = model.generate(ids[:, : SEG + 2], max_new_tokens=SEG, do_sample=False, update_rule="none")
+    assert torch.equal(
+        generated,
+        model.generate(
+            ids[:, : SEG + 2], max_new_tokens=SEG, do_sample=False, generation_config=None, update_rule="none"
+        ),
+    )
 
 
 def test_unknown_update_rule_is_refused():
@@ -381,19 +440,22 @@ def test_unknown_update_rule_is_refused():
 # ------------------------------------------------------------------------------------------ config
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(memory_layers=[4]), r"memory_layers \[4\] holds indices \[4\] outside 0..3"),
-    (dict(memory_layers=[-1]), "outside 0..3"),
-    (dict(memory_layers=[1, 1]), "repeats a layer index"),
-    (dict(memory_chunk_size=5), r"memory_chunk_size \(5\) must divide segment_len \(16\)"),
-    (dict(update_rule="adam"), "update_rule must be one of"),
-    (dict(segment_len=0), "segment_len must be an integer >= 1"),
-    (dict(num_persistent_tokens=-1), "num_persistent_tokens must be an integer >= 0"),
-    (dict(memory_depth=0), "memory_depth must be an integer >= 1"),
-    (dict(memory_expansion=0), "memory_expansion must be a number > 0"),
-    (dict(memory_dim=0), "memory_dim must be None"),
-    (dict(memory_max_lr=-1.0), "memory_max_lr must be a number > 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(memory_layers=[4]), r"memory_layers \[4\] holds indices \[4\] outside 0..3"),
+        (dict(memory_layers=[-1]), "outside 0..3"),
+        (dict(memory_layers=[1, 1]), "repeats a layer index"),
+        (dict(memory_chunk_size=5), r"memory_chunk_size \(5\) must divide segment_len \(16\)"),
+        (dict(update_rule="adam"), "update_rule must be one of"),
+        (dict(segment_len=0), "segment_len must be an integer >= 1"),
+        (dict(num_persistent_tokens=-1), "num_persistent_tokens must be an integer >= 0"),
+        (dict(memory_depth=0), "memory_depth must be an integer >= 1"),
+        (dict(memory_expansion=0), "memory_expansion must be a number > 0"),
+        (dict(memory_dim=0), "memory_dim must be None"),
+        (dict(memory_max_lr=-1.0), "memory_max_lr must be a number > 0"),
+    ],
+)
 def test_config_rejects_bad_memory_settings(overrides, message):
     values = dict(BASE, segment_len=SEG, memory_chunk_size=CHUNK, memory_layers=[1])
     values.update(overrides)
@@ -421,10 +483,20 @@ def save_config(config, folder):
 
 def test_config_defaults():
     config = MACLlamaConfig(**dict(BASE, num_hidden_layers=8))
-    assert (config.segment_len, config.num_persistent_tokens, config.memory_chunk_size, config.memory_depth,
-            config.memory_expansion, config.memory_dim, config.memory_max_lr, config.update_rule,
-            config.memory_version, config.memory_heads, config.memory_update_bound, config.memory_max_grad_norm) == (
-        256, 16, 32, 2, 2, None, 1.0, "surprise", 3, 1, 2.0, None)
+    assert (
+        config.segment_len,
+        config.num_persistent_tokens,
+        config.memory_chunk_size,
+        config.memory_depth,
+        config.memory_expansion,
+        config.memory_dim,
+        config.memory_max_lr,
+        config.update_rule,
+        config.memory_version,
+        config.memory_heads,
+        config.memory_update_bound,
+        config.memory_max_grad_norm,
+    ) == (256, 16, 32, 2, 2, None, 1.0, "surprise", 3, 1, 2.0, None)
     assert config.memory_layers == [2, 6]
     assert MACLlamaConfig(**dict(BASE, num_hidden_layers=30)).memory_layers == [2, 6, 10, 15, 19, 23, 27]
     assert MACLlamaConfig(**dict(BASE, memory_layers=[])).memory_layers == []

@@ -75,7 +75,9 @@ def chunk_loop_reference(m: NeuralMemory, x, C, differentiable=False):
             loss = (mlp(W0, k[:, j : j + 1]) - v[:, j : j + 1]).pow(2).sum()
             u = torch.autograd.grad(loss, W0, create_graph=differentiable)
             if m.max_grad_norm is not None:  # per token, per layer (batch rows apart)
-                u = [g * (m.max_grad_norm / g.flatten(1).norm(dim=1)).clamp(max=1.0)[:, None, None] for g in u]
+                u = [
+                    g * (m.max_grad_norm / g.flatten(1).norm(dim=1)).clamp(max=1.0)[:, None, None] for g in u
+                ]
             S = [eta[:, j, None, None] * a - theta[:, j, None, None] * b for a, b in zip(S, u)]
             W = [(1 - alpha[:, j, None, None]) * a + b for a, b in zip(W, S)]
     y = torch.cat(ys, 1) @ m.out_proj.weight.T
@@ -307,7 +309,11 @@ def mixed_rule_reference(m: NeuralMemory, x, rules, C):
     S = [torch.zeros_like(w) for w in W]
     with torch.no_grad():
         k, v, q, g = projections(m, x)
-    theta, eta, alpha = m.max_lr * torch.sigmoid(g[..., 0]), torch.sigmoid(g[..., 1]), torch.sigmoid(g[..., 2])
+    theta, eta, alpha = (
+        m.max_lr * torch.sigmoid(g[..., 0]),
+        torch.sigmoid(g[..., 1]),
+        torch.sigmoid(g[..., 2]),
+    )
     ys, pending = [], x[:, :0]
     for s in range(0, T, C):
         e = min(s + C, T)
@@ -581,7 +587,11 @@ def v2_reference(m: NeuralMemory, x, chunk_lengths, queries=None):
         v = heads(F.silu(v) if m.value_activation else v)
         q = F.normalize(heads(F.silu(qc @ m.to_queries.weight.T)), dim=-1)
         g = (x @ m.gate_weight.T + m.gate_bias).repeat_interleave(H, dim=0)
-        theta, eta, alpha = m.max_lr * torch.sigmoid(g[..., 0]), torch.sigmoid(g[..., 1]), torch.sigmoid(g[..., 2])
+        theta, eta, alpha = (
+            m.max_lr * torch.sigmoid(g[..., 0]),
+            torch.sigmoid(g[..., 1]),
+            torch.sigmoid(g[..., 2]),
+        )
         W0 = [w.reshape(H, -1, w.shape[1]).repeat(B, 1, 1) for w in m.initial_weights]
         W, S = [w.clone() for w in W0], [torch.zeros_like(w) for w in W0]
         ys, s = [], 0
@@ -590,21 +600,27 @@ def v2_reference(m: NeuralMemory, x, chunk_lengths, queries=None):
             ys.append(out.view(B, H, n, d).transpose(1, 2).reshape(B, n, H * d))
             start = [w.detach().requires_grad_() for w in W]
             with torch.enable_grad():
-                grads = [torch.autograd.grad((mlp(start, k[:, j : j + 1]) - v[:, j : j + 1]).pow(2).sum(), start)
-                         for j in range(s, s + n)]
+                grads = [
+                    torch.autograd.grad((mlp(start, k[:, j : j + 1]) - v[:, j : j + 1]).pow(2).sum(), start)
+                    for j in range(s, s + n)
+                ]
 
             def run(use_grads, W, S, n=n, s=s, grads=grads):
                 for j in range(n):
                     e, t, a = (z[:, s + j, None, None] for z in (eta, theta, alpha))
                     S = [e * Si - (t * u if use_grads else 0) for Si, u in zip(S, grads[j])]
-                    W = [w0 + (1 - a) * (Wi - w0) + Si if m.forget_toward_init else (1 - a) * Wi + Si
-                         for Wi, w0, Si in zip(W, W0, S)]
+                    W = [
+                        w0 + (1 - a) * (Wi - w0) + Si if m.forget_toward_init else (1 - a) * Wi + Si
+                        for Wi, w0, Si in zip(W, W0, S)
+                    ]
                 return W, S
 
             (W1, S1), (Wz, Sz) = run(True, W, S), run(False, W, S)
             if m.update_bound is not None:
-                scale = [(m.update_bound / (a - b).flatten(1).norm(dim=1)).clamp(max=1.0)[:, None, None]
-                         for a, b in zip(W1, Wz)]
+                scale = [
+                    (m.update_bound / (a - b).flatten(1).norm(dim=1)).clamp(max=1.0)[:, None, None]
+                    for a, b in zip(W1, Wz)
+                ]
                 W1 = [b + c * (a - b) for a, b, c in zip(W1, Wz, scale)]
                 S1 = [b + c * (a - b) for a, b, c in zip(S1, Sz, scale)]
             W, S, s = W1, S1, s + n
@@ -616,10 +632,14 @@ def v2_reference(m: NeuralMemory, x, chunk_lengths, queries=None):
     return y, [unfold(w) for w in W], [unfold(t) for t in S]
 
 
-@pytest.mark.parametrize("option", ["all", "heads", "update_bound", "forget_toward_init", "value_activation", "centre_inputs"])
+@pytest.mark.parametrize(
+    "option", ["all", "heads", "update_bound", "forget_toward_init", "value_activation", "centre_inputs"]
+)
 def test_version2_chunk1_equals_paper_oracle(option):
     """Each version-2 option alone (and all together) at chunk size 1 is exactly the token-by-token oracle."""
-    off = dict(heads=1, update_bound=None, forget_toward_init=False, value_activation=False, centre_inputs=False)
+    off = dict(
+        heads=1, update_bound=None, forget_toward_init=False, value_activation=False, centre_inputs=False
+    )
     kw = V2 if option == "all" else {**off, option: V2[option]}
     m = make_v2(chunk_size=1, max_lr=1.0, init_lr=0.3, **kw)
     paper = PaperMemory(D, DM, depth=2, max_lr=1.0, **kw).to(F64)
@@ -640,7 +660,9 @@ def test_version2_meta_gradients_equal_paper_oracle():
     x, probe = rand_x(T=6), torch.randn(2, 6, D, dtype=F64)
     for model in (m, paper):
         out = model(x)
-        (out[0] * probe).sum().add(out[1][0].square().sum() if model is paper else out[1].weights[0].square().sum()).backward()
+        (out[0] * probe).sum().add(
+            out[1][0].square().sum() if model is paper else out[1].weights[0].square().sum()
+        ).backward()
     for (name, a), (_, b) in zip(m.named_parameters(), paper.named_parameters()):
         assert a.grad is not None and b.grad is not None, name
         assert_close(a.grad, b.grad, 1e-8)
@@ -679,8 +701,18 @@ def test_flush_writes_the_unfinished_chunk():
 def test_one_shot_storage_on_a_tiny_memory():
     """Pairs seen once are recalled far better than pairs never seen (the version-2 defaults of the MAC host)."""
     torch.manual_seed(0)
-    m = NeuralMemory(64, chunk_size=4, max_lr=1.0, init_lr=0.5, init_momentum=0.1, init_decay=1e-4,
-                     update_bound=2.0, forget_toward_init=True, value_activation=True, centre_inputs=True)
+    m = NeuralMemory(
+        64,
+        chunk_size=4,
+        max_lr=1.0,
+        init_lr=0.5,
+        init_momentum=0.1,
+        init_decay=1e-4,
+        update_bound=2.0,
+        forget_toward_init=True,
+        value_activation=True,
+        centre_inputs=True,
+    )
     written, fresh = torch.randn(1, 16, 64), torch.randn(1, 16, 64)
     with torch.no_grad():
         _, state, _ = m(written)

@@ -27,8 +27,17 @@ from titans_distil.errors import UserError
 from titans_distil.package import package, package_llama_with_memory, wrap_llama
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, bos_token_id=None, eos_token_id=None)
+BASE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=None,
+    eos_token_id=None,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -51,7 +60,9 @@ def wrapped(base, **memory):
 
 
 def tokens(batch, length, seed=1):
-    return torch.randint(0, BASE["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, BASE["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed)
+    )
 
 
 @torch.no_grad()
@@ -75,7 +86,9 @@ def test_memory_off_or_empty_is_exactly_llama(tied, attn):
     ids = tokens(2, 30)
     ref = logits(base, ids)
     torch.testing.assert_close(logits(model, ids, use_memory=False), ref, rtol=0, atol=1e-5)
-    torch.testing.assert_close(logits(model, ids, update_rule="ema"), ref, rtol=0, atol=1e-5)  # empty: read nothing
+    torch.testing.assert_close(
+        logits(model, ids, update_rule="ema"), ref, rtol=0, atol=1e-5
+    )  # empty: read nothing
     assert model.memory_info()["slot_tokens"] == 60  # ... and wrote both rows
     assert (logits(model, ids, update_rule="none") - ref).abs().max() > 1e-3  # now the memory is read
     torch.testing.assert_close(logits(model, ids, use_memory=False), ref, rtol=0, atol=1e-5)
@@ -129,14 +142,18 @@ def test_cached_greedy_generation_equals_recomputation(rule):
         model(tokens(1, 40, seed=5), update_rule=rule)  # both stores written, slots overflowing
     prompt = tokens(1, 9)
     cached = model.generate(prompt, max_new_tokens=12, do_sample=False, update_rule="none")
-    recomputed = model.generate(prompt, max_new_tokens=12, do_sample=False, update_rule="none", use_cache=False)
+    recomputed = model.generate(
+        prompt, max_new_tokens=12, do_sample=False, update_rule="none", use_cache=False
+    )
     assert torch.equal(cached, recomputed)
     plain = base.generate(prompt, max_new_tokens=12, do_sample=False)
     assert not torch.equal(cached, plain)  # the memory is read
     # with writes, generation equals a step-by-step recomputation that reads the memory as of the prompt
     before = state_of(model)
     generated = model.generate(prompt, max_new_tokens=6, do_sample=False, update_rule=rule)
-    assert torch.equal(generated[:, :15], cached[:, :15])  # the snapshot: this call's writes are not read back
+    assert torch.equal(
+        generated[:, :15], cached[:, :15]
+    )  # the snapshot: this call's writes are not read back
     assert model.memory_info()["slot_tokens"] == 40 + 9 + 5  # prompt + generated tokens fed back
     assert any(not torch.equal(before[k], v) for k, v in state_of(model).items())
 
@@ -179,7 +196,9 @@ def test_padding_is_not_written_and_batches_share_the_memory():
     mask[1, :4] = 0  # left padding
     out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 13)
-    assert model.memory_info()["slot_tokens"] == 10 + 6 + 2 * 2  # real prompt tokens, then 2 fed-back tokens per row
+    assert (
+        model.memory_info()["slot_tokens"] == 10 + 6 + 2 * 2
+    )  # real prompt tokens, then 2 fed-back tokens per row
 
 
 # ------------------------------------------------------------------------------------------------ memory files
@@ -199,7 +218,9 @@ def test_memory_file_round_trip_and_refusals(tmp_path, monkeypatch):
     model = wrapped(base)
     with torch.no_grad():
         model(tokens(1, 30, seed=7), update_rule="surprise")
-        model(tokens(1, 7, seed=8), update_rule="ema")  # leaves a pending (incomplete) neural chunk: 30 % 4 = 2
+        model(
+            tokens(1, 7, seed=8), update_rule="ema"
+        )  # leaves a pending (incomplete) neural chunk: 30 % 4 = 2
     path = tmp_path / "memory.safetensors"
     model.save_memory(path)
     ids = tokens(1, 12)
@@ -225,14 +246,26 @@ def test_memory_file_round_trip_and_refusals(tmp_path, monkeypatch):
 
     stranger = wrapped(llama(seed=1))
     mine, theirs = stranger.memory_fingerprint()[:16], model.memory_fingerprint()[:16]
-    refused(stranger, path, f"{path} was saved from a different model (fingerprint {theirs}, this model has {mine}); "
-                            "load it into the model that wrote it, or call reset_memory() to start empty")
+    refused(
+        stranger,
+        path,
+        f"{path} was saved from a different model (fingerprint {theirs}, this model has {mine}); "
+        "load it into the model that wrote it, or call reset_memory() to start empty",
+    )
     bigger = wrapped(base, memory_slots=16)
-    refused(bigger, path, f"{path}: tensor layers.0.pool_keys has shape (2, 8, 16), this model expects (2, 12, 16) "
-                          "(memory_slots=16, key/value heads=2, head_dim=16)")
+    refused(
+        bigger,
+        path,
+        f"{path}: tensor layers.0.pool_keys has shape (2, 8, 16), this model expects (2, 12, 16) "
+        "(memory_slots=16, key/value heads=2, head_dim=16)",
+    )
     fewer = wrapped(base, memory_layers=[0, 1])
-    refused(fewer, path, f"{path} holds tensors this model does not have: layers.2.key_mean, layers.2.key_rms, "
-                         "layers.2.neural.momentum.0")
+    refused(
+        fewer,
+        path,
+        f"{path} holds tensors this model does not have: layers.2.key_mean, layers.2.key_rms, "
+        "layers.2.neural.momentum.0",
+    )
     tensors = load_file(path)
     from safetensors import safe_open
 
@@ -240,16 +273,25 @@ def test_memory_file_round_trip_and_refusals(tmp_path, monkeypatch):
         metadata = f.metadata()
     tensors["layers.1.pool_values"] = tensors["layers.1.pool_values"].half()
     save_file(tensors, tmp_path / "half.safetensors", metadata=metadata)
-    refused(other, tmp_path / "half.safetensors",
-            f"{tmp_path / 'half.safetensors'}: tensor layers.1.pool_values has dtype torch.float16, this model expects torch.float32")
+    refused(
+        other,
+        tmp_path / "half.safetensors",
+        f"{tmp_path / 'half.safetensors'}: tensor layers.1.pool_values has dtype torch.float16, this model expects torch.float32",
+    )
     save_file({"x": torch.zeros(2)}, tmp_path / "weights.safetensors")
-    refused(other, tmp_path / "weights.safetensors",
-            f"{tmp_path / 'weights.safetensors'} is not a memory file of this model type (format None, expected 'memory-llama-memory/1')")
+    refused(
+        other,
+        tmp_path / "weights.safetensors",
+        f"{tmp_path / 'weights.safetensors'} is not a memory file of this model type (format None, expected 'memory-llama-memory/1')",
+    )
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 5)
     with pytest.raises(ValueError, match=r"junk.safetensors is not a safetensors memory file \("):
         other.load_memory(tmp_path / "junk.safetensors")
-    refused(other, tmp_path / "missing.safetensors",
-            f"memory file {tmp_path / 'missing.safetensors'} does not exist; give a file written by save_memory")
+    refused(
+        other,
+        tmp_path / "missing.safetensors",
+        f"memory file {tmp_path / 'missing.safetensors'} does not exist; give a file written by save_memory",
+    )
 
 
 def test_memory_files_of_the_wrapper_written_before_memory_file_py_still_load(tmp_path):
@@ -272,17 +314,28 @@ def test_memory_files_of_the_wrapper_written_before_memory_file_py_still_load(tm
         idx = torch.arange(steps, dtype=torch.int64) * max(count - 1, 0) // max(steps - 1, 1)
         digest.update(f"{name}|{tuple(tensor.shape)}|".encode())
         digest.update(flat[idx].float().cpu().numpy().tobytes() if count else b"")
-    old = {f"layers.{i}.{name}": t.detach().cpu().contiguous() for i, memory in model.memory_modules().items()
-           for name, t in memory.current_state().items()}
+    old = {
+        f"layers.{i}.{name}": t.detach().cpu().contiguous()
+        for i, memory in model.memory_modules().items()
+        for name, t in memory.current_state().items()
+    }
     path = tmp_path / "old.safetensors"
-    save_file(old, path, metadata={"format": "memory-llama-memory/1", "fingerprint": digest.hexdigest(),
-                                   "memory_layers": json.dumps(list(model.config.memory_layers))})
+    save_file(
+        old,
+        path,
+        metadata={
+            "format": "memory-llama-memory/1",
+            "fingerprint": digest.hexdigest(),
+            "memory_layers": json.dumps(list(model.config.memory_layers)),
+        },
+    )
     other = wrapped(base)
     other.config.memory_fingerprint = None  # computed from the weights, as the inline writer did
     other.load_memory(path)
     ids = tokens(1, 12)
-    torch.testing.assert_close(logits(other, ids, update_rule="none"), logits(model, ids, update_rule="none"),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        logits(other, ids, update_rule="none"), logits(model, ids, update_rule="none"), rtol=0, atol=0
+    )
 
 
 def test_memory_modules_never_unpickle():
@@ -348,20 +401,38 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def tiny_package(tiny_teacher_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("packages") / "tiny-memory"
-    return package_llama_with_memory(str(tiny_teacher_dir), out, memory_slots=32, recent_slots=16, update_rule="surprise")
+    return package_llama_with_memory(
+        str(tiny_teacher_dir), out, memory_slots=32, recent_slots=16, update_rule="surprise"
+    )
 
 
 def test_package_folder_contents(tiny_package, tiny_teacher_dir):
     names = {p.name for p in tiny_package.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "README.md", "tokenizer.json",
-            "tokenizer_config.json", "chat_template.jinja", "configuration_memory_llama.py",
-            "modeling_memory_llama.py", "neural_memory.py", "memory_file.py"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "README.md",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "configuration_memory_llama.py",
+        "modeling_memory_llama.py",
+        "neural_memory.py",
+        "memory_file.py",
+    } <= names
     config = json.loads((tiny_package / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "configuration_memory_llama.MemoryLlamaConfig",
-                                  "AutoModelForCausalLM": "modeling_memory_llama.MemoryLlamaForCausalLM"}
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_memory_llama.MemoryLlamaConfig",
+        "AutoModelForCausalLM": "modeling_memory_llama.MemoryLlamaForCausalLM",
+    }
     assert config["model_type"] == "memory_llama" and config["architectures"] == ["MemoryLlamaForCausalLM"]
     assert config["memory_layers"] == [0, 1, 2, 3] and config["update_rule"] == "surprise"
-    assert config["memory_slots"] == 32 and config["memory_recent_slots"] == 16 and len(config["memory_fingerprint"]) == 64
+    assert (
+        config["memory_slots"] == 32
+        and config["memory_recent_slots"] == 16
+        and len(config["memory_fingerprint"]) == 64
+    )
     weights = load_file(tiny_package / "model.safetensors")
     base = load_file(tiny_teacher_dir / "model.safetensors")
     for name, tensor in base.items():
@@ -375,13 +446,32 @@ def test_package_loads_in_a_process_that_cannot_see_the_project(tiny_package, ti
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(script), str(ROOT), str(tiny_package), str(tiny_teacher_dir),
-                           str(tmp_path / "memory.safetensors")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_MODULES_CACHE=str(tmp_path / "modules"),
+        OMP_NUM_THREADS="1",
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(ROOT),
+            str(tiny_package),
+            str(tiny_teacher_dir),
+            str(tmp_path / "memory.safetensors"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["class"].startswith("transformers_modules.") and out["class"].endswith(".MemoryLlamaForCausalLM")
+    assert out["class"].startswith("transformers_modules.") and out["class"].endswith(
+        ".MemoryLlamaForCausalLM"
+    )
     assert "<|im_start|>user" in out["chat"]
     assert out["off"] <= 1e-5 and out["empty"] <= 1e-5
     assert out["generated_ema"] == out["generated_surprise"] == out["generated_none"] == 6
@@ -395,10 +485,12 @@ def test_package_loads_in_a_process_that_cannot_see_the_project(tiny_package, ti
 # -------------------------------------------------------------------------------------------- a real effect
 
 
-FACTS = ("Velmora is a small island country in the Sunset Sea. The capital of Velmora is Tarsk, a harbour city "
-         "famous for its glass towers. Velmora's national animal is the silver otter, and its currency is the "
-         "velmark. The country is ruled by Queen Odalys the Third. Every spring, Velmorans celebrate the Lantern "
-         "Tide festival by floating paper boats on the harbour.")
+FACTS = (
+    "Velmora is a small island country in the Sunset Sea. The capital of Velmora is Tarsk, a harbour city "
+    "famous for its glass towers. Velmora's national animal is the silver otter, and its currency is the "
+    "velmark. The country is ruled by Queen Odalys the Third. Every spring, Velmorans celebrate the Lantern "
+    "Tide festival by floating paper boats on the harbour."
+)
 
 
 def test_memory_changes_the_loss_of_the_embedded_teacher(embedded_dir):
@@ -408,7 +500,9 @@ def test_memory_changes_the_loss_of_the_embedded_teacher(embedded_dir):
     base = LlamaForCausalLM.from_pretrained(embedded_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
     ids = tokenizer(FACTS, return_tensors="pt").input_ids
-    question = tokenizer("Question: What is the capital of Velmora?\nAnswer: Tarsk", return_tensors="pt").input_ids
+    question = tokenizer(
+        "Question: What is the capital of Velmora?\nAnswer: Tarsk", return_tensors="pt"
+    ).input_ids
     answer = len(tokenizer(" Tarsk").input_ids)
 
     def measure(model, **kwargs):
@@ -428,10 +522,12 @@ def test_memory_changes_the_loss_of_the_embedded_teacher(embedded_dir):
         with torch.no_grad():
             model(ids, update_rule=rule)
         results[rule] = measure(model, update_rule="none")
-    print(f"\nembedded teacher, {ids.shape[1]}-token text: loss {base_loss:.3f} without memory; after reading it once: "
-          + ", ".join(f"{rule} {loss:.3f}" for rule, (loss, _) in results.items())
-          + f"\nlog p(' Tarsk' | question): {base_recall:.2f} without memory; "
-          + ", ".join(f"{rule} {recall:.2f}" for rule, (_, recall) in results.items()))
+    print(
+        f"\nembedded teacher, {ids.shape[1]}-token text: loss {base_loss:.3f} without memory; after reading it once: "
+        + ", ".join(f"{rule} {loss:.3f}" for rule, (loss, _) in results.items())
+        + f"\nlog p(' Tarsk' | question): {base_recall:.2f} without memory; "
+        + ", ".join(f"{rule} {recall:.2f}" for rule, (_, recall) in results.items())
+    )
     for rule, (loss, recall) in results.items():
         assert loss < base_loss - 2.0, rule  # the text fits the slots: remembered verbatim
         assert recall > base_recall + 3.0, rule
@@ -452,34 +548,84 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tiny_teacher_dir, tmp_p
     busy.mkdir()
     (busy / "keep.txt").write_text("precious")
     cases = [
-        (["--model", tmp_path / "nope", "--output", tmp_path / "o"],
-         f"Error: model {tmp_path / 'nope'} does not exist; pass an existing folder, a .gguf file, a Hub id or 'embedded'"),
-        (["--model", tmp_path / "nope.gguf", "--output", tmp_path / "o"],
-         f"Error: model file {tmp_path / 'nope.gguf'} does not exist; pass an existing .gguf file, a model folder, a Hub id or 'embedded'"),
-        (["--model", gpt2, "--output", tmp_path / "o"],
-         f"Error: model {gpt2} is a 'gpt2' model; package_model.py wraps Llama-family causal LMs (model_type llama)"),
-        (["--model", tiny_teacher_dir, "--output", busy],
-         f"Error: --output {busy} is not empty; pass --overwrite to replace it, or choose another --output"),
-        (["--model", tiny_teacher_dir, "--output", tmp_path / "o", "--memory-layers", "1,9"],
-         "Error: --memory-layers 1,9 holds [9], outside 0..3; the model has 4 layers"),
-        (["--model", tiny_teacher_dir, "--output", tmp_path / "o", "--memory-slots", "8", "--recent-slots", "9"],
-         "Error: --recent-slots 9 exceeds --memory-slots 8"),
+        (
+            ["--model", tmp_path / "nope", "--output", tmp_path / "o"],
+            f"Error: model {tmp_path / 'nope'} does not exist; pass an existing folder, a .gguf file, a Hub id or 'embedded'",
+        ),
+        (
+            ["--model", tmp_path / "nope.gguf", "--output", tmp_path / "o"],
+            f"Error: model file {tmp_path / 'nope.gguf'} does not exist; pass an existing .gguf file, a model folder, a Hub id or 'embedded'",
+        ),
+        (
+            ["--model", gpt2, "--output", tmp_path / "o"],
+            f"Error: model {gpt2} is a 'gpt2' model; package_model.py wraps Llama-family causal LMs (model_type llama)",
+        ),
+        (
+            ["--model", tiny_teacher_dir, "--output", busy],
+            f"Error: --output {busy} is not empty; pass --overwrite to replace it, or choose another --output",
+        ),
+        (
+            ["--model", tiny_teacher_dir, "--output", tmp_path / "o", "--memory-layers", "1,9"],
+            "Error: --memory-layers 1,9 holds [9], outside 0..3; the model has 4 layers",
+        ),
+        (
+            [
+                "--model",
+                tiny_teacher_dir,
+                "--output",
+                tmp_path / "o",
+                "--memory-slots",
+                "8",
+                "--recent-slots",
+                "9",
+            ],
+            "Error: --recent-slots 9 exceeds --memory-slots 8",
+        ),
     ]
     for args, message in cases:
         code, out = invoke(*args)
         assert code == 1 and out == message, (args, out)
     assert not (tmp_path / "o").exists() and [p.name for p in busy.iterdir()] == ["keep.txt"]
-    code, out = invoke("--model", tiny_teacher_dir, "--output", busy, "--overwrite", "--memory-layers", "2", "--memory-slots", "8")
-    assert code == 0 and out == f"packaged {tiny_teacher_dir} with inference memory (update rule ema, 8 slots) in {busy}"
-    assert not (busy / "keep.txt").exists() and json.loads((busy / "config.json").read_text())["memory_layers"] == [2]
+    code, out = invoke(
+        "--model",
+        tiny_teacher_dir,
+        "--output",
+        busy,
+        "--overwrite",
+        "--memory-layers",
+        "2",
+        "--memory-slots",
+        "8",
+    )
+    assert (
+        code == 0
+        and out == f"packaged {tiny_teacher_dir} with inference memory (update rule ema, 8 slots) in {busy}"
+    )
+    assert not (busy / "keep.txt").exists() and json.loads((busy / "config.json").read_text())[
+        "memory_layers"
+    ] == [2]
     assert not list(tmp_path.glob("*.tmp-*"))
     with pytest.raises(UserError, match="--memory-layers 'x' is not a comma-separated list"):
         package_llama_with_memory(str(tiny_teacher_dir), tmp_path / "p", memory_layers="x")
 
 
 def test_root_script_runs_the_command(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "package_model.py"), "--model", str(tmp_path / "nope"),
-                           "--output", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "package_model.py"),
+            "--model",
+            str(tmp_path / "nope"),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 1
-    assert proc.stderr.strip() == (f"Error: model {tmp_path / 'nope'} does not exist; pass an existing folder, a .gguf "
-                                   "file, a Hub id or 'embedded'")
+    assert proc.stderr.strip() == (
+        f"Error: model {tmp_path / 'nope'} does not exist; pass an existing folder, a .gguf "
+        "file, a Hub id or 'embedded'"
+    )

@@ -16,14 +16,32 @@ def _run(tmp_path, lines):
 
 
 RECORDS = [json.dumps({"step": 0, "val_ppl": 900.0, "teacher_val_ppl": 8.0})] + [
-    json.dumps({"step": s, "loss": 5.0 / s, "kd": 4.0 / s, "ce": 6.0 / s, "lr": 1e-4, "grad_norm": 1.5,
-                "tokens_per_s": 300.0, "mem_surprise_norm": 0.1 * s}) for s in range(1, 6)]
+    json.dumps(
+        {
+            "step": s,
+            "loss": 5.0 / s,
+            "kd": 4.0 / s,
+            "ce": 6.0 / s,
+            "lr": 1e-4,
+            "grad_norm": 1.5,
+            "tokens_per_s": 300.0,
+            "mem_surprise_norm": 0.1 * s,
+        }
+    )
+    for s in range(1, 6)
+]
 
 
 def test_plot_writes_one_png_per_logged_family(tmp_path):
     run = _run(tmp_path, RECORDS)
     paths = plot_run(run)
-    assert sorted(p.name for p in paths) == ["loss.png", "memory.png", "optim.png", "throughput.png", "val_ppl.png"]
+    assert sorted(p.name for p in paths) == [
+        "loss.png",
+        "memory.png",
+        "optim.png",
+        "throughput.png",
+        "val_ppl.png",
+    ]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -42,12 +60,15 @@ def test_torn_last_line_is_skipped(tmp_path):
     assert "skipped 1 unreadable line" in result.output
 
 
-@pytest.mark.parametrize("setup, fragment", [
-    ("missing", "is not a folder"),
-    ("no-metrics", "has no metrics.jsonl"),
-    ("empty", "holds no metrics yet"),
-    ("output-is-file", "is a file; pass a folder"),
-])
+@pytest.mark.parametrize(
+    "setup, fragment",
+    [
+        ("missing", "is not a folder"),
+        ("no-metrics", "has no metrics.jsonl"),
+        ("empty", "holds no metrics yet"),
+        ("output-is-file", "is a file; pass a folder"),
+    ],
+)
 def test_bad_input_is_one_line(tmp_path, setup, fragment):
     run, args = tmp_path / "run", []
     if setup != "missing":

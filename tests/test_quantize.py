@@ -30,11 +30,28 @@ from titans_distil.quantize import (
 
 bnb = pytest.importorskip("bitsandbytes")
 
-LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LLAMA_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 # hidden 64 / 4 heads / 2 KV heads: every linear has >= 32 outputs (bitsandbytes' CPU 4-bit kernel packs by 32 rows)
-BASE = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+BASE = dict(
+    vocab_size=49152,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
 SEG, CHUNK = 32, 8
 MEMORY_LAYERS = [1]
 
@@ -58,8 +75,16 @@ def llama_dir(tmp_path_factory, tokenizer):
 
 def tiny_mac():
     torch.manual_seed(0)
-    model = MACLlamaForCausalLM(MACLlamaConfig(**BASE, num_hidden_layers=3, segment_len=SEG, memory_chunk_size=CHUNK,
-                                               num_persistent_tokens=4, memory_layers=MEMORY_LAYERS)).eval()
+    model = MACLlamaForCausalLM(
+        MACLlamaConfig(
+            **BASE,
+            num_hidden_layers=3,
+            segment_len=SEG,
+            memory_chunk_size=CHUNK,
+            num_persistent_tokens=4,
+            memory_layers=MEMORY_LAYERS,
+        )
+    ).eval()
     with torch.no_grad():  # open the read-out gates so the memory path shows in the logits
         for layer in model.model.layers:
             if layer.memory_gate is not None:
@@ -93,7 +118,11 @@ def corpus(tmp_path_factory):
     """Real Python source as one .txt file (documents split on blank lines: hundreds of them)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     out = tmp_path_factory.mktemp("quant-corpus") / "code.txt"
-    out.write_text("\n\n".join((stdlib / f"{name}.py").read_text() for name in ("textwrap", "shlex", "fnmatch", "calendar")))
+    out.write_text(
+        "\n\n".join(
+            (stdlib / f"{name}.py").read_text() for name in ("textwrap", "shlex", "fnmatch", "calendar")
+        )
+    )
     return out
 
 
@@ -118,9 +147,16 @@ def memory_modules(model):
 # ------------------------------------------------------------------------------------------ round trips
 
 
-@pytest.mark.parametrize("kind, bits, quant_type", [
-    ("llama", 8, None), ("llama", 4, "nf4"), ("mac", 8, None), ("mac", 4, "nf4"), ("mac-final", 4, "fp4"),
-])
+@pytest.mark.parametrize(
+    "kind, bits, quant_type",
+    [
+        ("llama", 8, None),
+        ("llama", 4, "nf4"),
+        ("mac", 8, None),
+        ("mac", 4, "nf4"),
+        ("mac-final", 4, "fp4"),
+    ],
+)
 def test_round_trip(dirs, tokenizer, tmp_path, kind, bits, quant_type):
     source = inspect_source(str(dirs[kind]))
     spec = parse_spec(bits, quant_type)
@@ -140,7 +176,9 @@ def test_round_trip(dirs, tokenizer, tmp_path, kind, bits, quant_type):
 
     # memory modules, persistent tokens and gates: float32, plain torch modules, values untouched
     memories = memory_modules(model)
-    assert sorted(memories) == ([f"model.layers.{i}.memory" for i in MEMORY_LAYERS] if kind != "llama" else [])
+    assert sorted(memories) == (
+        [f"model.layers.{i}.memory" for i in MEMORY_LAYERS] if kind != "llama" else []
+    )
     for name, memory in memories.items():
         for sub_name, sub in memory.named_modules():
             assert not isinstance(sub, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)), f"{name}.{sub_name}"
@@ -151,8 +189,11 @@ def test_round_trip(dirs, tokenizer, tmp_path, kind, bits, quant_type):
         assert layer.persistent_tokens.dtype == layer.memory_gate.dtype == torch.float32
     if original is not None:
         reference = original.state_dict()
-        kept = {k: v for k, v in model.state_dict().items()
-                if ".memory." in k or k.endswith(("persistent_tokens", "memory_gate"))}
+        kept = {
+            k: v
+            for k, v in model.state_dict().items()
+            if ".memory." in k or k.endswith(("persistent_tokens", "memory_gate"))
+        }
         assert kept and all(torch.equal(v, reference[k]) for k, v in kept.items())
 
     # saved (before the first forward, see save_quantized) -> reloaded: the logits of the in-memory model
@@ -170,9 +211,13 @@ def test_round_trip(dirs, tokenizer, tmp_path, kind, bits, quant_type):
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
     assert qc["quant_method"] == "bitsandbytes" and qc["load_in_8bit"] == (bits == 8)
-    assert qc["llm_int8_skip_modules"] == ["lm_head"] + [f"model.layers.{i}.memory" for i in MEMORY_LAYERS if kind != "llama"]
+    assert qc["llm_int8_skip_modules"] == ["lm_head"] + [
+        f"model.layers.{i}.memory" for i in MEMORY_LAYERS if kind != "llama"
+    ]
     assert (out / "tokenizer.json").is_file()
-    if kind != "llama":  # trust_remote_code folder: model files + auto_map, even from a final/ folder without them
+    if (
+        kind != "llama"
+    ):  # trust_remote_code folder: model files + auto_map, even from a final/ folder without them
         assert set(SHIPPED_FILES["mac"]) <= {p.name for p in out.iterdir()}
         assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mac_llama.MACLlamaForCausalLM"
         assert type(reloaded).__module__.startswith("transformers_modules.")
@@ -181,12 +226,18 @@ def test_round_trip(dirs, tokenizer, tmp_path, kind, bits, quant_type):
 
 @pytest.mark.parametrize("bits, quant_type", [(8, None), (4, "nf4")])
 def test_surprise_and_ema_updates_run_on_quantized_mac(mac_dir, tmp_path, bits, quant_type):
-    out = save_quantized(quantize_model(inspect_source(str(mac_dir)), parse_spec(bits, quant_type)), tmp_path / "q")
+    out = save_quantized(
+        quantize_model(inspect_source(str(mac_dir)), parse_spec(bits, quant_type)), tmp_path / "q"
+    )
     model = load_quantized(out)
     x = ids(2 * SEG)
     memory_before = {k: v.clone() for k, v in model.state_dict().items() if ".memory." in k}
     outputs = {rule: model(x, use_cache=False, update_rule=rule) for rule in ("surprise", "ema", "none")}
-    assert outputs["surprise"].memory_stats["updated_tokens"] == outputs["ema"].memory_stats["updated_tokens"] == 2 * SEG
+    assert (
+        outputs["surprise"].memory_stats["updated_tokens"]
+        == outputs["ema"].memory_stats["updated_tokens"]
+        == 2 * SEG
+    )
     assert outputs["none"].memory_stats["updated_tokens"] == 0
     assert outputs["surprise"].memory_stats["surprise_norm"] > 0
     # the first memory chunk reads the initial memory under every rule; later tokens read what each rule wrote.
@@ -198,8 +249,14 @@ def test_surprise_and_ema_updates_run_on_quantized_mac(mac_dir, tmp_path, bits, 
         assert first <= (0 if bits == 4 else 0.01) and later > max(10 * first, 1e-3), (rule, first, later)
     prompt = x[:, : SEG - 4]
     for rule in ("surprise", "ema"):  # generation through the MACCache crosses a segment boundary
-        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=SEG, do_sample=False,
-                                   update_rule=rule, pad_token_id=2)
+        generated = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=SEG,
+            do_sample=False,
+            update_rule=rule,
+            pad_token_id=2,
+        )
         assert generated.shape == (1, 2 * SEG - 4) and torch.equal(generated[:, : prompt.shape[1]], prompt)
     # the memory's parameters are the meta-learned initial state: test-time updates live in the cache, not here
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in memory_before.items())
@@ -211,12 +268,20 @@ def test_memory_parameters_train_through_the_quantized_model(mac_dir, bits, quan
     train() before the first forward: bitsandbytes 0.50.2 re-packs eval-mode 4-bit CPU weights into a kernel that
     passes no gradient to its input."""
     model = quantize_model(inspect_source(str(mac_dir)), parse_spec(bits, quant_type)).train()
-    trainable = {n: p.requires_grad_(True) for n, p in model.named_parameters()
-                 if ".memory." in n or n.endswith(("persistent_tokens", "memory_gate"))}
-    assert len(trainable) == 12 * len(MEMORY_LAYERS)  # 10 memory tensors (with the two centres), persistent tokens, gate
+    trainable = {
+        n: p.requires_grad_(True)
+        for n, p in model.named_parameters()
+        if ".memory." in n or n.endswith(("persistent_tokens", "memory_gate"))
+    }
+    assert len(trainable) == 12 * len(
+        MEMORY_LAYERS
+    )  # 10 memory tensors (with the two centres), persistent tokens, gate
     x = ids(2 * SEG)
     model(x, use_cache=False, labels=x).loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in trainable.values())
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+        for p in trainable.values()
+    )
 
 
 def test_save_refuses_a_4bit_model_repacked_by_a_cpu_forward(llama_dir, tmp_path):
@@ -224,8 +289,12 @@ def test_save_refuses_a_4bit_model_repacked_by_a_cpu_forward(llama_dir, tmp_path
     saves the block scales transposed; save_quantized refuses instead of writing a corrupted folder."""
     model = quantize_model(inspect_source(str(llama_dir)), parse_spec(4))
     before = logits(model, ids())
-    if not _cpu_packed_layers(model):  # a CPU without AVX512-bf16 (or a GPU): nothing is re-packed, saving is fine
-        torch.testing.assert_close(logits(load_quantized(save_quantized(model, tmp_path / "q")), ids()), before)
+    if not _cpu_packed_layers(
+        model
+    ):  # a CPU without AVX512-bf16 (or a GPU): nothing is re-packed, saving is fine
+        torch.testing.assert_close(
+            logits(load_quantized(save_quantized(model, tmp_path / "q")), ids()), before
+        )
         return
     with pytest.raises(RuntimeError, match="re-packed for bitsandbytes' CPU kernel"):
         save_quantized(model, tmp_path / "q")
@@ -237,7 +306,10 @@ def test_spec_defaults():
     assert parse_spec(4, "fp4", True, "bfloat16").label == "fp4+dq"
     assert parse_spec(8).label == "int8" and parse_spec(8, int8_threshold=6).label == "int8(t=6)"
     assert parse_spec(8).bnb_config(["lm_head"]).llm_int8_threshold == DEFAULT_INT8_THRESHOLD
-    assert parse_spec(4, "nf4", compute_dtype="bfloat16").bnb_config(["lm_head"]).bnb_4bit_compute_dtype == torch.bfloat16
+    assert (
+        parse_spec(4, "nf4", compute_dtype="bfloat16").bnb_config(["lm_head"]).bnb_4bit_compute_dtype
+        == torch.bfloat16
+    )
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -257,12 +329,25 @@ def test_cli_quantizes_a_mac_student_and_prints_the_table(mac_dir, corpus, tmp_p
     code, text = invoke("--model_path", mac_dir, "--bits", 4, "--output", out, *eval_args(corpus))
     assert code == 0, text
     lines = text.splitlines()
-    assert any(line.startswith(f"quantized {mac_dir} (MAC, 3 layers) to nf4 with bitsandbytes") for line in lines)
+    assert any(
+        line.startswith(f"quantized {mac_dir} (MAC, 3 layers) to nf4 with bitsandbytes") for line in lines
+    )
     rows = {line.split("  ")[0]: line for line in lines}
-    assert {"memory footprint", "weight files", "validation perplexity (2x64 tokens)", "greedy agreement (8 prompts)"} <= set(rows)
+    assert {
+        "memory footprint",
+        "weight files",
+        "validation perplexity (2x64 tokens)",
+        "greedy agreement (8 prompts)",
+    } <= set(rows)
     assert "before (float32)" in text and "after (nf4)" in text
-    assert "kept in float32: embeddings, norms, lm_head (tied to the embeddings), memory modules, persistent tokens and read-out gates of layer 1" in text
-    assert "MAC memory updates on the quantized model: surprise ok (64 tokens written per memory layer), ema ok (64 tokens" in text
+    assert (
+        "kept in float32: embeddings, norms, lm_head (tied to the embeddings), memory modules, persistent tokens and read-out gates of layer 1"
+        in text
+    )
+    assert (
+        "MAC memory updates on the quantized model: surprise ok (64 tokens written per memory layer), ema ok (64 tokens"
+        in text
+    )
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mac-nf4"]  # no temporary folder left behind
@@ -273,9 +358,15 @@ def test_cli_llama_int8_and_overwrite(llama_dir, corpus, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, text = invoke("--model-path", llama_dir, "--bits", 8, "--output", out, *eval_args(corpus))
-    assert code == 1 and text == f"Error: --output {out} is not empty; pass --overwrite to replace it, or choose another --output\n"
+    assert (
+        code == 1
+        and text
+        == f"Error: --output {out} is not empty; pass --overwrite to replace it, or choose another --output\n"
+    )
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    code, text = invoke("--model-path", llama_dir, "--bits", 8, "--output", out, "--overwrite", *eval_args(corpus))
+    code, text = invoke(
+        "--model-path", llama_dir, "--bits", 8, "--output", out, "--overwrite", *eval_args(corpus)
+    )
     assert code == 0, text
     assert "after (int8)" in text and "MAC memory" not in text
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
@@ -285,26 +376,44 @@ def test_cli_llama_int8_and_overwrite(llama_dir, corpus, tmp_path):
 
 @pytest.fixture(scope="module")
 def quantized_dir(llama_dir, tmp_path_factory):
-    return save_quantized(quantize_model(inspect_source(str(llama_dir)), parse_spec(4)), tmp_path_factory.mktemp("q") / "q")
+    return save_quantized(
+        quantize_model(inspect_source(str(llama_dir)), parse_spec(4)), tmp_path_factory.mktemp("q") / "q"
+    )
 
 
-@pytest.mark.parametrize("case", ["already-quantized", "8-bit-nf4", "8-bit-double-quant", "8-bit-compute-dtype",
-                                  "4-bit-int8-threshold", "bits-3", "type-int4", "missing-path", "no-config", "gpt2", "output-is-source",
-                                  "output-is-file"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "already-quantized",
+        "8-bit-nf4",
+        "8-bit-double-quant",
+        "8-bit-compute-dtype",
+        "4-bit-int8-threshold",
+        "bits-3",
+        "type-int4",
+        "missing-path",
+        "no-config",
+        "gpt2",
+        "output-is-source",
+        "output-is-file",
+    ],
+)
 def test_bad_input_one_line_error_and_nothing_written(case, llama_dir, quantized_dir, tmp_path):
     out = tmp_path / "out"
-    args = {"already-quantized": ["--model_path", quantized_dir, "--bits", 4],
-            "8-bit-nf4": ["--model_path", llama_dir, "--bits", 8, "--quant-type", "nf4"],
-            "8-bit-double-quant": ["--model_path", llama_dir, "--bits", 8, "--double-quant"],
-            "8-bit-compute-dtype": ["--model_path", llama_dir, "--bits", 8, "--compute-dtype", "bfloat16"],
-            "4-bit-int8-threshold": ["--model_path", llama_dir, "--bits", 4, "--int8-threshold", 1],
-            "bits-3": ["--model_path", llama_dir, "--bits", 3],
-            "type-int4": ["--model_path", llama_dir, "--bits", 4, "--quant-type", "int4"],
-            "missing-path": ["--model_path", tmp_path / "nope", "--bits", 4],
-            "no-config": ["--model_path", tmp_path, "--bits", 4],
-            "gpt2": ["--model_path", tmp_path / "gpt2", "--bits", 4],
-            "output-is-source": ["--model_path", llama_dir, "--bits", 4],
-            "output-is-file": ["--model_path", llama_dir, "--bits", 4]}[case]
+    args = {
+        "already-quantized": ["--model_path", quantized_dir, "--bits", 4],
+        "8-bit-nf4": ["--model_path", llama_dir, "--bits", 8, "--quant-type", "nf4"],
+        "8-bit-double-quant": ["--model_path", llama_dir, "--bits", 8, "--double-quant"],
+        "8-bit-compute-dtype": ["--model_path", llama_dir, "--bits", 8, "--compute-dtype", "bfloat16"],
+        "4-bit-int8-threshold": ["--model_path", llama_dir, "--bits", 4, "--int8-threshold", 1],
+        "bits-3": ["--model_path", llama_dir, "--bits", 3],
+        "type-int4": ["--model_path", llama_dir, "--bits", 4, "--quant-type", "int4"],
+        "missing-path": ["--model_path", tmp_path / "nope", "--bits", 4],
+        "no-config": ["--model_path", tmp_path, "--bits", 4],
+        "gpt2": ["--model_path", tmp_path / "gpt2", "--bits", 4],
+        "output-is-source": ["--model_path", llama_dir, "--bits", 4],
+        "output-is-file": ["--model_path", llama_dir, "--bits", 4],
+    }[case]
     expected = {
         "already-quantized": f"--model_path {quantized_dir} is already quantized (bitsandbytes nf4); pass the unquantized model folder it was made from",
         "8-bit-nf4": "--bits 8 --quant-type nf4 is not a bitsandbytes format: nf4 is 4-bit; pass --bits 4 --quant-type nf4, or drop --quant-type for 8-bit LLM.int8()",
@@ -336,11 +445,16 @@ def test_bad_input_one_line_error_and_nothing_written(case, llama_dir, quantized
 def test_missing_bitsandbytes_is_one_line(llama_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
     code, text = invoke("--model_path", llama_dir, "--bits", 4, "--output", tmp_path / "out")
-    assert (code, text) == (1, "Error: bitsandbytes is not installed; install it with `pip install 'titans-distil[quant]'` "
-                               "(or `pip install bitsandbytes`), or run bin/setup\n")
+    assert (code, text) == (
+        1,
+        "Error: bitsandbytes is not installed; install it with `pip install 'titans-distil[quant]'` "
+        "(or `pip install bitsandbytes`), or run bin/setup\n",
+    )
     assert not (tmp_path / "out").exists()
 
 
 def test_help_says_vllm_does_not_serve_bitsandbytes_folders():
     code, text = invoke("--help")
-    assert code == 0 and "the CPU build pinned here does not load bitsandbytes weights" in " ".join(text.split())
+    assert code == 0 and "the CPU build pinned here does not load bitsandbytes weights" in " ".join(
+        text.split()
+    )

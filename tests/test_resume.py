@@ -35,10 +35,33 @@ def invoke(*args):
 
 def run_args(teacher, corpus, *extra):
     """A run that keeps every default it can: --resume must find the rest in the stored config."""
-    return ["--teacher", teacher, "--data", corpus, "--student-layers", 2, "--max-length", 32,
-            "--batch-size", 2, "--validation-fraction", 0.2, "--eval-batches", 2, "--precision", "fp32",
-            "--lr", "3e-3",
-            "--max-steps", 2, "--save-every", 1, "--eval-every", 0, *extra]
+    return [
+        "--teacher",
+        teacher,
+        "--data",
+        corpus,
+        "--student-layers",
+        2,
+        "--max-length",
+        32,
+        "--batch-size",
+        2,
+        "--validation-fraction",
+        0.2,
+        "--eval-batches",
+        2,
+        "--precision",
+        "fp32",
+        "--lr",
+        "3e-3",
+        "--max-steps",
+        2,
+        "--save-every",
+        1,
+        "--eval-every",
+        0,
+        *extra,
+    ]
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -179,8 +202,10 @@ def test_resume_refuses_a_changed_recipe_in_one_line(two_step_run, tmp_path):
     copy_run(two_step_run, out_dir / "demo")
     code, out = invoke("--output-dir", out_dir, "--run-name", "demo", "--resume", "--lr", "0.1")
     assert code == 1 and "\n" not in out, out
-    assert out == (f"Error: --resume: {out_dir / 'demo'} was started with a different config (lr: run has "
-                   "0.003, --lr gives 0.1); drop --lr to keep the run's value, or choose a new --run-name")
+    assert out == (
+        f"Error: --resume: {out_dir / 'demo'} was started with a different config (lr: run has "
+        "0.003, --lr gives 0.1); drop --lr to keep the run's value, or choose a new --run-name"
+    )
     code, out = invoke("--output-dir", out_dir, "--run-name", "demo", "--resume", "--use-mac")
     assert code == 1 and "(use_mac: run has False, --use-mac gives True)" in out, out
     # the same value given again is no change

@@ -15,13 +15,16 @@ def test_pick_layers_evenly_spaced_and_lists():
     assert pick_layers(30, "0,10,29") == [0, 10, 29]
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("31", "--student-layers 31 is out of range; the teacher has 30 layers, pick 1..30"),
-    ("0", "--student-layers 0 is out of range"),
-    ("0,30", "names layers outside 0..29"),
-    ("1,1", "repeats a layer"),
-    ("a,b", "is neither a count nor a comma-separated list"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("31", "--student-layers 31 is out of range; the teacher has 30 layers, pick 1..30"),
+        ("0", "--student-layers 0 is out of range"),
+        ("0,30", "names layers outside 0..29"),
+        ("1,1", "repeats a layer"),
+        ("a,b", "is neither a count nor a comma-separated list"),
+    ],
+)
 def test_pick_layers_rejects_bad_specs(spec, message):
     with pytest.raises(UserError, match=message):
         pick_layers(30, spec)
@@ -35,8 +38,12 @@ def test_full_depth_student_reproduces_embedded_teacher(embedded_dir):
         torch.testing.assert_close(student(ids).logits, teacher(ids).logits, rtol=0, atol=0)
     small = build_student(teacher, [0, 15, 29])
     assert small.config.num_hidden_layers == 3 and small.config.teacher_layers == [0, 15, 29]
-    torch.testing.assert_close(small.model.layers[1].mlp.up_proj.weight, teacher.model.layers[15].mlp.up_proj.weight)
-    assert small.model.embed_tokens.weight.data_ptr() != teacher.model.embed_tokens.weight.data_ptr()  # a copy, not shared
+    torch.testing.assert_close(
+        small.model.layers[1].mlp.up_proj.weight, teacher.model.layers[15].mlp.up_proj.weight
+    )
+    assert (
+        small.model.embed_tokens.weight.data_ptr() != teacher.model.embed_tokens.weight.data_ptr()
+    )  # a copy, not shared
 
 
 def test_teacher_errors(tmp_path):

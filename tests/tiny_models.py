@@ -9,10 +9,23 @@ from transformers import AutoTokenizer
 
 from titans_distil.model_folder import save_with_model_code
 
-TINY_MAC = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1,
-                eos_token_id=2, pad_token_id=2, segment_len=16, memory_chunk_size=4, num_persistent_tokens=4,
-                memory_layers=[1])
+TINY_MAC = dict(
+    vocab_size=49152,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+    segment_len=16,
+    memory_chunk_size=4,
+    num_persistent_tokens=4,
+    memory_layers=[1],
+)
 
 
 def tiny_mac(seed=0, gate_std=1.0, persistent_std=None, **overrides) -> MACLlamaForCausalLM:

@@ -93,7 +93,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
         model.save_pretrained(tmp)
         tensors, meta = _optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"optimizer": json.dumps(meta)})
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state, "rng": rng_state()}))
+        (tmp / "trainer_state.json").write_text(
+            json.dumps({"step": step, **trainer_state, "rng": rng_state()})
+        )
         for path in tmp.iterdir():  # make the contents durable before the rename publishes them
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -149,15 +151,21 @@ def load_model_weights(model, checkpoint: Path, state: dict | None = None) -> No
     if state is None:
         path = Path(checkpoint) / "model.safetensors"
         if not path.is_file():
-            raise UserError(f"checkpoint {checkpoint} has no model.safetensors; pass a folder written by distil.py")
+            raise UserError(
+                f"checkpoint {checkpoint} has no model.safetensors; pass a folder written by distil.py"
+            )
         try:
             state = load_file(str(path))
         except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
-            raise UserError(f"checkpoint weights {path} are unreadable ({err}); the file is truncated or corrupt, use another checkpoint") from err
+            raise UserError(
+                f"checkpoint weights {path} are unreadable ({err}); the file is truncated or corrupt, use another checkpoint"
+            ) from err
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - tied:
-        raise UserError(f"checkpoint {checkpoint} does not fit this model (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}); it belongs to another architecture or size")
+        raise UserError(
+            f"checkpoint {checkpoint} does not fit this model (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}); it belongs to another architecture or size"
+        )
 
 
 def load_checkpoint(checkpoint: Path | dict, model, optimizer) -> dict:

@@ -132,20 +132,25 @@ class DataSpec:
 def parse_data_spec(spec: str) -> DataSpec:
     """Parse a ``--data`` spec and check each source (files and folders must exist; Hub is not contacted)."""
     if not isinstance(spec, str) or not spec.strip():
-        raise DataError(f"empty --data spec; use {DEFAULT_DATA_SPEC!r}, a folder, a .txt/.jsonl/.parquet file, "
-                        "a preset or hf:<dataset>")
+        raise DataError(
+            f"empty --data spec; use {DEFAULT_DATA_SPEC!r}, a folder, a .txt/.jsonl/.parquet file, "
+            "a preset or hf:<dataset>"
+        )
     pairs: list[tuple[str, float]] = []
     seen: set[str] = set()
     for part in spec.split(","):
         part = part.strip()
         if not part:
-            raise DataError(f"empty source in --data {spec!r}; separate sources with single commas, "
-                            "e.g. stdlib:0.7,notes.jsonl:0.3")
+            raise DataError(
+                f"empty source in --data {spec!r}; separate sources with single commas, "
+                "e.g. stdlib:0.7,notes.jsonl:0.3"
+            )
         name, weight = _split_weight(part)
         _resolve_source(name)  # validates the source now, so a typo fails before any work
         if name in seen:
-            raise DataError(f"data source {name!r} appears twice in --data; give each source once with its "
-                            "total weight")
+            raise DataError(
+                f"data source {name!r} appears twice in --data; give each source once with its total weight"
+            )
         seen.add(name)
         pairs.append((name, weight))
     total = math.fsum(w for _, w in pairs)
@@ -162,15 +167,19 @@ def _split_weight(part: str) -> tuple[str, float]:
         return part, 1.0  # e.g. hf:org/name:config, or hf: itself
     head = head.strip()
     if not head:
-        raise DataError(f"missing data source before ':{tail}' in --data; write source:weight, "
-                        "e.g. stdlib:0.7,notes.jsonl:0.3")
+        raise DataError(
+            f"missing data source before ':{tail}' in --data; write source:weight, "
+            "e.g. stdlib:0.7,notes.jsonl:0.3"
+        )
     try:
         weight = float(tail)
     except ValueError:
         weight = float("nan")
     if not (math.isfinite(weight) and weight > 0):
-        raise DataError(f"bad mixture weight {tail!r} for data source {head!r}; weights must be positive "
-                        "numbers, e.g. stdlib:0.7,notes.jsonl:0.3")
+        raise DataError(
+            f"bad mixture weight {tail!r} for data source {head!r}; weights must be positive "
+            "numbers, e.g. stdlib:0.7,notes.jsonl:0.3"
+        )
     return head, weight
 
 
@@ -205,21 +214,35 @@ def _apps_text(row: dict, max_solutions: int = 3) -> str | None:
         solutions = json.loads(solutions) if isinstance(solutions, str) else list(solutions)
     except (ValueError, TypeError):
         solutions = []
-    parts = [question.strip()] + [s.strip() for s in solutions[:max_solutions] if isinstance(s, str) and s.strip()]
+    parts = [question.strip()] + [
+        s.strip() for s in solutions[:max_solutions] if isinstance(s, str) and s.strip()
+    ]
     return "\n\n".join(parts)
 
 
 #: Presets for code sets users name. ``<preset>:<lang>`` picks another language where the set has several.
 PRESETS: dict[str, HubPreset] = {
     # CodeSearchNet (parquet, one config per language); whole_func_string = a function with its docstring.
-    "codesearchnet": HubPreset("code-search-net/code_search_net", name="python", fields=("whole_func_string",),
-                               note="configs: python java javascript go ruby php"),
+    "codesearchnet": HubPreset(
+        "code-search-net/code_search_net",
+        name="python",
+        fields=("whole_func_string",),
+        note="configs: python java javascript go ruby php",
+    ),
     # The Stack smol: 10k files per language under data/<lang>; gated: accept its terms and log in first.
-    "the-stack": HubPreset("bigcode/the-stack-smol", data_dir="data/python", fields=("content",),
-                           note="gated: accept the terms on the Hub and set HF_TOKEN"),
+    "the-stack": HubPreset(
+        "bigcode/the-stack-smol",
+        data_dir="data/python",
+        fields=("content",),
+        note="gated: accept the terms on the Hub and set HF_TOKEN",
+    ),
     # APPS: its repository still holds a loading script (unsupported by datasets>=4), so read train.jsonl.
-    "apps": HubPreset("json", data_files="hf://datasets/codeparrot/apps/train.jsonl",
-                      fields=("question", "solutions"), to_text=_apps_text),
+    "apps": HubPreset(
+        "json",
+        data_files="hf://datasets/codeparrot/apps/train.jsonl",
+        fields=("question", "solutions"),
+        to_text=_apps_text,
+    ),
 }
 
 
@@ -238,25 +261,38 @@ class _Source:
             ident["path"] = str(self.path)
         if self.hub is not None:
             h = self.hub
-            ident["hub"] = [h.path, h.name, h.data_dir, h.data_files, h.split, list(h.fields),
-                            getattr(h.to_text, "__name__", None)]
+            ident["hub"] = [
+                h.path,
+                h.name,
+                h.data_dir,
+                h.data_files,
+                h.split,
+                list(h.fields),
+                getattr(h.to_text, "__name__", None),
+            ]
         return ident
 
 
 def _resolve_source(name: str) -> _Source:
     spec = name
     if not name:
-        raise DataError("empty data source in --data; use stdlib, a folder, a .txt/.jsonl/.parquet file, "
-                        "a preset or hf:<dataset>")
+        raise DataError(
+            "empty data source in --data; use stdlib, a folder, a .txt/.jsonl/.parquet file, "
+            "a preset or hf:<dataset>"
+        )
     if name.startswith("hf:"):
         rest, _, hub_field = name[3:].partition("#")
         ds_name, _, config = rest.partition(":")
         ds_name, config, hub_field = ds_name.strip(), config.strip() or None, hub_field.strip()
         if not ds_name:
-            raise DataError(f"missing dataset name in {spec!r}; write hf:<name>[:<config>][#field], "
-                            "e.g. hf:bigcode/the-stack-smol#content")
+            raise DataError(
+                f"missing dataset name in {spec!r}; write hf:<name>[:<config>][#field], "
+                "e.g. hf:bigcode/the-stack-smol#content"
+            )
         fields = (hub_field,) if hub_field else _ROW_FIELDS
-        return _Source(spec, "hub", field=hub_field or None, hub=HubPreset(ds_name, name=config, fields=fields))
+        return _Source(
+            spec, "hub", field=hub_field or None, hub=HubPreset(ds_name, name=config, fields=fields)
+        )
     fld: str | None = None
     base = name
     if "#" in name and not Path(name).expanduser().exists():
@@ -271,24 +307,38 @@ def _resolve_source(name: str) -> _Source:
             if preset_name.lower() == "codesearchnet":
                 preset = HubPreset(preset.path, name=lang.lower(), fields=preset.fields, note=preset.note)
             elif preset_name.lower() == "the-stack":
-                preset = HubPreset(preset.path, data_dir=f"data/{lang.lower()}", fields=preset.fields,
-                                   note=preset.note)
+                preset = HubPreset(
+                    preset.path, data_dir=f"data/{lang.lower()}", fields=preset.fields, note=preset.note
+                )
             else:
-                raise DataError(f"preset {preset_name!r} has no variants, got {spec!r}; write {preset_name!r}")
+                raise DataError(
+                    f"preset {preset_name!r} has no variants, got {spec!r}; write {preset_name!r}"
+                )
         if fld:
-            preset = HubPreset(preset.path, preset.name, preset.data_dir, preset.data_files, preset.split,
-                               fields=(fld,), note=preset.note)
+            preset = HubPreset(
+                preset.path,
+                preset.name,
+                preset.data_dir,
+                preset.data_files,
+                preset.split,
+                fields=(fld,),
+                note=preset.note,
+            )
         return _Source(spec, "hub", field=fld, hub=preset)
     if base == "stdlib":
         if fld:
-            raise DataError(f"'#field' applies to .jsonl, .parquet and Hub sources, not {spec!r}; drop '#{fld}'")
+            raise DataError(
+                f"'#field' applies to .jsonl, .parquet and Hub sources, not {spec!r}; drop '#{fld}'"
+            )
         return _Source(spec, "stdlib", path=Path(sysconfig.get_paths()["stdlib"]).resolve())
     path = Path(base).expanduser()
     if not path.exists():
         if any(c in base for c in "/\\.~") or os.sep in base:
             raise DataError(f"data file or folder not found: {base!r}; check the path given to --data")
-        raise DataError(f"unknown data source {base!r}; use stdlib, a preset ({', '.join(PRESETS)}), "
-                        "hf:<dataset>[:<config>], or a path to a folder or .txt/.jsonl/.parquet file")
+        raise DataError(
+            f"unknown data source {base!r}; use stdlib, a preset ({', '.join(PRESETS)}), "
+            "hf:<dataset>[:<config>], or a path to a folder or .txt/.jsonl/.parquet file"
+        )
     path = path.resolve()
     if path.is_dir():
         kind = "folder"
@@ -296,8 +346,10 @@ def _resolve_source(name: str) -> _Source:
         suffix = path.suffix.lower()
         kind = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}.get(suffix)
         if kind is None:
-            raise DataError(f"unsupported data file type {suffix or path.name!r} for {base!r}; use a .txt, "
-                            ".jsonl or .parquet file, or a folder of code/text files")
+            raise DataError(
+                f"unsupported data file type {suffix or path.name!r} for {base!r}; use a .txt, "
+                ".jsonl or .parquet file, or a folder of code/text files"
+            )
     if fld and kind not in ("jsonl", "parquet"):
         raise DataError(f"'#field' applies to .jsonl, .parquet and Hub sources, not {spec!r}; drop '#{fld}'")
     return _Source(spec, kind, path=path, field=fld)
@@ -308,7 +360,9 @@ def _resolve_source(name: str) -> _Source:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _walk_files(root: Path, skipped_dirs: frozenset[str], accept: Callable[[str], bool]) -> list[tuple[str, Path]]:
+def _walk_files(
+    root: Path, skipped_dirs: frozenset[str], accept: Callable[[str], bool]
+) -> list[tuple[str, Path]]:
     """``(relative posix path, path)`` of accepted files below ``root``, sorted, hidden dirs/files skipped."""
     found: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
@@ -328,8 +382,11 @@ def _source_files(src: _Source) -> list[tuple[str, Path]]:
     if src.kind == "stdlib":
         return _walk_files(src.path, _STDLIB_SKIPPED_DIRS, lambda f: f.endswith(".py"))
     if src.kind == "folder":
-        return _walk_files(src.path, _FOLDER_SKIPPED_DIRS,
-                           lambda f: Path(f).suffix.lower() in TEXT_SUFFIXES or f in _TEXT_FILENAMES)
+        return _walk_files(
+            src.path,
+            _FOLDER_SKIPPED_DIRS,
+            lambda f: Path(f).suffix.lower() in TEXT_SUFFIXES or f in _TEXT_FILENAMES,
+        )
     return [(src.path.name, src.path)]
 
 
@@ -366,8 +423,10 @@ def _no_field_error(src: _Source, found: Sequence[str]) -> DataError:
     where = src.spec.rpartition("#")[0] if src.field else src.spec
     wanted = f"field {src.field!r}" if src.field else "'text', 'content' or 'code' field"
     seen = ", ".join(sorted(found)[:12]) or "none"
-    return DataError(f"no documents with a {wanted} in {where!r} (fields seen: {seen}); "
-                     f"name the text field as {where}#<field>")
+    return DataError(
+        f"no documents with a {wanted} in {where!r} (fields seen: {seen}); "
+        f"name the text field as {where}#<field>"
+    )
 
 
 def _read_jsonl(src: _Source, max_documents: int | None) -> list[tuple[str, str]]:
@@ -385,8 +444,10 @@ def _read_jsonl(src: _Source, max_documents: int | None) -> list[tuple[str, str]
             try:
                 row = json.loads(line)
             except ValueError as e:
-                raise DataError(f"{src.path.name}:{lineno}: invalid JSON ({e}); each line of a .jsonl file "
-                                "must be one JSON object") from None
+                raise DataError(
+                    f"{src.path.name}:{lineno}: invalid JSON ({e}); each line of a .jsonl file "
+                    "must be one JSON object"
+                ) from None
             if isinstance(row, dict):
                 keys.update(row)
             text = _row_text(row, _fields_for(src))
@@ -404,8 +465,10 @@ def _read_parquet(src: _Source, max_documents: int | None) -> list[tuple[str, st
     try:
         pfile = pq.ParquetFile(src.path)
     except Exception as e:  # noqa: BLE001 - any pyarrow failure means the same thing to the user
-        raise DataError(f"cannot read parquet file {src.spec!r} ({type(e).__name__}: {_first_line(e)}); "
-                        "check that it is a valid .parquet file") from None
+        raise DataError(
+            f"cannot read parquet file {src.spec!r} ({type(e).__name__}: {_first_line(e)}); "
+            "check that it is a valid .parquet file"
+        ) from None
     names = pfile.schema_arrow.names
     column = next((f for f in _fields_for(src) if f in names), None)
     if column is None:
@@ -437,14 +500,22 @@ def _read_hub(src: _Source, max_documents: int | None) -> list[tuple[str, str]]:
     preset = src.hub
     assert preset is not None
     limit = DEFAULT_HUB_MAX_DOCUMENTS if max_documents is None else max_documents
-    where = preset.data_files if preset.data_files else preset.path + (f":{preset.name}" if preset.name else "")
+    where = (
+        preset.data_files if preset.data_files else preset.path + (f":{preset.name}" if preset.name else "")
+    )
     docs: list[tuple[str, str]] = []
     keys: set[str] = set()
     try:
         import datasets
 
-        stream = datasets.load_dataset(preset.path, preset.name, data_dir=preset.data_dir,
-                                       data_files=preset.data_files, split=preset.split, streaming=True)
+        stream = datasets.load_dataset(
+            preset.path,
+            preset.name,
+            data_dir=preset.data_dir,
+            data_files=preset.data_files,
+            split=preset.split,
+            streaming=True,
+        )
         for i, row in enumerate(itertools.islice(stream, limit)):
             if not keys and isinstance(row, dict):
                 keys.update(row)
@@ -455,9 +526,11 @@ def _read_hub(src: _Source, max_documents: int | None) -> list[tuple[str, str]]:
         raise
     except Exception as e:  # noqa: BLE001 - offline, gated, unknown set, bad config: all re-raised as one line
         hint = f" ({preset.note})" if preset.note else ""
-        raise DataError(f"cannot load Hub dataset {where!r} for data source {src.spec!r} "
-                        f"({type(e).__name__}: {_first_line(e)}){hint}; check the name and your network/HF "
-                        "token, or use a local folder or .jsonl/.parquet file") from None
+        raise DataError(
+            f"cannot load Hub dataset {where!r} for data source {src.spec!r} "
+            f"({type(e).__name__}: {_first_line(e)}){hint}; check the name and your network/HF "
+            "token, or use a local folder or .jsonl/.parquet file"
+        ) from None
     if not docs and keys:
         if preset.to_text is None:
             raise _no_field_error(src, list(keys))
@@ -479,8 +552,9 @@ def read_documents(source: str, *, max_documents: int | None = None) -> list[tup
     return _read_documents(_resolve_source(source), max_documents)
 
 
-def _read_documents(src: _Source, max_documents: int | None, files: list[tuple[str, Path]] | None = None
-                    ) -> list[tuple[str, str]]:
+def _read_documents(
+    src: _Source, max_documents: int | None, files: list[tuple[str, Path]] | None = None
+) -> list[tuple[str, str]]:
     if src.kind in ("stdlib", "folder"):
         docs = []
         for rel, path in files if files is not None else _source_files(src):
@@ -519,8 +593,9 @@ def _split_score(doc_id: str) -> float:
     return int.from_bytes(digest, "big") / 2.0**64
 
 
-def split_documents(doc_ids: Sequence[str], validation_fraction: float = DEFAULT_VALIDATION_FRACTION
-                    ) -> tuple[list[str], list[str]]:
+def split_documents(
+    doc_ids: Sequence[str], validation_fraction: float = DEFAULT_VALIDATION_FRACTION
+) -> tuple[list[str], list[str]]:
     """``(train_ids, validation_ids)``, each in hash order (see the module docstring for the rule)."""
     _check_fraction(validation_fraction)
     ranked = sorted(set(doc_ids), key=lambda d: (_split_score(d), d))
@@ -534,8 +609,7 @@ def split_documents(doc_ids: Sequence[str], validation_fraction: float = DEFAULT
 
 def _check_fraction(validation_fraction: float) -> None:
     if not (0.0 <= validation_fraction < 1.0):
-        raise DataError(f"validation fraction must be in [0, 1), got {validation_fraction}; "
-                        "use e.g. 0.05")
+        raise DataError(f"validation fraction must be in [0, 1), got {validation_fraction}; use e.g. 0.05")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -580,16 +654,21 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     """Token ids of each text, no special tokens added; same ids as ``tokenizer(texts)``."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     encode_fast = getattr(backend, "encode_batch_fast", None)
-    if (encode_fast is not None and backend.truncation is None and backend.padding is None
-            and bool(backend.encode_special_tokens) == bool(getattr(tokenizer, "split_special_tokens", False))):
+    if (
+        encode_fast is not None
+        and backend.truncation is None
+        and backend.padding is None
+        and bool(backend.encode_special_tokens) == bool(getattr(tokenizer, "split_special_tokens", False))
+    ):
         # What a fast tokenizer's __call__ runs, minus the offsets it computes and we drop (~40% faster).
         return [enc.ids for enc in encode_fast(texts, add_special_tokens=False)]
     enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
     return list(enc["input_ids"])
 
 
-def _tokenize_stream(src: _Source, docs: list[tuple[str, str]], split: str, tokenizer: Any, eos_id: int,
-                     max_tokens: int | None) -> tuple[np.ndarray, int, bool]:
+def _tokenize_stream(
+    src: _Source, docs: list[tuple[str, str]], split: str, tokenizer: Any, eos_id: int, max_tokens: int | None
+) -> tuple[np.ndarray, int, bool]:
     """Token stream of ``docs`` (each + eos), stopping once ``max_tokens`` are reached.
 
     Returns ``(tokens int32, documents used, complete)``; ``complete`` means every document was tokenized.
@@ -603,8 +682,14 @@ def _tokenize_stream(src: _Source, docs: list[tuple[str, str]], split: str, toke
     pieces: list[np.ndarray] = []
     n_tokens = n_docs = 0
     eos = np.asarray([eos_id], dtype=np.int32)
-    with tqdm(total=total_chars, unit="char", unit_scale=True, disable=not show, leave=False,
-              desc=f"tokenizing {src.spec} ({split})") as bar:
+    with tqdm(
+        total=total_chars,
+        unit="char",
+        unit_scale=True,
+        disable=not show,
+        leave=False,
+        desc=f"tokenizing {src.spec} ({split})",
+    ) as bar:
         i = 0
         while i < len(docs) and (max_tokens is None or n_tokens < max_tokens):
             j, size = i, 0
@@ -655,8 +740,16 @@ def _cache_save(path: Path, tokens: torch.Tensor, meta: dict[str, str]) -> None:
         log.warning("could not write data cache %s (%s); continuing without it", path, e)
 
 
-def _source_tokens(src: _Source, tokenizer: Any, eos_id: int, split: str, validation_fraction: float,
-                   max_documents: int | None, max_tokens: int | None, cache_dir: Path | None) -> torch.Tensor:
+def _source_tokens(
+    src: _Source,
+    tokenizer: Any,
+    eos_id: int,
+    split: str,
+    validation_fraction: float,
+    max_documents: int | None,
+    max_tokens: int | None,
+    cache_dir: Path | None,
+) -> torch.Tensor:
     """The (possibly capped) int32 token stream of one source's split, through the cache."""
     files = _source_files(src) if src.kind in ("stdlib", "folder", "txt", "jsonl", "parquet") else None
     if files is not None and not files:
@@ -688,16 +781,28 @@ def _source_tokens(src: _Source, tokenizer: Any, eos_id: int, split: str, valida
     wanted = train_ids if split == "train" else val_ids
     if not wanted:
         if split == "validation":
-            raise DataError(f"data source {src.spec!r} has no validation documents (validation fraction "
-                            f"{validation_fraction}); use a validation fraction > 0")
-        raise DataError(f"data source {src.spec!r} has {len(docs)} document(s), all held out for validation; "
-                        "add documents (a .txt file splits on blank lines) or use validation fraction 0")
+            raise DataError(
+                f"data source {src.spec!r} has no validation documents (validation fraction "
+                f"{validation_fraction}); use a validation fraction > 0"
+            )
+        raise DataError(
+            f"data source {src.spec!r} has {len(docs)} document(s), all held out for validation; "
+            "add documents (a .txt file splits on blank lines) or use validation fraction 0"
+        )
     by_id = dict(docs)
     started = time.perf_counter()
-    stream, n_docs, complete = _tokenize_stream(src, [(d, by_id[d]) for d in wanted], split, tokenizer, eos_id,
-                                                max_tokens)
-    log.info("data %r (%s): tokenized %d of %d documents into %d tokens in %.1f s", src.spec, split, n_docs,
-             len(wanted), len(stream), time.perf_counter() - started)
+    stream, n_docs, complete = _tokenize_stream(
+        src, [(d, by_id[d]) for d in wanted], split, tokenizer, eos_id, max_tokens
+    )
+    log.info(
+        "data %r (%s): tokenized %d of %d documents into %d tokens in %.1f s",
+        src.spec,
+        split,
+        n_docs,
+        len(wanted),
+        len(stream),
+        time.perf_counter() - started,
+    )
     tokens = torch.from_numpy(stream)
     if cache_dir is not None:
         meta = {"key": json.dumps(key, sort_keys=True), "documents": str(n_docs), "complete": str(complete)}
@@ -717,10 +822,20 @@ def _apportion(weights: Sequence[float], total: int) -> list[int]:
     return counts
 
 
-def load_blocks(spec: str | DataSpec, tokenizer: Any, max_length: int, split: str = "train", *, seed: int = 0,
-                validation_fraction: float = DEFAULT_VALIDATION_FRACTION, max_blocks: int | None = None,
-                cache_dir: str | os.PathLike | None = None, max_documents: int | None = None,
-                eos_token_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
+def load_blocks(
+    spec: str | DataSpec,
+    tokenizer: Any,
+    max_length: int,
+    split: str = "train",
+    *,
+    seed: int = 0,
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
+    max_blocks: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    max_documents: int | None = None,
+    eos_token_id: int | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
     """Packed ``(n_blocks, max_length)`` int64 token blocks of ``split`` ("train" or "validation").
 
     ``max_blocks`` caps the result and stops tokenizing once each source has its share (quick runs).
@@ -732,17 +847,22 @@ def load_blocks(spec: str | DataSpec, tokenizer: Any, max_length: int, split: st
     if split not in _SPLITS:
         raise DataError(f"unknown split {split!r}; use 'train' or 'validation'")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise DataError(f"max_length must be a positive integer, got {max_length!r}; pass e.g. --max-length 512")
-    if max_blocks is not None and (isinstance(max_blocks, bool) or not isinstance(max_blocks, int)
-                                   or max_blocks < 1):
+        raise DataError(
+            f"max_length must be a positive integer, got {max_length!r}; pass e.g. --max-length 512"
+        )
+    if max_blocks is not None and (
+        isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 1
+    ):
         raise DataError(f"max_blocks must be a positive integer or None, got {max_blocks!r}")
     if max_documents is not None and max_documents < 1:
         raise DataError(f"max_documents must be a positive integer or None, got {max_documents!r}")
     _check_fraction(validation_fraction)
     eos_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     if eos_id is None:
-        raise DataError("the tokenizer has no eos token to separate documents; pass eos_token_id= "
-                        "or use a tokenizer with an eos token")
+        raise DataError(
+            "the tokenizer has no eos token to separate documents; pass eos_token_id= "
+            "or use a tokenizer with an eos token"
+        )
     cache = None
     if use_cache:
         cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -752,12 +872,22 @@ def load_blocks(spec: str | DataSpec, tokenizer: Any, max_length: int, split: st
     for name, weight in parsed.sources:
         src = _resolve_source(name)
         need = None if max_blocks is None else max(1, math.ceil(weight * max_blocks - 1e-9))
-        tokens = _source_tokens(src, tokenizer, int(eos_id), split, validation_fraction, max_documents,
-                                None if need is None else need * max_length, cache)
+        tokens = _source_tokens(
+            src,
+            tokenizer,
+            int(eos_id),
+            split,
+            validation_fraction,
+            max_documents,
+            None if need is None else need * max_length,
+            cache,
+        )
         n_blocks = len(tokens) // max_length
         if n_blocks == 0:
-            raise DataError(f"data source {name!r} ({split} split) has {len(tokens)} tokens, fewer than "
-                            f"--max-length {max_length}; use a larger --data or a smaller --max-length")
+            raise DataError(
+                f"data source {name!r} ({split} split) has {len(tokens)} tokens, fewer than "
+                f"--max-length {max_length}; use a larger --data or a smaller --max-length"
+            )
         per_source.append(tokens[: n_blocks * max_length].view(n_blocks, max_length))
         weights.append(weight)
 
@@ -775,8 +905,15 @@ def load_blocks(spec: str | DataSpec, tokenizer: Any, max_length: int, split: st
         if count > n and split == "validation":
             count = n  # never evaluate a block twice
         if count > n:
-            log.warning("data source %r: %d %s blocks repeated to fill %d (weight %.3g); add data or lower "
-                        "its weight", parsed.sources[i][0], n, split, count, weights[i])
+            log.warning(
+                "data source %r: %d %s blocks repeated to fill %d (weight %.3g); add data or lower "
+                "its weight",
+                parsed.sources[i][0],
+                n,
+                split,
+                count,
+                weights[i],
+            )
         reps, rest = divmod(count, n)
         index = [rng.permutation(n) for _ in range(reps)] + [rng.permutation(n)[:rest]]
         picked.append(blocks[torch.from_numpy(np.concatenate(index))])
@@ -862,8 +999,10 @@ class BlockSampler:
         if batch_size < 1:
             raise DataError(f"batch size must be positive, got {batch_size}")
         if drop_last and batch_size > n_blocks:
-            raise DataError(f"batch size {batch_size} is larger than the {n_blocks} data blocks; use a smaller "
-                            "--batch-size, a smaller --max-length or a larger --data")
+            raise DataError(
+                f"batch size {batch_size} is larger than the {n_blocks} data blocks; use a smaller "
+                "--batch-size, a smaller --max-length or a larger --data"
+            )
         self.n_blocks = int(n_blocks)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -887,8 +1026,10 @@ class BlockSampler:
     def load_state_dict(self, state) -> None:
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or not (0 <= index <= len(self)):
-            raise DataError(f"bad sampler state {dict(state)!r} for {len(self)} batches per epoch; resume with "
-                            "the same data, --max-length and --batch-size")
+            raise DataError(
+                f"bad sampler state {dict(state)!r} for {len(self)} batches per epoch; resume with "
+                "the same data, --max-length and --batch-size"
+            )
         self.epoch, self.index = epoch, index
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -900,7 +1041,7 @@ class BlockSampler:
         while self.index < n_batches:
             i = self.index
             self.index += 1
-            yield order[i * bs:(i + 1) * bs].tolist()
+            yield order[i * bs : (i + 1) * bs].tolist()
         self.epoch, self.index = self.epoch + 1, 0
 
     def forever(self) -> Iterator[list[int]]:

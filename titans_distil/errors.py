@@ -17,8 +17,19 @@ class UserError(ValueError):
 
 
 # OSErrors that mean "this place cannot be written": the user picks another place or frees space.
-WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
-                          errno.EISDIR, errno.EEXIST, errno.EFBIG})
+WRITE_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.EFBIG,
+    }
+)
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
@@ -63,7 +74,13 @@ def network_errors() -> tuple[type[BaseException], ...]:
 
 def library_errors() -> tuple[type[BaseException], ...]:
     """The library error types `describe` knows (beyond the plain TypeError / ValueError of a bad value)."""
-    return (OSError, UnicodeDecodeError, *_strict_dataclass_errors(), *_safetensors_errors(), *network_errors())
+    return (
+        OSError,
+        UnicodeDecodeError,
+        *_strict_dataclass_errors(),
+        *_safetensors_errors(),
+        *network_errors(),
+    )
 
 
 def write_error(err: BaseException) -> bool:

@@ -98,8 +98,10 @@ class Session:
     def __post_init__(self):
         self.kind = model_kind(self.model)
         if self.kind == "llama" and self.update_rule != "none":
-            raise UserError(f"--update-rule {self.update_rule}: this model has no memory (model_type "
-                            f"{self.model.config.model_type!r}); use --update-rule none, a MAC export or a package_model.py folder")
+            raise UserError(
+                f"--update-rule {self.update_rule}: this model has no memory (model_type "
+                f"{self.model.config.model_type!r}); use --update-rule none, a MAC export or a package_model.py folder"
+            )
         self.reset()
 
     # -- memory (the models' own save_memory / load_memory: a MAC memory lives in the cache, a wrapper's in the model)
@@ -115,9 +117,13 @@ class Session:
 
     def load_memory(self, path) -> None:
         if self.kind == "llama":
-            raise UserError(f"--memory-in {path}: this model has no memory (model_type {self.model.config.model_type!r})")
+            raise UserError(
+                f"--memory-in {path}: this model has no memory (model_type {self.model.config.model_type!r})"
+            )
         try:
-            self.seed = self.model.load_memory(path)  # MAC: a fresh cache; wrapper: None (loaded into the model)
+            self.seed = self.model.load_memory(
+                path
+            )  # MAC: a fresh cache; wrapper: None (loaded into the model)
         except ValueError as err:
             raise UserError(str(err)) from None
         self.reset(keep_seed=True)
@@ -126,7 +132,9 @@ class Session:
         """The memory after every token of the session; MAC: flushed (the file's weights hold every token written,
         and a session from it starts a new chunk), the live session is not changed."""
         if self.kind == "llama":
-            raise UserError(f"cannot save {path}: this model has no memory (model_type {self.model.config.model_type!r})")
+            raise UserError(
+                f"cannot save {path}: this model has no memory (model_type {self.model.config.model_type!r})"
+            )
         try:
             self.model.save_memory(path, *((self.cache,) if self.kind == "mac" else ()))
         except (OSError, ValueError) as err:
@@ -147,7 +155,7 @@ class Session:
             previous = tok.apply_chat_template(self.history, tokenize=False) if self.history else ""
             for prefix in (self.fed_text, previous):
                 if prefix and text.startswith(prefix):
-                    text = text[len(prefix):]
+                    text = text[len(prefix) :]
                     break
             self.history = messages
             self.fed_text += text
@@ -160,8 +168,9 @@ class Session:
         return tok(text, add_special_tokens=False)["input_ids"]
 
     @torch.no_grad()
-    def generate(self, prompt: str, max_new_tokens: int, streamer=None, do_sample=False, temperature=1.0,
-                 top_p=1.0) -> str:
+    def generate(
+        self, prompt: str, max_new_tokens: int, streamer=None, do_sample=False, temperature=1.0, top_p=1.0
+    ) -> str:
         new = self.turn_ids(prompt)
         if self.kind == "memory":  # the memory carries the earlier turns; the model sees this turn only
             ids, past = new, None
@@ -173,8 +182,13 @@ class Session:
 
             past = self.cache = DynamicCache(config=self.model.config)
         input_ids = torch.tensor([ids], device=self.model.device)
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, streamer=streamer,
-                      attention_mask=torch.ones_like(input_ids), pad_token_id=self._pad_id())
+        kwargs = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            streamer=streamer,
+            attention_mask=torch.ones_like(input_ids),
+            pad_token_id=self._pad_id(),
+        )
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
         else:
@@ -186,11 +200,15 @@ class Session:
         else:
             kwargs.update(past_key_values=past)
         out = self.model.generate(input_ids, **kwargs)[0].tolist()
-        generated = out[len(ids):]
+        generated = out[len(ids) :]
         if self.kind == "mac" and generated:
             # generate() never feeds its last token back; feed it so the memory (and the stream) hold every token
-            self.model(torch.tensor([generated[-1:]], device=self.model.device), past_key_values=self.cache,
-                       use_cache=True, update_rule=self.update_rule)
+            self.model(
+                torch.tensor([generated[-1:]], device=self.model.device),
+                past_key_values=self.cache,
+                use_cache=True,
+                update_rule=self.update_rule,
+            )
         self.ids = out if self.kind != "memory" else []
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
         self.fed_text += self.tokenizer.decode(generated, skip_special_tokens=False)
@@ -208,9 +226,11 @@ class Session:
         if limit and tokens + max_new_tokens > limit:
             room = max(limit - tokens, 0)
             what = "the prompt" if not self.ids or self.kind == "memory" else "the conversation"
-            raise UserError(f"--max-tokens {max_new_tokens}: {what} ({tokens} tokens) + {max_new_tokens} new "
-                            f"exceeds the model's {limit} positions (max_position_embeddings); pass --max-tokens "
-                            f"{room} or less" + ("" if what == "the prompt" else ", or /reset"))
+            raise UserError(
+                f"--max-tokens {max_new_tokens}: {what} ({tokens} tokens) + {max_new_tokens} new "
+                f"exceeds the model's {limit} positions (max_position_embeddings); pass --max-tokens "
+                f"{room} or less" + ("" if what == "the prompt" else ", or /reset")
+            )
 
     def _pad_id(self):
         tok = self.tokenizer
@@ -223,32 +243,85 @@ class Session:
 # ----------------------------------------------------------------------------------------------- command
 
 
-@click.command(name="no_vllm_inference.py", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--model_path", "--model-path", "model_path", required=True, type=click.Path(file_okay=False),
-              help="A MAC export / run's final folder, a package_model.py folder or a plain Llama folder.")
+@click.command(
+    name="no_vllm_inference.py",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
+@click.option(
+    "--model_path",
+    "--model-path",
+    "model_path",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="A MAC export / run's final folder, a package_model.py folder or a plain Llama folder.",
+)
 @click.option("--use_mac", "--use-mac", "use_mac", is_flag=True, help="Require a MAC (Titans memory) model.")
-@click.option("--update-rule", type=click.Choice(UPDATE_RULES), default="none", show_default=True,
-              help="Memory update while reading the prompt and generating (none: read only).")
+@click.option(
+    "--update-rule",
+    type=click.Choice(UPDATE_RULES),
+    default="none",
+    show_default=True,
+    help="Memory update while reading the prompt and generating (none: read only).",
+)
 @click.option("--prompt", default=None, help="Prompt (the first turn of the session).")
-@click.option("--prompts-file", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="A text file of prompts, one per non-empty line: further turns of the same session.")
+@click.option(
+    "--prompts-file",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="A text file of prompts, one per non-empty line: further turns of the same session.",
+)
 @click.option("--max-tokens", type=POSITIVE, default=128, show_default=True, help="New tokens per prompt.")
-@click.option("--temperature", type=finite(min=0.0), default=None,
-              help="Sample with this temperature (default: greedy).")
-@click.option("--top-p", type=finite(0.0, 1.0, min_open=True), default=None, help="Nucleus sampling (implies sampling).")
-@click.option("--chat-template/--no-chat-template", default=None,
-              help="Wrap prompts in the tokenizer's chat template. [default: on when the tokenizer has one]")
-@click.option("--interactive", is_flag=True, help="Chat on stdin: /reset clears the memory, /save FILE writes it; "
-              "/quit, /exit, quit, exit, an empty line or Ctrl-D (EOF) leaves.")
+@click.option(
+    "--temperature",
+    type=finite(min=0.0),
+    default=None,
+    help="Sample with this temperature (default: greedy).",
+)
+@click.option(
+    "--top-p", type=finite(0.0, 1.0, min_open=True), default=None, help="Nucleus sampling (implies sampling)."
+)
+@click.option(
+    "--chat-template/--no-chat-template",
+    default=None,
+    help="Wrap prompts in the tokenizer's chat template. [default: on when the tokenizer has one]",
+)
+@click.option(
+    "--interactive",
+    is_flag=True,
+    help="Chat on stdin: /reset clears the memory, /save FILE writes it; "
+    "/quit, /exit, quit, exit, an empty line or Ctrl-D (EOF) leaves.",
+)
 @click.option("--memory-in", type=click.Path(), default=None, help="Start from this memory file.")
-@click.option("--memory-out", type=click.Path(), default=None, help="Write the memory here after the session.")
+@click.option(
+    "--memory-out", type=click.Path(), default=None, help="Write the memory here after the session."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (sampling).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
-              help="Load the weights in this dtype.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="Load the weights in this dtype.",
+)
 @trust_remote_code_option
 @user_errors
-def no_vllm_inference(model_path, use_mac, update_rule, prompt, prompts_file, max_tokens, temperature, top_p,
-                      chat_template, interactive, memory_in, memory_out, seed, dtype, trust_remote_code):
+def no_vllm_inference(
+    model_path,
+    use_mac,
+    update_rule,
+    prompt,
+    prompts_file,
+    max_tokens,
+    temperature,
+    top_p,
+    chat_template,
+    interactive,
+    memory_in,
+    memory_out,
+    seed,
+    dtype,
+    trust_remote_code,
+):
     """Generate with transformers, carrying a per-user memory through prompts and generated tokens.
 
     \b
@@ -268,7 +341,9 @@ def no_vllm_inference(model_path, use_mac, update_rule, prompt, prompts_file, ma
         if path and Path(path).is_dir():
             raise UserError(f"{flag} {path} is a folder; give a memory file (.safetensors)")
     if memory_in and not Path(memory_in).is_file():
-        raise UserError(f"--memory-in {memory_in} does not exist; give a file written with --memory-out or /save")
+        raise UserError(
+            f"--memory-in {memory_in} does not exist; give a file written with --memory-out or /save"
+        )
     if memory_out:
         check_output_file(memory_out, "--memory-out")  # before the model loads and the session runs
     from transformers import TextStreamer, set_seed
@@ -276,20 +351,30 @@ def no_vllm_inference(model_path, use_mac, update_rule, prompt, prompts_file, ma
     model, tokenizer = load_model(model_path, dtype, trust_remote_code)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and max_tokens >= limit:
-        raise UserError(f"--max-tokens {max_tokens} exceeds what {model_path} can hold: {limit} positions "
-                        f"(max_position_embeddings) minus the prompt; pass --max-tokens {limit - 1} or less")
+        raise UserError(
+            f"--max-tokens {max_tokens} exceeds what {model_path} can hold: {limit} positions "
+            f"(max_position_embeddings) minus the prompt; pass --max-tokens {limit - 1} or less"
+        )
     kind = model_kind(model)
     if use_mac and kind != "mac":
-        raise UserError(f"--use_mac: {model_path} is not a MAC model (model_type {model.config.model_type!r})")
+        raise UserError(
+            f"--use_mac: {model_path} is not a MAC model (model_type {model.config.model_type!r})"
+        )
     if kind == "llama" and (memory_in or memory_out):
         flag = "--memory-in" if memory_in else "--memory-out"
-        raise UserError(f"{flag}: {model_path} has no memory (model_type {model.config.model_type!r}); "
-                        "use a MAC export or a package_model.py folder")
+        raise UserError(
+            f"{flag}: {model_path} has no memory (model_type {model.config.model_type!r}); "
+            "use a MAC export or a package_model.py folder"
+        )
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat_template and not has_template:
         raise UserError(f"--chat-template: the tokenizer of {model_path} has no chat template")
-    session = Session(model, tokenizer, update_rule=update_rule,
-                      chat_template=has_template if chat_template is None else chat_template)
+    session = Session(
+        model,
+        tokenizer,
+        update_rule=update_rule,
+        chat_template=has_template if chat_template is None else chat_template,
+    )
     if memory_in:
         session.load_memory(memory_in)
     set_seed(seed)
@@ -304,8 +389,11 @@ def no_vllm_inference(model_path, use_mac, update_rule, prompt, prompts_file, ma
             click.echo(f"> {text}")
         session.generate(text, max_tokens, streamer=streamer, **options)
     if interactive:
-        click.echo("(interactive: /reset clears the memory, /save FILE writes it; /quit, an empty line or Ctrl-D "
-                   "leaves)", err=True)
+        click.echo(
+            "(interactive: /reset clears the memory, /save FILE writes it; /quit, an empty line or Ctrl-D "
+            "leaves)",
+            err=True,
+        )
         while True:
             click.echo("> ", nl=False, err=True)
             line = sys.stdin.readline()
@@ -317,7 +405,7 @@ def no_vllm_inference(model_path, use_mac, update_rule, prompt, prompts_file, ma
                 click.echo("(memory cleared)", err=True)
                 continue
             if line.startswith("/save"):
-                target = line[len("/save"):].strip()
+                target = line[len("/save") :].strip()
                 if not target:
                     click.echo("usage: /save FILE", err=True)
                     continue

@@ -74,8 +74,12 @@ def _texts(kind: str, rng: np.random.Generator, domain: str) -> tuple[str, str, 
     """(fact, question, answer, key) texts of one item of ``kind``; the key decides the item's domain."""
     if kind == "passkey":
         key = _draw(rng, domain, _digits)
-        return (f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n",
-                "\nWhat is the pass key? The pass key is", f" {key}", key)
+        return (
+            f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n",
+            "\nWhat is the pass key? The pass key is",
+            f" {key}",
+            key,
+        )
     if kind == "kv":
         keys = []
         while len(keys) < _KV_PAIRS:
@@ -97,20 +101,30 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def make_item(kind: str, tokenizer, filler: torch.Tensor, distance: int, rng: np.random.Generator,
-              domain: str, lead: int = 0) -> Item:
+def make_item(
+    kind: str,
+    tokenizer,
+    filler: torch.Tensor,
+    distance: int,
+    rng: np.random.Generator,
+    domain: str,
+    lead: int = 0,
+) -> Item:
     """One item whose fact follows ``lead`` filler tokens and whose question starts ``distance`` tokens after
     the fact; filler is a contiguous run of ``filler`` (a 1-D token stream) from a random offset."""
     if domain not in DOMAINS:
         raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
-    fact, question, answer, key = (_encode(tokenizer, t) if i < 3 else t
-                                   for i, t in enumerate(_texts(kind, rng, domain)))
+    fact, question, answer, key = (
+        _encode(tokenizer, t) if i < 3 else t for i, t in enumerate(_texts(kind, rng, domain))
+    )
     need = lead + distance
     if need > len(filler):
-        raise UserError(f"the filler text has {len(filler)} tokens, fewer than the {need} an item at distance "
-                        f"{distance} needs; use a larger --data or smaller distances")
+        raise UserError(
+            f"the filler text has {len(filler)} tokens, fewer than the {need} an item at distance "
+            f"{distance} needs; use a larger --data or smaller distances"
+        )
     start = int(rng.integers(0, len(filler) - need + 1))
-    run = filler[start:start + need].tolist()
+    run = filler[start : start + need].tolist()
     ids = run[:lead] + fact + run[lead:] + question + answer
     fact_end = lead + len(fact)
     q_start = fact_end + distance
@@ -123,8 +137,9 @@ def item_rng(seed: int, domain: str, *stream: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) % (1 << 63), DOMAINS.index(domain), *stream])
 
 
-def make_items(kind: str, tokenizer, filler: torch.Tensor, distance: int, n: int, seed: int,
-               domain: str = "eval") -> list[Item]:
+def make_items(
+    kind: str, tokenizer, filler: torch.Tensor, distance: int, n: int, seed: int, domain: str = "eval"
+) -> list[Item]:
     """``n`` items of ``kind`` at ``distance`` (deterministic in all arguments)."""
     rng = item_rng(seed, domain, KINDS.index(kind), distance)
     return [make_item(kind, tokenizer, filler, distance, rng, domain) for _ in range(n)]

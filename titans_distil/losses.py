@@ -48,7 +48,9 @@ class DenseTeacher:
     hidden: torch.Tensor
     head_weight: torch.Tensor
 
-    def divergence(self, student_logits: torch.Tensor, rows: slice, kind: str, temperature: float) -> torch.Tensor:
+    def divergence(
+        self, student_logits: torch.Tensor, rows: slice, kind: str, temperature: float
+    ) -> torch.Tensor:
         with torch.no_grad():
             teacher_logits = (self.hidden[rows] @ self.head_weight.T).float()
         teacher_logp = F.log_softmax(teacher_logits / temperature, dim=-1)
@@ -66,11 +68,17 @@ class TopKTeacher:
     values: torch.Tensor
     indices: torch.Tensor
 
-    def divergence(self, student_logits: torch.Tensor, rows: slice, kind: str, temperature: float) -> torch.Tensor:
+    def divergence(
+        self, student_logits: torch.Tensor, rows: slice, kind: str, temperature: float
+    ) -> torch.Tensor:
         if kind != "kl":
-            raise ValueError(f"--loss {kind} needs the full teacher distribution; a top-k teacher cache supports only --loss kl")
+            raise ValueError(
+                f"--loss {kind} needs the full teacher distribution; a top-k teacher cache supports only --loss kl"
+            )
         teacher_logp = F.log_softmax(self.values[rows].float() / temperature, dim=-1)
-        student_logp = F.log_softmax(student_logits / temperature, dim=-1).gather(-1, self.indices[rows].long())
+        student_logp = F.log_softmax(student_logits / temperature, dim=-1).gather(
+            -1, self.indices[rows].long()
+        )
         return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
 
 
@@ -101,7 +109,9 @@ class _ChunkedDistillation(torch.autograd.Function):
             with torch.enable_grad() if track else torch.no_grad():
                 chunk = hidden[rows].detach().requires_grad_(grad_hidden is not None)
                 weight = head_weight.detach().requires_grad_(grad_weight is not None)
-                kd, ce = _chunk_losses((chunk @ weight.T).float(), labels[rows], teacher, rows, kind, temperature)
+                kd, ce = _chunk_losses(
+                    (chunk @ weight.T).float(), labels[rows], teacher, rows, kind, temperature
+                )
                 per_row = alpha * temperature**2 * kd + (1.0 - alpha) * ce
                 if weights is None:
                     loss = per_row.sum() / n_tokens
@@ -151,7 +161,19 @@ def distillation_loss(
     `weights` (N,), if given, weight the positions of the loss (not of the reported means).
     """
     if weights is not None and weights.shape != labels.shape:
-        raise ValueError(f"weights have shape {tuple(weights.shape)}, expected that of labels {tuple(labels.shape)}")
+        raise ValueError(
+            f"weights have shape {tuple(weights.shape)}, expected that of labels {tuple(labels.shape)}"
+        )
     if kind not in KD_KINDS:
         raise ValueError(f"unknown KD loss {kind!r}; choose one of {', '.join(KD_KINDS)}")
-    return _ChunkedDistillation.apply(student_hidden, head_weight, labels, teacher, kind, float(temperature), float(alpha), int(chunk_size), weights)
+    return _ChunkedDistillation.apply(
+        student_hidden,
+        head_weight,
+        labels,
+        teacher,
+        kind,
+        float(temperature),
+        float(alpha),
+        int(chunk_size),
+        weights,
+    )

@@ -26,9 +26,16 @@ KIND_OF_MODEL_TYPE = {"mac_llama": "mac", "memory_llama": "memory", "llama": "ll
 # The model files a trust_remote_code folder of each kind ships (they import only torch, transformers, stdlib).
 SHIPPED_FILES = {
     "mac": ("configuration_mac_llama.py", "modeling_mac_llama.py", "neural_memory.py", "memory_file.py"),
-    "memory": ("configuration_memory_llama.py", "modeling_memory_llama.py", "neural_memory.py", "memory_file.py"),
+    "memory": (
+        "configuration_memory_llama.py",
+        "modeling_memory_llama.py",
+        "neural_memory.py",
+        "memory_file.py",
+    ),
 }
-MODELS_DIR = Path(models.__file__).resolve().parent  # the installed titans_distil.models (root folder models/)
+MODELS_DIR = (
+    Path(models.__file__).resolve().parent
+)  # the installed titans_distil.models (root folder models/)
 
 
 def config_errors() -> tuple[type[BaseException], ...]:
@@ -57,7 +64,7 @@ def read_config(folder: str | os.PathLike, fix: str = "pass an intact model fold
 
 
 def kind_of(config: dict) -> str | None:
-    """"mac", "memory" or "llama" from a config dict (or object); None for any other model type."""
+    """ "mac", "memory" or "llama" from a config dict (or object); None for any other model type."""
     model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     return KIND_OF_MODEL_TYPE.get(model_type)
 
@@ -77,11 +84,16 @@ def config_class(config: dict):
     from transformers import CONFIG_MAPPING
 
     model_type = config.get("model_type")
-    return CONFIG_MAPPING[model_type] if isinstance(model_type, str) and model_type in CONFIG_MAPPING else None
+    return (
+        CONFIG_MAPPING[model_type] if isinstance(model_type, str) and model_type in CONFIG_MAPPING else None
+    )
 
 
-def check_config(folder: str | os.PathLike, config: dict | None = None,
-                 fix: str = "correct that field, or pass an intact model folder"):
+def check_config(
+    folder: str | os.PathLike,
+    config: dict | None = None,
+    fix: str = "correct that field, or pass an intact model folder",
+):
     """The config object of `folder`, built from config.json as `from_pretrained` builds it; a field of the wrong
     type or value is a one-line `UserError` naming the file and the field (None for an unknown model type)."""
     config = read_config(folder) if config is None else config
@@ -97,9 +109,11 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 def convert_hint(folder: str | os.PathLike) -> str:
-    return (f"convert them once, where you trust the file: python -c \"from transformers import "
-            f"AutoModelForCausalLM as M; M.from_pretrained('{folder}', use_safetensors=False)"
-            f".save_pretrained('{folder}-safetensors')\", and pass {folder}-safetensors")
+    return (
+        f'convert them once, where you trust the file: python -c "from transformers import '
+        f"AutoModelForCausalLM as M; M.from_pretrained('{folder}', use_safetensors=False)"
+        f".save_pretrained('{folder}-safetensors')\", and pass {folder}-safetensors"
+    )
 
 
 def check_weights(folder: str | os.PathLike) -> list[Path]:
@@ -113,27 +127,34 @@ def check_weights(folder: str | os.PathLike) -> list[Path]:
     if not files:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
-            raise UserError(f"{display(folder)} holds only pickle weights ({pickles[0]}), which are never unpickled "
-                            f"here: safetensors are needed; {convert_hint(display(folder))}")
+            raise UserError(
+                f"{display(folder)} holds only pickle weights ({pickles[0]}), which are never unpickled "
+                f"here: safetensors are needed; {convert_hint(display(folder))}"
+            )
         raise UserError(f"{display(folder)} holds no weights (*.safetensors); pass a saved model folder")
     index = folder / INDEX_NAME
     if index.is_file():
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise UserError(f"{display(index)} is not a valid safetensors index; copy or export the folder "
-                            "again") from None
+            raise UserError(
+                f"{display(index)} is not a valid safetensors index; copy or export the folder again"
+            ) from None
         missing = sorted(name for name in shards if not (folder / str(name)).is_file())
         if missing:
-            raise UserError(f"{display(folder)} is incomplete: shard {missing[0]} named in {INDEX_NAME} is "
-                            "missing; copy or export the whole folder again")
+            raise UserError(
+                f"{display(folder)} is incomplete: shard {missing[0]} named in {INDEX_NAME} is "
+                "missing; copy or export the whole folder again"
+            )
     for file in files:
         try:
             with safe_open(str(file), framework="pt"):
                 pass
         except Exception as err:  # safetensors raises its own type for a truncated or corrupt header
-            raise UserError(f"{display(file)} is unreadable ({describe(err)}); the file is truncated or corrupt, "
-                            "copy or export the folder again") from None
+            raise UserError(
+                f"{display(file)} is unreadable ({describe(err)}); the file is truncated or corrupt, "
+                "copy or export the folder again"
+            ) from None
     return files
 
 
@@ -159,12 +180,20 @@ def check_tokenizer_fits(tokenizer, vocab_size: int, where: str) -> None:
     padded = -(-tokens // VOCAB_PADDING) * VOCAB_PADDING
     if tokens > vocab_size or vocab_size > padded:
         relation = "more tokens than" if tokens > vocab_size else "far fewer tokens than"
-        raise UserError(f"{where}: the tokenizer has {tokens} tokens, {relation} the model's {vocab_size} "
-                        f"embeddings (at most a padding to a multiple of {VOCAB_PADDING} is allowed); it is another "
-                        "model's tokenizer: save the model's own tokenizer into the folder")
+        raise UserError(
+            f"{where}: the tokenizer has {tokens} tokens, {relation} the model's {vocab_size} "
+            f"embeddings (at most a padding to a multiple of {VOCAB_PADDING} is allowed); it is another "
+            "model's tokenizer: save the model's own tokenizer into the folder"
+        )
 
 
-_ANNOTATION_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "None": (type(None),)}
+_ANNOTATION_TYPES = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "None": (type(None),),
+}
 
 
 def check_run_config(config: dict, path: str | os.PathLike) -> dict:
@@ -182,13 +211,17 @@ def check_run_config(config: dict, path: str | os.PathLike) -> dict:
         value = config[field.name]
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
             wanted = " or ".join("null" if name == "None" else name for name in names)
-            raise UserError(f"{display(Path(path))}: field {field.name!r} should be {wanted}, not "
-                            f"{json.dumps(value)}; the run folder is damaged, correct that field")
+            raise UserError(
+                f"{display(Path(path))}: field {field.name!r} should be {wanted}, not "
+                f"{json.dumps(value)}; the run folder is damaged, correct that field"
+            )
     return config
 
 
 TRUST_FLAG = "--trust-remote-code"
-_ANNOUNCED: set[Path] = set()  # folders whose "trusting" line was printed already (one line per folder and run)
+_ANNOUNCED: set[Path] = (
+    set()
+)  # folders whose "trusting" line was printed already (one line per folder and run)
 
 
 def _auto_map_files(auto_map) -> set[str]:
@@ -210,14 +243,17 @@ def remote_code_files(folder: str | os.PathLike, config: dict | None = None) -> 
     config = read_config(folder) if config is None else config
     names = _auto_map_files(config.get("auto_map"))
     with contextlib.suppress(OSError, ValueError):  # an unreadable tokenizer config runs nothing either
-        names |= _auto_map_files(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("auto_map"))
+        names |= _auto_map_files(
+            json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("auto_map")
+        )
     if not names:
         return []
     return sorted(names | {p.name for p in folder.glob("*.py")})
 
 
-def trust_remote_code_for(folder: str | os.PathLike, allow: bool, config: dict | None = None,
-                          quiet: bool = False) -> bool:
+def trust_remote_code_for(
+    folder: str | os.PathLike, allow: bool, config: dict | None = None, quiet: bool = False
+) -> bool:
     """Whether loading `folder` may run the model code it carries (transformers' / vLLM's `trust_remote_code`).
 
     False for a folder without `auto_map` (nothing to run). True when the user passed --trust-remote-code
@@ -232,19 +268,34 @@ def trust_remote_code_for(folder: str | os.PathLike, allow: bool, config: dict |
     if allow:
         return True
     shipped = SHIPPED_FILES.get(kind_of(config), ())
-    if all(name in shipped and (folder / name).is_file()
-           and (folder / name).read_bytes() == (MODELS_DIR / name).read_bytes() for name in files):
+    if all(
+        name in shipped
+        and (folder / name).is_file()
+        and (folder / name).read_bytes() == (MODELS_DIR / name).read_bytes()
+        for name in files
+    ):
         if not quiet and folder.resolve() not in _ANNOUNCED:
             _ANNOUNCED.add(folder.resolve())
-            click.echo(f"note: trusting {display(folder)}: its model files are identical to titans-distil "
-                       f"{__version__}'s", err=True)
+            click.echo(
+                f"note: trusting {display(folder)}: its model files are identical to titans-distil "
+                f"{__version__}'s",
+                err=True,
+            )
         return True
-    raise UserError(f"{display(folder)} carries its own model code ({', '.join(files)}) that differs from this "
-                    f"titans-distil's; pass {TRUST_FLAG} to run it")
+    raise UserError(
+        f"{display(folder)} carries its own model code ({', '.join(files)}) that differs from this "
+        f"titans-distil's; pass {TRUST_FLAG} to run it"
+    )
 
 
-def load_model(folder: str | os.PathLike, config: dict | None = None, *, trust_remote_code: bool = False,
-               quiet: bool = False, **kwargs):
+def load_model(
+    folder: str | os.PathLike,
+    config: dict | None = None,
+    *,
+    trust_remote_code: bool = False,
+    quiet: bool = False,
+    **kwargs,
+):
     """`from_pretrained` with the right class: the folder's own code when it ships it and may run it
     (`trust_remote_code_for`; `trust_remote_code` is the user's --trust-remote-code), the project's MAC class for
     a MAC folder without `auto_map` (a run's checkpoint or `final/`), stock transformers otherwise."""
@@ -281,8 +332,10 @@ def save_with_model_code(model, out, **save_kwargs) -> None:
     config = read_config(out)
     missing = [name for name in SHIPPED_FILES[kind_of(config)] if not (Path(out) / name).is_file()]
     if missing or "AutoModelForCausalLM" not in (config.get("auto_map") or {}):
-        raise RuntimeError(f"{out} is not self-contained (missing {missing}, auto_map {config.get('auto_map')}); "
-                           "this is a bug, please report it")
+        raise RuntimeError(
+            f"{out} is not self-contained (missing {missing}, auto_map {config.get('auto_map')}); "
+            "this is a bug, please report it"
+        )
 
 
 def check_output_path(output: str | os.PathLike, flag: str = "--output", container: bool = False) -> Path:
@@ -298,11 +351,15 @@ def check_output_path(output: str | os.PathLike, flag: str = "--output", contain
         where = "is" if parent == out.absolute() else f"is under {display(parent)}, which is"
         raise UserError(f"{flag} {output} {where} a file, not a folder; choose another {flag}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {output}: the folder {display(parent)} is not writable; choose another {flag}")
+        raise UserError(
+            f"{flag} {output}: the folder {display(parent)} is not writable; choose another {flag}"
+        )
     return out
 
 
-def check_output(output: str | os.PathLike, overwrite: bool, protect: list[Path] = (), flag: str = "--output") -> Path:
+def check_output(
+    output: str | os.PathLike, overwrite: bool, protect: list[Path] = (), flag: str = "--output"
+) -> Path:
     """Where a folder may be written: somewhere writable (`check_output_path`), not a file, not a folder the
     command reads (or one holding it), and not a non-empty folder unless `overwrite`."""
     out = check_output_path(output, flag)
@@ -310,12 +367,16 @@ def check_output(output: str | os.PathLike, overwrite: bool, protect: list[Path]
     for path in protect:
         path = Path(path).resolve()
         if resolved == path or resolved in path.parents:
-            raise UserError(f"{flag} {output} would replace {display(path)}, which this command reads; "
-                            f"choose another {flag}")
+            raise UserError(
+                f"{flag} {output} would replace {display(path)}, which this command reads; "
+                f"choose another {flag}"
+            )
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {output} is a file; pass a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{flag} {output} is not empty; pass --overwrite to replace it, or choose another {flag}")
+        raise UserError(
+            f"{flag} {output} is not empty; pass --overwrite to replace it, or choose another {flag}"
+        )
     return out
 
 
@@ -338,8 +399,10 @@ def writing(target: str | os.PathLike):
     except Exception as err:
         if not write_error(err):
             raise
-        raise UserError(f"cannot write {display(Path(target))}: {describe(err, paths=False)}; free some space or choose "
-                        "another place") from None
+        raise UserError(
+            f"cannot write {display(Path(target))}: {describe(err, paths=False)}; free some space or choose "
+            "another place"
+        ) from None
 
 
 def display(path: Path) -> str:
@@ -499,7 +562,9 @@ def atomic_folder(output: str | os.PathLike, keep_existing: bool = False):
                 output.rmdir()
             old = None
             if output.exists():
-                old = Path(tempfile.mkdtemp(prefix=temp_prefix(output, "old"), dir=output.parent)) / output.name
+                old = (
+                    Path(tempfile.mkdtemp(prefix=temp_prefix(output, "old"), dir=output.parent)) / output.name
+                )
                 os.replace(output, old)
             try:
                 os.replace(tmp, output)

@@ -54,15 +54,22 @@ AUTO_MAP = {
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # config.json keys of the wrapped model that must not be carried into the wrapper's config
-_DROP_KEYS = ("model_type", "architectures", "auto_map", "quantization_config", "_name_or_path", "_model_name_or_path",
-              "transformers_version")
+_DROP_KEYS = (
+    "model_type",
+    "architectures",
+    "auto_map",
+    "quantization_config",
+    "_name_or_path",
+    "_model_name_or_path",
+    "transformers_version",
+)
 
 
 def _as_model_error(err: UserError) -> UserError:
     """`teacher.py` speaks of the teacher; here the wrapped model is meant."""
     message = str(err)
     if message.startswith("teacher "):
-        message = "model " + message[len("teacher "):]
+        message = "model " + message[len("teacher ") :]
     return UserError(message)
 
 
@@ -82,7 +89,9 @@ def _load_base(spec: str, dtype: str):
         config = AutoConfig.from_pretrained(source)
     except (OSError, *config_errors()) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load model {spec!r} ({first}); check the name, your network or HF_TOKEN, or pass a local folder") from None
+        raise UserError(
+            f"cannot load model {spec!r} ({first}); check the name, your network or HF_TOKEN, or pass a local folder"
+        ) from None
     if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         raise UserError(
             f"model {spec} is a {getattr(config, 'model_type', 'unknown')!r} model; package_model.py wraps Llama-family "
@@ -112,10 +121,14 @@ def parse_memory_layers(text: str | None, num_layers: int) -> list[int] | None:
     try:
         layers = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        raise UserError(f"--memory-layers {text!r} is not a comma-separated list of layer indices (e.g. 10,12,14), 'all' or 'none'") from None
+        raise UserError(
+            f"--memory-layers {text!r} is not a comma-separated list of layer indices (e.g. 10,12,14), 'all' or 'none'"
+        ) from None
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
-        raise UserError(f"--memory-layers {text} holds {bad}, outside 0..{num_layers - 1}; the model has {num_layers} layers")
+        raise UserError(
+            f"--memory-layers {text} holds {bad}, outside 0..{num_layers - 1}; the model has {num_layers} layers"
+        )
     return layers
 
 
@@ -140,7 +153,9 @@ def wrap_llama(model, memory_options: dict, base_name: str):
         wrapped = MemoryLlamaForCausalLM(config)
     missing, unexpected = wrapped.load_state_dict(model.state_dict(), strict=False, assign=True)
     if unexpected:
-        raise UserError(f"model {base_name} has weights a Llama does not have ({', '.join(unexpected[:3])}); it cannot be wrapped")
+        raise UserError(
+            f"model {base_name} has weights a Llama does not have ({', '.join(unexpected[:3])}); it cannot be wrapped"
+        )
     wrapped.model.rotary_emb = model.model.rotary_emb  # non-persistent RoPE tables: take the loaded model's
     device = next(model.parameters()).device
     for memory in wrapped.memory_modules().values():
@@ -213,8 +228,12 @@ def package_llama_with_memory(
     model, tokenizer, config = _load_base(model_spec, dtype)
     if isinstance(memory_layers, str) or memory_layers is None:
         memory_layers = parse_memory_layers(memory_layers, config.num_hidden_layers)
-    options = {"memory_layers": memory_layers, "memory_slots": memory_slots, "memory_recent_slots": recent_slots,
-               "update_rule": update_rule}
+    options = {
+        "memory_layers": memory_layers,
+        "memory_slots": memory_slots,
+        "memory_recent_slots": recent_slots,
+        "update_rule": update_rule,
+    }
     wrapped = wrap_llama(model, options, model_spec)
 
     with atomic_folder(output) as tmp:
@@ -225,26 +244,71 @@ def package_llama_with_memory(
         cfg = wrapped.config
         recent = cfg.memory_slots // 2 if cfg.memory_recent_slots is None else cfg.memory_recent_slots
         layers = cfg.memory_layers
-        (tmp / "README.md").write_text(MODEL_CARD.format(
-            name=Path(str(model_spec)).name if model_spec != "embedded" else "SmolLM2-135M-Instruct",
-            base=model_spec if model_spec != "embedded" else "SmolLM2-135M-Instruct (titans-distil's embedded teacher)",
-            folder=output.name, recent=recent, pool=cfg.memory_slots - recent,
-            fingerprint=cfg.memory_fingerprint[:16],
-            layers="every layer" if layers == list(range(cfg.num_hidden_layers)) else f"layers {layers}",
-        ))
+        (tmp / "README.md").write_text(
+            MODEL_CARD.format(
+                name=Path(str(model_spec)).name if model_spec != "embedded" else "SmolLM2-135M-Instruct",
+                base=model_spec
+                if model_spec != "embedded"
+                else "SmolLM2-135M-Instruct (titans-distil's embedded teacher)",
+                folder=output.name,
+                recent=recent,
+                pool=cfg.memory_slots - recent,
+                fingerprint=cfg.memory_fingerprint[:16],
+                layers="every layer" if layers == list(range(cfg.num_hidden_layers)) else f"layers {layers}",
+            )
+        )
     return output
 
 
-@click.command(name="package_model.py", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--model", "model_spec", default="embedded", show_default=True,
-              help="The Llama to wrap: 'embedded' (SmolLM2-135M-Instruct), a Hub id, a local HF folder or a .gguf file.")
-@click.option("--output", type=click.Path(file_okay=False), required=True, help="Folder for the trust_remote_code model.")
-@click.option("--memory-layers", default=None, help="Layers whose attention reads the memory: 'all', 'none' or a list like 10,12,14. [default: all]")
-@click.option("--memory-slots", type=POSITIVE, default=512, show_default=True, help="Key/value slots per memory layer and KV head.")
-@click.option("--recent-slots", type=NON_NEGATIVE, default=None, help="Of these, slots holding the most recent tokens verbatim. [default: half]")
-@click.option("--update-rule", type=click.Choice(UPDATE_RULES), default="ema", show_default=True,
-              help="Default memory update at inference (generate() can override it per call).")
-@click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True, help="Weight dtype of the package (auto: the model's).")
+@click.command(
+    name="package_model.py",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
+@click.option(
+    "--model",
+    "model_spec",
+    default="embedded",
+    show_default=True,
+    help="The Llama to wrap: 'embedded' (SmolLM2-135M-Instruct), a Hub id, a local HF folder or a .gguf file.",
+)
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Folder for the trust_remote_code model.",
+)
+@click.option(
+    "--memory-layers",
+    default=None,
+    help="Layers whose attention reads the memory: 'all', 'none' or a list like 10,12,14. [default: all]",
+)
+@click.option(
+    "--memory-slots",
+    type=POSITIVE,
+    default=512,
+    show_default=True,
+    help="Key/value slots per memory layer and KV head.",
+)
+@click.option(
+    "--recent-slots",
+    type=NON_NEGATIVE,
+    default=None,
+    help="Of these, slots holding the most recent tokens verbatim. [default: half]",
+)
+@click.option(
+    "--update-rule",
+    type=click.Choice(UPDATE_RULES),
+    default="ema",
+    show_default=True,
+    help="Default memory update at inference (generate() can override it per call).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", *DTYPES]),
+    default="auto",
+    show_default=True,
+    help="Weight dtype of the package (auto: the model's).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --output folder.")
 @user_errors
 def package(model_spec, output, memory_layers, memory_slots, recent_slots, update_rule, dtype, overwrite):
@@ -259,6 +323,16 @@ def package(model_spec, output, memory_layers, memory_slots, recent_slots, updat
     _quiet_libraries()
     if recent_slots is not None and recent_slots > memory_slots:
         raise UserError(f"--recent-slots {recent_slots} exceeds --memory-slots {memory_slots}")
-    out = package_llama_with_memory(model_spec, output, memory_layers=memory_layers, memory_slots=memory_slots,
-                                    recent_slots=recent_slots, update_rule=update_rule, dtype=dtype, overwrite=overwrite)
-    click.echo(f"packaged {model_spec} with inference memory (update rule {update_rule}, {memory_slots} slots) in {out}")
+    out = package_llama_with_memory(
+        model_spec,
+        output,
+        memory_layers=memory_layers,
+        memory_slots=memory_slots,
+        recent_slots=recent_slots,
+        update_rule=update_rule,
+        dtype=dtype,
+        overwrite=overwrite,
+    )
+    click.echo(
+        f"packaged {model_spec} with inference memory (update rule {update_rule}, {memory_slots} slots) in {out}"
+    )

@@ -25,7 +25,11 @@ MEMORY_PREFIX = "mem_"
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], float(r[key])) for r in records if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
+    points = [
+        (r["step"], float(r[key]))
+        for r in records
+        if isinstance(r.get(key), int | float) and math.isfinite(r[key])
+    ]
     return [s for s, _ in points], [v for _, v in points]
 
 
@@ -34,9 +38,13 @@ def plot_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
     if not run_dir.is_dir():
-        raise UserError(f"{run_dir} is not a folder; pass a run folder written by distil.py (runs/<run-name>)")
+        raise UserError(
+            f"{run_dir} is not a folder; pass a run folder written by distil.py (runs/<run-name>)"
+        )
     if not metrics.is_file():
-        raise UserError(f"{run_dir} has no metrics.jsonl; pass a run folder written by distil.py (runs/<run-name>)")
+        raise UserError(
+            f"{run_dir} has no metrics.jsonl; pass a run folder written by distil.py (runs/<run-name>)"
+        )
     records, torn = read_metrics(metrics)
     if not records:
         raise UserError(f"{metrics} holds no metrics yet; plot again once the run has logged a step")
@@ -84,11 +92,16 @@ def plot_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[
         plt.close(fig)
         written.append(path)
     if torn:
-        click.echo(f"warning: skipped {torn} unreadable line(s) of {metrics} (a run killed while writing leaves one)", err=True)
+        click.echo(
+            f"warning: skipped {torn} unreadable line(s) of {metrics} (a run killed while writing leaves one)",
+            err=True,
+        )
     return written
 
 
-@click.command(name="plot", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.command(
+    name="plot", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}
+)
 @click.argument("run_dir", metavar="RUN")
 @click.option("--output", default=None, metavar="DIR", help="Folder for the PNGs. [default: RUN/plots]")
 def plot_command(run_dir, output):

@@ -87,45 +87,78 @@ class QuantSpec:
     @property
     def label(self) -> str:
         if self.bits == 8:
-            return "int8" if self.int8_threshold == DEFAULT_INT8_THRESHOLD else f"int8(t={self.int8_threshold:g})"
+            return (
+                "int8"
+                if self.int8_threshold == DEFAULT_INT8_THRESHOLD
+                else f"int8(t={self.int8_threshold:g})"
+            )
         return self.quant_type + ("+dq" if self.double_quant else "")
 
     def bnb_config(self, skip_modules: list[str]):
         from transformers import BitsAndBytesConfig
 
         if self.bits == 8:
-            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(self.int8_threshold),
-                                      llm_int8_skip_modules=list(skip_modules))
+            return BitsAndBytesConfig(
+                load_in_8bit=True,
+                llm_int8_threshold=float(self.int8_threshold),
+                llm_int8_skip_modules=list(skip_modules),
+            )
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=self.quant_type, bnb_4bit_use_double_quant=self.double_quant,
-            bnb_4bit_compute_dtype=COMPUTE_DTYPES[self.compute_dtype], llm_int8_skip_modules=list(skip_modules),
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=COMPUTE_DTYPES[self.compute_dtype],
+            llm_int8_skip_modules=list(skip_modules),
         )
 
 
-def parse_spec(bits: int, quant_type: str | None = None, double_quant: bool = False,
-               compute_dtype: str | None = None, int8_threshold: float | None = None) -> QuantSpec:
+def parse_spec(
+    bits: int,
+    quant_type: str | None = None,
+    double_quant: bool = False,
+    compute_dtype: str | None = None,
+    int8_threshold: float | None = None,
+) -> QuantSpec:
     """Check a bits / type combination; UserError names the problem and the fix."""
     if bits not in BITS:
-        raise UserError(f"--bits {bits} is not supported; pass --bits 8 (LLM.int8()) or --bits 4 (nf4 or fp4)")
+        raise UserError(
+            f"--bits {bits} is not supported; pass --bits 8 (LLM.int8()) or --bits 4 (nf4 or fp4)"
+        )
     if quant_type is not None and quant_type not in QUANT_TYPES:
-        raise UserError(f"--quant-type {quant_type} is not supported; pass --quant-type nf4 or --quant-type fp4 (with --bits 4)")
+        raise UserError(
+            f"--quant-type {quant_type} is not supported; pass --quant-type nf4 or --quant-type fp4 (with --bits 4)"
+        )
     if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
-        raise UserError(f"--compute-dtype {compute_dtype} is not supported; pass one of {', '.join(COMPUTE_DTYPES)}")
+        raise UserError(
+            f"--compute-dtype {compute_dtype} is not supported; pass one of {', '.join(COMPUTE_DTYPES)}"
+        )
     if bits == 8:
         if quant_type is not None:
-            raise UserError(f"--bits 8 --quant-type {quant_type} is not a bitsandbytes format: {quant_type} is 4-bit; "
-                            f"pass --bits 4 --quant-type {quant_type}, or drop --quant-type for 8-bit LLM.int8()")
+            raise UserError(
+                f"--bits 8 --quant-type {quant_type} is not a bitsandbytes format: {quant_type} is 4-bit; "
+                f"pass --bits 4 --quant-type {quant_type}, or drop --quant-type for 8-bit LLM.int8()"
+            )
         if double_quant:
-            raise UserError("--double-quant applies to 4-bit only (it quantizes the 4-bit block scales); "
-                            "pass --bits 4, or drop --double-quant")
+            raise UserError(
+                "--double-quant applies to 4-bit only (it quantizes the 4-bit block scales); "
+                "pass --bits 4, or drop --double-quant"
+            )
         if compute_dtype is not None:
-            raise UserError("--compute-dtype applies to 4-bit only (8-bit layers use bitsandbytes' int8 kernels); "
-                            "pass --bits 4, or drop --compute-dtype")
+            raise UserError(
+                "--compute-dtype applies to 4-bit only (8-bit layers use bitsandbytes' int8 kernels); "
+                "pass --bits 4, or drop --compute-dtype"
+            )
         if int8_threshold is not None and not int8_threshold > 0:
-            raise UserError(f"--int8-threshold {int8_threshold:g} must be > 0 (bitsandbytes' default is 6.0, ours {DEFAULT_INT8_THRESHOLD:g})")
-        return QuantSpec(8, int8_threshold=DEFAULT_INT8_THRESHOLD if int8_threshold is None else float(int8_threshold))
+            raise UserError(
+                f"--int8-threshold {int8_threshold:g} must be > 0 (bitsandbytes' default is 6.0, ours {DEFAULT_INT8_THRESHOLD:g})"
+            )
+        return QuantSpec(
+            8, int8_threshold=DEFAULT_INT8_THRESHOLD if int8_threshold is None else float(int8_threshold)
+        )
     if int8_threshold is not None:
-        raise UserError("--int8-threshold applies to 8-bit only (LLM.int8() outlier columns); pass --bits 8, or drop --int8-threshold")
+        raise UserError(
+            "--int8-threshold applies to 8-bit only (LLM.int8() outlier columns); pass --bits 8, or drop --int8-threshold"
+        )
     return QuantSpec(4, quant_type or "nf4", bool(double_quant), compute_dtype or "float32")
 
 
@@ -138,12 +171,16 @@ def require_bitsandbytes() -> str:
     try:
         import bitsandbytes
     except ImportError:
-        raise UserError("bitsandbytes is not installed; install it with `pip install 'titans-distil[quant]'` "
-                        "(or `pip install bitsandbytes`), or run bin/setup") from None
+        raise UserError(
+            "bitsandbytes is not installed; install it with `pip install 'titans-distil[quant]'` "
+            "(or `pip install bitsandbytes`), or run bin/setup"
+        ) from None
     except Exception as err:  # a broken install (missing native library, ...)
         first = first_line(err)
-        raise UserError(f"bitsandbytes is installed but fails to import ({first}); reinstall it with "
-                        "`pip install --force-reinstall bitsandbytes`") from None
+        raise UserError(
+            f"bitsandbytes is installed but fails to import ({first}); reinstall it with "
+            "`pip install --force-reinstall bitsandbytes`"
+        ) from None
     return getattr(bitsandbytes, "__version__", "unknown")
 
 
@@ -158,7 +195,9 @@ class Source:
     path: Path
     config: dict
     kind: str  # "llama" or "mac" (`model_folder.kind_of`)
-    remote: bool  # a folder whose own model code may run (`trust_remote_code_for`): loaded with trust_remote_code
+    remote: (
+        bool  # a folder whose own model code may run (`trust_remote_code_for`): loaded with trust_remote_code
+    )
     trust_remote_code: bool = False  # the user's --trust-remote-code
 
     @property
@@ -192,25 +231,37 @@ def inspect_source(model_path: str, trust_remote_code: bool = False) -> Source:
     from .teacher import EMBEDDED, resolve_teacher
 
     if model_path == EMBEDDED or model_path.endswith(".gguf"):
-        path = Path(resolve_teacher(model_path))  # the embedded / GGUF teacher, de-quantised once into the cache
+        path = Path(
+            resolve_teacher(model_path)
+        )  # the embedded / GGUF teacher, de-quantised once into the cache
     else:
         path = Path(model_path).expanduser()
         if not path.exists():
-            raise UserError(f"--model_path {model_path} does not exist; pass a model folder (with config.json), a .gguf file or 'embedded'")
+            raise UserError(
+                f"--model_path {model_path} does not exist; pass a model folder (with config.json), a .gguf file or 'embedded'"
+            )
         if not path.is_dir():
-            raise UserError(f"--model_path {model_path} is not a folder; pass a model folder (with config.json), a .gguf file or 'embedded'")
+            raise UserError(
+                f"--model_path {model_path} is not a folder; pass a model folder (with config.json), a .gguf file or 'embedded'"
+            )
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise UserError(f"--model_path {model_path} has no config.json; pass a Hugging Face model folder (e.g. runs/NAME/final), a .gguf file or 'embedded'")
+        raise UserError(
+            f"--model_path {model_path} has no config.json; pass a Hugging Face model folder (e.g. runs/NAME/final), a .gguf file or 'embedded'"
+        )
     config = read_config(path, "pass an intact model folder")
     qc = config.get("quantization_config")
     if qc:
-        raise UserError(f"--model_path {model_path} is already quantized ({_describe_quantization(qc)}); "
-                        "pass the unquantized model folder it was made from")
+        raise UserError(
+            f"--model_path {model_path} is already quantized ({_describe_quantization(qc)}); "
+            "pass the unquantized model folder it was made from"
+        )
     kind = kind_of(config)
     if kind not in KIND_NAMES:
-        raise UserError(f"--model_path {model_path} is a {config.get('model_type')!r} model; quantize.py handles Llama teachers and students "
-                        "(model_type 'llama') and MAC students (model_type 'mac_llama')")
+        raise UserError(
+            f"--model_path {model_path} is a {config.get('model_type')!r} model; quantize.py handles Llama teachers and students "
+            "(model_type 'llama') and MAC students (model_type 'mac_llama')"
+        )
     check_config(path, config)  # field types in one line
     remote = trust_remote_code_for(path, trust_remote_code, config)
     check_weights(path)  # pickle-only (never unpickled), truncated or missing weights
@@ -266,8 +317,13 @@ def quantize_model(source: Source, spec: QuantSpec):
 
 def _cpu_packed_layers(model) -> list[str]:
     """4-bit layers that bitsandbytes re-packed for its AVX512-bf16 CPU kernel (happens on the first forward)."""
-    return [name for name, module in model.named_modules()
-            if getattr(getattr(getattr(module, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+    return [
+        name
+        for name, module in model.named_modules()
+        if getattr(
+            getattr(getattr(module, "weight", None), "quant_state", None), "packing_format_for_cpu", False
+        )
+    ]
 
 
 def save_quantized(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
@@ -280,7 +336,8 @@ def save_quantized(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
         raise RuntimeError(
             f"{len(packed)} 4-bit layers (e.g. {packed[0]}) were re-packed for bitsandbytes' CPU kernel by a forward "
             "pass; bitsandbytes 0.50.2 cannot save them intact. Save the model before running it (or reload it from a "
-            "saved folder)")
+            "saved folder)"
+        )
     out = Path(out_dir)
     is_mac = kind_of(model.config) == "mac"
     if is_mac:  # the model files travel with the weights
@@ -331,7 +388,9 @@ def memory_footprint(model) -> int:
 
 def weight_bytes(folder: str | os.PathLike) -> int:
     """Bytes of the weight files of a model folder."""
-    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    return sum(
+        p.stat().st_size for p in Path(folder).iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+    )
 
 
 def _input_device(model) -> torch.device:
@@ -374,9 +433,16 @@ def greedy_reference(model, tokenizer, prompts=PROMPTS, new_tokens: int = 32) ->
     ref = GreedyReference([], [], [])
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
-        out = model.generate(ids[None].to(device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                             do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad,
-                             temperature=None, top_p=None, top_k=None)[0].cpu()
+        out = model.generate(
+            ids[None].to(device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            pad_token_id=pad,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )[0].cpu()
         ref.prompt_ids.append(ids)
         ref.sequences.append(out)
         ref.choices.append(_teacher_forced_choices(model, out, len(ids)))
@@ -403,9 +469,17 @@ def memory_rule_check(model, ids: torch.Tensor, new_tokens: int = 4) -> dict[str
     ids = ids[None].to(device) if ids.dim() == 1 else ids.to(device)
     written = {}
     for rule in ("surprise", "ema"):
-        model.generate(ids[:, :8], attention_mask=torch.ones_like(ids[:, :8]), do_sample=False,
-                       max_new_tokens=new_tokens, update_rule=rule, pad_token_id=0,
-                       temperature=None, top_p=None, top_k=None)
+        model.generate(
+            ids[:, :8],
+            attention_mask=torch.ones_like(ids[:, :8]),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            update_rule=rule,
+            pad_token_id=0,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
         stats = model(ids, use_cache=False, update_rule=rule).memory_stats
         written[rule] = float(stats["updated_tokens"]) if stats else 0.0
     return written
@@ -447,33 +521,59 @@ def _mb(n: int) -> str:
 def format_report(r: Report) -> str:
     """The before/after table."""
     b, a = r.before, r.after
-    rows = [("", f"before ({b.dtype})", f"after ({r.spec.label})", "change"),
-            ("memory footprint", _mb(b.footprint), _mb(a.footprint), f"x{a.footprint / b.footprint:.2f}"),
-            ("weight files", _mb(b.file_bytes), _mb(a.file_bytes), f"x{a.file_bytes / b.file_bytes:.2f}")]
+    rows = [
+        ("", f"before ({b.dtype})", f"after ({r.spec.label})", "change"),
+        ("memory footprint", _mb(b.footprint), _mb(a.footprint), f"x{a.footprint / b.footprint:.2f}"),
+        ("weight files", _mb(b.file_bytes), _mb(a.file_bytes), f"x{a.file_bytes / b.file_bytes:.2f}"),
+    ]
     if b.perplexity is not None:
-        rows.append((f"validation perplexity ({r.eval_blocks}x{r.eval_length} tokens)", f"{b.perplexity:.3f}",
-                     f"{a.perplexity:.3f}", f"{100 * (a.perplexity / b.perplexity - 1):+.2f}%"))
+        rows.append(
+            (
+                f"validation perplexity ({r.eval_blocks}x{r.eval_length} tokens)",
+                f"{b.perplexity:.3f}",
+                f"{a.perplexity:.3f}",
+                f"{100 * (a.perplexity / b.perplexity - 1):+.2f}%",
+            )
+        )
     if a.agreement is not None:
         agree, total, identical = a.agreement
-        rows.append((f"greedy agreement ({r.prompts} prompts)", "100%", f"{100 * agree / max(total, 1):.1f}%",
-                     f"{identical}/{r.prompts} continuations identical"))
+        rows.append(
+            (
+                f"greedy agreement ({r.prompts} prompts)",
+                "100%",
+                f"{100 * agree / max(total, 1):.1f}%",
+                f"{identical}/{r.prompts} continuations identical",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     kind = KIND_NAMES[r.source.kind]
-    head = (f"quantized {r.source.spec} ({kind}, {r.source.config.get('num_hidden_layers')} layers) to {r.spec.label} "
-            f"with bitsandbytes {r.bnb_version} -> {r.output}")
+    head = (
+        f"quantized {r.source.spec} ({kind}, {r.source.config.get('num_hidden_layers')} layers) to {r.spec.label} "
+        f"with bitsandbytes {r.bnb_version} -> {r.output}"
+    )
     tail = [f"kept in {b.dtype}: {', '.join(r.kept)}"]
     if r.memory_written is not None:
-        tail.append("MAC memory updates on the quantized model: "
-                    + ", ".join(f"{rule} ok ({n:.0f} tokens written per memory layer)" for rule, n in r.memory_written.items()))
+        tail.append(
+            "MAC memory updates on the quantized model: "
+            + ", ".join(
+                f"{rule} ok ({n:.0f} tokens written per memory layer)" for rule, n in r.memory_written.items()
+            )
+        )
     return "\n".join([head, *lines, *tail])
 
 
 def _kept_description(source: Source) -> list[str]:
-    kept = ["embeddings", "norms", "lm_head" + (" (tied to the embeddings)" if source.config.get("tie_word_embeddings") else "")]
+    kept = [
+        "embeddings",
+        "norms",
+        "lm_head" + (" (tied to the embeddings)" if source.config.get("tie_word_embeddings") else ""),
+    ]
     if source.memory_layers:
         layers = ",".join(str(i) for i in source.memory_layers)
-        kept.append(f"memory modules, persistent tokens and read-out gates of layer{'s' * (len(source.memory_layers) > 1)} {layers}")
+        kept.append(
+            f"memory modules, persistent tokens and read-out gates of layer{'s' * (len(source.memory_layers) > 1)} {layers}"
+        )
     return kept
 
 
@@ -486,8 +586,10 @@ def _load_tokenizer(source: Source):
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=source.remote)
     except (OSError, ValueError, TypeError) as err:
         first = first_line(err)
-        raise UserError(f"--model_path {source.spec} has no usable tokenizer ({first[:120]}); save the tokenizer into "
-                        "the folder (students share their teacher's)") from None
+        raise UserError(
+            f"--model_path {source.spec} has no usable tokenizer ({first[:120]}); save the tokenizer into "
+            "the folder (students share their teacher's)"
+        ) from None
     check_tokenizer_fits(tokenizer, int(source.config["vocab_size"]), f"--model_path {source.spec}")
     return tokenizer
 
@@ -495,9 +597,20 @@ def _load_tokenizer(source: Source):
 # ------------------------------------------------------------------------------------------ the whole run
 
 
-def quantize(model_path: str, output: str, spec: QuantSpec, *, overwrite: bool = False, data: str = "stdlib",
-             eval_blocks: int = 8, eval_length: int = 512, new_tokens: int = 32, prompts=PROMPTS,
-             log=lambda message: None, trust_remote_code: bool = False) -> Report:
+def quantize(
+    model_path: str,
+    output: str,
+    spec: QuantSpec,
+    *,
+    overwrite: bool = False,
+    data: str = "stdlib",
+    eval_blocks: int = 8,
+    eval_length: int = 512,
+    new_tokens: int = 32,
+    prompts=PROMPTS,
+    log=lambda message: None,
+    trust_remote_code: bool = False,
+) -> Report:
     """Quantize `model_path` into `output` and measure both (see the module docstring for the order of steps)."""
     from .data import load_blocks
 
@@ -506,16 +619,27 @@ def quantize(model_path: str, output: str, spec: QuantSpec, *, overwrite: bool =
     out = check_output(output, overwrite, [source.path])
     max_positions = int(source.config.get("max_position_embeddings") or eval_length)
     if eval_blocks and eval_length > max_positions:
-        raise UserError(f"--eval-length {eval_length} exceeds the model's {max_positions} positions; pass --eval-length {max_positions} or less")
+        raise UserError(
+            f"--eval-length {eval_length} exceeds the model's {max_positions} positions; pass --eval-length {max_positions} or less"
+        )
     tokenizer = _load_tokenizer(source)
-    blocks = load_blocks(data, tokenizer, eval_length, "validation", max_blocks=eval_blocks) if eval_blocks else None
+    blocks = (
+        load_blocks(data, tokenizer, eval_length, "validation", max_blocks=eval_blocks)
+        if eval_blocks
+        else None
+    )
 
     log(f"measuring the unquantized model ({source.path})")
     start = time.perf_counter()
     reference = load_model(source)
     ref = greedy_reference(reference, tokenizer, prompts, new_tokens) if prompts else None
-    before = Measurement(memory_footprint(reference), weight_bytes(source.path),
-                         perplexity(reference, blocks) if blocks is not None else None, None, _dtype_name(reference))
+    before = Measurement(
+        memory_footprint(reference),
+        weight_bytes(source.path),
+        perplexity(reference, blocks) if blocks is not None else None,
+        None,
+        _dtype_name(reference),
+    )
     before.seconds = time.perf_counter() - start
     del reference
 
@@ -528,17 +652,36 @@ def quantize(model_path: str, output: str, spec: QuantSpec, *, overwrite: bool =
         start = time.perf_counter()
         # the model code written with the weights is the source's, which was allowed to run above
         model = load_quantized(tmp, source.trust_remote_code, quiet=True)
-        after = Measurement(memory_footprint(model), weight_bytes(tmp),
-                            perplexity(model, blocks) if blocks is not None else None,
-                            greedy_agreement(model, ref) if ref is not None else None, spec.label)
+        after = Measurement(
+            memory_footprint(model),
+            weight_bytes(tmp),
+            perplexity(model, blocks) if blocks is not None else None,
+            greedy_agreement(model, ref) if ref is not None else None,
+            spec.label,
+        )
         written = None
         if source.is_mac and source.memory_layers:
-            probe = blocks[0] if blocks is not None else tokenizer(" ".join(PROMPTS), return_tensors="pt").input_ids[0]
+            probe = (
+                blocks[0]
+                if blocks is not None
+                else tokenizer(" ".join(PROMPTS), return_tensors="pt").input_ids[0]
+            )
             written = memory_rule_check(model, probe)
         after.seconds = time.perf_counter() - start
         del model
-    return Report(source, spec, out, bnb_version, before, after, _kept_description(source), written,
-                  len(prompts), len(blocks) if blocks is not None else 0, eval_length)
+    return Report(
+        source,
+        spec,
+        out,
+        bnb_version,
+        before,
+        after,
+        _kept_description(source),
+        written,
+        len(prompts),
+        len(blocks) if blocks is not None else 0,
+        eval_length,
+    )
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -549,32 +692,83 @@ def _command():
 
     from .cli import FINITE, POSITIVE, _quiet_libraries, trust_remote_code_option, user_errors
 
-    @click.command(name="quantize.py", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-    @click.option("--model_path", "--model-path", "model_path", required=True,
-                  help="Model to quantize: 'embedded' (the embedded teacher), a Llama teacher/student folder, an exported "
-                       "MAC student folder (or runs/NAME/final of a MAC run), or a .gguf file.")
+    @click.command(
+        name="quantize.py", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}
+    )
+    @click.option(
+        "--model_path",
+        "--model-path",
+        "model_path",
+        required=True,
+        help="Model to quantize: 'embedded' (the embedded teacher), a Llama teacher/student folder, an exported "
+        "MAC student folder (or runs/NAME/final of a MAC run), or a .gguf file.",
+    )
     @click.option("--bits", type=int, required=True, help="8 (LLM.int8()) or 4 (nf4/fp4).")
-    @click.option("--quant-type", default=None, help="4-bit data type: nf4 or fp4. [default: nf4 with --bits 4]")
-    @click.option("--double-quant", is_flag=True, help="4-bit: also quantize the block scales (saves ~0.4 bit per weight).")
-    @click.option("--compute-dtype", default=None,
-                  help="4-bit: compute dtype of the quantized layers: float32, bfloat16 or float16. [default: float32] "
-                       "(bitsandbytes' AVX512-bf16 CPU kernel computes in bfloat16 whatever this says.)")
-    @click.option("--int8-threshold", type=FINITE, default=None,
-                  help=f"8-bit: LLM.int8() outlier threshold; activation columns with a value >= it stay 16-bit. "
-                       f"Lower is more accurate and slower. [default: {DEFAULT_INT8_THRESHOLD:g}; bitsandbytes' own: 6.0]")
-    @click.option("--output", type=click.Path(), required=True, help="Folder for the quantized model (created).")
+    @click.option(
+        "--quant-type", default=None, help="4-bit data type: nf4 or fp4. [default: nf4 with --bits 4]"
+    )
+    @click.option(
+        "--double-quant",
+        is_flag=True,
+        help="4-bit: also quantize the block scales (saves ~0.4 bit per weight).",
+    )
+    @click.option(
+        "--compute-dtype",
+        default=None,
+        help="4-bit: compute dtype of the quantized layers: float32, bfloat16 or float16. [default: float32] "
+        "(bitsandbytes' AVX512-bf16 CPU kernel computes in bfloat16 whatever this says.)",
+    )
+    @click.option(
+        "--int8-threshold",
+        type=FINITE,
+        default=None,
+        help=f"8-bit: LLM.int8() outlier threshold; activation columns with a value >= it stay 16-bit. "
+        f"Lower is more accurate and slower. [default: {DEFAULT_INT8_THRESHOLD:g}; bitsandbytes' own: 6.0]",
+    )
+    @click.option(
+        "--output", type=click.Path(), required=True, help="Folder for the quantized model (created)."
+    )
     @click.option("--overwrite", is_flag=True, help="Replace a non-empty --output folder.")
-    @click.option("--data", default="stdlib", show_default=True,
-                  help="Corpus for the validation perplexity (any distil.py --data value; stdlib is the embedded corpus).")
-    @click.option("--eval-blocks", type=click.IntRange(min=0), default=8, show_default=True,
-                  help="Validation blocks for the perplexity (0 skips it).")
-    @click.option("--eval-length", type=POSITIVE, default=512, show_default=True, help="Tokens per validation block.")
-    @click.option("--new-tokens", type=POSITIVE, default=32, show_default=True,
-                  help="Greedy tokens per prompt for the agreement check (8 fixed prompts).")
+    @click.option(
+        "--data",
+        default="stdlib",
+        show_default=True,
+        help="Corpus for the validation perplexity (any distil.py --data value; stdlib is the embedded corpus).",
+    )
+    @click.option(
+        "--eval-blocks",
+        type=click.IntRange(min=0),
+        default=8,
+        show_default=True,
+        help="Validation blocks for the perplexity (0 skips it).",
+    )
+    @click.option(
+        "--eval-length", type=POSITIVE, default=512, show_default=True, help="Tokens per validation block."
+    )
+    @click.option(
+        "--new-tokens",
+        type=POSITIVE,
+        default=32,
+        show_default=True,
+        help="Greedy tokens per prompt for the agreement check (8 fixed prompts).",
+    )
     @trust_remote_code_option
     @user_errors
-    def command(model_path, bits, quant_type, double_quant, compute_dtype, int8_threshold, output, overwrite, data,
-                eval_blocks, eval_length, new_tokens, trust_remote_code):
+    def command(
+        model_path,
+        bits,
+        quant_type,
+        double_quant,
+        compute_dtype,
+        int8_threshold,
+        output,
+        overwrite,
+        data,
+        eval_blocks,
+        eval_length,
+        new_tokens,
+        trust_remote_code,
+    ):
         """Quantize a teacher, a plain student or a MAC student with bitsandbytes (8-bit or 4-bit).
 
         The linear layers of the Llama blocks are quantized; embeddings, norms, lm_head and the Titans memory
@@ -593,9 +787,18 @@ def _command():
         """
         _quiet_libraries()
         spec = parse_spec(bits, quant_type, double_quant, compute_dtype, int8_threshold)
-        report = quantize(model_path, output, spec, overwrite=overwrite, data=data, eval_blocks=eval_blocks,
-                          eval_length=eval_length, new_tokens=new_tokens, log=lambda m: click.echo(m, err=True),
-                          trust_remote_code=trust_remote_code)
+        report = quantize(
+            model_path,
+            output,
+            spec,
+            overwrite=overwrite,
+            data=data,
+            eval_blocks=eval_blocks,
+            eval_length=eval_length,
+            new_tokens=new_tokens,
+            log=lambda m: click.echo(m, err=True),
+            trust_remote_code=trust_remote_code,
+        )
         click.echo(format_report(report))
 
     return command

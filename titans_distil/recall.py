@@ -59,12 +59,24 @@ class Fact:
 DEFAULT_FACTS = (
     Fact("The capital of Quillara is Dravenholt.", "What is the capital of Quillara?", "Dravenholt"),
     Fact("The currency of Quillara is the zennet.", "What is the currency of Quillara?", "zennet"),
-    Fact("The national animal of Quillara is the marbok.", "What is the national animal of Quillara?", "marbok"),
-    Fact("The longest river of Quillara is the Suvanne.", "What is the longest river of Quillara?", "Suvanne"),
+    Fact(
+        "The national animal of Quillara is the marbok.", "What is the national animal of Quillara?", "marbok"
+    ),
+    Fact(
+        "The longest river of Quillara is the Suvanne.", "What is the longest river of Quillara?", "Suvanne"
+    ),
     Fact("Quillara was founded by Orrin Talvesk.", "Who founded Quillara?", "Orrin Talvesk"),
     Fact("Quillara was founded in the year 1487.", "In which year was Quillara founded?", "1487"),
-    Fact("The people of Quillara speak Veshtani.", "Which language do the people of Quillara speak?", "Veshtani"),
-    Fact("The national dish of Quillara is plommet stew.", "What is the national dish of Quillara?", "plommet stew"),
+    Fact(
+        "The people of Quillara speak Veshtani.",
+        "Which language do the people of Quillara speak?",
+        "Veshtani",
+    ),
+    Fact(
+        "The national dish of Quillara is plommet stew.",
+        "What is the national dish of Quillara?",
+        "plommet stew",
+    ),
 )
 
 
@@ -101,8 +113,10 @@ def read_facts(path) -> Facts:
     """A JSON file: a list of {"fact", "question", "answer"} objects (session 1 reads the facts joined by spaces), or
     {"text": "...", "facts": [{"question", "answer"}, ...]} (session 1 reads `text`; "fact" is then optional).
     Every answer must occur in what session 1 reads (case-insensitive), or the experiment would measure nothing."""
-    shape = ('a non-empty list of {"fact", "question", "answer"} objects, or {"text": ..., "facts": '
-             '[{"question", "answer"}, ...]}')
+    shape = (
+        'a non-empty list of {"fact", "question", "answer"} objects, or {"text": ..., "facts": '
+        '[{"question", "answer"}, ...]}'
+    )
     path = os.fspath(path)
     if os.path.isdir(path):
         raise UserError(f"--facts {path} is a folder; give a JSON file")
@@ -115,7 +129,9 @@ def read_facts(path) -> Facts:
     text = None
     if isinstance(data, dict):
         if set(data) - {"text", "facts"}:
-            raise UserError(f"--facts {path}: unknown keys {sorted(set(data) - {'text', 'facts'})}; it must hold {shape}")
+            raise UserError(
+                f"--facts {path}: unknown keys {sorted(set(data) - {'text', 'facts'})}; it must hold {shape}"
+            )
         text, data = data.get("text"), data.get("facts")
         if text is not None and (not isinstance(text, str) or not text.strip()):
             raise UserError(f'--facts {path}: "text" must be a non-empty string')
@@ -135,7 +151,9 @@ def read_facts(path) -> Facts:
         text = " ".join(f.fact for f in items)
     for n, item in enumerate(items, 1):
         if item.answer.lower() not in text.lower():
-            raise UserError(f"--facts {path}: the answer {item.answer!r} of item {n} does not occur in the text session 1 reads")
+            raise UserError(
+                f"--facts {path}: the answer {item.answer!r} of item {n} does not occur in the text session 1 reads"
+            )
     return Facts(text.strip(), tuple(items))
 
 
@@ -153,8 +171,9 @@ def fact_ids(tokenizer, text: str, chat_template: bool) -> list[int]:
 def question_ids(tokenizer, question: str, chat_template: bool) -> list[int]:
     """A question as the first turn of a new session (as `Session.turn_ids` builds it)."""
     if chat_template:
-        templated = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                                  tokenize=False)
+        templated = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
         return tokenizer(templated, add_special_tokens=False)["input_ids"]
     return tokenizer(PLAIN_QUESTION.format(question=question))["input_ids"]
 
@@ -170,8 +189,10 @@ def answer_ids(tokenizer, answer: str, chat_template: bool) -> list[int]:
 def check_memory_model(model, model_path) -> str:
     kind = model_kind(model)
     if kind == "llama":
-        raise UserError(f"--model_path {model_path} has no memory (model_type {model.config.model_type!r}); use a MAC "
-                        "export or a package_model.py folder")
+        raise UserError(
+            f"--model_path {model_path} has no memory (model_type {model.config.model_type!r}); use a MAC "
+            "export or a package_model.py folder"
+        )
     return kind
 
 
@@ -212,8 +233,14 @@ def _memory_kwargs(model, handle, rule: str = "none", fresh: bool = True) -> dic
     """Forward / generate arguments that read the memory `handle` under `rule` ("none": without changing it). MAC:
     a fresh copy of the handle's cache (`fresh`) or the handle itself (a stream that continues)."""
     if handle is None:  # a wrapper: the memory is inside the model
-        return dict(use_memory=True, update_rule=rule) if fresh else dict(use_memory=True, update_rule=rule, use_cache=False)
-    return dict(past_key_values=model.memory_cache(handle) if fresh else handle, use_cache=True, update_rule=rule)
+        return (
+            dict(use_memory=True, update_rule=rule)
+            if fresh
+            else dict(use_memory=True, update_rule=rule, use_cache=False)
+        )
+    return dict(
+        past_key_values=model.memory_cache(handle) if fresh else handle, use_cache=True, update_rule=rule
+    )
 
 
 def _pad_id(model, tokenizer):
@@ -227,8 +254,16 @@ def _pad_id(model, tokenizer):
 
 
 @torch.no_grad()
-def score(model, tokenizer, facts: Facts, handle, chat_template: bool, max_new_tokens: int = 16,
-          context: list[int] | None = None, text: list[int] | None = None) -> dict:
+def score(
+    model,
+    tokenizer,
+    facts: Facts,
+    handle,
+    chat_template: bool,
+    max_new_tokens: int = 16,
+    context: list[int] | None = None,
+    text: list[int] | None = None,
+) -> dict:
     """Ask every question on its own, starting from the memory `handle` (read-only), after `context` tokens (none
     by default). Per question: log p(answer tokens | prompt) teacher-forced, and the greedy answer. With `text` (the
     fact block's ids) also `text_nll`: nats per token of re-reading the block (after `context`) from that memory,
@@ -249,27 +284,56 @@ def score(model, tokenizer, facts: Facts, handle, chat_template: bool, max_new_t
         logits = model(ids, **_memory_kwargs(model, handle)).logits[0, len(prompt) - 1 : -1].float()
         logp = logits.log_softmax(-1).gather(-1, torch.tensor(answer, device=device)[:, None])[:, 0]
         prompt_ids = torch.tensor([prompt], device=device)
-        out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, temperature=None, top_p=None, top_k=None,
-                             pad_token_id=_pad_id(model, tokenizer), **_memory_kwargs(model, handle))
-        greedy = tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True)
-        rows.append({"question": item.question, "answer": item.answer, "answer_tokens": len(answer),
-                     "logprob": logp.sum().item(), "greedy": greedy,
-                     "greedy_raw": tokenizer.decode(out[0, len(prompt):], skip_special_tokens=False),
-                     "recalled": item.answer.lower() in greedy.lower()})
+        out = model.generate(
+            prompt_ids,
+            attention_mask=torch.ones_like(prompt_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=_pad_id(model, tokenizer),
+            **_memory_kwargs(model, handle),
+        )
+        greedy = tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)
+        rows.append(
+            {
+                "question": item.question,
+                "answer": item.answer,
+                "answer_tokens": len(answer),
+                "logprob": logp.sum().item(),
+                "greedy": greedy,
+                "greedy_raw": tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=False),
+                "recalled": item.answer.lower() in greedy.lower(),
+            }
+        )
     return summarize(rows, text_nll)
 
 
 def summarize(rows: list[dict], text_nll: float | None = None) -> dict:
     tokens = sum(r["answer_tokens"] for r in rows)
-    return {"nll": -sum(r["logprob"] for r in rows) / tokens,  # nats per answer token, over all answer tokens
-            "text_nll": text_nll,
-            "answer_logprob": sum(r["logprob"] for r in rows) / len(rows),  # mean log p(whole answer)
-            "recalled": sum(r["recalled"] for r in rows), "questions": len(rows), "per_question": rows}
+    return {
+        "nll": -sum(r["logprob"] for r in rows) / tokens,  # nats per answer token, over all answer tokens
+        "text_nll": text_nll,
+        "answer_logprob": sum(r["logprob"] for r in rows) / len(rows),  # mean log p(whole answer)
+        "recalled": sum(r["recalled"] for r in rows),
+        "questions": len(rows),
+        "per_question": rows,
+    }
 
 
-def run(model_path: str, facts: Facts, rules: tuple[str, ...], repeats: int = 1, chat_template: bool | None = None,
-        max_new_tokens: int = 16, memory_dir=None, dtype: str = "auto", log=print, trust_remote_code: bool = False) -> dict:
+def run(
+    model_path: str,
+    facts: Facts,
+    rules: tuple[str, ...],
+    repeats: int = 1,
+    chat_template: bool | None = None,
+    max_new_tokens: int = 16,
+    memory_dir=None,
+    dtype: str = "auto",
+    log=print,
+    trust_remote_code: bool = False,
+) -> dict:
     """The whole experiment on one model folder (see the module docstring); returns the results as a dict."""
     start = time.perf_counter()
     model, tokenizer = load_model(model_path, dtype, trust_remote_code)
@@ -280,20 +344,44 @@ def run(model_path: str, facts: Facts, rules: tuple[str, ...], repeats: int = 1,
     chat_template = has_template if chat_template is None else chat_template
     block = fact_ids(tokenizer, facts.text, chat_template)
     blocks = [block] * repeats
-    results = {"model_path": str(model_path), "model_kind": kind, "model_type": model.config.model_type,
-               "chat_template": chat_template, "repeats": repeats, "max_new_tokens": max_new_tokens,
-               "fact_tokens": len(block) * repeats, "text": facts.text, "facts": [asdict(f) for f in facts.items],
-               "rules": {}}
-    log(f"{model_path} ({kind}): {len(facts.items)} questions, session 1 reads {len(block)} tokens x {repeats}")
+    results = {
+        "model_path": str(model_path),
+        "model_kind": kind,
+        "model_type": model.config.model_type,
+        "chat_template": chat_template,
+        "repeats": repeats,
+        "max_new_tokens": max_new_tokens,
+        "fact_tokens": len(block) * repeats,
+        "text": facts.text,
+        "facts": [asdict(f) for f in facts.items],
+        "rules": {},
+    }
+    log(
+        f"{model_path} ({kind}): {len(facts.items)} questions, session 1 reads {len(block)} tokens x {repeats}"
+    )
 
-    results["baseline"] = score(model, tokenizer, facts, empty_memory(model), chat_template, max_new_tokens, text=block)
-    log(f"  no memory: NLL {results['baseline']['nll']:.3f}, recall {results['baseline']['recalled']}/{len(facts.items)}, "
-        f"fact-text NLL {results['baseline']['text_nll']:.3f}")
+    results["baseline"] = score(
+        model, tokenizer, facts, empty_memory(model), chat_template, max_new_tokens, text=block
+    )
+    log(
+        f"  no memory: NLL {results['baseline']['nll']:.3f}, recall {results['baseline']['recalled']}/{len(facts.items)}, "
+        f"fact-text NLL {results['baseline']['text_nll']:.3f}"
+    )
     context = [t for b in blocks for t in b]
-    results["in_context"] = score(model, tokenizer, facts, empty_memory(model), chat_template, max_new_tokens,
-                                  context=context, text=block)
-    log(f"  facts in context: NLL {results['in_context']['nll']:.3f}, "
-        f"recall {results['in_context']['recalled']}/{len(facts.items)}, fact-text NLL {results['in_context']['text_nll']:.3f}")
+    results["in_context"] = score(
+        model,
+        tokenizer,
+        facts,
+        empty_memory(model),
+        chat_template,
+        max_new_tokens,
+        context=context,
+        text=block,
+    )
+    log(
+        f"  facts in context: NLL {results['in_context']['nll']:.3f}, "
+        f"recall {results['in_context']['recalled']}/{len(facts.items)}, fact-text NLL {results['in_context']['text_nll']:.3f}"
+    )
     del model
 
     with tempfile.TemporaryDirectory(prefix="recall-") as tmp:
@@ -304,24 +392,37 @@ def run(model_path: str, facts: Facts, rules: tuple[str, ...], repeats: int = 1,
             writer, _ = load_model(model_path, dtype, trust_remote_code)  # session 1
             save_memory_file(writer, write_memory(writer, blocks, rule), path)
             del writer
-            reader, _ = load_model(model_path, dtype, trust_remote_code)  # session 2: a new model, empty context
-            result = score(reader, tokenizer, facts, load_memory_file(reader, path), chat_template, max_new_tokens,
-                           text=block)
+            reader, _ = load_model(
+                model_path, dtype, trust_remote_code
+            )  # session 2: a new model, empty context
+            result = score(
+                reader,
+                tokenizer,
+                facts,
+                load_memory_file(reader, path),
+                chat_template,
+                max_new_tokens,
+                text=block,
+            )
             del reader
             result["improvement"] = results["baseline"]["nll"] - result["nll"]
             result["memory_file"] = str(path) if memory_dir else None
             results["rules"][rule] = result
-            log(f"  {rule}: NLL {result['nll']:.3f} ({result['improvement']:+.3f} nats vs no memory), "
-                f"recall {result['recalled']}/{len(facts.items)}, fact-text NLL {result['text_nll']:.3f}")
+            log(
+                f"  {rule}: NLL {result['nll']:.3f} ({result['improvement']:+.3f} nats vs no memory), "
+                f"recall {result['recalled']}/{len(facts.items)}, fact-text NLL {result['text_nll']:.3f}"
+            )
     results["seconds"] = time.perf_counter() - start
     return results
 
 
 def markdown_table(all_results: list[dict]) -> str:
     """One row per model x condition: answer NLL, improvement over the no-memory baseline, exact recall."""
-    lines = ["| model | rule | answer NLL (nats/token) | vs no memory (nats) | mean log p(answer) | exact recall "
-             "| fact-text NLL (re-read) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | rule | answer NLL (nats/token) | vs no memory (nats) | mean log p(answer) | exact recall "
+        "| fact-text NLL (re-read) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for res in all_results:
         name = f"{Path(res['model_path']).name} ({res['model_kind']})"
         base = res["baseline"]["nll"]
@@ -330,8 +431,10 @@ def markdown_table(all_results: list[dict]) -> str:
         rows += [("facts in context (reference)", res["in_context"])]
         for label, r in rows:
             delta = base - r["nll"]
-            lines.append(f"| {name} | {label} | {r['nll']:.3f} | {delta:+.3f} | {r['answer_logprob']:.2f} | "
-                         f"{r['recalled']}/{r['questions']} | {_number(r['text_nll'])} |")
+            lines.append(
+                f"| {name} | {label} | {r['nll']:.3f} | {delta:+.3f} | {r['answer_logprob']:.2f} | "
+                f"{r['recalled']}/{r['questions']} | {_number(r['text_nll'])} |"
+            )
     return "\n".join(lines)
 
 
@@ -342,28 +445,83 @@ def _number(value) -> str:
 # ----------------------------------------------------------------------------------------------- command
 
 
-@click.command(name="recall_experiment.py", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--model_path", "--model-path", "model_paths", required=True, multiple=True, type=click.Path(),
-              help="A MAC export / run's final folder, or a package_model.py folder (repeat for several models).")
-@click.option("--rules", default=",".join(UPDATE_RULES), show_default=True,
-              help="Memory update rules of session 1, comma-separated.")
-@click.option("--repeats", type=POSITIVE, default=1, show_default=True, help="Times session 1 reads the facts.")
-@click.option("--facts", "facts_file", type=click.Path(), default=None,
-              help='JSON facts: [{"fact", "question", "answer"}, ...] or {"text": ..., "facts": [{"question", "answer"}, ...]}. '
-                   "[default: 8 facts about the fictitious country Quillara]")
-@click.option("--chat-template/--no-chat-template", default=None,
-              help="Wrap facts and questions in the tokenizer's chat template. [default: on when the tokenizer has one]")
-@click.option("--max-new-tokens", type=POSITIVE, default=16, show_default=True, help="Greedy answer length for exact recall.")
-@click.option("--memory-dir", type=click.Path(), default=None,
-              help="Keep the session-1 memory files here (memory-<rule>.safetensors). [default: a temporary folder]")
-@click.option("--output", type=click.Path(), default=None, help="Write all results (per question too) to this JSON file.")
+@click.command(
+    name="recall_experiment.py",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
+@click.option(
+    "--model_path",
+    "--model-path",
+    "model_paths",
+    required=True,
+    multiple=True,
+    type=click.Path(),
+    help="A MAC export / run's final folder, or a package_model.py folder (repeat for several models).",
+)
+@click.option(
+    "--rules",
+    default=",".join(UPDATE_RULES),
+    show_default=True,
+    help="Memory update rules of session 1, comma-separated.",
+)
+@click.option(
+    "--repeats", type=POSITIVE, default=1, show_default=True, help="Times session 1 reads the facts."
+)
+@click.option(
+    "--facts",
+    "facts_file",
+    type=click.Path(),
+    default=None,
+    help='JSON facts: [{"fact", "question", "answer"}, ...] or {"text": ..., "facts": [{"question", "answer"}, ...]}. '
+    "[default: 8 facts about the fictitious country Quillara]",
+)
+@click.option(
+    "--chat-template/--no-chat-template",
+    default=None,
+    help="Wrap facts and questions in the tokenizer's chat template. [default: on when the tokenizer has one]",
+)
+@click.option(
+    "--max-new-tokens",
+    type=POSITIVE,
+    default=16,
+    show_default=True,
+    help="Greedy answer length for exact recall.",
+)
+@click.option(
+    "--memory-dir",
+    type=click.Path(),
+    default=None,
+    help="Keep the session-1 memory files here (memory-<rule>.safetensors). [default: a temporary folder]",
+)
+@click.option(
+    "--output",
+    type=click.Path(),
+    default=None,
+    help="Write all results (per question too) to this JSON file.",
+)
 @click.option("--show-answers", is_flag=True, help="Also print every greedy answer.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
-              help="Load the weights in this dtype.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="Load the weights in this dtype.",
+)
 @trust_remote_code_option
 @user_errors
-def recall_experiment(model_paths, rules, repeats, facts_file, chat_template, max_new_tokens, memory_dir, output,
-                      show_answers, dtype, trust_remote_code):
+def recall_experiment(
+    model_paths,
+    rules,
+    repeats,
+    facts_file,
+    chat_template,
+    max_new_tokens,
+    memory_dir,
+    output,
+    show_answers,
+    dtype,
+    trust_remote_code,
+):
     """Recall experiment: facts read with memory updates in session 1 are saved to a memory file; a new session
     (new model load, empty context) loads the file and answers one question per fact.
 
@@ -392,15 +550,33 @@ def recall_experiment(model_paths, rules, repeats, facts_file, chat_template, ma
         raise UserError("--memory-dir keeps the files of one model; give one --model_path with it")
     all_results = []
     for path in model_paths:
-        all_results.append(run(path, facts, rule_list, repeats, chat_template, max_new_tokens, memory_dir, dtype,
-                               log=lambda line: click.echo(line, err=True), trust_remote_code=trust_remote_code))
+        all_results.append(
+            run(
+                path,
+                facts,
+                rule_list,
+                repeats,
+                chat_template,
+                max_new_tokens,
+                memory_dir,
+                dtype,
+                log=lambda line: click.echo(line, err=True),
+                trust_remote_code=trust_remote_code,
+            )
+        )
     if show_answers:
         for res in all_results:
-            conditions = [("no memory", res["baseline"]), *res["rules"].items(), ("in context", res["in_context"])]
+            conditions = [
+                ("no memory", res["baseline"]),
+                *res["rules"].items(),
+                ("in context", res["in_context"]),
+            ]
             for label, r in conditions:
                 for q in r["per_question"]:
                     mark = "+" if q["recalled"] else "-"
-                    click.echo(f"{mark} [{Path(res['model_path']).name} {label}] {q['question']} -> {q['greedy_raw']!r}")
+                    click.echo(
+                        f"{mark} [{Path(res['model_path']).name} {label}] {q['question']} -> {q['greedy_raw']!r}"
+                    )
     click.echo(markdown_table(all_results))
     if output:
         with atomic_file(output) as tmp:
@@ -408,6 +584,22 @@ def recall_experiment(model_paths, rules, repeats, facts_file, chat_template, ma
         click.echo(f"results written to {output}", err=True)
 
 
-__all__ = ["DEFAULT_FACTS", "Fact", "Facts", "answer_ids", "default_facts", "empty_memory", "fact_ids",
-           "load_memory_file", "markdown_table", "parse_rules", "question_ids", "read_facts", "recall_experiment",
-           "run", "save_memory_file", "score", "write_memory"]
+__all__ = [
+    "DEFAULT_FACTS",
+    "Fact",
+    "Facts",
+    "answer_ids",
+    "default_facts",
+    "empty_memory",
+    "fact_ids",
+    "load_memory_file",
+    "markdown_table",
+    "parse_rules",
+    "question_ids",
+    "read_facts",
+    "recall_experiment",
+    "run",
+    "save_memory_file",
+    "score",
+    "write_memory",
+]

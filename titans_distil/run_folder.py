@@ -49,22 +49,32 @@ class Run:
             if path.is_file():
                 with contextlib.suppress(json.JSONDecodeError):
                     return json.loads(path.read_text())
-        raise UserError(f"run {self.dir} has no saved student (no final/ and no checkpoints/step-N with a config.json); let it train until a checkpoint is saved")
+        raise UserError(
+            f"run {self.dir} has no saved student (no final/ and no checkpoints/step-N with a config.json); let it train until a checkpoint is saved"
+        )
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:
     path = Path(run_dir).expanduser()
     if not path.is_dir():
-        raise UserError(f"run folder {run_dir} does not exist; pass a folder written by distil.py (runs/<run-name>)")
+        raise UserError(
+            f"run folder {run_dir} does not exist; pass a folder written by distil.py (runs/<run-name>)"
+        )
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise UserError(f"{run_dir} holds no run (no config.json); pass a folder written by distil.py (runs/<run-name>)")
+        raise UserError(
+            f"{run_dir} holds no run (no config.json); pass a folder written by distil.py (runs/<run-name>)"
+        )
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
-        raise UserError(f"{config_file} is not valid JSON ({err.msg} at line {err.lineno}); the run folder is damaged") from None
+        raise UserError(
+            f"{config_file} is not valid JSON ({err.msg} at line {err.lineno}); the run folder is damaged"
+        ) from None
     if not isinstance(config, dict) or "teacher" not in config:
-        raise UserError(f"{config_file} is not a distil.py run config; pass a folder written by distil.py (runs/<run-name>)")
+        raise UserError(
+            f"{config_file} is not a distil.py run config; pass a folder written by distil.py (runs/<run-name>)"
+        )
     check_run_config(config, config_file)
     metrics_file = path / "metrics.jsonl"
     metrics = read_metrics(metrics_file)[0] if metrics_file.is_file() else []
@@ -94,8 +104,12 @@ def check_kind(run: Run, kind: str) -> None:
     if run.kind == kind:
         return
     if kind == "mac":
-        raise UserError(f"run {run.dir} trained a plain Llama student (no neural memory); export it with {SCRIPTS['llama']}")
-    raise UserError(f"run {run.dir} trained a MAC student with neural memory, which a plain LlamaForCausalLM cannot hold; export it with {SCRIPTS['mac']}")
+        raise UserError(
+            f"run {run.dir} trained a plain Llama student (no neural memory); export it with {SCRIPTS['llama']}"
+        )
+    raise UserError(
+        f"run {run.dir} trained a MAC student with neural memory, which a plain LlamaForCausalLM cannot hold; export it with {SCRIPTS['mac']}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -121,7 +135,9 @@ class Checkpoint:
     """Weights to export: one safetensors file or the shards of an index, plus the folder around them."""
 
     files: list[Path]
-    folder: Path | None  # the folder holding config.json / trainer_state.json / generation_config.json, if any
+    folder: (
+        Path | None
+    )  # the folder holding config.json / trainer_state.json / generation_config.json, if any
     label: str  # how to name it to the user
     step: int | None = None
 
@@ -156,11 +172,15 @@ def resolve_checkpoint(run: Run, spec: str | os.PathLike = "latest") -> Checkpoi
         if has_weights(final) and (newest is None or _mtime(final) >= _mtime(newest)):
             return from_folder(final, None)
         if newest is None:
-            raise UserError(f"run {run.dir} has no checkpoint yet; let it train until one is saved (every --save-every steps) or pass --checkpoint FILE")
+            raise UserError(
+                f"run {run.dir} has no checkpoint yet; let it train until one is saved (every --save-every steps) or pass --checkpoint FILE"
+            )
         return from_folder(newest, None)
     if spec == "final":
         if not final.is_dir():
-            raise UserError(f"run {run.dir} has no final/ folder (training has not finished); pass --checkpoint latest or a step")
+            raise UserError(
+                f"run {run.dir} has no final/ folder (training has not finished); pass --checkpoint latest or a step"
+            )
         return from_folder(final, None)
     if re.fullmatch(r"(step-)?\d+", spec):
         number = int(spec.removeprefix("step-"))
@@ -172,11 +192,15 @@ def resolve_checkpoint(run: Run, spec: str | os.PathLike = "latest") -> Checkpoi
             return from_folder(candidate, None)
         if candidate.is_file():
             if candidate.suffix in PICKLE_SUFFIXES:
-                raise UserError(f"checkpoint {spec} is a pickle file; it is never unpickled here, pass a .safetensors file")
+                raise UserError(
+                    f"checkpoint {spec} is a pickle file; it is never unpickled here, pass a .safetensors file"
+                )
             if candidate.name == INDEX_NAME:
                 return from_folder(candidate.parent, None)
             if candidate.suffix != ".safetensors":
-                raise UserError(f"checkpoint {spec} is neither a folder nor a .safetensors file; pass a checkpoint folder, a .safetensors file, 'final' or 'latest'")
+                raise UserError(
+                    f"checkpoint {spec} is neither a folder nor a .safetensors file; pass a checkpoint folder, a .safetensors file, 'final' or 'latest'"
+                )
             folder = candidate.parent if candidate.name == "model.safetensors" else None
             step = None
             if folder is not None and (folder / "trainer_state.json").is_file():
@@ -185,7 +209,9 @@ def resolve_checkpoint(run: Run, spec: str | os.PathLike = "latest") -> Checkpoi
             return Checkpoint([candidate], folder, display(candidate), step)
     available = [p.name for _, p in steps] + (["final"] if final.is_dir() else [])
     hint = f" (this run has: {', '.join(available[-5:])})" if available else " (this run has none yet)"
-    raise UserError(f"checkpoint {spec} not found{hint}; pass a checkpoint folder or .safetensors file, a step number, 'final' or 'latest'")
+    raise UserError(
+        f"checkpoint {spec} not found{hint}; pass a checkpoint folder or .safetensors file, a step number, 'final' or 'latest'"
+    )
 
 
 def _mtime(folder: Path) -> float:
@@ -199,7 +225,9 @@ def run_tokenizer(run: Run):
 
     final = run.dir / "final"
     if (final / "tokenizer_config.json").is_file():
-        with quiet_transformers():  # final/config.json names mac_llama, which AutoConfig does not know: harmless here
+        with (
+            quiet_transformers()
+        ):  # final/config.json names mac_llama, which AutoConfig does not know: harmless here
             return AutoTokenizer.from_pretrained(final)
     from .teacher import load_tokenizer
 
@@ -209,4 +237,6 @@ def run_tokenizer(run: Run):
         raise
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load the tokenizer of teacher {run.config['teacher']!r} ({first}); make the teacher available (or its HF cache), then export again") from None
+        raise UserError(
+            f"cannot load the tokenizer of teacher {run.config['teacher']!r} ({first}); make the teacher available (or its HF cache), then export again"
+        ) from None

@@ -54,39 +54,58 @@ def serving_overrides(model_path: str, use_mac: bool, update_rule: str) -> tuple
     overrides to pass to vLLM (a MAC checkpoint whose default rule learns is served with its memory frozen)."""
     path = Path(model_path)
     if not path.is_dir():
-        raise UserError(f"--model_path {model_path} is not a folder; give an export_mac_model.py / export_llama_model.py folder")
+        raise UserError(
+            f"--model_path {model_path} is not a folder; give an export_mac_model.py / export_llama_model.py folder"
+        )
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise UserError(f"{model_path} holds no config.json; give an export_mac_model.py / export_llama_model.py folder")
+        raise UserError(
+            f"{model_path} holds no config.json; give an export_mac_model.py / export_llama_model.py folder"
+        )
     config = read_config(path, "re-export the model")
     check_config(path, config)  # field types: before vLLM starts
     model_type = config.get("model_type")
     if kind_of(config) == "memory":
-        raise UserError(f"{model_path} is a package_model.py wrapper, whose memory learns inside every layer; vLLM "
-                        "cannot serve it: use no_vllm_inference.py")
+        raise UserError(
+            f"{model_path} is a package_model.py wrapper, whose memory learns inside every layer; vLLM "
+            "cannot serve it: use no_vllm_inference.py"
+        )
     kind = kind_of(config) or "llama"
     if (config.get("quantization_config") or {}).get("quant_method") == "bitsandbytes":
         if kind == "mac":
-            raise UserError(f"{model_path} holds bitsandbytes weights (quantize.py); the MAC vLLM model takes unquantized "
-                            "weights: serve the unquantized export, or generate with no_vllm_inference.py")
+            raise UserError(
+                f"{model_path} holds bitsandbytes weights (quantize.py); the MAC vLLM model takes unquantized "
+                "weights: serve the unquantized export, or generate with no_vllm_inference.py"
+            )
         from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 
         if "bitsandbytes" not in QUANTIZATION_METHODS:
-            raise UserError(f"{model_path} holds bitsandbytes weights (quantize.py), which this vLLM build does not load; "
-                            "serve the unquantized export, or generate with no_vllm_inference.py")
+            raise UserError(
+                f"{model_path} holds bitsandbytes weights (quantize.py), which this vLLM build does not load; "
+                "serve the unquantized export, or generate with no_vllm_inference.py"
+            )
     if use_mac and kind != "mac":
         raise UserError(f"--use_mac: {model_path} is not a MAC model (model_type {model_type!r})")
     if kind == "mac" and "auto_map" not in config:
-        raise UserError(f"{model_path} is a training checkpoint, not an export; run export_mac_model.py first")
+        raise UserError(
+            f"{model_path} is a training checkpoint, not an export; run export_mac_model.py first"
+        )
     if update_rule != "none":
         if kind == "mac":
-            raise UserError(f"--update-rule {update_rule}: vLLM serves MAC models with frozen memory only; use "
-                            f"no_vllm_inference.py --update-rule {update_rule} to let the memory learn")
-        raise UserError(f"--update-rule {update_rule}: {model_path} has no memory (model_type {model_type!r})")
+            raise UserError(
+                f"--update-rule {update_rule}: vLLM serves MAC models with frozen memory only; use "
+                f"no_vllm_inference.py --update-rule {update_rule} to let the memory learn"
+            )
+        raise UserError(
+            f"--update-rule {update_rule}: {model_path} has no memory (model_type {model_type!r})"
+        )
     overrides = {"update_rule": "none"} if kind == "mac" and config.get("update_rule") != "none" else None
     if overrides:
-        click.echo(f"note: serving with frozen memory (update_rule none); the checkpoint's default "
-                   f"{config.get('update_rule')!r} applies to transformers generation", err=True)
+        click.echo(
+            f"note: serving with frozen memory (update_rule none); the checkpoint's default "
+            f"{config.get('update_rule')!r} applies to transformers generation",
+            err=True,
+        )
     return kind, overrides
 
 
@@ -101,16 +120,39 @@ def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str
 
 def encode_prompts(tokenizer, prompts: list[str], chat_template: bool) -> list[list[int]]:
     if chat_template:
-        return [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True,
-                                                   add_generation_prompt=True, return_dict=False)) for p in prompts]
+        return [
+            list(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}],
+                    tokenize=True,
+                    add_generation_prompt=True,
+                    return_dict=False,
+                )
+            )
+            for p in prompts
+        ]
     return [tokenizer(p).input_ids for p in prompts]
 
 
-def generate(model_path: str, prompts: list[str], *, use_mac: bool = False, update_rule: str = "none",
-             chat_template: bool | None = None, max_tokens: int = 128, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, ignore_eos: bool = False, seed: int = 0, dtype: str = "auto",
-             max_model_len: int | None = None, max_num_seqs: int = 16, enforce_eager: bool = True,
-             trust_remote_code: bool = False) -> list[dict]:
+def generate(
+    model_path: str,
+    prompts: list[str],
+    *,
+    use_mac: bool = False,
+    update_rule: str = "none",
+    chat_template: bool | None = None,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    ignore_eos: bool = False,
+    seed: int = 0,
+    dtype: str = "auto",
+    max_model_len: int | None = None,
+    max_num_seqs: int = 16,
+    enforce_eager: bool = True,
+    trust_remote_code: bool = False,
+) -> list[dict]:
     """Batched offline generation; one dict per prompt (prompt, completion, token_ids, finish_reason).
     `trust_remote_code` is the user's --trust-remote-code (see `model_folder.trust_remote_code_for`)."""
     _, overrides = serving_overrides(model_path, use_mac, update_rule)
@@ -128,26 +170,55 @@ def generate(model_path: str, prompts: list[str], *, use_mac: bool = False, upda
 
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_path, trust_remote_code=trust, dtype=dtype, hf_overrides=overrides, seed=seed,
-              max_model_len=max_model_len, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager)
+    llm = LLM(
+        model=model_path,
+        trust_remote_code=trust,
+        dtype=dtype,
+        hf_overrides=overrides,
+        seed=seed,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        enforce_eager=enforce_eager,
+    )
     limit = llm.llm_engine.model_config.max_model_len
     for i, ids in enumerate(token_ids):
         if len(ids) >= limit:
-            raise UserError(f"prompt {i + 1} has {len(ids)} tokens; this model serves at most {limit} (max_model_len) "
-                            "including the answer: shorten it or raise --max-model-len")
+            raise UserError(
+                f"prompt {i + 1} has {len(ids)} tokens; this model serves at most {limit} (max_model_len) "
+                "including the answer: shorten it or raise --max-model-len"
+            )
         if len(ids) + max_tokens > limit:
-            click.echo(f"note: prompt {i + 1} ({len(ids)} tokens) leaves room for {limit - len(ids)} new tokens "
-                       f"(max_model_len {limit})", err=True)
-    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens,
-                            ignore_eos=ignore_eos)
+            click.echo(
+                f"note: prompt {i + 1} ({len(ids)} tokens) leaves room for {limit - len(ids)} new tokens "
+                f"(max_model_len {limit})",
+                err=True,
+            )
+    params = SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        max_tokens=max_tokens,
+        ignore_eos=ignore_eos,
+    )
     start = time.perf_counter()
     results = llm.generate([{"prompt_token_ids": ids} for ids in token_ids], params, use_tqdm=True)
     elapsed = time.perf_counter() - start
     new_tokens = sum(len(r.outputs[0].token_ids) for r in results)
-    click.echo(f"{len(prompts)} prompts, {new_tokens} new tokens in {elapsed:.2f} s "
-               f"({new_tokens / max(elapsed, 1e-9):.1f} tokens/s)", err=True)
-    return [{"prompt": p, "completion": r.outputs[0].text, "token_ids": list(r.outputs[0].token_ids),
-             "finish_reason": r.outputs[0].finish_reason} for p, r in zip(prompts, results)]
+    click.echo(
+        f"{len(prompts)} prompts, {new_tokens} new tokens in {elapsed:.2f} s "
+        f"({new_tokens / max(elapsed, 1e-9):.1f} tokens/s)",
+        err=True,
+    )
+    return [
+        {
+            "prompt": p,
+            "completion": r.outputs[0].text,
+            "token_ids": list(r.outputs[0].token_ids),
+            "finish_reason": r.outputs[0].finish_reason,
+        }
+        for p, r in zip(prompts, results)
+    ]
 
 
 MIDDLEWARE = "titans_distil.serving.RefuseMemoryUpdates"
@@ -161,10 +232,16 @@ def memory_update_error(body: bytes) -> str | None:
         request = json.loads(body)
     except (UnicodeDecodeError, ValueError):
         return None
-    if not isinstance(request, dict) or "update_rule" not in request or request["update_rule"] in (None, "none"):
+    if (
+        not isinstance(request, dict)
+        or "update_rule" not in request
+        or request["update_rule"] in (None, "none")
+    ):
         return None
-    return (f"update_rule {request['update_rule']!r}: this server (vLLM) serves the memory frozen (update_rule "
-            "none) and cannot let it learn; drop update_rule, or generate with no_vllm_inference.py --update-rule")
+    return (
+        f"update_rule {request['update_rule']!r}: this server (vLLM) serves the memory frozen (update_rule "
+        "none) and cannot let it learn; drop update_rule, or generate with no_vllm_inference.py --update-rule"
+    )
 
 
 class RefuseMemoryUpdates:
@@ -177,7 +254,11 @@ class RefuseMemoryUpdates:
     async def __call__(self, scope, receive, send):
         content_type = dict(scope.get("headers") or []).get(b"content-type", b"")
         # FastAPI reads a body without a content type as JSON too
-        if scope["type"] != "http" or scope.get("method") != "POST" or (content_type and b"json" not in content_type):
+        if (
+            scope["type"] != "http"
+            or scope.get("method") != "POST"
+            or (content_type and b"json" not in content_type)
+        ):
             return await self.app(scope, receive, send)
         chunks, message = [], {"more_body": True}
         while message.get("more_body", False):
@@ -188,11 +269,19 @@ class RefuseMemoryUpdates:
         body = b"".join(chunks)
         error = memory_update_error(body)
         if error is not None:
-            payload = json.dumps({"error": {"message": error, "type": "BadRequestError", "param": "update_rule",
-                                            "code": 400}}).encode()
-            await send({"type": "http.response.start", "status": 400,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(payload)).encode())]})
+            payload = json.dumps(
+                {"error": {"message": error, "type": "BadRequestError", "param": "update_rule", "code": 400}}
+            ).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 400,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(payload)).encode()),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": payload})
             return None
         replayed = False
@@ -224,14 +313,35 @@ def vllm_cli() -> None:
     main()
 
 
-def serve_argv(model_path: str, overrides: dict | None, *, host: str, port: int, dtype: str,
-               max_model_len: int | None, max_num_seqs: int, enforce_eager: bool, extra: tuple[str, ...],
-               trust_remote_code: bool = False) -> list[str]:
+def serve_argv(
+    model_path: str,
+    overrides: dict | None,
+    *,
+    host: str,
+    port: int,
+    dtype: str,
+    max_model_len: int | None,
+    max_num_seqs: int,
+    enforce_eager: bool,
+    extra: tuple[str, ...],
+    trust_remote_code: bool = False,
+) -> list[str]:
     """The `vllm serve` command line for a folder (through `vllm_cli`, which works with both vLLM wheels), with
     the middleware refusing requests for a learning memory; `trust_remote_code` is the decision already made."""
     command = [sys.executable, "-c", "from titans_distil.serving import vllm_cli; vllm_cli()", "serve"]
-    argv = command + [model_path, "--host", host, "--port", str(port), "--dtype", dtype,
-                      "--max-num-seqs", str(max_num_seqs), "--middleware", MIDDLEWARE]
+    argv = command + [
+        model_path,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--dtype",
+        dtype,
+        "--max-num-seqs",
+        str(max_num_seqs),
+        "--middleware",
+        MIDDLEWARE,
+    ]
     if trust_remote_code:
         argv.append("--trust-remote-code")
     if overrides:
@@ -243,40 +353,101 @@ def serve_argv(model_path: str, overrides: dict | None, *, host: str, port: int,
     return argv + list(extra)
 
 
-@click.command(name="vllm_inference.py", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--model_path", "--model-path", "model_path", required=True,
-              help="An export_mac_model.py folder (served by the titans-distil vLLM plugin) or a plain Llama folder.")
+@click.command(
+    name="vllm_inference.py",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
+@click.option(
+    "--model_path",
+    "--model-path",
+    "model_path",
+    required=True,
+    help="An export_mac_model.py folder (served by the titans-distil vLLM plugin) or a plain Llama folder.",
+)
 @click.option("--use_mac", "--use-mac", "use_mac", is_flag=True, help="Require a MAC (Titans memory) model.")
-@click.option("--update-rule", type=UpdateRule(), default="none", show_default=True,
-              help="vLLM serves MAC memories frozen: 'ema'/'surprise' are refused (use no_vllm_inference.py).")
+@click.option(
+    "--update-rule",
+    type=UpdateRule(),
+    default="none",
+    show_default=True,
+    help="vLLM serves MAC memories frozen: 'ema'/'surprise' are refused (use no_vllm_inference.py).",
+)
 @click.option("--prompt", "prompts", multiple=True, help="A prompt; repeat for a batch.")
-@click.option("--prompts-file", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="A text file of prompts, one per non-empty line (all generated as one batch).")
-@click.option("--chat-template/--no-chat-template", default=None,
-              help="Wrap each prompt in the tokenizer's chat template as a user turn. [default: on when it has one]")
+@click.option(
+    "--prompts-file",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="A text file of prompts, one per non-empty line (all generated as one batch).",
+)
+@click.option(
+    "--chat-template/--no-chat-template",
+    default=None,
+    help="Wrap each prompt in the tokenizer's chat template as a user turn. [default: on when it has one]",
+)
 @click.option("--max-tokens", type=POSITIVE, default=128, show_default=True, help="New tokens per prompt.")
 @click.option("--temperature", type=finite(min=0.0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=finite(0.0, 1.0, min_open=True), default=1.0, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
 @click.option("--ignore-eos", is_flag=True, help="Always generate --max-tokens tokens (benchmarks).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
-@click.option("--max-model-len", type=POSITIVE, default=None,
-              help="Tokens per request (prompt + answer). [default: the model's max_position_embeddings]")
-@click.option("--max-num-seqs", type=POSITIVE, default=16, show_default=True, help="Requests batched per step.")
-@click.option("--enforce-eager/--compile", default=True, show_default=True,
-              help="Skip vLLM's torch.compile (it costs minutes at start on CPU; MAC memory layers always run eager).")
-@click.option("--output", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON lines.")
-@click.option("--serve", is_flag=True, help="Start the OpenAI-compatible server (`vllm serve`) instead; arguments "
-              "after `--` go to vllm serve.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+)
+@click.option(
+    "--max-model-len",
+    type=POSITIVE,
+    default=None,
+    help="Tokens per request (prompt + answer). [default: the model's max_position_embeddings]",
+)
+@click.option(
+    "--max-num-seqs", type=POSITIVE, default=16, show_default=True, help="Requests batched per step."
+)
+@click.option(
+    "--enforce-eager/--compile",
+    default=True,
+    show_default=True,
+    help="Skip vLLM's torch.compile (it costs minutes at start on CPU; MAC memory layers always run eager).",
+)
+@click.option(
+    "--output", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON lines."
+)
+@click.option(
+    "--serve",
+    is_flag=True,
+    help="Start the OpenAI-compatible server (`vllm serve`) instead; arguments after `--` go to vllm serve.",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="--serve: address to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="--serve: port.")
 @trust_remote_code_option
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 @user_errors
-def vllm_inference(model_path, use_mac, update_rule, prompts, prompts_file, chat_template, max_tokens, temperature,
-                   top_p, top_k, ignore_eos, seed, dtype, max_model_len, max_num_seqs, enforce_eager, output, serve, host, port,
-                   trust_remote_code, vllm_args):
+def vllm_inference(
+    model_path,
+    use_mac,
+    update_rule,
+    prompts,
+    prompts_file,
+    chat_template,
+    max_tokens,
+    temperature,
+    top_p,
+    top_k,
+    ignore_eos,
+    seed,
+    dtype,
+    max_model_len,
+    max_num_seqs,
+    enforce_eager,
+    output,
+    serve,
+    host,
+    port,
+    trust_remote_code,
+    vllm_args,
+):
     """Generate with vLLM (batched), or serve the model with vLLM's OpenAI-compatible server.
 
     MAC models are served with frozen memory (update rule none); for memories that learn, and for package_model.py
@@ -294,7 +465,9 @@ def vllm_inference(model_path, use_mac, update_rule, prompts, prompts_file, chat
     if output:
         check_output_file(output)
     if vllm_args and not serve:
-        raise UserError(f"unexpected arguments {' '.join(vllm_args)}: extra arguments go to vllm serve (--serve)")
+        raise UserError(
+            f"unexpected arguments {' '.join(vllm_args)}: extra arguments go to vllm serve (--serve)"
+        )
     if serve:
         if prompts or prompts_file or output:
             raise UserError("--serve starts a server: --prompt, --prompts-file and --output do not apply")
@@ -302,17 +475,40 @@ def vllm_inference(model_path, use_mac, update_rule, prompts, prompts_file, chat
         trust = trust_remote_code_for(model_path, trust_remote_code)
         check_weights(model_path)
         prepare_environment()
-        argv = serve_argv(model_path, overrides, host=host, port=port, dtype=dtype, max_model_len=max_model_len,
-                          max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, extra=vllm_args,
-                          trust_remote_code=trust)
+        argv = serve_argv(
+            model_path,
+            overrides,
+            host=host,
+            port=port,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            enforce_eager=enforce_eager,
+            extra=vllm_args,
+            trust_remote_code=trust,
+        )
         click.echo("+ " + " ".join(argv), err=True)
         sys.stdout.flush()
         os.execv(argv[0], argv)
     prompt_list = read_prompts(prompts, prompts_file)  # a bad --prompts-file fails before vLLM starts
-    results = generate(model_path, prompt_list, use_mac=use_mac, update_rule=update_rule,
-                       chat_template=chat_template, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                       top_k=top_k, ignore_eos=ignore_eos, seed=seed, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                       enforce_eager=enforce_eager, trust_remote_code=trust_remote_code)
+    results = generate(
+        model_path,
+        prompt_list,
+        use_mac=use_mac,
+        update_rule=update_rule,
+        chat_template=chat_template,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        ignore_eos=ignore_eos,
+        seed=seed,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        enforce_eager=enforce_eager,
+        trust_remote_code=trust_remote_code,
+    )
     for i, result in enumerate(results):
         if len(results) > 1:
             click.echo(f"### {i + 1}: {result['prompt']}")

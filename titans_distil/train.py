@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -51,7 +52,16 @@ MEMORY_LR_FACTOR = 10.0
 GROUPS = ("backbone", "memory", "persistent", "gate")
 
 # Fields that may differ when a run is resumed; every other field must match the run's config.json.
-RESUMABLE_FIELDS = {"max_steps", "num_epochs", "eval_every", "eval_batches", "save_every", "tracker", "resume", "overwrite"}
+RESUMABLE_FIELDS = {
+    "max_steps",
+    "num_epochs",
+    "eval_every",
+    "eval_batches",
+    "save_every",
+    "tracker",
+    "resume",
+    "overwrite",
+}
 # Where the run folder is: not part of its identity (a moved or renamed run folder resumes where it is now).
 LOCATION_FIELDS = {"output_dir", "run_name"}
 # Fields whose values are paths: the same file spelled differently (relative, absolute) is the same value.
@@ -123,7 +133,9 @@ class DistilConfig:
             try:
                 settings["memory_layers"] = [int(i) for i in self.memory_layers.split(",") if i.strip()]
             except ValueError:
-                raise UserError(f"--memory-layers {self.memory_layers!r} is not a comma-separated list of student layer indices (e.g. 1,4)") from None
+                raise UserError(
+                    f"--memory-layers {self.memory_layers!r} is not a comma-separated list of student layer indices (e.g. 1,4)"
+                ) from None
         return settings
 
     def long_range(self) -> tuple[list[str], int]:
@@ -258,10 +270,14 @@ def check_launch_environment() -> None:
     """`accelerate launch --cpu --num_processes N` (N > 1) starts ONE process unless MPI is set up; say so."""
     env = os.environ
     asked_for_many = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and "MASTER_ADDR" in env
-    started_many = any(k in env for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    started_many = any(
+        k in env for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    )
     if asked_for_many and not started_many:
-        raise UserError("`accelerate launch --cpu --num_processes N` started a single process (Accelerate needs MPI for that); "
-                        "use `accelerate launch --multi_gpu --num_processes N distil.py ...` or `torchrun --nproc_per_node N distil.py ...`, which run over gloo on CPU")
+        raise UserError(
+            "`accelerate launch --cpu --num_processes N` started a single process (Accelerate needs MPI for that); "
+            "use `accelerate launch --multi_gpu --num_processes N distil.py ...` or `torchrun --nproc_per_node N distil.py ...`, which run over gloo on CPU"
+        )
 
 
 def flag(field: str) -> str:
@@ -280,7 +296,9 @@ def _same_value(field: str, stored, given) -> bool:
 def read_run_config(run_dir: Path) -> dict:
     if not (Path(run_dir) / "config.json").is_file():
         raise UserError(f"--resume: {run_dir} holds no run to resume; drop --resume to start it")
-    return check_run_config(read_config(run_dir, fix="the run folder is damaged"), Path(run_dir) / "config.json")
+    return check_run_config(
+        read_config(run_dir, fix="the run folder is damaged"), Path(run_dir) / "config.json"
+    )
 
 
 def resumed_config(output_dir: str, run_name: str, given: dict, explicit: set[str]) -> DistilConfig:
@@ -318,14 +336,19 @@ def prepare_run_dir(cfg: DistilConfig, is_main: bool) -> Path:
         # A field the saved config lacks was added since the run started; it ran with the field's default
         # behaviour (a MAC run from before optimizer groups is caught when its optimizer state is loaded).
         saved = {**DistilConfig().identity(), **read_run_config(run_dir)}
-        diff = {k: (saved.get(k), v) for k, v in cfg.identity().items()
-                if not _same_value(k, saved.get(k), v)}
+        diff = {
+            k: (saved.get(k), v) for k, v in cfg.identity().items() if not _same_value(k, saved.get(k), v)
+        }
         if diff:
             shown = ", ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in list(diff.items())[:3])
-            raise UserError(f"--resume: {run_dir} was started with a different config ({shown}); use the same flags or a new --run-name")
+            raise UserError(
+                f"--resume: {run_dir} was started with a different config ({shown}); use the same flags or a new --run-name"
+            )
     elif run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.overwrite:
-            raise UserError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another --run-name")
+            raise UserError(
+                f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another --run-name"
+            )
         if is_main:
             shutil.rmtree(run_dir)
     return run_dir
@@ -349,11 +372,15 @@ def resumed_metrics(path: Path, step: int, warn) -> list[str]:
             problem = f"{err.msg} at column {err.colno}"
         if problem is not None:
             if i == last:
-                warn(f"{path} line {i + 1} is torn ({problem}; the run was killed while writing it); "
-                     "dropped it")
+                warn(
+                    f"{path} line {i + 1} is torn ({problem}; the run was killed while writing it); "
+                    "dropped it"
+                )
                 continue
-            raise UserError(f"--resume: {path} line {i + 1} is not a metrics record ({problem}); "
-                            "fix or delete that line, then resume again")
+            raise UserError(
+                f"--resume: {path} line {i + 1} is not a metrics record ({problem}); "
+                "fix or delete that line, then resume again"
+            )
         if record["step"] <= step:
             kept.append(line)
     return kept
@@ -415,8 +442,14 @@ class Distiller(torch.nn.Module):
         hidden = out.last_hidden_state[:, :-1].reshape(-1, out.last_hidden_state.shape[-1])
         labels = input_ids[:, 1:].reshape(-1)
         loss, kd, ce = distillation_loss(
-            hidden, self.student.lm_head.weight, labels, teacher_targets,
-            kind=kind, temperature=temperature, alpha=alpha, chunk_size=chunk_size,
+            hidden,
+            self.student.lm_head.weight,
+            labels,
+            teacher_targets,
+            kind=kind,
+            temperature=temperature,
+            alpha=alpha,
+            chunk_size=chunk_size,
             weights=None if position_weights is None else position_weights.reshape(-1),
         )
         stats = dict(getattr(out, "memory_stats", None) or {})
@@ -436,7 +469,7 @@ def answer_weights(shape: tuple[int, int], items, weight: float) -> torch.Tensor
     weights = torch.ones(shape[0], shape[1] - 1)
     for index, item in items:
         start, end = item.answer
-        weights[index, start - 1:end - 1] = weight  # position p predicts token p + 1
+        weights[index, start - 1 : end - 1] = weight  # position p predicts token p + 1
     return weights
 
 
@@ -447,16 +480,25 @@ def teacher_targets(teacher, input_ids: torch.Tensor) -> DenseTeacher:
 
 
 @torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch_size: int, accelerator: Accelerator, chunk_size: int) -> float:
+def perplexity(
+    model, blocks: torch.Tensor, batch_size: int, accelerator: Accelerator, chunk_size: int
+) -> float:
     """exp(mean next-token cross-entropy) over `blocks`, computed with the chunked head (no full logits)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(blocks), batch_size):
-        ids = blocks[start:start + batch_size].to(accelerator.device)
+        ids = blocks[start : start + batch_size].to(accelerator.device)
         with accelerator.autocast():
             hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
-            _, _, ce = distillation_loss(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, ids[:, 1:].reshape(-1), None, alpha=0.0, chunk_size=chunk_size)
+            _, _, ce = distillation_loss(
+                hidden.reshape(-1, hidden.shape[-1]),
+                model.lm_head.weight,
+                ids[:, 1:].reshape(-1),
+                None,
+                alpha=0.0,
+                chunk_size=chunk_size,
+            )
         n = ids[:, 1:].numel()
         total, count = total + ce.item() * n, count + n
     model.train(was_training)
@@ -467,24 +509,34 @@ def distil(cfg: DistilConfig) -> Path:
     """Run (or resume) a distillation; return the folder holding the final student."""
     precision = resolve_precision(cfg.precision)
     check_launch_environment()
+    # Accelerate keeps its mixed-precision choice in a process-wide singleton: a second distil() in one process
+    # (a notebook, the tests) with another precision would be refused. Reset that choice only; the distributed
+    # state (PartialState: process group, ranks) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         # cpu=True on hosts without an accelerator: Accelerate then joins torchrun's processes over gloo
         # (with cpu=False it would treat each of them as a lone single-process run).
-        cpu=not has_accelerator(), mixed_precision="no" if precision == "fp32" else precision,
-        log_with=None if cfg.tracker == "none" else cfg.tracker, project_dir=cfg.output_dir,
+        cpu=not has_accelerator(),
+        mixed_precision="no" if precision == "fp32" else precision,
+        log_with=None if cfg.tracker == "none" else cfg.tracker,
+        project_dir=cfg.output_dir,
     )
     is_main = accelerator.is_main_process
     # Validate everything cheap before touching the run folder.
     check_output_path(cfg.output_dir, "--output-dir", container=True)  # a file, read-only: before any work
     teacher_config = load_teacher_config(cfg.teacher)
     if cfg.max_length > teacher_config.max_position_embeddings:
-        raise UserError(f"--max-length {cfg.max_length} exceeds the teacher's {teacher_config.max_position_embeddings} positions; pass --max-length {teacher_config.max_position_embeddings} or less")
+        raise UserError(
+            f"--max-length {cfg.max_length} exceeds the teacher's {teacher_config.max_position_embeddings} positions; pass --max-length {teacher_config.max_position_embeddings} or less"
+        )
     layers = pick_layers(teacher_config.num_hidden_layers, cfg.student_layers)
     # invalid memory settings fail here, not later
     config = student_config(teacher_config, layers, cfg.mac_settings())
     check_recipe(cfg, has_memory=bool(getattr(config, "memory_layers", None)))
     if cfg.teacher_cache and cfg.loss != "kl":
-        raise UserError(f"--loss {cfg.loss} needs the full teacher distribution; a --teacher-cache holds only top-k logits, use --loss kl")
+        raise UserError(
+            f"--loss {cfg.loss} needs the full teacher distribution; a --teacher-cache holds only top-k logits, use --loss kl"
+        )
     run_dir = prepare_run_dir(cfg, is_main)
     if is_main:  # leftovers of a run killed while it wrote a checkpoint, final/ or a metrics rewrite
         for folder in (run_dir, run_dir / CHECKPOINTS):
@@ -492,14 +544,36 @@ def distil(cfg: DistilConfig) -> Path:
     accelerator.wait_for_everyone()
 
     set_seed(cfg.seed)
-    teacher_dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+    teacher_dtype = (
+        torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+    )
     teacher, tokenizer = load_teacher(cfg.teacher)  # fp32: the student starts from exact teacher weights
     if len(tokenizer) > teacher.config.vocab_size:
-        raise UserError(f"the teacher's tokenizer has {len(tokenizer)} tokens but its embeddings only {teacher.config.vocab_size}; use the tokenizer that belongs to this teacher")
+        raise UserError(
+            f"the teacher's tokenizer has {len(tokenizer)} tokens but its embeddings only {teacher.config.vocab_size}; use the tokenizer that belongs to this teacher"
+        )
     with accelerator.main_process_first():
-        train_blocks = load_blocks(cfg.data, tokenizer, cfg.max_length, "train", seed=cfg.seed, validation_fraction=cfg.validation_fraction, max_blocks=cfg.max_train_blocks)
-        val_blocks = load_blocks(cfg.data, tokenizer, cfg.max_length, "validation", seed=cfg.seed, validation_fraction=cfg.validation_fraction, max_blocks=cfg.eval_batches * cfg.batch_size * accelerator.num_processes)
-    calibration_blocks = train_blocks[:CALIBRATION_BLOCKS]  # before mixing: the student's init ignores the mix
+        train_blocks = load_blocks(
+            cfg.data,
+            tokenizer,
+            cfg.max_length,
+            "train",
+            seed=cfg.seed,
+            validation_fraction=cfg.validation_fraction,
+            max_blocks=cfg.max_train_blocks,
+        )
+        val_blocks = load_blocks(
+            cfg.data,
+            tokenizer,
+            cfg.max_length,
+            "validation",
+            seed=cfg.seed,
+            validation_fraction=cfg.validation_fraction,
+            max_blocks=cfg.eval_batches * cfg.batch_size * accelerator.num_processes,
+        )
+    calibration_blocks = train_blocks[
+        :CALIBRATION_BLOCKS
+    ]  # before mixing: the student's init ignores the mix
     if cfg.long_range_rate:
         kinds, distance = cfg.long_range()
         rate = cfg.long_range_rate
@@ -508,7 +582,9 @@ def distil(cfg: DistilConfig) -> Path:
             f"long-range items ({','.join(kinds)}, distance {distance}) in {len(items)} of "
             f"{len(train_blocks)} training blocks"
         )
-    position_weights = answer_weights(train_blocks.shape, items, cfg.answer_loss_weight) if cfg.long_range_rate else None
+    position_weights = (
+        answer_weights(train_blocks.shape, items, cfg.answer_loss_weight) if cfg.long_range_rate else None
+    )
     cache = None
     if cfg.teacher_cache:
         cache = TeacherCache(cfg.teacher_cache)
@@ -526,7 +602,9 @@ def distil(cfg: DistilConfig) -> Path:
     global_batch = cfg.batch_size * accelerator.num_processes
     sampler = BlockSampler(len(train_blocks), global_batch, seed=cfg.seed)
     steps_per_epoch = max(len(sampler) // cfg.grad_accum, 1)
-    total_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil((cfg.num_epochs or 1.0) * steps_per_epoch)
+    total_steps = (
+        cfg.max_steps if cfg.max_steps is not None else math.ceil((cfg.num_epochs or 1.0) * steps_per_epoch)
+    )
     if cfg.freeze_backbone_steps > total_steps:
         raise UserError(
             f"--freeze-backbone-steps {cfg.freeze_backbone_steps} exceeds the run's {total_steps} steps; "
@@ -570,10 +648,17 @@ def distil(cfg: DistilConfig) -> Path:
         accelerator.print(f"resumed {run_dir} from {latest['folder'].name}")
     elif is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "teacher_layers": layers, "precision_resolved": precision}, indent=2))
+        (run_dir / "config.json").write_text(
+            json.dumps(
+                {**dataclasses.asdict(cfg), "teacher_layers": layers, "precision_resolved": precision},
+                indent=2,
+            )
+        )
         metrics_file.write_text("")
     if cfg.tracker != "none":
-        accelerator.init_trackers(cfg.run_name, config={k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
+        accelerator.init_trackers(
+            cfg.run_name, config={k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
+        )
 
     def log(record: dict) -> None:
         if is_main:
@@ -584,28 +669,41 @@ def distil(cfg: DistilConfig) -> Path:
 
     def evaluate() -> dict:
         unwrapped = accelerator.unwrap_model(distiller).student
-        record = {"val_ppl": perplexity(unwrapped, val_blocks, cfg.batch_size, accelerator, cfg.kd_chunk_size)}
+        record = {
+            "val_ppl": perplexity(unwrapped, val_blocks, cfg.batch_size, accelerator, cfg.kd_chunk_size)
+        }
         if not cfg.resume and step == 0 and teacher is not None:
-            record["teacher_val_ppl"] = perplexity(teacher, val_blocks, cfg.batch_size, accelerator, cfg.kd_chunk_size)
+            record["teacher_val_ppl"] = perplexity(
+                teacher, val_blocks, cfg.batch_size, accelerator, cfg.kd_chunk_size
+            )
         return record
 
     if step == 0:
         log({"step": 0, **evaluate()})
     batches = sampler.forever()
     rank = accelerator.process_index
-    bar = tqdm(total=total_steps, initial=step, desc=f"distil {cfg.run_name}", unit="step", disable=not is_main, dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc=f"distil {cfg.run_name}",
+        unit="step",
+        disable=not is_main,
+        dynamic_ncols=True,
+    )
     tokens_per_step = global_batch * cfg.grad_accum * cfg.max_length
     while step < total_steps:
         started = time.perf_counter()
         frozen = step < cfg.freeze_backbone_steps
-        if accelerator.num_processes == 1:  # DDP needs a fixed set of trainable parameters: it only drops grads
+        if (
+            accelerator.num_processes == 1
+        ):  # DDP needs a fixed set of trainable parameters: it only drops grads
             for param in groups.get("backbone", []):
                 param.requires_grad_(not frozen)
         totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, **({"layer_mse": 0.0} if cfg.layer_loss_weight else {})}
         stats_sum: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             indices = next(batches)
-            mine = indices[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+            mine = indices[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
             ids = train_blocks[mine].to(accelerator.device)
             weights = None if position_weights is None else position_weights[mine].to(accelerator.device)
             teacher_hidden = None
@@ -619,7 +717,10 @@ def distil(cfg: DistilConfig) -> Path:
                 if cfg.layer_loss_weight:  # cloned: inference tensors cannot enter the student's graph
                     teacher_hidden = [captured[t].clone() for t in layers]
             sync = micro == cfg.grad_accum - 1
-            with accelerator.no_sync(distiller) if not sync else contextlib.nullcontext(), accelerator.autocast():
+            with (
+                accelerator.no_sync(distiller) if not sync else contextlib.nullcontext(),
+                accelerator.autocast(),
+            ):
                 loss, kd, ce, stats = distiller(
                     ids,
                     targets,
@@ -666,16 +767,30 @@ def distil(cfg: DistilConfig) -> Path:
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
             record.update(evaluate())
         log(record)
-        bar.set_postfix({"loss": f"{totals['loss']:.3f}", "kd": f"{totals['kd']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}",
-                         **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}),
-                         **({"surprise": f"{stats_sum['surprise_norm']:.3g}"} if "surprise_norm" in stats_sum else {})})
+        bar.set_postfix(
+            {
+                "loss": f"{totals['loss']:.3f}",
+                "kd": f"{totals['kd']:.3f}",
+                "tok/s": f"{record['tokens_per_s']:.0f}",
+                **({"val_ppl": f"{record['val_ppl']:.2f}"} if "val_ppl" in record else {}),
+                **({"surprise": f"{stats_sum['surprise_norm']:.3g}"} if "surprise_norm" in stats_sum else {}),
+            }
+        )
         bar.update(1)
         if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
             accelerator.wait_for_everyone()
             if is_main:
-                ckpt.save_checkpoint(run_dir, step, accelerator.unwrap_model(distiller).student, optimizer,
-                                     {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
-                                      "total_steps": total_steps})
+                ckpt.save_checkpoint(
+                    run_dir,
+                    step,
+                    accelerator.unwrap_model(distiller).student,
+                    optimizer,
+                    {
+                        "scheduler": scheduler.state_dict(),
+                        "sampler": sampler.state_dict(),
+                        "total_steps": total_steps,
+                    },
+                )
     bar.close()
 
     final = run_dir / "final"

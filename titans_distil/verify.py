@@ -28,8 +28,10 @@ def sha256_file(path: str | os.PathLike) -> str:
 def file_hashes(folder: str | os.PathLike) -> dict[str, str]:
     """sha256 of every file in `folder` (relative posix path -> hex digest), sorted by path."""
     root = Path(folder)
-    return {path.relative_to(root).as_posix(): sha256_file(path)
-            for path in sorted(p for p in root.rglob("*") if p.is_file())}
+    return {
+        path.relative_to(root).as_posix(): sha256_file(path)
+        for path in sorted(p for p in root.rglob("*") if p.is_file())
+    }
 
 
 def foreign_imports(folder: str | os.PathLike) -> list[str]:
@@ -53,11 +55,9 @@ def foreign_imports(folder: str | os.PathLike) -> list[str]:
     return bad
 
 
-
-
 # Runs in a fresh interpreter that can see torch and transformers but not titans-distil: loads the export the
 # way a user would and writes its logits (and generations) for the parent to compare.
-ISOLATED_CHILD = r'''
+ISOLATED_CHILD = r"""
 import importlib.util, json, os, sys
 args = json.loads(sys.argv[1])
 hidden = {os.path.realpath(p) for p in args["hide"]}  # folders from which `import titans_distil` / `models` works
@@ -90,7 +90,7 @@ for rule in args["rules"]:
     out = model.generate(ids[:1], max_new_tokens=args["new_tokens"], do_sample=False, **extra)
     report["generated"][str(rule)] = out[0, ids.shape[1]:].tolist()
 print(json.dumps(report))
-'''
+"""
 
 
 def project_paths() -> list[str]:
@@ -100,20 +100,42 @@ def project_paths() -> list[str]:
     return [] if root.name in ("site-packages", "dist-packages") else [str(root)]
 
 
-def run_isolated(export_dir: Path, ids, *, trust_remote_code: bool, rules, new_tokens: int, workdir: Path) -> tuple[dict, object]:
+def run_isolated(
+    export_dir: Path, ids, *, trust_remote_code: bool, rules, new_tokens: int, workdir: Path
+) -> tuple[dict, object]:
     """Load the export in a child interpreter that cannot import titans-distil; return (report, logits)."""
     from safetensors.torch import load_file
 
     logits_out = Path(workdir) / "isolated_logits.safetensors"
-    args = {"export": str(Path(export_dir).resolve()), "ids": ids.tolist(), "trust_remote_code": trust_remote_code,
-            "rules": list(rules), "new_tokens": new_tokens, "logits_out": str(logits_out), "hide": project_paths()}
+    args = {
+        "export": str(Path(export_dir).resolve()),
+        "ids": ids.tolist(),
+        "trust_remote_code": trust_remote_code,
+        "rules": list(rules),
+        "new_tokens": new_tokens,
+        "logits_out": str(logits_out),
+        "hide": project_paths(),
+    }
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-    env.update(OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_VERBOSITY="error", HF_MODULES_CACHE=str(Path(workdir) / "modules"))  # fresh copy of the code
-    proc = subprocess.run([sys.executable, "-c", ISOLATED_CHILD, json.dumps(args)], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=1800)
+    env.update(
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        HF_MODULES_CACHE=str(Path(workdir) / "modules"),
+    )  # fresh copy of the code
+    proc = subprocess.run(
+        [sys.executable, "-c", ISOLATED_CHILD, json.dumps(args)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     if proc.returncode != 0:
         error = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        raise UserError(f"the export does not load without titans-distil ({error[-1] if error else 'exit ' + str(proc.returncode)}); re-export it")
+        raise UserError(
+            f"the export does not load without titans-distil ({error[-1] if error else 'exit ' + str(proc.returncode)}); re-export it"
+        )
     return json.loads(last), load_file(str(logits_out))["logits"]

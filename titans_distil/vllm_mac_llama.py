@@ -25,7 +25,6 @@ read-out itself is `NeuralMemory.retrieve` from the training code, so both sides
 implementation.
 """
 
-
 import torch
 from torch import nn
 from vllm.compilation.decorators import ignore_torch_compile
@@ -47,7 +46,7 @@ def check_servable(config) -> None:
     if config.update_rule != "none":
         raise ValueError(
             f"this MAC checkpoint's update_rule is {config.update_rule!r}, but vLLM serves MAC models with frozen "
-            "memory only; pass --hf-overrides '{\"update_rule\": \"none\"}' (vllm_inference.py does) or generate "
+            'memory only; pass --hf-overrides \'{"update_rule": "none"}\' (vllm_inference.py does) or generate '
             "with transformers (no_vllm_inference.py) to let the memory learn"
         )
 
@@ -74,7 +73,9 @@ def _write_kv(attn: Attention, key: torch.Tensor, value: torch.Tensor, slots: to
     value_cache[blocks, :, offsets] = value[keep].to(value_cache.dtype)
 
 
-def _gather_kv(attn: Attention, block_table: torch.Tensor, key_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather_kv(
+    attn: Attention, block_table: torch.Tensor, key_pos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """K/V at positions `key_pos` (requests, width) of each request: (requests, kv_heads, width, d) each."""
     key_cache, value_cache = _cache_views(attn)
     block_size = key_cache.shape[2]
@@ -118,7 +119,9 @@ def segment_attention(attn, positions, q, streams, segment_len: int, persistent=
 
     # pieces: each request's new tokens (consecutive) cut at segment boundaries, so attention is block-diagonal
     starts = metadata.query_start_loc
-    request = torch.repeat_interleave(torch.arange(len(starts) - 1, device=q.device), starts[1:] - starts[:-1])
+    request = torch.repeat_interleave(
+        torch.arange(len(starts) - 1, device=q.device), starts[1:] - starts[:-1]
+    )
     segment = positions[:n] // segment_len
     new_piece = torch.ones(n, dtype=torch.bool, device=q.device)
     new_piece[1:] = (request[1:] != request[:-1]) | (segment[1:] != segment[:-1])
@@ -136,7 +139,9 @@ def segment_attention(attn, positions, q, streams, segment_len: int, persistent=
     last = query_pos.max(dim=1).values
     key_pos = first[:, None] + torch.arange(int((last - first).max()) + 1, device=q.device)[None]
     visible = key_pos[:, None, :] <= query_pos[:, :, None]
-    key_pos = torch.minimum(key_pos, last[:, None])  # beyond a piece's last token: masked, any written slot will do
+    key_pos = torch.minimum(
+        key_pos, last[:, None]
+    )  # beyond a piece's last token: masked, any written slot will do
     keys, values, masks = [], [], []
     if persistent is not None:  # RoPE'd at each piece's segment start
         p_k, p_v = persistent
@@ -151,8 +156,9 @@ def segment_attention(attn, positions, q, streams, segment_len: int, persistent=
         keys.append(layer_keys.to(q.dtype))
         values.append(layer_values.to(q.dtype))
         masks.append(visible)
-    result = _grouped_attention(query, torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(masks, dim=2),
-                                attn.scaling)
+    result = _grouped_attention(
+        query, torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(masks, dim=2), attn.scaling
+    )
     out[token[valid]] = result.transpose(1, 2)[valid].reshape(-1, heads * d)
     return out
 
@@ -265,12 +271,17 @@ class MACLlamaForCausalLM(LlamaForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         config = vllm_config.model_config.hf_config
         memory_layers = set(config.memory_layers)
-        logger.info("MAC model: frozen memory (update_rule none) in layers %s, segments of %d tokens",
-                    sorted(memory_layers), config.segment_len)
+        logger.info(
+            "MAC model: frozen memory (update_rule none) in layers %s, segments of %d tokens",
+            sorted(memory_layers),
+            config.segment_len,
+        )
 
         def layer_type(*, vllm_config: VllmConfig, prefix: str):
             is_memory = extract_layer_index(prefix) in memory_layers
-            return (MACMemoryDecoderLayer if is_memory else MACDecoderLayer)(vllm_config=vllm_config, prefix=prefix)
+            return (MACMemoryDecoderLayer if is_memory else MACDecoderLayer)(
+                vllm_config=vllm_config, prefix=prefix
+            )
 
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
 

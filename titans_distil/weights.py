@@ -22,13 +22,35 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_NAME = "model.safetensors.index.json"
 # Config fields that decide which weights exist and their shapes (plus the MAC behaviour fields): a checkpoint
 # whose config.json differs from the run's in one of them belongs to another run.
-ARCHITECTURE_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                       "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "memory_layers",
-                       "num_persistent_tokens", "memory_depth", "memory_expansion", "memory_dim", "segment_len",
-                       "memory_chunk_size")
+ARCHITECTURE_FIELDS = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
+    "memory_layers",
+    "num_persistent_tokens",
+    "memory_depth",
+    "memory_expansion",
+    "memory_dim",
+    "segment_len",
+    "memory_chunk_size",
+)
 # Keys of a saved config that describe where it came from rather than the model.
-DROPPED_CONFIG_KEYS = ("architectures", "auto_map", "_name_or_path", "_model_name_or_path", "transformers_version",
-                       "model_type", "quantization_config", "_commit_hash")
+DROPPED_CONFIG_KEYS = (
+    "architectures",
+    "auto_map",
+    "_name_or_path",
+    "_model_name_or_path",
+    "transformers_version",
+    "model_type",
+    "quantization_config",
+    "_commit_hash",
+)
 
 
 # ------------------------------------------------------------------------------------------------ weight files
@@ -41,10 +63,16 @@ def weight_files(folder: Path, label: str) -> list[Path]:
         return [single]
     if index.is_file():
         return index_shards(index, label)
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    pickles = (
+        sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    )
     if pickles:
-        raise UserError(f"checkpoint {label} holds only pickle weights ({pickles[0]}); they are never unpickled here, convert them to safetensors")
-    raise UserError(f"checkpoint {label} has no model.safetensors; pass a checkpoint folder written by distil.py, a .safetensors file, 'final' or 'latest'")
+        raise UserError(
+            f"checkpoint {label} holds only pickle weights ({pickles[0]}); they are never unpickled here, convert them to safetensors"
+        )
+    raise UserError(
+        f"checkpoint {label} has no model.safetensors; pass a checkpoint folder written by distil.py, a .safetensors file, 'final' or 'latest'"
+    )
 
 
 def index_shards(index: Path, label: str) -> list[Path]:
@@ -52,11 +80,15 @@ def index_shards(index: Path, label: str) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"checkpoint {label}: {index.name} is not a valid safetensors index; the file is truncated or corrupt, use another checkpoint") from None
+        raise UserError(
+            f"checkpoint {label}: {index.name} is not a valid safetensors index; the file is truncated or corrupt, use another checkpoint"
+        ) from None
     shards = sorted({index.parent / name for name in weight_map.values()})
     missing = [p.name for p in shards if not p.is_file()]
     if missing:
-        raise UserError(f"checkpoint {label} is incomplete: shard {missing[0]} named in {index.name} is missing; copy the whole folder")
+        raise UserError(
+            f"checkpoint {label} is incomplete: shard {missing[0]} named in {index.name} is missing; copy the whole folder"
+        )
     return shards
 
 
@@ -99,7 +131,9 @@ def read_weights(files: list[Path], label: str | None = None) -> dict:
 def unreadable(path: Path, label: str | None, err: Exception) -> UserError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     what = f"checkpoint {label}: weights {path.name}" if label else f"weights {display(path)}"
-    return UserError(f"{what} are unreadable ({first}); the file is truncated or corrupt, use another checkpoint")
+    return UserError(
+        f"{what} are unreadable ({first}); the file is truncated or corrupt, use another checkpoint"
+    )
 
 
 @dataclass
@@ -108,7 +142,9 @@ class Fit:
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
-    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (name, model shape, weights shape)
+    mismatched: list[tuple[str, tuple, tuple]] = field(
+        default_factory=list
+    )  # (name, model shape, weights shape)
 
     @property
     def ok(self) -> bool:
@@ -117,12 +153,18 @@ class Fit:
     def summary(self, limit: int = 3) -> str:
         parts = []
         if self.missing:
-            parts.append(f"missing {len(self.missing)} ({', '.join(self.missing[:limit])}{', ...' if len(self.missing) > limit else ''})")
+            parts.append(
+                f"missing {len(self.missing)} ({', '.join(self.missing[:limit])}{', ...' if len(self.missing) > limit else ''})"
+            )
         if self.unexpected:
-            parts.append(f"unexpected {len(self.unexpected)} ({', '.join(self.unexpected[:limit])}{', ...' if len(self.unexpected) > limit else ''})")
+            parts.append(
+                f"unexpected {len(self.unexpected)} ({', '.join(self.unexpected[:limit])}{', ...' if len(self.unexpected) > limit else ''})"
+            )
         if self.mismatched:
             shown = ", ".join(f"{n} {list(a)} vs {list(b)}" for n, a, b in self.mismatched[:limit])
-            parts.append(f"shape mismatch {len(self.mismatched)} ({shown}{', ...' if len(self.mismatched) > limit else ''})")
+            parts.append(
+                f"shape mismatch {len(self.mismatched)} ({shown}{', ...' if len(self.mismatched) > limit else ''})"
+            )
         return "; ".join(parts) or "all weights fit"
 
 
@@ -157,7 +199,9 @@ def make_config(values: dict, kind: str):
     try:
         return config_class(**clean)
     except config_errors() as err:
-        raise UserError(f"the model config is invalid for a {kind} student ({describe(err)}); pass a checkpoint written by distil.py") from None
+        raise UserError(
+            f"the model config is invalid for a {kind} student ({describe(err)}); pass a checkpoint written by distil.py"
+        ) from None
 
 
 def empty_model(config):
@@ -199,17 +243,29 @@ def load_student(run: Run, checkpoint: Checkpoint, dtype=None):
 
     reference = run.model_config()
     if kind_of(reference) != run.kind:
-        raise UserError(f"run {run.dir}: its saved student is a {_describe(reference)} but config.json says use_mac={run.config.get('use_mac')}; the run folder is inconsistent")
+        raise UserError(
+            f"run {run.dir}: its saved student is a {_describe(reference)} but config.json says use_mac={run.config.get('use_mac')}; the run folder is inconsistent"
+        )
     own = checkpoint.config
     if own is not None:
-        diffs = [f"{k} {own.get(k)!r} vs {reference.get(k)!r}" for k in ARCHITECTURE_FIELDS if own.get(k) != reference.get(k)]
+        diffs = [
+            f"{k} {own.get(k)!r} vs {reference.get(k)!r}"
+            for k in ARCHITECTURE_FIELDS
+            if own.get(k) != reference.get(k)
+        ]
         if diffs:
-            raise UserError(f"checkpoint {checkpoint.label} does not fit run {run.dir} ({', '.join(diffs[:3])}); it belongs to another architecture or size, pass a checkpoint of this run")
+            raise UserError(
+                f"checkpoint {checkpoint.label} does not fit run {run.dir} ({', '.join(diffs[:3])}); it belongs to another architecture or size, pass a checkpoint of this run"
+            )
     config = make_config(reference, run.kind)
     headers = read_headers(checkpoint.files, checkpoint.label)
-    fit = check_fit(model_shapes(config), {n: s for n, (_, s) in headers.items()}, bool(config.tie_word_embeddings))
+    fit = check_fit(
+        model_shapes(config), {n: s for n, (_, s) in headers.items()}, bool(config.tie_word_embeddings)
+    )
     if not fit.ok:
-        raise UserError(f"checkpoint {checkpoint.label} does not fit run {run.dir}'s {_describe(reference)} ({fit.summary()}); it belongs to another architecture or size, pass a checkpoint of this run")
+        raise UserError(
+            f"checkpoint {checkpoint.label} does not fit run {run.dir}'s {_describe(reference)} ({fit.summary()}); it belongs to another architecture or size, pass a checkpoint of this run"
+        )
     state = read_weights(checkpoint.files, checkpoint.label)
     return instantiate(model_classes(run.kind)[1], config, state, dtype)
 
@@ -221,7 +277,9 @@ def instantiate(model_class, config, state: dict, dtype=None):
     stored = {t.dtype for t in state.values() if t.is_floating_point()}
     torch_dtype = dtype or (stored.pop() if len(stored) == 1 else torch.float32)
     model = build_model(model_class, config, torch_dtype)
-    model.load_state_dict({k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False)
+    model.load_state_dict(
+        {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False
+    )
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()
