@@ -419,3 +419,36 @@ def test_serve_command_line_installs_the_refusal_and_trusts_only_when_decided(tr
     )
     assert argv[argv.index("--middleware") + 1] == MIDDLEWARE
     assert ("--trust-remote-code" in argv) is trusted
+
+
+@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
+def test_paged_cache_access_works_in_any_memory_layout(layout):
+    """vLLM's GPU backends may hand the cache as a permuted, non-contiguous tensor (blocks, tokens, heads in
+    memory): what the serving layers write at slots and gather through a block table is the same as with the
+    contiguous layout."""
+    from types import SimpleNamespace
+
+    from titans_distil.vllm_mac_llama import _gather_kv, _write_kv
+
+    blocks, heads, block_size, d = 5, 3, 4, 8
+    if layout == "LBHNC":
+        cache = torch.zeros(blocks, heads, block_size, 2 * d)
+    else:  # stored (blocks, tokens, heads, 2d), seen in the logical (blocks, heads, tokens, 2d) order
+        cache = torch.zeros(blocks, block_size, heads, 2 * d).permute(0, 2, 1, 3)
+        assert not cache.is_contiguous()
+    attn = SimpleNamespace(kv_cache=cache)
+    torch.manual_seed(0)
+    key, value = torch.randn(7, heads, d), torch.randn(7, heads, d)
+    slots = torch.tensor([9, 2, -1, 13, 4, 5, 19])  # -1: a padding token, never written
+    _write_kv(attn, key, value, slots)
+    block_table = torch.tensor(
+        [[2, 0, 1, 3, 4]]
+    )  # logical block j of the request lives in physical block [j]
+    # slot s = physical block * 4 + offset; slots 9, 2, 13, 19 are the positions 1, 6, 13, 19 of the request
+    key_pos = torch.tensor([[1, 6, 13, 19]])
+    keys, values = _gather_kv(attn, block_table, key_pos)
+    assert keys.shape == values.shape == (1, heads, 4, d)
+    for column, row in enumerate([0, 1, 3, 6]):
+        torch.testing.assert_close(keys[0, :, column], key[row], rtol=0, atol=0)
+        torch.testing.assert_close(values[0, :, column], value[row], rtol=0, atol=0)
+    assert cache.abs().sum(dim=(1, 3)).count_nonzero() == 6  # six tokens written, padding skipped

@@ -55,11 +55,12 @@ def check_servable(config) -> None:
 
 
 def _cache_views(attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
-    """`attn`'s paged cache [blocks, kv_heads, block, 2 * d] seen as keys and values [blocks, kv_heads, block, d]
-    (keys then values per block; only this module reads the caches it writes)."""
+    """`attn`'s paged cache [blocks, kv_heads, block, 2 * d] as keys and values [blocks, kv_heads, block, d]: the
+    first and second half of each token's row (only this module reads the caches it writes). Slices, not `.view()`:
+    a backend may hand the cache in a permuted, non-contiguous memory layout, where a view cannot be formed."""
     cache = attn.kv_cache
-    num_blocks, kv_heads, block_size, _ = cache.shape
-    return cache.view(num_blocks, kv_heads, 2 * block_size, -1).split(block_size, dim=2)
+    d = cache.shape[-1] // 2
+    return cache[..., :d], cache[..., d:]
 
 
 def _write_kv(attn: Attention, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
