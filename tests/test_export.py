@@ -701,7 +701,7 @@ def test_inspect_architecture(runs, mac_export):
 
 def test_inspect_verify_reloads_the_export_without_titans_distil(runs, mac_export, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
-    code, text = invoke(inspect_model, "verify", mac_export, "--run", runs / "mac", "--new-tokens", 4)
+    code, text = invoke(inspect_model, "verify", mac_export, "--run", runs / "mac", "--max-new-tokens", 4)
     assert code == 0, text
     for digest, name in ((v, k) for k, v in file_hashes(mac_export).items()):
         assert f"sha256 {digest}  {name}" in text
@@ -716,7 +716,7 @@ def test_inspect_verify_reloads_the_export_without_titans_distil(runs, mac_expor
     tampered = tmp_path / "tampered"
     shutil.copytree(mac_export, tampered)
     save_file(state, str(tampered / "model.safetensors"), metadata={"format": "pt"})
-    code, text = invoke(inspect_model, "verify", tampered, "--run", runs / "mac", "--new-tokens", 4)
+    code, text = invoke(inspect_model, "verify", tampered, "--run", runs / "mac", "--max-new-tokens", 4)
     assert code == 1 and re.search(
         r"Error: verify failed: logits differ by \S+ > 1e-05.*; re-export from the checkpoint$", text
     )

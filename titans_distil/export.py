@@ -226,7 +226,7 @@ def model_card(
             "library). Read them before you run them. Batched inputs must be right-padded.",
             "",
             "vLLM: with titans-distil installed, its vLLM plugin registers `MACLlamaForCausalLM`; vLLM then serves "
-            "this folder with frozen memory (`update_rule` none): `python vllm_inference.py --model_path "
+            "this folder with frozen memory (`update_rule` none): `python vllm_inference.py --model-path "
             + where
             + " --serve`, or "
             "`vllm serve " + where + ' --trust-remote-code --hf-overrides \'{"update_rule": "none"}\'`.',
