@@ -1,5 +1,5 @@
-"""One flag vocabulary: every command's --help shows the dashed names only, and the old spellings still parse into
-the same parameters (hidden aliases from `titans_distil.flags.OLD_SPELLINGS`)."""
+"""One flag vocabulary: every command's --help shows the dashed names only, and the old spellings still parse
+into the same parameters (hidden aliases from `titans_distil.flags.OLD_SPELLINGS`)."""
 
 import argparse
 import re
