@@ -1,6 +1,6 @@
 """Generate with transformers (no vLLM), carrying a per-user memory through prompts and generated tokens.
 
-python no_vllm_inference.py --model_path DIR [--use_mac] --update-rule none|ema|surprise --prompt TEXT
+python no_vllm_inference.py --model-path DIR [--use-mac] --update-rule none|ema|surprise --prompt TEXT
                             [--interactive] [--memory-in FILE] [--memory-out FILE]
 """
 

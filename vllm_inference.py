@@ -1,7 +1,7 @@
 """Generate with vLLM (batched) or serve the model with vLLM's OpenAI-compatible server.
 
-python vllm_inference.py --model_path DIR [--use_mac] --prompt TEXT [--prompt TEXT ...] [--prompts-file FILE]
-python vllm_inference.py --model_path DIR --serve [--port 8000] [-- extra vllm serve arguments]
+python vllm_inference.py --model-path DIR [--use-mac] --prompt TEXT [--prompt TEXT ...] [--prompts-file FILE]
+python vllm_inference.py --model-path DIR --serve [--port 8000] [-- extra vllm serve arguments]
 """
 
 from titans_distil.serving import vllm_inference

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from titans_distil.cli import _quiet_libraries  # noqa: E402
 from titans_distil.data import load_blocks  # noqa: E402
+from titans_distil.flags import add_argument  # noqa: E402
 from titans_distil.quantize import (  # noqa: E402
     DEFAULT_INT8_THRESHOLD,
     PROMPTS,
@@ -81,7 +82,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--eval-blocks", type=int, default=8)
     p.add_argument("--eval-length", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=32)
+    add_argument(p, "--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     return p.parse_args()
 
@@ -138,7 +139,7 @@ def main() -> None:
             blocks = load_blocks(
                 "stdlib", tokenizer, args.eval_length, "validation", max_blocks=args.eval_blocks
             )
-            ref = greedy_reference(reference, tokenizer, PROMPTS, args.new_tokens)
+            ref = greedy_reference(reference, tokenizer, PROMPTS, args.max_new_tokens)
             base_ppl = perplexity(reference, blocks)
             base_fp, base_fp32 = memory_footprint(reference), fp32_bytes(reference)
             base_files = weight_bytes(source.path)
@@ -231,7 +232,7 @@ def main() -> None:
     print()
     print(
         f"bitsandbytes {bnb_version}, torch {torch.__version__}; ppl on {args.eval_blocks}x{args.eval_length} stdlib "
-        f"validation tokens; greedy agreement over {len(PROMPTS)} prompts x {args.new_tokens} tokens; "
+        f"validation tokens; greedy agreement over {len(PROMPTS)} prompts x {args.max_new_tokens} tokens; "
         f"int8 = LLM.int8() with outlier threshold {DEFAULT_INT8_THRESHOLD:g}, int8(t=6) = bitsandbytes' default"
     )
     for r in table:

@@ -11,12 +11,12 @@
 3. transformers generation latency of one prompt with the `surprise` update rule vs `none` (target <= 1.5x).
 
 Prompts are real standard-library source cut to exactly --prompt-tokens tokens, so transformers can batch them
-without padding; every request generates exactly --new-tokens tokens (EOS ignored), greedy. Times are medians of
+without padding; every request generates exactly --max-new-tokens tokens (EOS ignored), greedy. Times are medians of
 --repeats runs after one warm-up; the vLLM engines are started once each (~30 s apiece on CPU, not timed).
 
     .venv/bin/python export_mac_model.py --run runs/demo            # once: exports/demo-mac
     .venv/bin/python benchmarks/bench_serving.py                      # ~6 minutes on 2 cores
-    .venv/bin/python benchmarks/bench_serving.py --model exports/demo-mac --prompts 16 --dtype float32
+    .venv/bin/python benchmarks/bench_serving.py --model-path exports/demo-mac --prompts 16 --dtype float32
 """
 
 import argparse
@@ -33,6 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from titans_distil.flags import add_argument  # noqa: E402
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
@@ -40,12 +42,12 @@ def parse_args(argv=None):
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--model", default="exports/demo-mac", help="a MAC export folder (export_mac_model.py)"
+    add_argument(
+        parser, "--model-path", default="exports/demo-mac", help="a MAC export folder (export_mac_model.py)"
     )
     parser.add_argument("--prompts", type=int, default=16, help="batch of prompts")
     parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    add_argument(parser, "--max-new-tokens", type=int, default=64)
     parser.add_argument(
         "--long-prompt-tokens",
         type=int,
@@ -120,20 +122,20 @@ def vllm_throughput(path: Path, prompts, args, overrides=None) -> float:
         seed=0,
         max_num_seqs=len(prompts),
         hf_overrides=overrides,
-        max_model_len=len(prompts[0]) + args.new_tokens,
+        max_model_len=len(prompts[0]) + args.max_new_tokens,
     )
-    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=args.max_new_tokens, ignore_eos=True)
     batch = [{"prompt_token_ids": ids} for ids in prompts]
     seconds = median_time(lambda: llm.generate(batch, params, use_tqdm=False), args.repeats)
     llm.llm_engine.engine_core.shutdown()  # free the engine's processes and KV cache before the next one starts
     gc.collect()
-    return len(prompts) * args.new_tokens / seconds
+    return len(prompts) * args.max_new_tokens / seconds
 
 
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    mac_dir = Path(args.model)
+    mac_dir = Path(args.model_path)
     if not (mac_dir / "config.json").is_file():
         raise SystemExit(
             f"{mac_dir} is not an export; run: .venv/bin/python export_mac_model.py --run runs/demo"
@@ -144,7 +146,7 @@ def main(argv=None):
     prompts = make_prompts(tokenizer, args.prompts, args.prompt_tokens)
     frozen = {"update_rule": "none"}
     print(
-        f"{args.prompts} prompts x {args.prompt_tokens} tokens, {args.new_tokens} new tokens each, {args.dtype}, "
+        f"{args.prompts} prompts x {args.prompt_tokens} tokens, {args.max_new_tokens} new tokens each, {args.dtype}, "
         f"torch threads {torch.get_num_threads()}, median of {args.repeats}",
         flush=True,
     )
@@ -168,17 +170,19 @@ def main(argv=None):
             model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
-                max_new_tokens=args.new_tokens,
-                min_new_tokens=args.new_tokens,
+                max_new_tokens=args.max_new_tokens,
+                min_new_tokens=args.max_new_tokens,
                 do_sample=False,
                 update_rule=rule,
                 pad_token_id=tokenizer.eos_token_id,
             )
 
-    hf_mac = len(prompts) * args.new_tokens / median_time(lambda: hf_generate(batch, "none"), args.repeats)
+    hf_mac = (
+        len(prompts) * args.max_new_tokens / median_time(lambda: hf_generate(batch, "none"), args.repeats)
+    )
     hf_one_by_one = (
         len(prompts)
-        * args.new_tokens
+        * args.max_new_tokens
         / median_time(lambda: [hf_generate(batch[i : i + 1], "none") for i in range(len(prompts))], 1)
     )
     latency = {
@@ -192,8 +196,8 @@ def main(argv=None):
             [
                 (
                     f"the same with {args.long_prompt_tokens}-token prompts, tok/s (prefill + decode)",
-                    long_mac * (1 + args.long_prompt_tokens / args.new_tokens),
-                    long_plain * (1 + args.long_prompt_tokens / args.new_tokens),
+                    long_mac * (1 + args.long_prompt_tokens / args.max_new_tokens),
+                    long_plain * (1 + args.long_prompt_tokens / args.max_new_tokens),
                     "(info)",
                 )
             ]

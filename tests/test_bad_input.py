@@ -3,7 +3,7 @@ exit, never a traceback, and creates or overwrites nothing.
 
 The classes: config.json with wrong types (model folders and run configs), an output path under a file, in a
 read-only folder or on a full disk, pickle-only weights, truncated safetensors, non-UTF-8 prompts files, an export
-holding another model's tokenizer, nan/inf floats and --max-tokens beyond the model's positions, a Hub push
+holding another model's tokenizer, nan/inf floats and --max-new-tokens beyond the model's positions, a Hub push
 without network, and leaving --interactive. vLLM is never started: its checks run before it would.
 
 A read-only folder is simulated through os.access when the tests run as root (root writes anywhere); a full disk
@@ -280,28 +280,28 @@ CASES = [
     (
         "types",
         "quantize",
-        ("quantize", "--model_path", "{w}/teacher-types", "--bits", "8", "--output", "{w}/out"),
+        ("quantize", "--model-path", "{w}/teacher-types", "--bits", "8", "--output", "{w}/out"),
         "teacher-types/config.json: Field 'hidden_size'",
         None,
     ),
     (
         "types",
         "package",
-        ("package", "--model", "{w}/teacher-types", "--output", "{w}/out"),
+        ("package", "--model-path", "{w}/teacher-types", "--output", "{w}/out"),
         "teacher-types/config.json: Field 'hidden_size'",
         None,
     ),
     (
         "types",
         "generate",
-        ("generate", "--model_path", "{w}/mac-types", "--prompt", "hi"),
+        ("generate", "--model-path", "{w}/mac-types", "--prompt", "hi"),
         "mac-types/config.json: Field 'num_hidden_layers' expected int",
         None,
     ),
     (
         "types",
         "vllm",
-        ("vllm", "--model_path", "{w}/mac-types", "--prompt", "hi"),
+        ("vllm", "--model-path", "{w}/mac-types", "--prompt", "hi"),
         "mac-types/config.json: Field 'num_hidden_layers'",
         None,
     ),
@@ -315,7 +315,7 @@ CASES = [
     (
         "types",
         "recall",
-        ("recall", "--model_path", "{w}/mac-types"),
+        ("recall", "--model-path", "{w}/mac-types"),
         "mac-types/config.json: Field 'num_hidden_layers'",
         None,
     ),
@@ -360,35 +360,35 @@ CASES = [
     (
         "output",
         "memory-out-under-file",
-        ("generate", "--model_path", "{w}/mac", "--prompt", "hi", "--memory-out", "{w}/afile/m.safetensors"),
+        ("generate", "--model-path", "{w}/mac", "--prompt", "hi", "--memory-out", "{w}/afile/m.safetensors"),
         "--memory-out {w}/afile/m.safetensors is under",
         None,
     ),
     (
         "output",
         "quantize-under-file",
-        ("quantize", "--model_path", "{w}/teacher", "--bits", "8", "--output", "{w}/afile/q"),
+        ("quantize", "--model-path", "{w}/teacher", "--bits", "8", "--output", "{w}/afile/q"),
         "--output {w}/afile/q is under",
         None,
     ),
     (
         "output",
         "package-under-file",
-        ("package", "--model", "{w}/teacher", "--output", "{w}/afile/p"),
+        ("package", "--model-path", "{w}/teacher", "--output", "{w}/afile/p"),
         "--output {w}/afile/p is under",
         None,
     ),
     (
         "output",
         "vllm-under-file",
-        ("vllm", "--model_path", "{w}/mac", "--prompt", "hi", "--output", "{w}/afile/o.jsonl"),
+        ("vllm", "--model-path", "{w}/mac", "--prompt", "hi", "--output", "{w}/afile/o.jsonl"),
         "--output {w}/afile/o.jsonl is under",
         None,
     ),
     (
         "output",
         "vllm-is-folder",
-        ("vllm", "--model_path", "{w}/mac", "--prompt", "hi", "--output", "{w}/ro"),
+        ("vllm", "--model-path", "{w}/mac", "--prompt", "hi", "--output", "{w}/ro"),
         "is a directory",
         None,
     ),
@@ -425,28 +425,28 @@ CASES = [
     (
         "output",
         "memory-out-read-only",
-        ("generate", "--model_path", "{w}/mac", "--prompt", "hi", "--memory-out", "{w}/ro/m.safetensors"),
+        ("generate", "--model-path", "{w}/mac", "--prompt", "hi", "--memory-out", "{w}/ro/m.safetensors"),
         "is not writable",
         "read_only",
     ),
     (
         "output",
         "quantize-read-only",
-        ("quantize", "--model_path", "{w}/teacher", "--bits", "8", "--output", "{w}/ro/q"),
+        ("quantize", "--model-path", "{w}/teacher", "--bits", "8", "--output", "{w}/ro/q"),
         "is not writable",
         "read_only",
     ),
     (
         "output",
         "package-read-only",
-        ("package", "--model", "{w}/teacher", "--output", "{w}/ro/p"),
+        ("package", "--model-path", "{w}/teacher", "--output", "{w}/ro/p"),
         "is not writable",
         "read_only",
     ),
     (
         "output",
         "vllm-read-only",
-        ("vllm", "--model_path", "{w}/mac", "--prompt", "hi", "--output", "{w}/ro/o.jsonl"),
+        ("vllm", "--model-path", "{w}/mac", "--prompt", "hi", "--output", "{w}/ro/o.jsonl"),
         "is not writable",
         "read_only",
     ),
@@ -462,11 +462,11 @@ CASES = [
         "memory-out-full-disk",
         (
             "generate",
-            "--model_path",
+            "--model-path",
             "{w}/mac",
             "--prompt",
             "hi",
-            "--max-tokens",
+            "--max-new-tokens",
             "2",
             "--update-rule",
             "surprise",
@@ -479,7 +479,7 @@ CASES = [
     (
         "output",
         "package-full-disk",
-        ("package", "--model", "{w}/teacher", "--output", "{w}/full/p"),
+        ("package", "--model-path", "{w}/teacher", "--output", "{w}/full/p"),
         "cannot write {w}/full/p: No space left on device",
         "full_disk",
     ),
@@ -488,7 +488,7 @@ CASES = [
         "quantize-full-disk",
         (
             "quantize",
-            "--model_path",
+            "--model-path",
             "{w}/teacher",
             "--bits",
             "8",
@@ -496,7 +496,7 @@ CASES = [
             "{w}/full/q",
             "--eval-blocks",
             "0",
-            "--new-tokens",
+            "--max-new-tokens",
             "1",
         ),
         "cannot write {w}/full/q: No space left on device",
@@ -529,28 +529,28 @@ CASES = [
     (
         "pickle",
         "generate",
-        ("generate", "--model_path", "{w}/teacher-pickle", "--prompt", "hi"),
+        ("generate", "--model-path", "{w}/teacher-pickle", "--prompt", "hi"),
         "safetensors are needed",
         None,
     ),
     (
         "pickle",
         "quantize",
-        ("quantize", "--model_path", "{w}/teacher-pickle", "--bits", "8", "--output", "{w}/out"),
+        ("quantize", "--model-path", "{w}/teacher-pickle", "--bits", "8", "--output", "{w}/out"),
         "safetensors are needed",
         None,
     ),
     (
         "pickle",
         "package",
-        ("package", "--model", "{w}/teacher-pickle", "--output", "{w}/out"),
+        ("package", "--model-path", "{w}/teacher-pickle", "--output", "{w}/out"),
         "safetensors are needed",
         None,
     ),
     (
         "pickle",
         "vllm",
-        ("vllm", "--model_path", "{w}/teacher-pickle", "--prompt", "hi"),
+        ("vllm", "--model-path", "{w}/teacher-pickle", "--prompt", "hi"),
         "safetensors are needed",
         None,
     ),
@@ -565,21 +565,21 @@ CASES = [
     (
         "truncated",
         "generate",
-        ("generate", "--model_path", "{w}/mac-truncated", "--prompt", "hi"),
+        ("generate", "--model-path", "{w}/mac-truncated", "--prompt", "hi"),
         "mac-truncated/model.safetensors is unreadable",
         None,
     ),
     (
         "truncated",
         "quantize",
-        ("quantize", "--model_path", "{w}/mac-truncated", "--bits", "8", "--output", "{w}/out"),
+        ("quantize", "--model-path", "{w}/mac-truncated", "--bits", "8", "--output", "{w}/out"),
         "model.safetensors is unreadable",
         None,
     ),
     (
         "truncated",
         "vllm",
-        ("vllm", "--model_path", "{w}/mac-truncated", "--prompt", "hi"),
+        ("vllm", "--model-path", "{w}/mac-truncated", "--prompt", "hi"),
         "model.safetensors is unreadable",
         None,
     ),
@@ -593,7 +593,7 @@ CASES = [
     (
         "truncated",
         "recall",
-        ("recall", "--model_path", "{w}/mac-truncated"),
+        ("recall", "--model-path", "{w}/mac-truncated"),
         "model.safetensors is unreadable",
         None,
     ),
@@ -607,7 +607,7 @@ CASES = [
     (
         "truncated",
         "package",
-        ("package", "--model", "{w}/teacher-truncated", "--output", "{w}/out"),
+        ("package", "--model-path", "{w}/teacher-truncated", "--output", "{w}/out"),
         "model.safetensors is unreadable",
         None,
     ),
@@ -615,14 +615,14 @@ CASES = [
     (
         "utf8",
         "generate",
-        ("generate", "--model_path", "{w}/mac", "--prompts-file", "{w}/latin1.txt"),
+        ("generate", "--model-path", "{w}/mac", "--prompts-file", "{w}/latin1.txt"),
         "latin1.txt: not UTF-8 text (byte 0xe9 at offset 3); save it as UTF-8",
         None,
     ),
     (
         "utf8",
         "vllm",
-        ("vllm", "--model_path", "{w}/mac", "--prompts-file", "{w}/latin1.txt"),
+        ("vllm", "--model-path", "{w}/mac", "--prompts-file", "{w}/latin1.txt"),
         "not UTF-8 text",
         None,
     ),
@@ -630,35 +630,35 @@ CASES = [
     (
         "tokenizer",
         "generate-larger",
-        ("generate", "--model_path", "{w}/mac-bigtok", "--prompt", "hi"),
+        ("generate", "--model-path", "{w}/mac-bigtok", "--prompt", "hi"),
         "the tokenizer has 49252 tokens, more tokens than the model's 49152 embeddings",
         None,
     ),
     (
         "tokenizer",
         "generate-smaller",
-        ("generate", "--model_path", "{w}/mac-smalltok", "--prompt", "hi"),
+        ("generate", "--model-path", "{w}/mac-smalltok", "--prompt", "hi"),
         "the tokenizer has 4 tokens, far fewer tokens than the model's 49152",
         None,
     ),
     (
         "tokenizer",
         "vllm-larger",
-        ("vllm", "--model_path", "{w}/mac-bigtok", "--prompt", "hi"),
+        ("vllm", "--model-path", "{w}/mac-bigtok", "--prompt", "hi"),
         "more tokens than the model's",
         None,
     ),
     (
         "tokenizer",
         "vllm-smaller",
-        ("vllm", "--model_path", "{w}/mac-smalltok", "--prompt", "hi"),
+        ("vllm", "--model-path", "{w}/mac-smalltok", "--prompt", "hi"),
         "far fewer tokens than the model's",
         None,
     ),
     (
         "tokenizer",
         "quantize-smaller",
-        ("quantize", "--model_path", "{w}/mac-smalltok", "--bits", "8", "--output", "{w}/out"),
+        ("quantize", "--model-path", "{w}/mac-smalltok", "--bits", "8", "--output", "{w}/out"),
         "another model's tokenizer",
         None,
     ),
@@ -672,7 +672,7 @@ CASES = [
     (
         "tokenizer",
         "recall-smaller",
-        ("recall", "--model_path", "{w}/mac-smalltok"),
+        ("recall", "--model-path", "{w}/mac-smalltok"),
         "another model's tokenizer",
         None,
     ),
@@ -686,11 +686,11 @@ CASES = [
     (
         "tokenizer",
         "package-smaller",
-        ("package", "--model", "{w}/teacher-smalltok", "--output", "{w}/out"),
+        ("package", "--model-path", "{w}/teacher-smalltok", "--output", "{w}/out"),
         "another model's tokenizer",
         None,
     ),
-    # -- nan / inf floats, and --max-tokens beyond the model's positions
+    # -- nan / inf floats, and --max-new-tokens beyond the model's positions
     (
         "numbers",
         "lr-nan",
@@ -712,14 +712,14 @@ CASES = [
     (
         "numbers",
         "generate-temperature-nan",
-        ("generate", "--model_path", "{w}/mac", "--prompt", "hi", "--temperature", "nan"),
+        ("generate", "--model-path", "{w}/mac", "--prompt", "hi", "--temperature", "nan"),
         "not a finite number",
         None,
     ),
     (
         "numbers",
         "vllm-top-p-nan",
-        ("vllm", "--model_path", "{w}/mac", "--prompt", "hi", "--top-p", "nan"),
+        ("vllm", "--model-path", "{w}/mac", "--prompt", "hi", "--top-p", "nan"),
         "not a finite number",
         None,
     ),
@@ -728,7 +728,7 @@ CASES = [
         "quantize-threshold-nan",
         (
             "quantize",
-            "--model_path",
+            "--model-path",
             "{w}/teacher",
             "--bits",
             "8",
@@ -757,15 +757,15 @@ CASES = [
     (
         "numbers",
         "max-tokens-huge",
-        ("generate", "--model_path", "{w}/mac", "--prompt", "hi", "--max-tokens", "1000000000"),
-        "--max-tokens 1000000000 exceeds what {w}/mac can hold: 1024 positions (max_position_embeddings) minus the prompt; pass --max-tokens 1023 or less",
+        ("generate", "--model-path", "{w}/mac", "--prompt", "hi", "--max-new-tokens", "1000000000"),
+        "--max-new-tokens 1000000000 exceeds what {w}/mac can hold: 1024 positions (max_position_embeddings) minus the prompt; pass --max-new-tokens 1023 or less",
         None,
     ),
     (
         "numbers",
         "max-tokens-after-prompt",
-        ("generate", "--model_path", "{w}/mac", "--prompts-file", "{w}/long.txt", "--max-tokens", "1000"),
-        "+ 1000 new exceeds the model's 1024 positions (max_position_embeddings); pass --max-tokens",
+        ("generate", "--model-path", "{w}/mac", "--prompts-file", "{w}/long.txt", "--max-new-tokens", "1000"),
+        "+ 1000 new exceeds the model's 1024 positions (max_position_embeddings); pass --max-new-tokens",
         None,
     ),
     # -- a Hub push without network: one line, the export stays where the message says
@@ -828,7 +828,7 @@ def interact(world, monkeypatch, lines: str, *extra):
     monkeypatch.setattr(generate.Session, "generate", record)
     result = CliRunner().invoke(
         main,
-        ["generate", "--model_path", str(world / "mac"), "--interactive", "--max-tokens", "2", *extra],
+        ["generate", "--model-path", str(world / "mac"), "--interactive", "--max-new-tokens", "2", *extra],
         input=lines,
     )
     return result, asked
@@ -862,7 +862,7 @@ def test_interactive_save_failure_is_reported_and_the_session_goes_on(world, mon
 
 
 def test_interactive_turn_too_long_is_reported_and_the_session_goes_on(world, monkeypatch):
-    result, asked = interact(world, monkeypatch, "word " * 1030 + "\nhi\n/quit\n", "--max-tokens", "1")
+    result, asked = interact(world, monkeypatch, "word " * 1030 + "\nhi\n/quit\n", "--max-new-tokens", "1")
     assert result.exit_code == 0, result.output
     assert len(asked) == 2 and "exceeds the model's 1024 positions" in result.output
 

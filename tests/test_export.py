@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 from titans_distil.models.modeling_mac_llama import MACLlamaForCausalLM
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -140,9 +141,14 @@ def test_mac_export_folder_is_complete_and_self_contained(runs, tmp_path):
     # the model card: teacher, data, steps, metrics from metrics.jsonl, licence, usage, vLLM note
     card = (out / "README.md").read_text()
     rows = [json.loads(line) for line in (runs / "mac" / "metrics.jsonl").read_text().splitlines()]
-    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\nlicense: other\n")
+    data = ModelCard(card).data
+    assert (data.library_name, data.pipeline_tag, data.license) == (
+        "transformers",
+        "text-generation",
+        "other",
+    )
     for needle in [
-        "| exported weights | step 2 of 3 steps |",
+        "| training steps | 2 run of max steps 3 (an intermediate checkpoint) |",
         f"`{rows[0]['teacher_val_ppl']:,.2f}`"[1:-1],
         f"| student at step 0 (teacher layers, fresh memory) | {rows[0]['val_ppl']:,.2f} |",
         f"| student at step 2 (these weights) | {rows[2]['val_ppl']:,.2f} |",
@@ -494,6 +500,205 @@ def test_push_without_a_token_is_refused_before_anything_is_written(runs, tmp_pa
     )
 
 
+def fake_report() -> dict:
+    """An evaluate.py --output report in its format (settings + one entry per row)."""
+    cell = {"loss": 2.5, "ppl": 12.18, "tokens": 100}
+    return {
+        "settings": {
+            "models": ["exports/x"],
+            "data": "stdlib",
+            "seed": 0,
+            "dtype": "auto",
+            "checkpoint": "2",
+        },
+        "results": [
+            {
+                "name": "exports/x",
+                "label": "exports/x (surprise)",
+                "kind": "mac",
+                "update_rule": "surprise",
+                "window": None,
+                "perplexity": {"512": {"0-256": cell, "256-1K": cell, "all": cell}},
+                "recall": {"passkey": {"256": {"correct": 3, "items": 4, "answer_loss": 0.42}}},
+                "seconds": 1.0,
+                "tokens_per_s": 100.0,
+            }
+        ],
+    }
+
+
+def test_model_card_is_a_hub_model_card_with_sections_limits_and_eval_results(runs, tmp_path):
+    report = tmp_path / "eval.json"
+    report.write_text(json.dumps(fake_report()))
+    out = tmp_path / "carded"
+    code, text = invoke(
+        export_mac, "--run", runs / "mac", "--checkpoint", "3", "--output", out, "--eval-results", report
+    )
+    assert code == 0, text
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert card.data.license == "other" and card.data.base_model is None  # a local teacher folder
+    assert {"titans-distil", "distillation", "custom_code", "neural-memory"} <= set(card.data.tags)
+    for needle in [
+        "## What it is",
+        "## Install",
+        "pip install torch",
+        "## Load and generate",
+        'update_rule="surprise"',
+        "## Serve (vLLM)",
+        "titans-distil vllm --model-path path/to/carded --serve --port 8000",
+        "| training steps | 3 run (max steps 3) |",
+        "## Evaluation (evaluate.py)",
+        "| exports/x (surprise) | 3/4 (0.42) |",
+        "## Limits",
+        "**A toy run**: 3 optimizer steps",
+        "not meaningful as quality figures",
+        "written once per completed chunk of 8 tokens",
+    ]:
+        assert needle in card.text, needle
+    assert json.loads((out / "eval.json").read_text()) == fake_report()
+
+    # the embedded teacher: base_model is its Hub id, its licence is the card's
+    from titans_distil.card import model_card
+    from titans_distil.run_folder import load_run, resolve_checkpoint
+    from titans_distil.weights import load_student
+
+    run = load_run(runs / "llama")
+    run.config["teacher"] = "embedded"
+    ckpt = resolve_checkpoint(run, "latest")
+    data = ModelCard(model_card(run, ckpt, "llama", load_student(run, ckpt, None).config, None, "x")).data
+    assert (data.base_model, data.license) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rows": []}')
+    code, text = invoke(export_mac, "--run", runs / "mac", "--output", tmp_path / "no", "--eval-results", bad)
+    assert code == 1 and text.startswith(f"Error: --eval-results {bad} is not an evaluate.py report")
+    assert not (tmp_path / "no").exists()
+
+
+def test_training_steps_are_the_steps_run_and_the_run_budget(tmp_path):
+    from titans_distil.card import training_steps
+    from titans_distil.run_folder import Checkpoint
+
+    folder = tmp_path / "step-000004"
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text(json.dumps({"step": 4, "total_steps": 6}))
+    assert training_steps({"max_steps": 4}, Checkpoint([], folder, "s", 4)) == (
+        "4 run of max steps 6 (an intermediate checkpoint)"
+    )
+    # final/ after a resume that lowered --max-steps below the steps already run: never "6 of 4"
+    assert training_steps({"max_steps": 4}, Checkpoint([], None, "final", 6)) == (
+        "6 run (the last --resume set max steps 4, below the steps already run)"
+    )
+    assert training_steps({"max_steps": 6}, Checkpoint([], None, "final", 6)) == "6 run (max steps 6)"
+    assert training_steps({"num_epochs": 2}, Checkpoint([], None, "final", 6)) == "6 run (2 epochs)"
+
+
+class FakeHfApi:
+    """Stands in for huggingface_hub.HfApi: records calls, raises `fail` from upload_folder. Never networked."""
+
+    calls: list = []
+    fail: BaseException | None = None
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, **kwargs):
+        FakeHfApi.calls.append(("create_repo", repo_id, kwargs))
+        return f"https://hub.invalid/{repo_id}"
+
+    def create_branch(self, repo_id, **kwargs):
+        FakeHfApi.calls.append(("create_branch", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        FakeHfApi.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+        if FakeHfApi.fail is not None:
+            raise FakeHfApi.fail
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    FakeHfApi.calls, FakeHfApi.fail = [], None
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    return FakeHfApi
+
+
+def test_push_command_uploads_an_export_and_refuses_anything_else(runs, tmp_path, fake_hub, capfd):
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    from titans_distil.commands import main
+
+    out = tmp_path / "to-push"
+    assert invoke(export_llama, "--run", runs / "llama", "--output", out)[0] == 0
+    code, text = invoke(
+        main, "push", out, "me/tiny", "--private", "--revision", "dev", "--commit-message", "first"
+    )
+    assert code == 0, text
+    assert text == f"pushed {out} to https://hub.invalid/me/tiny@dev (private)"
+    (_, repo, create), (_, _, branch), (_, _, upload) = fake_hub.calls
+    assert repo == "me/tiny" and create["private"] is True and branch["branch"] == "dev"
+    assert upload["folder_path"] == str(out) and upload["revision"] == "dev"
+    assert upload["commit_message"] == "first"
+    fake_hub.calls.clear()
+    assert invoke(main, "push", out, "me/tiny")[0] == 0
+    assert [c[0] for c in fake_hub.calls] == ["create_repo", "upload_folder"]
+    assert fake_hub.calls[1][2]["commit_message"] == "Upload Llama student exported by titans-distil"
+
+    def refused(folder, repo, message):
+        fake_hub.calls.clear()
+        code, text = invoke(main, "push", folder, repo)
+        assert (code, text) == (1, f"Error: {message}"), text
+        assert fake_hub.calls[1:] == []  # nothing uploaded
+
+    hint = "pass a folder written by export_mac_model.py, export_llama_model.py or package_model.py"
+    refused(tmp_path / "nope", "me/x", f"{tmp_path / 'nope'} does not exist; {hint}")
+    refused(
+        runs / "llama",
+        "me/x",
+        f"{runs / 'llama'} is not an export (not a Llama, MAC or memory model); {hint}",
+    )
+    step = sorted((runs / "llama" / "checkpoints").iterdir())[0]
+    refused(
+        step,
+        "me/x",
+        f"{step} is a training checkpoint, not an export; export it first "
+        "(export_mac_model.py / export_llama_model.py --checkpoint ...), then push the export",
+    )
+    (tmp_path / "empty").mkdir()
+    refused(tmp_path / "empty", "me/x", f"{tmp_path / 'empty'} is not an export (no config.json); {hint}")
+    refused(
+        out,
+        "not a repo",
+        "REPO_ID 'not a repo' is not a Hub repo id; use OWNER/NAME (letters, digits, '-', '_', '.')",
+    )
+
+    # the Hub client's network and HTTP errors: one line, non-zero exit, the token never shown
+    request = httpx2.Request("POST", "https://hub.invalid/api/commit")
+    for error in [
+        HfHubHTTPError("403 Forbidden: no write access", response=httpx2.Response(403, request=request)),
+        httpx2.ConnectError(f"[Errno -3] name resolution failed for token {TOKEN}"),
+        OfflineModeIsEnabled("offline mode is enabled"),
+    ]:
+        fake_hub.fail = error
+        code, text = invoke(main, "push", out, "me/tiny")
+        assert code == 1 and text.count("\n") == 0, text
+        assert text.startswith("Error: push to me/tiny failed (") and TOKEN not in text
+        assert text.endswith(f"the export is in {out}, fix the cause and push again")
+    fake_hub.fail = None
+    constants.HF_HUB_OFFLINE = True  # restored by the fixture's monkeypatch
+    code, text = invoke(main, "push", out, "me/tiny")
+    assert code == 1 and text.startswith("Error: HF_HUB_OFFLINE is set, so nothing can be pushed")
+    captured = capfd.readouterr()
+    assert TOKEN not in captured.out + captured.err
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
@@ -701,7 +906,7 @@ def test_inspect_architecture(runs, mac_export):
 
 def test_inspect_verify_reloads_the_export_without_titans_distil(runs, mac_export, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
-    code, text = invoke(inspect_model, "verify", mac_export, "--run", runs / "mac", "--new-tokens", 4)
+    code, text = invoke(inspect_model, "verify", mac_export, "--run", runs / "mac", "--max-new-tokens", 4)
     assert code == 0, text
     for digest, name in ((v, k) for k, v in file_hashes(mac_export).items()):
         assert f"sha256 {digest}  {name}" in text
@@ -716,7 +921,7 @@ def test_inspect_verify_reloads_the_export_without_titans_distil(runs, mac_expor
     tampered = tmp_path / "tampered"
     shutil.copytree(mac_export, tampered)
     save_file(state, str(tampered / "model.safetensors"), metadata={"format": "pt"})
-    code, text = invoke(inspect_model, "verify", tampered, "--run", runs / "mac", "--new-tokens", 4)
+    code, text = invoke(inspect_model, "verify", tampered, "--run", runs / "mac", "--max-new-tokens", 4)
     assert code == 1 and re.search(
         r"Error: verify failed: logits differ by \S+ > 1e-05.*; re-export from the checkpoint$", text
     )

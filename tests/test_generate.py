@@ -285,15 +285,15 @@ def test_save_memory_is_atomic(tmp_path, monkeypatch):
 @pytest.mark.parametrize("rule", ["none", "ema", "surprise"])
 def test_cli_greedy_generation_of_a_mac_folder(mac_dir, rule):
     code, out, err = invoke(
-        "--model_path",
+        "--model-path",
         mac_dir,
-        "--use_mac",
+        "--use-mac",
         "--update-rule",
         rule,
         "--prompt",
         "def add(a, b):",
         "--no-chat-template",
-        "--max-tokens",
+        "--max-new-tokens",
         6,
     )
     assert code == 0, err
@@ -309,13 +309,13 @@ def test_cli_greedy_generation_of_a_mac_folder(mac_dir, rule):
 def test_cli_memory_out_then_in_and_interactive(mac_dir, tmp_path):
     mem = tmp_path / "alice.safetensors"
     code, out, err = invoke(
-        "--model_path",
+        "--model-path",
         mac_dir,
         "--update-rule",
         "surprise",
         "--prompt",
         "My name is Alice.",
-        "--max-tokens",
+        "--max-new-tokens",
         4,
         "--memory-out",
         mem,
@@ -324,14 +324,14 @@ def test_cli_memory_out_then_in_and_interactive(mac_dir, tmp_path):
         code == 0 and err == f"memory saved to {mem}" and mem.is_file()
     )  # (a random model may print only newlines)
     code, out, err = invoke(
-        "--model_path",
+        "--model-path",
         mac_dir,
         "--update-rule",
         "surprise",
         "--memory-in",
         mem,
         "--interactive",
-        "--max-tokens",
+        "--max-new-tokens",
         3,
         input=f"What is my name?\n/save {tmp_path / 'b.safetensors'}\n/reset\nhi\n\n",
     )
@@ -347,14 +347,14 @@ def test_cli_packaged_wrapper_uses_its_own_memory_files(tiny_teacher_dir, tmp_pa
     )
     mem = tmp_path / "w.safetensors"
     code, out, err = invoke(
-        "--model_path",
+        "--model-path",
         package,
         "--update-rule",
         "ema",
         "--prompt",
         "Velmora is a city.",
         "--no-chat-template",
-        "--max-tokens",
+        "--max-new-tokens",
         4,
         "--memory-out",
         mem,
@@ -364,13 +364,13 @@ def test_cli_packaged_wrapper_uses_its_own_memory_files(tiny_teacher_dir, tmp_pa
     model.load_memory(mem)
     assert model.memory_info()["slots_filled"] > 0
     code, out, err = invoke(
-        "--model_path",
+        "--model-path",
         package,
         "--update-rule",
         "surprise",
         "--prompt",
         "Where?",
-        "--max-tokens",
+        "--max-new-tokens",
         3,
         "--no-chat-template",
         "--memory-in",
@@ -381,27 +381,27 @@ def test_cli_packaged_wrapper_uses_its_own_memory_files(tiny_teacher_dir, tmp_pa
         0.9,
     )
     assert code == 0 and out, err
-    code, out, err = invoke("--model_path", package, "--use_mac", "--prompt", "x")
-    assert code == 1 and err == f"Error: --use_mac: {package} is not a MAC model (model_type 'memory_llama')"
+    code, out, err = invoke("--model-path", package, "--use-mac", "--prompt", "x")
+    assert code == 1 and err == f"Error: --use-mac: {package} is not a MAC model (model_type 'memory_llama')"
 
 
 def test_cli_refuses_memory_for_a_plain_llama_and_bad_memory_files(tiny_teacher_dir, mac_dir, tmp_path):
     d = tiny_teacher_dir
-    code, out, err = invoke("--model_path", d, "--update-rule", "surprise", "--prompt", "x")
+    code, out, err = invoke("--model-path", d, "--update-rule", "surprise", "--prompt", "x")
     assert code == 1 and err == (
         "Error: --update-rule surprise: this model has no memory (model_type 'llama'); use "
         "--update-rule none, a MAC export or a package_model.py folder"
     )
     (tmp_path / "m.safetensors").write_bytes(b"")
-    code, out, err = invoke("--model_path", d, "--memory-in", tmp_path / "m.safetensors", "--prompt", "x")
+    code, out, err = invoke("--model-path", d, "--memory-in", tmp_path / "m.safetensors", "--prompt", "x")
     assert code == 1 and err == (
         f"Error: --memory-in: {d} has no memory (model_type 'llama'); use a MAC export or a "
         "package_model.py folder"
     )
-    code, out, err = invoke("--model_path", d, "--use_mac", "--prompt", "x")
-    assert code == 1 and err == f"Error: --use_mac: {d} is not a MAC model (model_type 'llama')"
+    code, out, err = invoke("--model-path", d, "--use-mac", "--prompt", "x")
+    assert code == 1 and err == f"Error: --use-mac: {d} is not a MAC model (model_type 'llama')"
     code, out, err = invoke(
-        "--model_path", d, "--prompt", "x", "--max-tokens", 3
+        "--model-path", d, "--prompt", "x", "--max-new-tokens", 3
     )  # no memory: plain generation
     assert code == 0 and out, err
 
@@ -409,32 +409,32 @@ def test_cli_refuses_memory_for_a_plain_llama_and_bad_memory_files(tiny_teacher_
     mem = tmp_path / "other.safetensors"
     assert (
         invoke(
-            "--model_path",
+            "--model-path",
             other,
             "--update-rule",
             "ema",
             "--prompt",
             "x",
-            "--max-tokens",
+            "--max-new-tokens",
             2,
             "--memory-out",
             mem,
         )[0]
         == 0
     )
-    code, out, err = invoke("--model_path", mac_dir, "--memory-in", mem, "--prompt", "x")
+    code, out, err = invoke("--model-path", mac_dir, "--memory-in", mem, "--prompt", "x")
     assert (
         code == 1
         and err.startswith(f"Error: {mem} was saved from a different model (fingerprint ")
         and "\n" not in err
     )
-    code, out, err = invoke("--model_path", mac_dir)
+    code, out, err = invoke("--model-path", mac_dir)
     assert code == 1 and err == "Error: nothing to do: give --prompt, --prompts-file or --interactive"
     for flag in ("--memory-in", "--memory-out"):  # one line, before any model loads
-        code, out, err = invoke("--model_path", mac_dir, flag, tmp_path, "--prompt", "x")
+        code, out, err = invoke("--model-path", mac_dir, flag, tmp_path, "--prompt", "x")
         assert code == 1 and err == f"Error: {flag} {tmp_path} is a folder; give a memory file (.safetensors)"
     code, out, err = invoke(
-        "--model_path", mac_dir, "--memory-in", tmp_path / "missing.safetensors", "--prompt", "x"
+        "--model-path", mac_dir, "--memory-in", tmp_path / "missing.safetensors", "--prompt", "x"
     )
     assert code == 1 and err == (
         f"Error: --memory-in {tmp_path / 'missing.safetensors'} does not exist; give a file "
@@ -447,7 +447,7 @@ def test_root_script_runs_the_command(tmp_path):
         [
             sys.executable,
             str(ROOT / "no_vllm_inference.py"),
-            "--model_path",
+            "--model-path",
             str(tmp_path / "nope"),
             "--prompt",
             "x",
@@ -460,7 +460,7 @@ def test_root_script_runs_the_command(tmp_path):
     assert proc.returncode == 1
     assert (
         proc.stderr.strip()
-        == f"Error: --model_path {tmp_path / 'nope'} is not a model folder (no config.json)"
+        == f"Error: --model-path {tmp_path / 'nope'} is not a model folder (no config.json)"
     )
 
 
@@ -512,13 +512,13 @@ def cli_args(command: str, folder: Path, tmp_path: Path) -> tuple:
     return {
         "no_vllm_inference": (
             no_vllm_inference,
-            ["--model_path", folder, "--prompt", "x", "--max-tokens", 2],
+            ["--model-path", folder, "--prompt", "x", "--max-new-tokens", 2],
         ),
-        "vllm_inference": (vllm_inference, ["--model_path", folder, "--prompt", "x"]),
-        "vllm_inference --serve": (vllm_inference, ["--model_path", folder, "--serve"]),
+        "vllm_inference": (vllm_inference, ["--model-path", folder, "--prompt", "x"]),
+        "vllm_inference --serve": (vllm_inference, ["--model-path", folder, "--serve"]),
         "evaluate": (evaluate_command, [folder, "--blocks", 0, "--items", 1]),
-        "recall_experiment": (recall_experiment, ["--model_path", folder, "--rules", "none"]),
-        "quantize": (quantize_command, ["--model_path", folder, "--bits", 8, "--output", tmp_path / "q"]),
+        "recall_experiment": (recall_experiment, ["--model-path", folder, "--rules", "none"]),
+        "quantize": (quantize_command, ["--model-path", folder, "--bits", 8, "--output", tmp_path / "q"]),
         "inspect_model verify": (inspect_model, ["verify", folder]),
     }[command]
 
@@ -583,7 +583,7 @@ def test_project_folders_are_trusted_until_a_byte_of_their_code_changes(
 ):
     folder = tmp_path / kind
     shutil.copytree(mac_dir if kind == "mac" else package_dir, folder)
-    code, out, err = invoke("--model_path", folder, "--prompt", "x", "--max-tokens", 2, "--no-chat-template")
+    code, out, err = invoke("--model-path", folder, "--prompt", "x", "--max-new-tokens", 2, "--no-chat-template")
     assert code == 0 and out, err
     assert (
         err.splitlines().count(
@@ -599,16 +599,16 @@ def test_project_folders_are_trusted_until_a_byte_of_their_code_changes(
     else:
         flip_one_byte(folder / change)
     files = sorted(f for f in os.listdir(folder) if f.endswith(".py"))
-    code, out, err = invoke("--model_path", folder, "--prompt", "x", "--max-tokens", 2, "--no-chat-template")
+    code, out, err = invoke("--model-path", folder, "--prompt", "x", "--max-new-tokens", 2, "--no-chat-template")
     assert code == 1 and err.splitlines()[-1] == refusal(folder, files)
     with pytest.raises(UserError, match="pass --trust-remote-code to run it"):
         trust_remote_code_for(folder, allow=False)
     code, out, err = invoke(
-        "--model_path",
+        "--model-path",
         folder,
         "--prompt",
         "x",
-        "--max-tokens",
+        "--max-new-tokens",
         2,
         "--no-chat-template",
         "--trust-remote-code",

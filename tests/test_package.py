@@ -549,28 +549,28 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tiny_teacher_dir, tmp_p
     (busy / "keep.txt").write_text("precious")
     cases = [
         (
-            ["--model", tmp_path / "nope", "--output", tmp_path / "o"],
+            ["--model-path", tmp_path / "nope", "--output", tmp_path / "o"],
             f"Error: model {tmp_path / 'nope'} does not exist; pass an existing folder, a .gguf file, a Hub id or 'embedded'",
         ),
         (
-            ["--model", tmp_path / "nope.gguf", "--output", tmp_path / "o"],
+            ["--model-path", tmp_path / "nope.gguf", "--output", tmp_path / "o"],
             f"Error: model file {tmp_path / 'nope.gguf'} does not exist; pass an existing .gguf file, a model folder, a Hub id or 'embedded'",
         ),
         (
-            ["--model", gpt2, "--output", tmp_path / "o"],
+            ["--model-path", gpt2, "--output", tmp_path / "o"],
             f"Error: model {gpt2} is a 'gpt2' model; package_model.py wraps Llama-family causal LMs (model_type llama)",
         ),
         (
-            ["--model", tiny_teacher_dir, "--output", busy],
+            ["--model-path", tiny_teacher_dir, "--output", busy],
             f"Error: --output {busy} is not empty; pass --overwrite to replace it, or choose another --output",
         ),
         (
-            ["--model", tiny_teacher_dir, "--output", tmp_path / "o", "--memory-layers", "1,9"],
+            ["--model-path", tiny_teacher_dir, "--output", tmp_path / "o", "--memory-layers", "1,9"],
             "Error: --memory-layers 1,9 holds [9], outside 0..3; the model has 4 layers",
         ),
         (
             [
-                "--model",
+                "--model-path",
                 tiny_teacher_dir,
                 "--output",
                 tmp_path / "o",
@@ -587,7 +587,7 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tiny_teacher_dir, tmp_p
         assert code == 1 and out == message, (args, out)
     assert not (tmp_path / "o").exists() and [p.name for p in busy.iterdir()] == ["keep.txt"]
     code, out = invoke(
-        "--model",
+        "--model-path",
         tiny_teacher_dir,
         "--output",
         busy,
@@ -614,7 +614,7 @@ def test_root_script_runs_the_command(tmp_path):
         [
             sys.executable,
             str(ROOT / "package_model.py"),
-            "--model",
+            "--model-path",
             str(tmp_path / "nope"),
             "--output",
             str(tmp_path / "o"),

@@ -321,12 +321,12 @@ def invoke(*args):
 
 
 def eval_args(corpus):
-    return ("--data", corpus, "--eval-blocks", 2, "--eval-length", 2 * SEG, "--new-tokens", 6)
+    return ("--data", corpus, "--eval-blocks", 2, "--eval-length", 2 * SEG, "--max-new-tokens", 6)
 
 
 def test_cli_quantizes_a_mac_student_and_prints_the_table(mac_dir, corpus, tmp_path):
     out = tmp_path / "mac-nf4"
-    code, text = invoke("--model_path", mac_dir, "--bits", 4, "--output", out, *eval_args(corpus))
+    code, text = invoke("--model-path", mac_dir, "--bits", 4, "--output", out, *eval_args(corpus))
     assert code == 0, text
     lines = text.splitlines()
     assert any(
@@ -401,30 +401,30 @@ def quantized_dir(llama_dir, tmp_path_factory):
 def test_bad_input_one_line_error_and_nothing_written(case, llama_dir, quantized_dir, tmp_path):
     out = tmp_path / "out"
     args = {
-        "already-quantized": ["--model_path", quantized_dir, "--bits", 4],
-        "8-bit-nf4": ["--model_path", llama_dir, "--bits", 8, "--quant-type", "nf4"],
-        "8-bit-double-quant": ["--model_path", llama_dir, "--bits", 8, "--double-quant"],
-        "8-bit-compute-dtype": ["--model_path", llama_dir, "--bits", 8, "--compute-dtype", "bfloat16"],
-        "4-bit-int8-threshold": ["--model_path", llama_dir, "--bits", 4, "--int8-threshold", 1],
-        "bits-3": ["--model_path", llama_dir, "--bits", 3],
-        "type-int4": ["--model_path", llama_dir, "--bits", 4, "--quant-type", "int4"],
-        "missing-path": ["--model_path", tmp_path / "nope", "--bits", 4],
-        "no-config": ["--model_path", tmp_path, "--bits", 4],
-        "gpt2": ["--model_path", tmp_path / "gpt2", "--bits", 4],
-        "output-is-source": ["--model_path", llama_dir, "--bits", 4],
-        "output-is-file": ["--model_path", llama_dir, "--bits", 4],
+        "already-quantized": ["--model-path", quantized_dir, "--bits", 4],
+        "8-bit-nf4": ["--model-path", llama_dir, "--bits", 8, "--quant-type", "nf4"],
+        "8-bit-double-quant": ["--model-path", llama_dir, "--bits", 8, "--double-quant"],
+        "8-bit-compute-dtype": ["--model-path", llama_dir, "--bits", 8, "--compute-dtype", "bfloat16"],
+        "4-bit-int8-threshold": ["--model-path", llama_dir, "--bits", 4, "--int8-threshold", 1],
+        "bits-3": ["--model-path", llama_dir, "--bits", 3],
+        "type-int4": ["--model-path", llama_dir, "--bits", 4, "--quant-type", "int4"],
+        "missing-path": ["--model-path", tmp_path / "nope", "--bits", 4],
+        "no-config": ["--model-path", tmp_path, "--bits", 4],
+        "gpt2": ["--model-path", tmp_path / "gpt2", "--bits", 4],
+        "output-is-source": ["--model-path", llama_dir, "--bits", 4],
+        "output-is-file": ["--model-path", llama_dir, "--bits", 4],
     }[case]
     expected = {
-        "already-quantized": f"--model_path {quantized_dir} is already quantized (bitsandbytes nf4); pass the unquantized model folder it was made from",
+        "already-quantized": f"--model-path {quantized_dir} is already quantized (bitsandbytes nf4); pass the unquantized model folder it was made from",
         "8-bit-nf4": "--bits 8 --quant-type nf4 is not a bitsandbytes format: nf4 is 4-bit; pass --bits 4 --quant-type nf4, or drop --quant-type for 8-bit LLM.int8()",
         "8-bit-double-quant": "--double-quant applies to 4-bit only (it quantizes the 4-bit block scales); pass --bits 4, or drop --double-quant",
         "8-bit-compute-dtype": "--compute-dtype applies to 4-bit only (8-bit layers use bitsandbytes' int8 kernels); pass --bits 4, or drop --compute-dtype",
         "4-bit-int8-threshold": "--int8-threshold applies to 8-bit only (LLM.int8() outlier columns); pass --bits 8, or drop --int8-threshold",
         "bits-3": "--bits 3 is not supported; pass --bits 8 (LLM.int8()) or --bits 4 (nf4 or fp4)",
         "type-int4": "--quant-type int4 is not supported; pass --quant-type nf4 or --quant-type fp4 (with --bits 4)",
-        "missing-path": f"--model_path {tmp_path / 'nope'} does not exist; pass a model folder (with config.json), a .gguf file or 'embedded'",
-        "no-config": f"--model_path {tmp_path} has no config.json; pass a Hugging Face model folder (e.g. runs/NAME/final), a .gguf file or 'embedded'",
-        "gpt2": f"--model_path {tmp_path / 'gpt2'} is a 'gpt2' model; quantize.py handles Llama teachers and students (model_type 'llama') and MAC students (model_type 'mac_llama')",
+        "missing-path": f"--model-path {tmp_path / 'nope'} does not exist; pass a model folder (with config.json), a .gguf file or 'embedded'",
+        "no-config": f"--model-path {tmp_path} has no config.json; pass a Hugging Face model folder (e.g. runs/NAME/final), a .gguf file or 'embedded'",
+        "gpt2": f"--model-path {tmp_path / 'gpt2'} is a 'gpt2' model; quantize.py handles Llama teachers and students (model_type 'llama') and MAC students (model_type 'mac_llama')",
         "output-is-source": f"--output {llama_dir} would replace {llama_dir}, which this command reads; choose another --output",
         "output-is-file": f"--output {tmp_path / 'file.bin'} is a file; pass a folder path",
     }[case]
@@ -444,7 +444,7 @@ def test_bad_input_one_line_error_and_nothing_written(case, llama_dir, quantized
 
 def test_missing_bitsandbytes_is_one_line(llama_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
-    code, text = invoke("--model_path", llama_dir, "--bits", 4, "--output", tmp_path / "out")
+    code, text = invoke("--model-path", llama_dir, "--bits", 4, "--output", tmp_path / "out")
     assert (code, text) == (
         1,
         "Error: bitsandbytes is not installed; install it with `pip install 'titans-distil[quant]'` "

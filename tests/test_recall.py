@@ -135,7 +135,7 @@ def test_cli_prints_the_table_and_writes_json(mac_dir, tmp_path):
     )
     out = tmp_path / "sub" / "results.json"
     code, stdout, stderr = invoke(
-        "--model_path",
+        "--model-path",
         mac_dir,
         "--rules",
         "none,ema",
@@ -222,22 +222,22 @@ def test_bad_input_is_one_line_error(tiny_teacher_dir, mac_dir, tmp_path):
         (["--facts", tmp_path], f"Error: --facts {tmp_path} is a folder; give a JSON file"),
         (["--memory-dir", Path(__file__)], f"Error: --memory-dir {Path(__file__)} is a file; give a folder"),
         (
-            ["--memory-dir", tmp_path / "m", "--model_path", mac_dir],
-            "Error: --memory-dir keeps the files of one model; give one --model_path with it",
+            ["--memory-dir", tmp_path / "m", "--model-path", mac_dir],
+            "Error: --memory-dir keeps the files of one model; give one --model-path with it",
         ),
     ]
     for args, message in cases:
-        code, out, err = invoke("--model_path", mac_dir, *args)
+        code, out, err = invoke("--model-path", mac_dir, *args)
         assert (code, err) == (1, message)
-    code, out, err = invoke("--model_path", tiny_teacher_dir)
+    code, out, err = invoke("--model-path", tiny_teacher_dir)
     assert (code, err) == (
         1,
-        f"Error: --model_path {tiny_teacher_dir} has no memory (model_type 'llama'); use a MAC "
+        f"Error: --model-path {tiny_teacher_dir} has no memory (model_type 'llama'); use a MAC "
         "export or a package_model.py folder",
     )
     for missing in (tmp_path / "missing", Path(__file__)):
-        code, out, err = invoke("--model_path", missing)
-        assert (code, err) == (1, f"Error: --model_path {missing} is not a model folder (no config.json)")
+        code, out, err = invoke("--model-path", missing)
+        assert (code, err) == (1, f"Error: --model-path {missing} is not a model folder (no config.json)")
 
 
 def test_root_script(tmp_path):
@@ -245,7 +245,7 @@ def test_root_script(tmp_path):
         [
             sys.executable,
             str(ROOT / "recall_experiment.py"),
-            "--model_path",
+            "--model-path",
             str(tmp_path),
             "--rules",
             "forget",

@@ -194,7 +194,7 @@ def test_resume_after_a_crash_mid_save_and_mid_log(two_step_run, tmp_path, monke
     from titans_distil.export import export_model
 
     export_model(run, "llama", "3", tmp_path / "export", log=lambda line: None)
-    assert "| exported weights | step 3 of 3 steps |" in (tmp_path / "export" / "README.md").read_text()
+    assert "| training steps | 3 run (max steps 3) |" in (tmp_path / "export" / "README.md").read_text()
 
 
 def test_resume_refuses_a_changed_recipe_in_one_line(two_step_run, tmp_path):

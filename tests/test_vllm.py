@@ -125,19 +125,19 @@ def test_vllm_greedy_equals_transformers_greedy(kind, mac_dir, llama_dir, tmp_pa
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(prompts) + "\n")
     result = run_script(
-        "--model_path",
+        "--model-path",
         path,
         "--prompts-file",
         prompts_file,
         "--no-chat-template",
-        "--max-tokens",
+        "--max-new-tokens",
         NEW_TOKENS,
         "--ignore-eos",
         "--dtype",
         "float32",
         "--output",
         tmp_path / "out.jsonl",
-        *(["--use_mac"] if kind == "mac" else []),
+        *(["--use-mac"] if kind == "mac" else []),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
@@ -169,7 +169,7 @@ def test_openai_server_answers_completion_and_chat(mac_dir, tmp_path, one_thread
         [
             PY,
             str(ROOT / "vllm_inference.py"),
-            "--model_path",
+            "--model-path",
             str(mac_dir),
             "--serve",
             "--port",
@@ -237,7 +237,7 @@ def test_unservable_requests_are_refused_with_a_message(mac_dir, llama_dir, tmp_
         )
 
     refused(
-        "--model_path",
+        "--model-path",
         mac_dir,
         "--update-rule",
         "surprise",
@@ -247,7 +247,7 @@ def test_unservable_requests_are_refused_with_a_message(mac_dir, llama_dir, tmp_
         "--update-rule surprise to let the memory learn",
     )
     refused(
-        "--model_path",
+        "--model-path",
         llama_dir,
         "--update-rule",
         "ema",
@@ -256,18 +256,18 @@ def test_unservable_requests_are_refused_with_a_message(mac_dir, llama_dir, tmp_
         message=f"--update-rule ema: {llama_dir} has no memory (model_type 'llama')",
     )
     refused(
-        "--model_path",
+        "--model-path",
         llama_dir,
-        "--use_mac",
+        "--use-mac",
         "--prompt",
         "hi",
-        message=f"--use_mac: {llama_dir} is not a MAC model (model_type 'llama')",
+        message=f"--use-mac: {llama_dir} is not a MAC model (model_type 'llama')",
     )
     wrapper = tmp_path / "wrapper"
     wrapper.mkdir()
     (wrapper / "config.json").write_text(json.dumps({"model_type": "memory_llama"}))
     refused(
-        "--model_path",
+        "--model-path",
         wrapper,
         "--prompt",
         "hi",
@@ -290,7 +290,7 @@ def test_unservable_requests_are_refused_with_a_message(mac_dir, llama_dir, tmp_
             )
         )
         refused(
-            "--model_path",
+            "--model-path",
             quantized,
             "--prompt",
             "hi",
@@ -304,7 +304,7 @@ def test_unservable_requests_are_refused_with_a_message(mac_dir, llama_dir, tmp_
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
     refused(
-        "--model_path",
+        "--model-path",
         broken,
         "--prompt",
         "hi",
@@ -312,7 +312,7 @@ def test_unservable_requests_are_refused_with_a_message(mac_dir, llama_dir, tmp_
         "property name enclosed in double quotes: line 1 column 2 (char 1)); re-export the model",
     )
     refused(
-        "--model_path",
+        "--model-path",
         mac_dir,
         message="nothing to generate: give --prompt (repeatable) or --prompts-file, or --serve",
     )

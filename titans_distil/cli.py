@@ -9,6 +9,7 @@ import os
 import click
 
 from .errors import UserError, describe, translated, write_error
+from .flags import option
 
 POSITIVE = click.IntRange(min=1)
 NON_NEGATIVE = click.IntRange(min=0)
@@ -153,8 +154,8 @@ def _data_options(fn):
             "--seed", type=int, default=0, show_default=True, help="Seed for data order and initialisation."
         ),
     ]
-    for option in reversed(options):
-        fn = option(fn)
+    for decorate in reversed(options):
+        fn = decorate(fn)
     return fn
 
 
@@ -169,7 +170,7 @@ def _data_options(fn):
     show_default=True,
     help="Teacher layers the student keeps: a count (evenly spaced, first and last included) or a list like 0,10,20,29.",
 )
-@click.option("--use-mac", is_flag=True, help="Give the student Titans neural memory (Memory as Context).")
+@option("--use-mac", is_flag=True, help="Give the student Titans neural memory (Memory as Context).")
 @click.option(
     "--segment-len",
     type=POSITIVE,

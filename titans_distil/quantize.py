@@ -226,7 +226,7 @@ def _describe_quantization(qc: dict) -> str:
 
 
 def inspect_source(model_path: str, trust_remote_code: bool = False) -> Source:
-    """Resolve `--model_path` ('embedded', a model folder or a .gguf file) and check that it can be quantized
+    """Resolve `--model-path` ('embedded', a model folder or a .gguf file) and check that it can be quantized
     (and that its own model code, if any, may run: `trust_remote_code_for`)."""
     from .teacher import EMBEDDED, resolve_teacher
 
@@ -238,28 +238,28 @@ def inspect_source(model_path: str, trust_remote_code: bool = False) -> Source:
         path = Path(model_path).expanduser()
         if not path.exists():
             raise UserError(
-                f"--model_path {model_path} does not exist; pass a model folder (with config.json), a .gguf file or 'embedded'"
+                f"--model-path {model_path} does not exist; pass a model folder (with config.json), a .gguf file or 'embedded'"
             )
         if not path.is_dir():
             raise UserError(
-                f"--model_path {model_path} is not a folder; pass a model folder (with config.json), a .gguf file or 'embedded'"
+                f"--model-path {model_path} is not a folder; pass a model folder (with config.json), a .gguf file or 'embedded'"
             )
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(
-            f"--model_path {model_path} has no config.json; pass a Hugging Face model folder (e.g. runs/NAME/final), a .gguf file or 'embedded'"
+            f"--model-path {model_path} has no config.json; pass a Hugging Face model folder (e.g. runs/NAME/final), a .gguf file or 'embedded'"
         )
     config = read_config(path, "pass an intact model folder")
     qc = config.get("quantization_config")
     if qc:
         raise UserError(
-            f"--model_path {model_path} is already quantized ({_describe_quantization(qc)}); "
+            f"--model-path {model_path} is already quantized ({_describe_quantization(qc)}); "
             "pass the unquantized model folder it was made from"
         )
     kind = kind_of(config)
     if kind not in KIND_NAMES:
         raise UserError(
-            f"--model_path {model_path} is a {config.get('model_type')!r} model; quantize.py handles Llama teachers and students "
+            f"--model-path {model_path} is a {config.get('model_type')!r} model; quantize.py handles Llama teachers and students "
             "(model_type 'llama') and MAC students (model_type 'mac_llama')"
         )
     check_config(path, config)  # field types in one line
@@ -587,10 +587,10 @@ def _load_tokenizer(source: Source):
     except (OSError, ValueError, TypeError) as err:
         first = first_line(err)
         raise UserError(
-            f"--model_path {source.spec} has no usable tokenizer ({first[:120]}); save the tokenizer into "
+            f"--model-path {source.spec} has no usable tokenizer ({first[:120]}); save the tokenizer into "
             "the folder (students share their teacher's)"
         ) from None
-    check_tokenizer_fits(tokenizer, int(source.config["vocab_size"]), f"--model_path {source.spec}")
+    check_tokenizer_fits(tokenizer, int(source.config["vocab_size"]), f"--model-path {source.spec}")
     return tokenizer
 
 
@@ -691,12 +691,12 @@ def _command():
     import click
 
     from .cli import FINITE, POSITIVE, _quiet_libraries, trust_remote_code_option, user_errors
+    from .flags import option
 
     @click.command(
         name="quantize.py", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}
     )
-    @click.option(
-        "--model_path",
+    @option(
         "--model-path",
         "model_path",
         required=True,
@@ -745,8 +745,9 @@ def _command():
     @click.option(
         "--eval-length", type=POSITIVE, default=512, show_default=True, help="Tokens per validation block."
     )
-    @click.option(
-        "--new-tokens",
+    @option(
+        "--max-new-tokens",
+        "new_tokens",
         type=POSITIVE,
         default=32,
         show_default=True,
@@ -781,9 +782,9 @@ def _command():
 
         \b
         Examples:
-          python quantize.py --model_path embedded --bits 4 --output quantized/smol-nf4
-          python quantize.py --model_path runs/demo/final --bits 8 --output quantized/demo-int8
-          python quantize.py --model_path exported/mac --bits 4 --quant-type fp4 --double-quant --output q/mac-fp4
+          python quantize.py --model-path embedded --bits 4 --output quantized/smol-nf4
+          python quantize.py --model-path runs/demo/final --bits 8 --output quantized/demo-int8
+          python quantize.py --model-path exported/mac --bits 4 --quant-type fp4 --double-quant --output q/mac-fp4
         """
         _quiet_libraries()
         spec = parse_spec(bits, quant_type, double_quant, compute_dtype, int8_threshold)

@@ -41,6 +41,7 @@ import torch
 
 from .cli import POSITIVE, _quiet_libraries, trust_remote_code_option, user_errors
 from .errors import UserError
+from .flags import option
 from .generate import load_model, model_kind
 from .model_folder import atomic_file
 from .models.neural_memory import UPDATE_RULES
@@ -190,7 +191,7 @@ def check_memory_model(model, model_path) -> str:
     kind = model_kind(model)
     if kind == "llama":
         raise UserError(
-            f"--model_path {model_path} has no memory (model_type {model.config.model_type!r}); use a MAC "
+            f"--model-path {model_path} has no memory (model_type {model.config.model_type!r}); use a MAC "
             "export or a package_model.py folder"
         )
     return kind
@@ -449,8 +450,7 @@ def _number(value) -> str:
     name="recall_experiment.py",
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
 )
-@click.option(
-    "--model_path",
+@option(
     "--model-path",
     "model_paths",
     required=True,
@@ -480,7 +480,7 @@ def _number(value) -> str:
     default=None,
     help="Wrap facts and questions in the tokenizer's chat template. [default: on when the tokenizer has one]",
 )
-@click.option(
+@option(
     "--max-new-tokens",
     type=POSITIVE,
     default=16,
@@ -534,10 +534,10 @@ def recall_experiment(
 
     \b
     Examples:
-      python recall_experiment.py --model_path packaged/smol-memory
-      python recall_experiment.py --model_path exports/demo-mac --rules ema,surprise --repeats 3 --no-chat-template
-      python recall_experiment.py --model_path exports/demo-mac --model_path packaged/smol-memory --output recall.json
-      python recall_experiment.py --model_path packaged/smol-memory --facts my_facts.json --show-answers
+      python recall_experiment.py --model-path packaged/smol-memory
+      python recall_experiment.py --model-path exports/demo-mac --rules ema,surprise --repeats 3 --no-chat-template
+      python recall_experiment.py --model-path exports/demo-mac --model-path packaged/smol-memory --output recall.json
+      python recall_experiment.py --model-path packaged/smol-memory --facts my_facts.json --show-answers
     """
     _quiet_libraries()
     rule_list = parse_rules(rules)
@@ -547,7 +547,7 @@ def recall_experiment(
     if memory_dir and Path(memory_dir).exists() and not Path(memory_dir).is_dir():
         raise UserError(f"--memory-dir {memory_dir} is a file; give a folder")
     if memory_dir and len(model_paths) > 1:
-        raise UserError("--memory-dir keeps the files of one model; give one --model_path with it")
+        raise UserError("--memory-dir keeps the files of one model; give one --model-path with it")
     all_results = []
     for path in model_paths:
         all_results.append(

@@ -26,6 +26,7 @@ from .cli import (
     user_errors,
 )
 from .errors import UserError
+from .flags import option
 from .model_folder import (
     atomic_file,
     check_config,
@@ -55,7 +56,7 @@ def serving_overrides(model_path: str, use_mac: bool, update_rule: str) -> tuple
     path = Path(model_path)
     if not path.is_dir():
         raise UserError(
-            f"--model_path {model_path} is not a folder; give an export_mac_model.py / export_llama_model.py folder"
+            f"--model-path {model_path} is not a folder; give an export_mac_model.py / export_llama_model.py folder"
         )
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -85,7 +86,7 @@ def serving_overrides(model_path: str, use_mac: bool, update_rule: str) -> tuple
                 "serve the unquantized export, or generate with no_vllm_inference.py"
             )
     if use_mac and kind != "mac":
-        raise UserError(f"--use_mac: {model_path} is not a MAC model (model_type {model_type!r})")
+        raise UserError(f"--use-mac: {model_path} is not a MAC model (model_type {model_type!r})")
     if kind == "mac" and "auto_map" not in config:
         raise UserError(
             f"{model_path} is a training checkpoint, not an export; run export_mac_model.py first"
@@ -357,14 +358,13 @@ def serve_argv(
     name="vllm_inference.py",
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
 )
-@click.option(
-    "--model_path",
+@option(
     "--model-path",
     "model_path",
     required=True,
     help="An export_mac_model.py folder (served by the titans-distil vLLM plugin) or a plain Llama folder.",
 )
-@click.option("--use_mac", "--use-mac", "use_mac", is_flag=True, help="Require a MAC (Titans memory) model.")
+@option("--use-mac", "use_mac", is_flag=True, help="Require a MAC (Titans memory) model.")
 @click.option(
     "--update-rule",
     type=UpdateRule(),
@@ -384,11 +384,18 @@ def serve_argv(
     default=None,
     help="Wrap each prompt in the tokenizer's chat template as a user turn. [default: on when it has one]",
 )
-@click.option("--max-tokens", type=POSITIVE, default=128, show_default=True, help="New tokens per prompt.")
+@option(
+    "--max-new-tokens",
+    "max_tokens",
+    type=POSITIVE,
+    default=128,
+    show_default=True,
+    help="New tokens per prompt.",
+)
 @click.option("--temperature", type=finite(min=0.0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=finite(0.0, 1.0, min_open=True), default=1.0, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
-@click.option("--ignore-eos", is_flag=True, help="Always generate --max-tokens tokens (benchmarks).")
+@click.option("--ignore-eos", is_flag=True, help="Always generate --max-new-tokens tokens (benchmarks).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option(
     "--dtype",
@@ -456,10 +463,10 @@ def vllm_inference(
 
     \b
     Examples:
-      python vllm_inference.py --model_path exports/demo-mac --use_mac --prompt "def add(a, b):" --no-chat-template
-      python vllm_inference.py --model_path exports/demo-mac --prompts-file prompts.txt --temperature 0.7 --top-p 0.9 --output out.jsonl
-      python vllm_inference.py --model_path exports/demo-mac --serve --port 8000
-      python vllm_inference.py --model_path exports/plain-llama --serve -- --served-model-name plain
+      python vllm_inference.py --model-path exports/demo-mac --use-mac --prompt "def add(a, b):" --no-chat-template
+      python vllm_inference.py --model-path exports/demo-mac --prompts-file prompts.txt --temperature 0.7 --top-p 0.9 --output out.jsonl
+      python vllm_inference.py --model-path exports/demo-mac --serve --port 8000
+      python vllm_inference.py --model-path exports/plain-llama --serve -- --served-model-name plain
     """
     _quiet_libraries()
     if output:
