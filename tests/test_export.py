@@ -109,6 +109,28 @@ def no_temp_left(parent: Path):
 # ------------------------------------------------------------------------------------------------ folder contents
 
 
+def test_a_mac_runs_final_folder_loads_with_the_auto_class(runs):
+    """runs/<name>/final is a from_pretrained folder: config.json with auto_map and the shipped model files,
+    so AutoModelForCausalLM (trust_remote_code) loads it and computes the logits of the project's own
+    class."""
+    from transformers import AutoModelForCausalLM
+
+    final = runs / "mac" / "final"
+    config = json.loads((final / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mac_llama.MACLlamaForCausalLM"
+    for name in SHIPPED_FILES["mac"]:
+        assert (final / name).read_bytes() == (ROOT / "models" / name).read_bytes(), name
+    auto = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True).eval()
+    own = MACLlamaForCausalLM.from_pretrained(final).eval()
+    assert type(auto).__module__ != type(own).__module__  # the folder's copy of the code, not the project's
+    ids = ids_for(40)
+    with torch.no_grad():
+        assert torch.equal(auto(ids).logits, own(ids).logits)
+    # a plain Llama run's final/ stays a stock folder
+    plain = json.loads((runs / "llama" / "final" / "config.json").read_text())
+    assert "auto_map" not in plain and not list((runs / "llama" / "final").glob("*.py"))
+
+
 def test_mac_export_folder_is_complete_and_self_contained(runs, tmp_path):
     out = tmp_path / "mac-export"
     code, text = invoke(export_mac, "--run", runs / "mac", "--checkpoint", "2", "--output", out)

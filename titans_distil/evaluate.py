@@ -42,7 +42,7 @@ from .data import DEFAULT_DATA_SPEC, DEFAULT_VALIDATION_FRACTION, DataError, loa
 from .errors import UserError
 from .generate import load_model, model_kind
 from .long_range import KINDS, make_items
-from .model_folder import atomic_file, display, kind_of, read_config
+from .model_folder import atomic_file, check_output_file, display, kind_of, read_config
 from .models.neural_memory import UPDATE_RULES
 from .run_folder import CHECKPOINTS
 
@@ -558,8 +558,7 @@ def _output_path(value: str | None, flag: str, suffix: str) -> Path | None:
     path = Path(value).expanduser()
     if path.is_dir():
         raise UserError(f"{flag} {value} is a folder; give a {suffix} file name")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise UserError(f"{flag} {value}: {path.parent} is a file, not a folder")
+    check_output_file(path, flag)  # under a file, in a read-only folder: before any model loads
     if path.suffix.lower() != suffix:
         raise UserError(f"{flag} {value} does not end in {suffix}; give a {suffix} file name")
     return path
