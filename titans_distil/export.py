@@ -34,6 +34,7 @@ from .model_folder import (
     quiet_transformers,
     read_config,
     save_with_model_code,
+    status,
 )
 from .run_folder import Checkpoint, Run, check_kind, load_run, resolve_checkpoint, run_tokenizer
 from .verify import file_hashes, foreign_imports
@@ -304,6 +305,7 @@ def export_model(
         "float16": torch.float16,
         None: None,
     }[dtype]
+    status(f"loading the student of run {run.name} ({ckpt.label}) ...")
     model = load_student(run, ckpt, torch_dtype)
     bad = next(
         (
@@ -328,6 +330,7 @@ def export_model(
         ""  # not the local path of the run (make_config already dropped the saved one)
     )
 
+    status(f"writing {display(out)} ...")
     with atomic_folder(out) as tmp:
         with quiet_transformers():
             if kind == "mac":
@@ -336,6 +339,9 @@ def export_model(
                 model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(run, ckpt, kind, model.config, push_to_hub, out.name))
+        status(
+            "checking the export: weights reload bit-exactly, tokenizer loads, model code self-contained ..."
+        )
         _check_export(tmp, model, tokenizer, kind)
         files = file_hashes(tmp)
     shards = sum(1 for f in files if f.endswith(".safetensors"))
@@ -346,6 +352,7 @@ def export_model(
     )
     result = ExportResult(out, kind, ckpt, files)
     if push_to_hub:
+        status(f"pushing {display(out)} to the Hub as {push_to_hub} ...")
         result.url = push_folder(out, push_to_hub, private=private, token=token, kind=kind)
         log(f"pushed to {result.url} ({'private' if private else 'public'})")
     return result

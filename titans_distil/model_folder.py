@@ -406,6 +406,12 @@ def writing(target: str | os.PathLike):
         ) from None
 
 
+def status(message: str) -> None:
+    """A one-line progress note for a long silent step ("loading the teacher from X ..."), on stderr: stdout
+    keeps the results."""
+    click.echo(message, err=True)
+
+
 def display(path: Path) -> str:
     """A path as the user would type it: relative to the working directory when inside it."""
     with contextlib.suppress(ValueError):
