@@ -1,10 +1,11 @@
 """bitsandbytes quantization of the embedded teacher and a MAC student: footprint, perplexity, greedy agreement.
 
-For each model (the embedded teacher SmolLM2-135M-Instruct; the MAC student `runs/demo/final` if it exists, else
-a fresh one built with `build_student(teacher, [0, 6, 12, 17, 23, 29], {"segment_len": 256})`) and each
-quantization (default: int8 at our outlier threshold and at bitsandbytes' own 6.0, nf4, nf4 with double
-quantization, fp4), the model is quantized exactly as `quantize.py` does it (memory modules and lm_head skipped),
-saved before it runs, reloaded from the folder and measured against the unquantized model:
+For each model (the embedded teacher SmolLM2-135M-Instruct; the MAC student `--mac-path`, which must exist
+when given; without it `runs/demo/final` if it exists, else a fresh one built with `build_student(teacher, [0,
+6, 12, 17, 23, 29], {"segment_len": 256})`) and each quantization (default: int8 at our outlier threshold and
+at bitsandbytes' own 6.0, nf4, nf4 with double quantization, fp4), the model is quantized exactly as
+`quantize.py` does it (memory modules and lm_head skipped), saved before it runs, reloaded from the folder and
+measured against the unquantized model:
 
 - memory footprint (parameters, buffers and bitsandbytes' quantization constants: `quantize.memory_footprint`) and
   its ratio to float32 (target nf4 <= 0.40);
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import sys
 import tempfile
 import time
@@ -64,6 +66,7 @@ QUANTS = {
     "fp4": dict(bits=4, quant_type="fp4"),
 }
 STUDENT_LAYERS = [0, 6, 12, 17, 23, 29]
+DEFAULT_MAC = ROOT / "runs" / "demo" / "final"
 TARGETS = {8: (None, 1.0), 4: (0.40, 5.0)}  # bits -> (footprint ratio to fp32, perplexity change in %)
 
 
@@ -77,8 +80,9 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument(
         "--mac-path",
-        default=str(ROOT / "runs" / "demo" / "final"),
-        help="MAC student folder; built from the teacher if absent",
+        default=None,
+        help=f"MAC student folder (must exist) [default: {DEFAULT_MAC.relative_to(ROOT)} if it exists, "
+        "else a fresh student built from the teacher]",
     )
     p.add_argument("--eval-blocks", type=int, default=8)
     p.add_argument("--eval-length", type=int, default=512)
@@ -87,10 +91,41 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def _is_mac_folder(path: Path) -> bool:
+    config = path / "config.json"
+    try:
+        return (
+            config.is_file()
+            and json.loads(config.read_text(encoding="utf-8")).get("model_type") == "mac_llama"
+        )
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_mac_path(args) -> Path | None:
+    """The MAC student folder to quantize, checked before any work: a --mac-path given must be a MAC folder
+    (one line and exit 1 otherwise, never a silent fallback to an untrained student); without it
+    runs/demo/final if it is one, else None (a fresh student is built)."""
+    if args.mac_path is None:
+        return DEFAULT_MAC if _is_mac_folder(DEFAULT_MAC) else None
+    path = Path(args.mac_path).expanduser()
+    fix = (
+        "pass a MAC student folder (runs/<name>/final or an export_mac_model.py folder), "
+        "or leave --mac-path out"
+    )
+    if not path.exists():
+        sys.exit(f"error: --mac-path {args.mac_path} does not exist; {fix}")
+    if not _is_mac_folder(path):
+        sys.exit(
+            f"error: --mac-path {args.mac_path} is not a MAC student folder (no mac_llama config.json); {fix}"
+        )
+    return path
+
+
 def mac_student_dir(args, work: Path) -> tuple[str, str]:
     """(folder, description) of the MAC student to quantize."""
-    path = Path(args.mac_path)
-    if (path / "config.json").is_file() and '"mac_llama"' in (path / "config.json").read_text():
+    path = check_mac_path(args)
+    if path is not None:
         return str(path), f"MAC student {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}"
     from titans_distil.student import build_student
     from titans_distil.teacher import load_teacher
@@ -110,6 +145,8 @@ def fp32_bytes(model) -> int:
 
 def main() -> None:
     args = parse_args()
+    if "mac" in [m.strip() for m in args.models.split(",")]:
+        check_mac_path(args)  # a --mac-path that is not a MAC folder: one line before any model loads
     if args.threads:
         torch.set_num_threads(args.threads)
     _quiet_libraries()
@@ -135,7 +172,7 @@ def main() -> None:
             reference = load_model(source)
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(source.path)
+            tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=source.remote)
             blocks = load_blocks(
                 "stdlib", tokenizer, args.eval_length, "validation", max_blocks=args.eval_blocks
             )

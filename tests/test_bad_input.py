@@ -2,9 +2,10 @@
 exit, never a traceback, and creates or overwrites nothing.
 
 The classes: config.json with wrong types (model folders and run configs), an output path under a file, in a
-read-only folder or on a full disk, pickle-only weights, truncated safetensors, non-UTF-8 prompts files, an export
-holding another model's tokenizer, nan/inf floats and --max-new-tokens beyond the model's positions, a Hub push
-without network, and leaving --interactive. vLLM is never started: its checks run before it would.
+read-only folder or on a full disk, pickle-only weights, truncated safetensors, non-UTF-8 prompts / facts
+files, an export holding another model's tokenizer, nan/inf floats and --max-new-tokens beyond the model's
+positions, a Hub push without network, and leaving --interactive. vLLM is never started: its checks run before
+it would.
 
 A read-only folder is simulated through os.access when the tests run as root (root writes anywhere); a full disk
 through os.replace, the last step of every atomic writer, failing with ENOSPC.
@@ -394,6 +395,34 @@ CASES = [
     ),
     (
         "output",
+        "eval-under-file",
+        ("eval", "{w}/mac", "--output", "{w}/afile/e/out.json"),
+        "--output {w}/afile/e/out.json is under {w}/afile, which is a file, not a folder",
+        None,
+    ),
+    (
+        "output",
+        "eval-plot-under-file",
+        ("eval", "{w}/mac", "--plot", "{w}/afile/p.png"),
+        "--plot {w}/afile/p.png is under",
+        None,
+    ),
+    (
+        "output",
+        "recall-under-file",
+        ("recall", "--model_path", "{w}/mac", "--output", "{w}/afile/r.json"),
+        "--output {w}/afile/r.json is under {w}/afile, which is a file, not a folder",
+        None,
+    ),
+    (
+        "output",
+        "recall-memory-dir-under-file",
+        ("recall", "--model_path", "{w}/mac", "--memory-dir", "{w}/afile/mem"),
+        "--memory-dir {w}/afile/mem is under",
+        None,
+    ),
+    (
+        "output",
         "distil-read-only",
         (*DISTIL, "--teacher", "{w}/teacher", "--output-dir", "{w}/ro/runs"),
         "the folder {w}/ro is not writable",
@@ -448,6 +477,27 @@ CASES = [
         "vllm-read-only",
         ("vllm", "--model-path", "{w}/mac", "--prompt", "hi", "--output", "{w}/ro/o.jsonl"),
         "is not writable",
+        "read_only",
+    ),
+    (
+        "output",
+        "eval-read-only",
+        ("eval", "{w}/mac", "--output", "{w}/ro/out.json"),
+        "--output {w}/ro/out.json: the folder {w}/ro is not writable",
+        "read_only",
+    ),
+    (
+        "output",
+        "recall-read-only",
+        ("recall", "--model_path", "{w}/mac", "--output", "{w}/ro/r.json"),
+        "--output {w}/ro/r.json: the folder {w}/ro is not writable",
+        "read_only",
+    ),
+    (
+        "output",
+        "recall-memory-dir-read-only",
+        ("recall", "--model_path", "{w}/mac", "--memory-dir", "{w}/ro/mem"),
+        "--memory-dir {w}/ro/mem: the folder {w}/ro is not writable",
         "read_only",
     ),
     (
@@ -624,6 +674,13 @@ CASES = [
         "vllm",
         ("vllm", "--model-path", "{w}/mac", "--prompts-file", "{w}/latin1.txt"),
         "not UTF-8 text",
+        None,
+    ),
+    (
+        "utf8",
+        "recall-facts",
+        ("recall", "--model_path", "{w}/mac", "--facts", "{w}/latin1.txt"),
+        "--facts {w}/latin1.txt: not UTF-8 text (byte 0xe9 at offset 3); save it as UTF-8 JSON",
         None,
     ),
     # -- another model's tokenizer in the folder: larger than the vocabulary, or far smaller

@@ -524,6 +524,13 @@ def test_teacher_cache_trains_without_the_teacher(tiny_teacher_dir, small_corpus
         "cache-teacher", *data, "--output", tmp_path / "cache", "--top-k", "16", "--blocks-per-shard", "3"
     )
     assert code == 0, out
+    # progress: what it loads, how much work lies ahead, and after the first batch its speed and an estimate
+    assert f"loading the teacher from {tiny_teacher_dir} ..." in out
+    assert "running the teacher over 8 sequences x 32 tokens (248 positions, batches of 4)" in out
+    assert re.search(
+        r"first batch: 93 positions in [\d.]+ s \([\d,]+ tokens/s\); estimated \d+ s for the remaining 155",
+        out,
+    ), out
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["n_blocks"] == 8 and len(manifest["shards"]) == 3 and manifest["top_k"] == 16
     args = [

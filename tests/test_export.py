@@ -110,11 +110,34 @@ def no_temp_left(parent: Path):
 # ------------------------------------------------------------------------------------------------ folder contents
 
 
+def test_a_mac_runs_final_folder_loads_with_the_auto_class(runs):
+    """runs/<name>/final is a from_pretrained folder: config.json with auto_map and the shipped model files,
+    so AutoModelForCausalLM (trust_remote_code) loads it and computes the logits of the project's own
+    class."""
+    from transformers import AutoModelForCausalLM
+
+    final = runs / "mac" / "final"
+    config = json.loads((final / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mac_llama.MACLlamaForCausalLM"
+    for name in SHIPPED_FILES["mac"]:
+        assert (final / name).read_bytes() == (ROOT / "models" / name).read_bytes(), name
+    auto = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True).eval()
+    own = MACLlamaForCausalLM.from_pretrained(final).eval()
+    assert type(auto).__module__ != type(own).__module__  # the folder's copy of the code, not the project's
+    ids = ids_for(40)
+    with torch.no_grad():
+        assert torch.equal(auto(ids).logits, own(ids).logits)
+    # a plain Llama run's final/ stays a stock folder
+    plain = json.loads((runs / "llama" / "final" / "config.json").read_text())
+    assert "auto_map" not in plain and not list((runs / "llama" / "final").glob("*.py"))
+
+
 def test_mac_export_folder_is_complete_and_self_contained(runs, tmp_path):
     out = tmp_path / "mac-export"
     code, text = invoke(export_mac, "--run", runs / "mac", "--checkpoint", "2", "--output", out)
     assert code == 0, text
-    assert text.startswith(f"exported MAC student of run mac (step 2) to {out}: 11 files, 1 weight shard")
+    lines = text.splitlines()  # progress notes ("loading the student ...") on stderr come first
+    assert f"exported MAC student of run mac (step 2) to {out}: 11 files, 1 weight shard" in lines
     assert {p.name for p in out.iterdir()} == {
         "config.json",
         "generation_config.json",
@@ -709,7 +732,9 @@ def test_bad_input_is_one_line_and_overwrites_nothing(runs, tmp_path, monkeypatc
 
     def refused(command, *args, message):
         code, text = invoke(command, *args, "--output", out)
-        assert (code, text) == (1, f"Error: {message}"), text
+        # one line of ours, the last; only progress notes ("loading the student ...") may come before it
+        assert (code, text.splitlines()[-1]) == (1, f"Error: {message}"), text
+        assert all(line.endswith(" ...") for line in text.splitlines()[:-1]), text
         assert not out.exists()
         no_temp_left(Path("."))
 
@@ -950,9 +975,14 @@ def test_inspect_tokenizers_compare_and_examples(runs, mac_export, small_corpus,
     code, exported = invoke(
         inspect_model, "compare", "--run", runs / "mac", "--export", mac_export, "--blocks", 2
     )
+
+    def figures(output):  # the measured lines (not the progress notes and bar on stderr)
+        return [line for line in output.splitlines() if line.startswith("  ")]
+
     assert (
-        code == 0 and exported.splitlines()[1:] == text.splitlines()[1:]
-    )  # the export is the final checkpoint
+        code == 0 and figures(exported) == figures(text) and len(figures(text)) == 4
+    )  # the final checkpoint
+    assert "loading the teacher from " in text and "loading the student: export " in exported
 
     code, text = invoke(inspect_model, "examples", "--run", runs / "mac", "--count", 2, "--max-chars", 0)
     assert code == 0, text

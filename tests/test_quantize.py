@@ -458,3 +458,30 @@ def test_help_says_vllm_does_not_serve_bitsandbytes_folders():
     assert code == 0 and "the CPU build pinned here does not load bitsandbytes weights" in " ".join(
         text.split()
     )
+
+
+def test_bench_quantize_refuses_a_mac_path_that_is_not_a_mac_folder(tmp_path):
+    """A --mac-path given must be a MAC folder: one line and exit 1 before any model loads, never a silent
+    benchmark of a fresh untrained student."""
+    import subprocess
+
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quantize.py"
+    for path, fragment in (
+        (tmp_path / "nope", "does not exist"),
+        (tmp_path / "llama", "is not a MAC student folder"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(bench), "--models", "mac", "--mac-path", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 1 and proc.stdout == "", proc
+        assert proc.stderr.strip() == (
+            f"error: --mac-path {path} {fragment}"
+            + ("" if fragment == "does not exist" else " (no mac_llama config.json)")
+            + "; pass a MAC student folder (runs/<name>/final or an export_mac_model.py folder), "
+            "or leave --mac-path out"
+        ), proc.stderr

@@ -2,6 +2,7 @@
 it. Tiny models with the real tokenizer (MAC student and packaged wrapper); nothing is downloaded."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from titans_distil.generate import load_model
 from titans_distil.package import package_llama_with_memory
 from titans_distil.recall import (
     DEFAULT_FACTS,
+    Fact,
     Facts,
     empty_memory,
     fact_ids,
@@ -163,6 +165,36 @@ def test_cli_prints_the_table_and_writes_json(mac_dir, tmp_path):
     assert f"results written to {out}" in stderr
 
 
+def test_facts_shorter_than_one_memory_chunk(mac_dir, wrapper_dir, tmp_path, tiny_teacher_dir):
+    """A MAC model's save_memory flushes the unfinished chunk: a fact text shorter than one chunk (and one
+    segment) still reaches the saved memory, and nothing is said. A wrapper keeps it pending: one warning
+    line."""
+    short = Facts("Ulm has a zorp.", (Fact("Ulm has a zorp.", "What has Ulm?", "zorp"),))
+    short_mac = save_mac_folder(tiny_mac(memory_chunk_size=16), tiny_teacher_dir, tmp_path / "mac16")
+    wide = tmp_path / "wrapper-wide-chunk"
+    shutil.copytree(wrapper_dir, wide)
+    config = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**config, "memory_chunk_size": 64}))
+    for folder, warned in ((short_mac, False), (wide, True)):
+        lines = []
+        results = run(
+            str(folder), short, ("surprise",), chat_template=False, max_new_tokens=1, log=lines.append
+        )
+        tokens = results["fact_tokens"]
+        assert tokens < 16, tokens
+        warnings = [line for line in lines if line.startswith("warning:")]
+        if warned:
+            assert warnings == [
+                f"warning: session 1 writes {tokens} tokens, fewer than one neural-memory chunk (64): under "
+                f"surprise its fast weights are saved unchanged (only the key/value slots hold the facts); "
+                f"pass --repeats {-(-64 // tokens)} or longer facts"
+            ]
+        else:
+            assert warnings == [], lines
+        # the memory was written either way (MAC: the flushed chunk; wrapper: its key/value slots)
+        assert results["rules"]["surprise"]["text_nll"] != results["baseline"]["text_nll"], folder
+
+
 def test_facts_files(tmp_path):
     path = tmp_path / "f.json"
     path.write_text(
@@ -181,9 +213,10 @@ def test_facts_files(tmp_path):
         'a non-empty list of {"fact", "question", "answer"} objects, or {"text": ..., "facts": '
         '[{"question", "answer"}, ...]}'
     )
-    assert error(b"\x80\x04K\x01.").startswith(
-        f"--facts {path} is not valid JSON ("
-    )  # a pickle is never unpickled
+    assert error(b"\x80\x04K\x01.") == (  # a pickle is never unpickled: its bytes are not even UTF-8
+        f"--facts {path}: not UTF-8 text (byte 0x80 at offset 0); save it as UTF-8 JSON"
+    )
+    assert error(b"[{'fact': 1}]").startswith(f"--facts {path} is not valid JSON (")
     assert error([]) == f"--facts {path} must hold {shape}"
     assert error({"facts": [{"question": "q", "answer": "a"}], "extra": 1}) == (
         f"--facts {path}: unknown keys ['extra']; it must hold {shape}"

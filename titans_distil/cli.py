@@ -489,11 +489,13 @@ def cache_teacher(
     check_output_path(output)  # under a file, read-only: before the teacher runs
     max_length = max_length or 512
     dtype = torch.bfloat16 if resolve_precision(precision) == "bf16" else torch.float32
+    click.echo(f"loading the teacher from {teacher} ...", err=True)
     model, tokenizer = load_teacher(teacher, dtype=dtype)
     if max_length > model.config.max_position_embeddings:
         raise UserError(
             f"--max-length {max_length} exceeds the teacher's {model.config.max_position_embeddings} positions; pass --max-length {model.config.max_position_embeddings} or less"
         )
+    click.echo(f"reading --data {data} into blocks of {max_length} tokens ...", err=True)
     blocks = load_blocks(
         data,
         tokenizer,

@@ -42,7 +42,7 @@ from .data import DEFAULT_DATA_SPEC, DEFAULT_VALIDATION_FRACTION, DataError, loa
 from .errors import UserError
 from .generate import load_model, model_kind
 from .long_range import KINDS, make_items
-from .model_folder import atomic_file, display, kind_of, read_config
+from .model_folder import atomic_file, check_output_file, display, kind_of, read_config, status
 from .models.neural_memory import UPDATE_RULES
 from .run_folder import CHECKPOINTS
 
@@ -155,6 +155,7 @@ def load_any(path: str, checkpoint: str = "latest", dtype: str = "auto", trust_r
 
         run = load_run(run_dir)
         ckpt = resolve_checkpoint(run, spec)
+        status(f"loading {path} ({ckpt.label}) ...")
         model = load_student(run, ckpt, None if dtype == "auto" else getattr(torch, dtype))
         return model, run_tokenizer(run), f"{run.name}@{Path(ckpt.label).name}"
     config = read_config(folder)
@@ -163,6 +164,7 @@ def load_any(path: str, checkpoint: str = "latest", dtype: str = "auto", trust_r
             f"{path} holds a {config.get('model_type')!r} model; evaluate takes Llama, MAC (mac_llama) "
             "and package_model.py (memory_llama) folders"
         )
+    status(f"loading {path} ...")
     model, tokenizer = load_model(str(folder), dtype, trust_remote_code)
     return model, tokenizer, short_name(folder)
 
@@ -558,8 +560,7 @@ def _output_path(value: str | None, flag: str, suffix: str) -> Path | None:
     path = Path(value).expanduser()
     if path.is_dir():
         raise UserError(f"{flag} {value} is a folder; give a {suffix} file name")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise UserError(f"{flag} {value}: {path.parent} is a file, not a folder")
+    check_output_file(path, flag)  # under a file, in a read-only folder: before any model loads
     if path.suffix.lower() != suffix:
         raise UserError(f"{flag} {value} does not end in {suffix}; give a {suffix} file name")
     return path
@@ -734,6 +735,7 @@ def evaluate_command(
     if teacher is not None:
         from .teacher import load_teacher
 
+        status(f"loading the teacher from {teacher} ...")
         model, tok = load_teacher(teacher, dtype=torch.float32 if dtype == "auto" else getattr(torch, dtype))
         name = f"teacher ({teacher})"
         rows.append(Variant(name, _on_device(model), "llama"))

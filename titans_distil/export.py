@@ -35,6 +35,7 @@ from .model_folder import (
     quiet_transformers,
     read_config,
     save_with_model_code,
+    status,
 )
 from .run_folder import Checkpoint, Run, check_kind, load_run, resolve_checkpoint, run_tokenizer
 from .verify import file_hashes, foreign_imports
@@ -114,6 +115,7 @@ def export_model(
         "float16": torch.float16,
         None: None,
     }[dtype]
+    status(f"loading the student of run {run.name} ({ckpt.label}) ...")
     model = load_student(run, ckpt, torch_dtype)
     bad = next(
         (
@@ -138,6 +140,7 @@ def export_model(
         ""  # not the local path of the run (make_config already dropped the saved one)
     )
 
+    status(f"writing {display(out)} ...")
     with atomic_folder(out) as tmp:
         with quiet_transformers():
             if kind == "mac":
@@ -149,6 +152,9 @@ def export_model(
         (tmp / "README.md").write_text(card)
         if eval_report is not None:
             (tmp / "eval.json").write_text(json.dumps(eval_report, indent=2) + "\n")
+        status(
+            "checking the export: weights reload bit-exactly, tokenizer loads, model code self-contained ..."
+        )
         _check_export(tmp, model, tokenizer, kind)
         files = file_hashes(tmp)
     shards = sum(1 for f in files if f.endswith(".safetensors"))
@@ -159,6 +165,7 @@ def export_model(
     )
     result = ExportResult(out, kind, ckpt, files)
     if push_to_hub:
+        status(f"pushing {display(out)} to the Hub as {push_to_hub} ...")
         result.url = push_folder(out, push_to_hub, private=private, token=token, kind=kind)
         log(f"pushed to {result.url} ({'private' if private else 'public'})")
     return result

@@ -55,9 +55,9 @@ def model_kind(model) -> str:
 
 
 def load_model(path: str, dtype: str = "auto", trust_remote_code: bool = False):
-    """(model, tokenizer) from a model folder; a run's `final/` (a MAC config without `auto_map`) is loaded with the
-    project's own classes. The folder's own code runs only as `trust_remote_code_for` decides (the flag, or files
-    identical to the shipped ones)."""
+    """(model, tokenizer) from a model folder; a MAC folder without `auto_map` (a run's checkpoint, an older
+    run's `final/`) is loaded with the project's own classes. The folder's own code runs only as
+    `trust_remote_code_for` decides (the flag, or files identical to the shipped ones)."""
     from transformers import AutoTokenizer
 
     folder = Path(path)

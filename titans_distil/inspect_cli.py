@@ -23,7 +23,7 @@ import click
 from .cli import _quiet_libraries, finite, trust_remote_code_option, user_errors
 from .errors import UserError
 from .flags import option
-from .model_folder import kind_of, quiet_transformers, read_config, trust_remote_code_for
+from .model_folder import kind_of, quiet_transformers, read_config, status, trust_remote_code_for
 from .run_folder import load_run, resolve_checkpoint, run_tokenizer
 from .verify import file_hashes, foreign_imports, run_isolated, sha256_file
 from .weights import (
@@ -307,11 +307,13 @@ def verify(export_dir, run_dir, checkpoint, tokens, new_tokens, atol, trust_remo
         stored = {dtype for dtype, _ in read_headers(weight_files(export, str(export)), str(export)).values()}
         dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(stored.pop()) if len(stored) == 1 else None
         # the checkpoint cast to the export's dtype (--dtype bfloat16 exports compare with a bf16 reference)
+        status(f"loading the reference: checkpoint {ckpt.label} of run {run.name} ...")
         reference, where = (
             load_student(run, ckpt, dtype),
             f"checkpoint {ckpt.label}" + (f" cast to {str(dtype).removeprefix('torch.')}" if dtype else ""),
         )
     else:
+        status(f"loading the reference: {export}'s weights in titans-distil's own classes ...")
         reference, where = load_folder_model(export), "the export's weights in titans-distil's own classes"
     tokenizer = folder_tokenizer(export, values)
     length = tokens or (
@@ -321,6 +323,10 @@ def verify(export_dir, run_dir, checkpoint, tokens, new_tokens, atol, trust_remo
     )
     ids = _probe_ids(tokenizer, length)
     rules = list(UPDATE_RULES) if kind == "mac" else [None]
+    status(
+        f"loading the export in a separate Python without titans-distil ({length} tokens, "
+        f"{len(rules)} greedy generation{'s' * (len(rules) > 1)} of {new_tokens} tokens) ..."
+    )
     with tempfile.TemporaryDirectory(prefix="titans-verify-") as work:
         report, logits = run_isolated(
             export, ids, trust_remote_code=trust, rules=rules, new_tokens=new_tokens, workdir=Path(work)
@@ -333,6 +339,7 @@ def verify(export_dir, run_dir, checkpoint, tokens, new_tokens, atol, trust_remo
     click.echo(f"logits on {length} tokens vs {where}: max |diff| {diff:.3g} (tolerance {atol:g})")
     if not diff <= atol:
         problems.append(f"logits differ by {diff:.3g} > {atol:g}")
+    status("generating greedily with the reference to compare ...")
     for rule in rules:
         extra = {} if rule is None else {"update_rule": rule}
         with torch.no_grad():
@@ -467,10 +474,13 @@ def compare(run_dir, checkpoint, export_dir, blocks, max_length, dtype):
     run = load_run(run_dir)
     torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     if export_dir:
+        status(f"loading the student: export {export_dir} ...")
         student, label = load_folder_model(Path(export_dir), torch_dtype), f"export {export_dir}"
     else:
         ckpt = resolve_checkpoint(run, checkpoint)
+        status(f"loading the student: checkpoint {ckpt.label} of run {run.name} ...")
         student, label = load_student(run, ckpt, torch_dtype), f"checkpoint {ckpt.label}"
+    status(f"loading the teacher from {run.config['teacher']} ...")
     teacher, tokenizer = load_teacher(run.config["teacher"], dtype=torch_dtype)
     length = max_length or int(run.config.get("max_length", 512))
     data = load_blocks(
@@ -483,8 +493,10 @@ def compare(run_dir, checkpoint, export_dir, blocks, max_length, dtype):
         max_blocks=blocks,
     )
     totals = {"kl": 0.0, "agree": 0, "ce_teacher": 0.0, "ce_student": 0.0, "n": 0}
+    from tqdm.auto import tqdm
+
     with torch.no_grad():
-        for block in data:
+        for block in tqdm(data, desc="compare", unit="block", dynamic_ncols=True):
             ids = block[None]
             hidden_t = teacher.model(input_ids=ids).last_hidden_state[0, :-1]
             hidden_s = student.model(input_ids=ids).last_hidden_state[0, :-1]

@@ -298,7 +298,8 @@ def load_model(
 ):
     """`from_pretrained` with the right class: the folder's own code when it ships it and may run it
     (`trust_remote_code_for`; `trust_remote_code` is the user's --trust-remote-code), the project's MAC class for
-    a MAC folder without `auto_map` (a run's checkpoint or `final/`), stock transformers otherwise."""
+    a MAC folder without `auto_map` (a run's checkpoint, or the `final/` of an older run), stock transformers
+    otherwise."""
     from transformers import AutoModelForCausalLM
 
     config = read_config(folder) if config is None else config
@@ -403,6 +404,12 @@ def writing(target: str | os.PathLike):
             f"cannot write {display(Path(target))}: {describe(err, paths=False)}; free some space or choose "
             "another place"
         ) from None
+
+
+def status(message: str) -> None:
+    """A one-line progress note for a long silent step ("loading the teacher from X ..."), on stderr: stdout
+    keeps the results."""
+    click.echo(message, err=True)
 
 
 def display(path: Path) -> str:

@@ -563,6 +563,14 @@ def format_report(r: Report) -> str:
     return "\n".join([head, *lines, *tail])
 
 
+def _work_description(blocks, prompts, new_tokens: int) -> str:
+    """What measuring one model runs (for the progress log): greedy prompts and perplexity blocks."""
+    parts = [f"greedy {len(prompts)} prompts x {new_tokens} tokens"] if prompts else []
+    if blocks is not None:
+        parts.append(f"perplexity on {len(blocks)} blocks x {blocks.shape[1]} tokens")
+    return ", ".join(parts)
+
+
 def _kept_description(source: Source) -> list[str]:
     kept = [
         "embeddings",
@@ -629,9 +637,12 @@ def quantize(
         else None
     )
 
-    log(f"measuring the unquantized model ({source.path})")
+    log(f"measuring the unquantized model ({source.path}): loading it ...")
     start = time.perf_counter()
     reference = load_model(source)
+    work = _work_description(blocks, prompts, new_tokens)
+    if work:
+        log(f"  {work} ...")
     ref = greedy_reference(reference, tokenizer, prompts, new_tokens) if prompts else None
     before = Measurement(
         memory_footprint(reference),
@@ -644,7 +655,7 @@ def quantize(
     del reference
 
     with atomic_folder(out) as tmp:
-        log(f"quantizing to {spec.label}")
+        log(f"quantizing to {spec.label} and saving ...")
         quantized = quantize_model(source, spec)
         save_quantized(quantized, tmp, tokenizer)  # before any forward: see save_quantized
         del quantized
@@ -652,6 +663,8 @@ def quantize(
         start = time.perf_counter()
         # the model code written with the weights is the source's, which was allowed to run above
         model = load_quantized(tmp, source.trust_remote_code, quiet=True)
+        if work:
+            log(f"  {work} ...")
         after = Measurement(
             memory_footprint(model),
             weight_bytes(tmp),

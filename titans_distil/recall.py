@@ -40,10 +40,10 @@ import click
 import torch
 
 from .cli import POSITIVE, _quiet_libraries, trust_remote_code_option, user_errors
-from .errors import UserError
+from .errors import UserError, translated
 from .flags import option
 from .generate import load_model, model_kind
-from .model_folder import atomic_file
+from .model_folder import atomic_file, check_output_file, check_output_path
 from .models.neural_memory import UPDATE_RULES
 
 PLAIN_QUESTION = "Question: {question}\nAnswer:"
@@ -123,9 +123,11 @@ def read_facts(path) -> Facts:
         raise UserError(f"--facts {path} is a folder; give a JSON file")
     if not os.path.isfile(path):
         raise UserError(f"--facts {path} does not exist")
+    with translated(f"--facts {path}", "save it as UTF-8 JSON", (OSError, UnicodeDecodeError)):
+        raw = Path(path).read_bytes().decode("utf-8")
     try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = json.loads(raw)
+    except json.JSONDecodeError as err:
         raise UserError(f"--facts {path} is not valid JSON ({str(err).splitlines()[0]})") from None
     text = None
     if isinstance(data, dict):
@@ -215,6 +217,21 @@ def write_memory(model, blocks: list[list[int]], rule: str):
     for ids in blocks:
         model(torch.tensor([ids], device=model.device), **_memory_kwargs(model, handle, rule, fresh=False))
     return handle
+
+
+def short_text_warning(model, tokens: int, rules: tuple[str, ...]) -> str | None:
+    """One line when session 1 writes too few tokens for part of the memory to change. A MAC model's
+    `save_memory` flushes the unfinished chunk (even a text shorter than one chunk reaches the saved weights:
+    nothing to say); a wrapper's keeps it pending, so with fewer tokens than one chunk its neural memory
+    ("surprise") saves its initial weights, and only the key/value slots hold the text."""
+    chunk = getattr(model.config, "memory_chunk_size", None)
+    if not hasattr(model, "reset_memory") or "surprise" not in rules or not chunk or tokens >= chunk:
+        return None
+    return (
+        f"warning: session 1 writes {tokens} tokens, fewer than one neural-memory chunk ({chunk}): under "
+        f"surprise its fast weights are saved unchanged (only the key/value slots hold the facts); pass "
+        f"--repeats {-(-chunk // max(tokens, 1))} or longer facts"
+    )
 
 
 def save_memory_file(model, handle, path) -> None:
@@ -360,6 +377,9 @@ def run(
     log(
         f"{model_path} ({kind}): {len(facts.items)} questions, session 1 reads {len(block)} tokens x {repeats}"
     )
+    warning = short_text_warning(model, len(block) * repeats, rules)
+    if warning:
+        log(warning)
 
     results["baseline"] = score(
         model, tokenizer, facts, empty_memory(model), chat_template, max_new_tokens, text=block
@@ -544,8 +564,12 @@ def recall_experiment(
     facts = read_facts(facts_file) if facts_file else default_facts()
     if output and Path(output).is_dir():
         raise UserError(f"--output {output} is a folder; give a .json file name")
+    if output:
+        check_output_file(output)  # under a file, in a read-only folder: before any model loads
     if memory_dir and Path(memory_dir).exists() and not Path(memory_dir).is_dir():
         raise UserError(f"--memory-dir {memory_dir} is a file; give a folder")
+    if memory_dir:
+        check_output_path(memory_dir, "--memory-dir", container=True)
     if memory_dir and len(model_paths) > 1:
         raise UserError("--memory-dir keeps the files of one model; give one --model-path with it")
     all_results = []
@@ -600,6 +624,7 @@ __all__ = [
     "recall_experiment",
     "run",
     "save_memory_file",
+    "short_text_warning",
     "score",
     "write_memory",
 ]

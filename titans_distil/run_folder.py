@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .model_folder import check_run_config, display, quiet_transformers
-from .weights import INDEX_NAME, PICKLE_SUFFIXES, has_weights, weight_files
+from .model_folder import check_run_config, display, kind_of, quiet_transformers, read_config
+from .weights import INDEX_NAME, PICKLE_SUFFIXES, has_weights, make_config, weight_files
 
 SCRIPTS = {"mac": "export_mac_model.py", "llama": "export_llama_model.py"}  # the exporter of each kind
 CHECKPOINTS = "checkpoints"  # the run's checkpoint folders are CHECKPOINTS/step-N (N zero-padded to 6 digits)
@@ -225,10 +225,12 @@ def run_tokenizer(run: Run):
 
     final = run.dir / "final"
     if (final / "tokenizer_config.json").is_file():
-        with (
-            quiet_transformers()
-        ):  # final/config.json names mac_llama, which AutoConfig does not know: harmless here
-            return AutoTokenizer.from_pretrained(final)
+        # a MAC final/config.json names its own code (auto_map): hand AutoTokenizer the project's config
+        # instead, or it would ask whether to run that code just to learn the model type
+        values = read_config(final) if (final / "config.json").is_file() else {}
+        config = make_config(values, kind_of(values)) if kind_of(values) else None
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(final, **({"config": config} if config else {}))
     from .teacher import load_tokenizer
 
     try:

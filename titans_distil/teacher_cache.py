@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +33,24 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(vocab.encode()).hexdigest()[:16]
 
 
+def eta_line(done: int, total: int, seconds: float) -> str:
+    """The estimate printed after the first batch: its speed and the time the whole cache will take."""
+    rate = done / max(seconds, 1e-9)
+    left = (total - done) / rate
+    return (
+        f"first batch: {done:,} positions in {seconds:.1f} s ({rate:,.0f} tokens/s); estimated "
+        f"{_duration(left)} for the remaining {total - done:,}"
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 @torch.inference_mode()
 def write_teacher_cache(
     teacher,
@@ -48,11 +68,16 @@ def write_teacher_cache(
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} is not empty; choose a new --output folder for the teacher cache")
+    total = len(blocks) * (blocks.shape[1] - 1)
+    tqdm.write(
+        f"running the teacher over {len(blocks)} sequences x {blocks.shape[1]} tokens ({total:,} positions, "
+        f"batches of {batch_size}); an estimate of the time follows the first batch",
+        file=sys.stderr,
+    )
     with atomic_folder(out_dir) as tmp:
         shards = []
-        bar = tqdm(
-            total=len(blocks) * (blocks.shape[1] - 1), desc="teacher top-k", unit="tok", unit_scale=True
-        )
+        bar = tqdm(total=total, desc="teacher top-k", unit="tok", unit_scale=True)
+        started = time.perf_counter()
         for shard_start in range(0, len(blocks), blocks_per_shard):
             values, indices = [], []
             for start in range(shard_start, min(shard_start + blocks_per_shard, len(blocks)), batch_size):
@@ -61,6 +86,10 @@ def write_teacher_cache(
                 top = logits.topk(top_k, dim=-1)
                 values.append(top.values.to(torch.bfloat16).cpu())
                 indices.append(top.indices.to(torch.int32).cpu())
+                if bar.n == 0:  # the first batch: the ETA before most of the work
+                    bar.write(
+                        eta_line(ids[:, 1:].numel(), total, time.perf_counter() - started), file=sys.stderr
+                    )
                 bar.update(ids[:, 1:].numel())
             name = f"shard-{len(shards):05d}.safetensors"
             save_file({"values": torch.cat(values), "indices": torch.cat(indices)}, str(tmp / name))

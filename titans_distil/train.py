@@ -35,8 +35,10 @@ from .model_folder import (
     atomic_folder,
     check_output_path,
     check_run_config,
+    kind_of,
     read_config,
     remove_stale_temporaries,
+    save_with_model_code,
 )
 from .models.configuration_mac_llama import MACLlamaConfig
 from .models.neural_memory import NeuralMemory
@@ -798,7 +800,10 @@ def distil(cfg: DistilConfig) -> Path:
     if is_main:
         student = accelerator.unwrap_model(distiller).student
         with atomic_folder(final) as tmp:
-            student.save_pretrained(tmp)
+            if kind_of(student.config) == "mac":  # a from_pretrained folder: auto_map and the model files
+                save_with_model_code(student, tmp)
+            else:
+                student.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     accelerator.end_training()
     return final
