@@ -410,14 +410,14 @@ CASES = [
     (
         "output",
         "recall-under-file",
-        ("recall", "--model_path", "{w}/mac", "--output", "{w}/afile/r.json"),
+        ("recall", "--model-path", "{w}/mac", "--output", "{w}/afile/r.json"),
         "--output {w}/afile/r.json is under {w}/afile, which is a file, not a folder",
         None,
     ),
     (
         "output",
         "recall-memory-dir-under-file",
-        ("recall", "--model_path", "{w}/mac", "--memory-dir", "{w}/afile/mem"),
+        ("recall", "--model-path", "{w}/mac", "--memory-dir", "{w}/afile/mem"),
         "--memory-dir {w}/afile/mem is under",
         None,
     ),
@@ -489,14 +489,14 @@ CASES = [
     (
         "output",
         "recall-read-only",
-        ("recall", "--model_path", "{w}/mac", "--output", "{w}/ro/r.json"),
+        ("recall", "--model-path", "{w}/mac", "--output", "{w}/ro/r.json"),
         "--output {w}/ro/r.json: the folder {w}/ro is not writable",
         "read_only",
     ),
     (
         "output",
         "recall-memory-dir-read-only",
-        ("recall", "--model_path", "{w}/mac", "--memory-dir", "{w}/ro/mem"),
+        ("recall", "--model-path", "{w}/mac", "--memory-dir", "{w}/ro/mem"),
         "--memory-dir {w}/ro/mem: the folder {w}/ro is not writable",
         "read_only",
     ),
@@ -679,7 +679,7 @@ CASES = [
     (
         "utf8",
         "recall-facts",
-        ("recall", "--model_path", "{w}/mac", "--facts", "{w}/latin1.txt"),
+        ("recall", "--model-path", "{w}/mac", "--facts", "{w}/latin1.txt"),
         "--facts {w}/latin1.txt: not UTF-8 text (byte 0xe9 at offset 3); save it as UTF-8 JSON",
         None,
     ),
