@@ -4,11 +4,13 @@ exit, never a traceback, and creates or overwrites nothing.
 The classes: config.json with wrong types (model folders and run configs), an output path under a file, in a
 read-only folder or on a full disk, pickle-only weights, truncated safetensors, non-UTF-8 prompts / facts
 files, an export holding another model's tokenizer, nan/inf floats and --max-new-tokens beyond the model's
-positions, a Hub push without network, and leaving --interactive. vLLM is never started: its checks run before
-it would.
+positions, a Hub push without network, `accelerate launch --num_processes 2` that started one process, a
+--tracker whose package is missing, and leaving --interactive. vLLM is never started: its checks run before it
+would.
 
 A read-only folder is simulated through os.access when the tests run as root (root writes anywhere); a full disk
-through os.replace, the last step of every atomic writer, failing with ENOSPC.
+through os.replace, the last step of every atomic writer, failing with ENOSPC; Accelerate's simple
+launcher through the environment it gives its one child.
 """
 
 import errno
@@ -193,6 +195,45 @@ def offline_hub(monkeypatch, world):
     monkeypatch.setenv("HF_TOKEN", "hf_testTOKEN0123456789secret")
     yield
     shutil.rmtree(world / "pushed", ignore_errors=True)
+
+
+def simple_launch(monkeypatch, use_cpu: str) -> None:
+    """The environment `accelerate launch --num_processes 2 [--cpu]` gives the ONE process it starts here."""
+    from titans_distil import train
+
+    for name in (
+        "WORLD_SIZE",
+        "RANK",
+        "LOCAL_RANK",
+        "PMI_SIZE",
+        "OMPI_COMM_WORLD_SIZE",
+        "MV2_COMM_WORLD_SIZE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", use_cpu)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setattr(train, "_inherited", lambda name: False)  # set by the launcher, not by the shell
+    monkeypatch.setattr(train, "_quiet_launcher_at_exit", lambda: None)  # no launcher to stop in a test
+
+
+@pytest.fixture
+def no_wandb(monkeypatch):
+    """wandb not installed (whether it is here or not): Accelerate would drop the tracker without a word."""
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+
+
+@pytest.fixture
+def launch_without_multi_gpu(monkeypatch):
+    simple_launch(monkeypatch, "False")
+
+
+@pytest.fixture
+def launch_cpu_without_mpi(monkeypatch):
+    simple_launch(monkeypatch, "True")
 
 
 DISTIL = (
@@ -825,6 +866,29 @@ CASES = [
         "+ 1000 new exceeds the model's 1024 positions (max_position_embeddings); pass --max-new-tokens",
         None,
     ),
+    # -- `accelerate launch --num_processes 2` that started one process: refused before any work
+    (
+        "launch",
+        "accelerate-without-multi-gpu",
+        (*DISTIL, "--teacher", "{w}/teacher"),
+        "without --multi_gpu started a single process here (WORLD_SIZE is unset",
+        "launch_without_multi_gpu",
+    ),
+    (
+        "launch",
+        "accelerate-cpu-without-mpi",
+        (*DISTIL, "--teacher", "{w}/teacher"),
+        "`accelerate launch --cpu --num_processes N` started a single process (Accelerate needs MPI",
+        "launch_cpu_without_mpi",
+    ),
+    # -- a tracker whose package is missing: named with its install, before any work
+    (
+        "tracker",
+        "distil-wandb-missing",
+        (*DISTIL, "--teacher", "{w}/teacher", "--tracker", "wandb"),
+        "--tracker wandb needs the wandb package, which is not installed: pip install wandb",
+        "no_wandb",
+    ),
     # -- a Hub push without network: one line, the export stays where the message says
     (
         "hub",
@@ -957,4 +1021,44 @@ def test_embedded_teacher_tokenizer_matches_its_vocabulary(embedded_dir):
 
 
 def test_every_class_has_cases():
-    assert set(counts()) == {"types", "output", "pickle", "truncated", "utf8", "tokenizer", "numbers", "hub"}
+    assert set(counts()) == {
+        "types",
+        "output",
+        "pickle",
+        "truncated",
+        "utf8",
+        "tokenizer",
+        "numbers",
+        "hub",
+        "launch",
+        "tracker",
+    }
+
+
+def test_launch_check_accepts_real_multi_process_starts_and_an_inherited_master_addr(monkeypatch):
+    from titans_distil import train
+
+    simple_launch(monkeypatch, "False")
+    with pytest.raises(train.UserError, match="--multi_gpu"):
+        train.check_launch_environment()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun / --multi_gpu: a real multi-process start
+    train.check_launch_environment()
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(train, "_inherited", lambda name: True)  # MASTER_ADDR came from the shell: no request
+    train.check_launch_environment()
+    monkeypatch.delenv("ACCELERATE_USE_CPU")  # not Accelerate's simple launcher at all
+    monkeypatch.setattr(train, "_inherited", lambda name: False)
+    train.check_launch_environment()
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc (Linux)")
+def test_inherited_reads_the_parent_environment():
+    import subprocess
+    import sys
+
+    code = "from titans_distil.train import _inherited as i; print(i('TD_PARENT_VAR'), i('TD_NONE'))"
+    script = f"import os, subprocess, sys; subprocess.run([sys.executable, '-c', {code!r}])"
+    env = {**os.environ, "TD_PARENT_VAR": "1"}
+    env.pop("TD_NONE", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "False"], out.stderr

@@ -157,14 +157,18 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_teacher
         "--main_process_port",
         "29533",
     ]
-    # Accelerate's --cpu launcher starts one process without MPI: refused instead of silently training alone.
-    alone = run_cli(
-        *tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "alone", *common),
-        launcher=[*launch, "--cpu", str(ROOT / "distil.py")],
-    )
-    assert (
-        alone.returncode != 0 and "started a single process (Accelerate needs MPI for that)" in alone.stderr
-    )
+    # Accelerate's simple launcher (--cpu without MPI, or no --multi_gpu on a host without N GPUs) starts one
+    # process: refused with our one line, and the launcher is stopped before it adds a traceback of its own.
+    for name, flags, fragment in (
+        ("alone-cpu", ["--cpu"], "started a single process (Accelerate needs MPI for that)"),
+        ("alone", [], "without --multi_gpu started a single process here"),
+    ):
+        alone = run_cli(
+            *tiny_args(tiny_teacher_dir, small_corpus, tmp_path, name, *common),
+            launcher=[*launch, *flags, str(ROOT / "distil.py")],
+        )
+        assert alone.returncode != 0 and fragment in alone.stderr, alone.stderr[-2000:]
+        assert "Traceback" not in alone.stderr and not (tmp_path / name).exists(), alone.stderr[-2000:]
 
 
 def test_memory_parts_get_their_own_lr_and_learn_while_the_backbone_is_frozen(
@@ -606,3 +610,49 @@ def test_console_script_groups_the_root_commands():
         "recall",
     ):
         assert f"  {name} " in out
+
+
+def test_mlflow_tracker_writes_into_the_run_folder_unless_a_tracking_uri_is_set(
+    tiny_teacher_dir, small_corpus, tmp_path, monkeypatch, one_thread
+):
+    mlflow = pytest.importorskip("mlflow")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)  # MLflow's own default would put mlflow.db (and mlruns/) here
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    common = ("--max-steps", 1, "--save-every", 0, "--eval-every", 0, "--tracker", "mlflow")
+    code, out = invoke(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path / "runs", "ml", *common))
+    assert code == 0, out
+    assert list(work.iterdir()) == []
+    db = tmp_path / "runs" / "ml" / "mlflow" / "mlflow.db"
+    assert db.is_file()
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the next run in this process picks its own folder
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    try:
+        runs = mlflow.search_runs(experiment_names=["ml"])
+        assert len(runs) == 1 and runs["metrics.loss"].notna().all()
+    finally:
+        mlflow.set_tracking_uri(None)
+    # A tracking URI the user set is kept: nothing goes into the run folder
+    elsewhere = tmp_path / "elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}")
+    code, out = invoke(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path / "runs", "ml2", *common))
+    assert code == 0, out
+    assert elsewhere.is_file() and not (tmp_path / "runs" / "ml2" / "mlflow").exists()
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{elsewhere}" and list(work.iterdir()) == []
+
+
+def test_wandb_tracker_runs_offline_into_the_run_folder(
+    tiny_teacher_dir, small_corpus, tmp_path, monkeypatch, one_thread
+):
+    pytest.importorskip("wandb")  # without it, --tracker wandb is a row of tests/test_bad_input.py
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    common = ("--max-steps", 1, "--save-every", 0, "--eval-every", 0, "--tracker", "wandb")
+    code, out = invoke(*tiny_args(tiny_teacher_dir, small_corpus, tmp_path / "runs", "wb", *common))
+    assert code == 0, out
+    assert list(work.iterdir()) == []
+    assert list((tmp_path / "runs" / "wb" / "wandb").glob("offline-run-*"))

@@ -362,10 +362,11 @@ def _data_options(fn):
 @click.option("--overwrite", is_flag=True, help="Replace an existing run of the same name.")
 @click.option(
     "--tracker",
-    type=click.Choice(["none", "tensorboard", "mlflow"]),
+    type=click.Choice(["none", "tensorboard", "mlflow", "wandb"]),
     default="none",
     show_default=True,
-    help="Experiment tracker (through Accelerate).",
+    help="Experiment tracker (through Accelerate); its local files go into the run folder (mlflow: unless "
+    "MLFLOW_TRACKING_URI is set).",
 )
 @click.option(
     "--eval-every",

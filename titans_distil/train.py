@@ -7,12 +7,14 @@ order does not depend on the process count and a resumed run sees exactly the bl
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -268,18 +270,123 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
 
 
+def _inherited(name: str) -> bool:
+    """Whether the parent process (the launcher) had `name` in its environment when it started (Linux)."""
+    try:
+        environ = Path(f"/proc/{os.getppid()}/environ").read_bytes()
+    except OSError:
+        return False
+    return any(entry.startswith(name.encode() + b"=") for entry in environ.split(b"\0"))
+
+
+def _quiet_launcher_at_exit() -> None:
+    """Accelerate's simple launcher answers a child's non-zero exit with a traceback of its own (unless `-q`),
+    which would bury our one line. It exits quietly (status 143) on SIGTERM: send it one once our message is out,
+    and only when the parent really is `accelerate launch` (read from Linux /proc), never any other parent."""
+    parent = os.getppid()
+    try:
+        argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    launcher = any(a.endswith(b"accelerate") for a in argv[:2]) and b"launch" in argv[:3]
+    if launcher or b"accelerate.commands.launch" in argv[:3]:
+
+        def stop_launcher() -> None:
+            sys.stderr.flush()
+            with contextlib.suppress(OSError):
+                os.kill(parent, signal.SIGTERM)
+
+        atexit.register(stop_launcher)
+
+
 def check_launch_environment() -> None:
-    """`accelerate launch --cpu --num_processes N` (N > 1) starts ONE process unless MPI is set up; say so."""
+    """Refuse Accelerate's simple launcher when it was asked for several processes but started one.
+
+    `accelerate launch --num_processes N` (N > 1) without `--multi_gpu` on a host with fewer than N GPUs, or
+    with `--cpu` and no MPI, runs the script once: it sets ACCELERATE_USE_CPU and MASTER_ADDR (the latter only
+    for N > 1) but none of the variables that a real multi-process start sets (WORLD_SIZE, or MPI's sizes). A
+    MASTER_ADDR the launcher inherited from the shell says nothing about N, so it is not taken as a request.
+    """
     env = os.environ
-    asked_for_many = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and "MASTER_ADDR" in env
+    simple_launcher = "ACCELERATE_USE_CPU" in env
+    asked_for_many = simple_launcher and "MASTER_ADDR" in env and not _inherited("MASTER_ADDR")
     started_many = any(
         k in env for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
     )
-    if asked_for_many and not started_many:
+    if not asked_for_many or started_many:
+        return
+    fix = (
+        "use `accelerate launch --multi_gpu --num_processes N distil.py ...` or "
+        "`torchrun --nproc_per_node N distil.py ...`, which run over gloo on CPU"
+    )
+    _quiet_launcher_at_exit()
+    if env["ACCELERATE_USE_CPU"].lower() in ("true", "1"):
         raise UserError(
-            "`accelerate launch --cpu --num_processes N` started a single process (Accelerate needs MPI for that); "
-            "use `accelerate launch --multi_gpu --num_processes N distil.py ...` or `torchrun --nproc_per_node N distil.py ...`, which run over gloo on CPU"
+            "`accelerate launch --cpu --num_processes N` started a single process (Accelerate needs MPI for "
+            f"that); {fix}"
         )
+    raise UserError(
+        "`accelerate launch --num_processes N` without --multi_gpu started a single process here (WORLD_SIZE "
+        f"is unset: this host has fewer than N GPUs); {fix}"
+    )
+
+
+# --tracker NAME -> the package it needs (Accelerate silently drops a tracker it cannot import).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+# The MLFLOW_TRACKING_URI this module set for a run (mlflow.set_tracking_uri also exports it): not the user's.
+_mlflow_uri_ours: str | None = None
+
+
+def check_tracker(tracker: str) -> None:
+    """--tracker NAME is known and its package installed; if not, one line naming the install."""
+    if tracker == "none":
+        return
+    if tracker not in TRACKER_PACKAGES:
+        raise UserError(f"--tracker {tracker} is not one of none, {', '.join(TRACKER_PACKAGES)}")
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "mlflow": is_mlflow_available}
+    if not available.get(tracker, is_wandb_available)():
+        raise UserError(
+            f"--tracker {tracker} needs the {TRACKER_PACKAGES[tracker]} package, which is not installed: "
+            f"pip install {TRACKER_PACKAGES[tracker]} (or pass --tracker none)"
+        )
+
+
+def tracker_setup(tracker: str, run_dir: Path, run_name: str, is_main: bool) -> dict:
+    """Keep a tracker's local files in the run folder, not the working directory; the init_kwargs to pass.
+
+    mlflow: unless MLFLOW_TRACKING_URI is set, the runs go to `RUN/mlflow/mlflow.db` (sqlite) and their
+    artifacts to `RUN/mlflow/artifacts` (MLflow's default is `mlflow.db` and `mlruns/` in the working
+    directory). wandb: its files go to `RUN/wandb/`, the project is $WANDB_PROJECT or `titans-distil`, the
+    W&B run is named after the run (WANDB_MODE=offline keeps it local). tensorboard already writes into RUN.
+    """
+    global _mlflow_uri_ours
+    if tracker == "mlflow":
+        given = os.environ.get("MLFLOW_TRACKING_URI")
+        if given and given != _mlflow_uri_ours:
+            return {}
+        import mlflow
+
+        folder = run_dir / "mlflow"
+        if is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+        _mlflow_uri_ours = f"sqlite:///{(folder / 'mlflow.db').resolve()}"
+        mlflow.set_tracking_uri(_mlflow_uri_ours)
+        return {"mlflow": {"logging_dir": str((folder / "artifacts").resolve())}}
+    if tracker == "wandb":
+        return {"wandb": {"dir": str(run_dir.resolve()), "name": run_name}}
+    return {}
+
+
+def tracker_teardown(tracker: str) -> None:
+    """Undo tracker_setup's process-wide MLflow URI, so that the next run in this process picks its own."""
+    global _mlflow_uri_ours
+    if tracker == "mlflow" and _mlflow_uri_ours and os.environ.get("MLFLOW_TRACKING_URI") == _mlflow_uri_ours:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        _mlflow_uri_ours = None
 
 
 def flag(field: str) -> str:
@@ -511,6 +618,7 @@ def distil(cfg: DistilConfig) -> Path:
     """Run (or resume) a distillation; return the folder holding the final student."""
     precision = resolve_precision(cfg.precision)
     check_launch_environment()
+    check_tracker(cfg.tracker)
     # Accelerate keeps its mixed-precision choice in a process-wide singleton: a second distil() in one process
     # (a notebook, the tests) with another precision would be refused. Reset that choice only; the distributed
     # state (PartialState: process group, ranks) is kept.
@@ -658,8 +766,13 @@ def distil(cfg: DistilConfig) -> Path:
         )
         metrics_file.write_text("")
     if cfg.tracker != "none":
+        init_kwargs = tracker_setup(cfg.tracker, run_dir, cfg.run_name, is_main)
+        # the project: tensorboard's subfolder of --output-dir (= the run folder), mlflow's experiment name
+        project = os.environ.get("WANDB_PROJECT", "titans-distil") if cfg.tracker == "wandb" else cfg.run_name
         accelerator.init_trackers(
-            cfg.run_name, config={k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
+            project,
+            config={k: v for k, v in dataclasses.asdict(cfg).items() if v is not None},
+            init_kwargs=init_kwargs,
         )
 
     def log(record: dict) -> None:
@@ -806,4 +919,5 @@ def distil(cfg: DistilConfig) -> Path:
                 student.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     accelerator.end_training()
+    tracker_teardown(cfg.tracker)
     return final
