@@ -1,7 +1,8 @@
 """Export a student without memory as a plain LlamaForCausalLM folder (stock transformers / vLLM), optionally
 pushed to the Hub.
 
-    python export_llama_model.py --run runs/plain [--checkpoint latest] [--output DIR] [--push-to-hub OWNER/NAME]
+    python export_llama_model.py --run runs/plain [--checkpoint latest] [--output DIR] [--push-to-hub
+    OWNER/NAME]
 """
 
 from titans_distil.export_cli import export_llama

@@ -149,7 +149,8 @@ def main(teacher, student_layers, batch_size, max_length, repeats, precision):
         print(f"{name:40s} {seconds:8.2f} {tokens / seconds:9.0f} {peak / 2**20:14.0f}")
     (naive_s, naive_mem), (ours_s, ours_mem) = results.values()
     print(
-        f"\nthroughput ratio ours/naive: {naive_s / ours_s:.2f}x   peak-memory ratio ours/naive: {ours_mem / naive_mem:.2f}x"
+        f"\nthroughput ratio ours/naive: {naive_s / ours_s:.2f}x   peak-memory ratio ours/naive: "
+        f"{ours_mem / naive_mem:.2f}x"
     )
 
 

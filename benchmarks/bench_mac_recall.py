@@ -1,14 +1,17 @@
-"""Can a MAC model learn recall through its memory at all? A tiny MAC trained from scratch on synthetic recall.
+"""Can a MAC model learn recall through its memory at all? A tiny MAC trained from scratch on synthetic
+recall.
 
 The distillation runs ask a teacher-initialised student to learn recall from a few hundred KD steps; when that
 fails, is the memory path unable to carry a fact, or is the budget too small? This isolates the mechanism. Two
-tasks; in both, random filler tokens fill ``--gap`` segments between the fact and the question, so the answer is
-nowhere in the attention's segment: only the memory can bring it. Loss: cross-entropy on the answer tokens.
+tasks; in both, random filler tokens fill ``--gap`` segments between the fact and the question, so the answer
+is nowhere in the attention's segment: only the memory can bring it. Loss: cross-entropy on the answer tokens.
 
-    passkey: one value token fills the whole first segment; the last segment asks ``?`` -> value (a single fact,
+    passkey: one value token fills the whole first segment; the last segment asks ``?`` -> value (a single
+    fact,
              written 16 times: the easiest thing a memory can be asked)
     kv:      8 key/value pairs fill the first segment; the last segment asks 4 of the keys (``? key value``):
-             associative recall, where the memory must map each key to its own value Measured on fresh sequences (same generator, unseen draws): answer accuracy of
+             associative recall, where the memory must map each key to its own value Measured on fresh
+             sequences (same generator, unseen draws): answer accuracy of
 
     * the trained model with its memory learning (surprise), the rule it was trained with,
     * the same model with memory off (``none``: read-outs of the initial memory only, the windowed baseline),
@@ -18,8 +21,9 @@ nowhere in the attention's segment: only the memory can bring it. Loss: cross-en
 
 and accuracy at longer gaps than trained. Chance is 1 / ``--values``.
 
-    python benchmarks/bench_mac_recall.py --task passkey --steps 200 --eval-every 50 --memory-layers 1 --threads 1
-    python benchmarks/bench_mac_recall.py --task passkey --steps 200 --eval-every 50 --memory-layers 1 \
+    python benchmarks/bench_mac_recall.py --task passkey --steps 200 --eval-every 50 --memory-layers 1
+    --threads 1 python benchmarks/bench_mac_recall.py --task passkey --steps 200 --eval-every 50
+    --memory-layers 1 \
         --memory-version 2 --threads 1                                # the same with the version-2 memory
 """
 

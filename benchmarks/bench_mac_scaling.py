@@ -112,7 +112,8 @@ def main(argv=None):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"MAC: {args.layers} layers, memory in {memory_layers}, segment {args.segment_len}, "
-        f"{args.persistent} persistent tokens, chunk {args.chunk} | Llama: {args.layers} layers, full attention"
+        f"{args.persistent} persistent tokens, chunk {args.chunk} | Llama: {args.layers} layers, full "
+        "attention"
     )
     print(
         f"batch 1, bf16 autocast, {torch.get_num_threads()} threads, median of {args.repeats} "

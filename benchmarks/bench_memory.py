@@ -1,15 +1,15 @@
 """Benchmark our chunked Titans NeuralMemory against titans-pytorch's NeuralMemory (the dev extra pins 0.5.5).
 
 Both run in one process at the same configuration (default: dim 384, chunk 64, memory MLP depth 2 with hidden
-2*dim, input (2, 1024, 384), float32, CPU): an inference forward (write + read, no grad tracking) and a training
-step (forward + backward of a scalar loss on the read-outs). Prints the median and min wall time over the
-repeats after warm-up, tokens/s, peak RSS growth during each phase (Linux: /proc/self/clear_refs resets the
-high-water mark) and the tokens/s ratio ours / peer (target: >= 10x).
+2*dim, input (2, 1024, 384), float32, CPU): an inference forward (write + read, no grad tracking) and a
+training step (forward + backward of a scalar loss on the read-outs). Prints the median and min wall time over
+the repeats after warm-up, tokens/s, peak RSS growth during each phase (Linux: /proc/self/clear_refs resets
+the high-water mark) and the tokens/s ratio ours / peer (target: >= 10x).
 
 Note: the peer's default memory model is depth 2 with expansion 4 plus a residual LayerNorm wrapper and
 RMSNorms on its inputs; here it is configured with depth 2 / expansion 2 to match ours (--peer-expansion 4
-times it at its own default), the rest left at its defaults. Close other CPU-heavy processes first: with 2 cores, OpenMP threads of two busy processes stall each
-other (use --threads 1 on a shared machine).
+times it at its own default), the rest left at its defaults. Close other CPU-heavy processes first: with 2
+cores, OpenMP threads of two busy processes stall each other (use --threads 1 on a shared machine).
 
     python benchmarks/bench_memory.py --help
 """
@@ -151,7 +151,8 @@ def main() -> None:
             rows.append((name, "train step (fwd+bwd)", n_params, measure(train, args.warmup, reps)))
 
     print(
-        f"{'impl':<15} {'mode':<21} {'params':>9} {'median s':>9} {'min s':>8} {'tokens/s':>10} {'peak RSS +MB':>13}"
+        f"{'impl':<15} {'mode':<21} {'params':>9} {'median s':>9} {'min s':>8} {'tokens/s':>10} "
+        f"{'peak RSS +MB':>13}"
     )
     for name, mode, n_params, r in rows:
         peak = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"

@@ -1,10 +1,10 @@
 """Does the Titans memory store? Storage and stability of `NeuralMemory` on real teacher hidden states.
 
-Inputs are hidden states (output of layer ``--layer``, RMS-normalised as the MAC host feeds them) of the embedded
-SmolLM2-135M teacher on the running interpreter's standard-library Python source; the memory is built as a MAC
-layer builds it (``memory_from_config`` of a ``MACLlamaConfig`` at the teacher's width, D = 576), in one run for
-the version-1 memory (C = 64, the settings before ``memory_version``) and the default version 2 (C = 32, its
-input centre calibrated on 2048 tokens of files no measurement uses).
+Inputs are hidden states (output of layer ``--layer``, RMS-normalised as the MAC host feeds them) of the
+embedded SmolLM2-135M teacher on the running interpreter's standard-library Python source; the memory is built
+as a MAC layer builds it (``memory_from_config`` of a ``MACLlamaConfig`` at the teacher's width, D = 576), in
+one run for the version-1 memory (C = 64, the settings before ``memory_version``) and the default version 2 (C
+= 32, its input centre calibrated on 2048 tokens of files no measurement uses).
 A "pair" is one input row x: key k(x), value v(x); its error is ||M(k(x)) - v(x)||^2 with the FINAL memory.
 Error ratio = mean error on written rows / mean error on fresh rows never written (1.00: nothing stored).
 

@@ -1,4 +1,5 @@
-"""bitsandbytes quantization of the embedded teacher and a MAC student: footprint, perplexity, greedy agreement.
+"""bitsandbytes quantization of the embedded teacher and a MAC student: footprint, perplexity, greedy
+agreement.
 
 For each model (the embedded teacher SmolLM2-135M-Instruct; the MAC student `--mac-path`, which must exist
 when given; without it `runs/demo/final` if it exists, else a fresh one built with `build_student(teacher, [0,
@@ -7,7 +8,8 @@ at bitsandbytes' own 6.0, nf4, nf4 with double quantization, fp4), the model is 
 `quantize.py` does it (memory modules and lm_head skipped), saved before it runs, reloaded from the folder and
 measured against the unquantized model:
 
-- memory footprint (parameters, buffers and bitsandbytes' quantization constants: `quantize.memory_footprint`) and
+- memory footprint (parameters, buffers and bitsandbytes' quantization constants: `quantize.memory_footprint`)
+and
   its ratio to float32 (target nf4 <= 0.40);
 - weight-file size;
 - validation perplexity on the embedded corpus (stdlib, validation split) and its change (targets: nf4 <= +5%,
@@ -198,7 +200,8 @@ def main() -> None:
                 )
             )
             print(
-                f"{description}: {dtype}, {base_fp / 1e6:.1f} MB, ppl {base_ppl:.3f} ({len(blocks)}x{args.eval_length} tokens)",
+                f"{description}: {dtype}, {base_fp / 1e6:.1f} MB, ppl {base_ppl:.3f} "
+                f"({len(blocks)}x{args.eval_length} tokens)",
                 flush=True,
             )
             del reference
@@ -242,8 +245,9 @@ def main() -> None:
                     )
                 )
                 print(
-                    f"  {spec.label}: {footprint / 1e6:.1f} MB (x{ratio:.2f} of fp32), ppl {ppl:.3f} ({change:+.2f}%), "
-                    f"agreement {100 * agree / total:.1f}% ({identical}/{len(PROMPTS)} identical) {memory}",
+                    f"  {spec.label}: {footprint / 1e6:.1f} MB (x{ratio:.2f} of fp32), ppl {ppl:.3f} "
+                    f"({change:+.2f}%), agreement {100 * agree / total:.1f}% ({identical}/{len(PROMPTS)} "
+                    f"identical) {memory}",
                     flush=True,
                 )
                 del model
@@ -268,9 +272,10 @@ def main() -> None:
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     print()
     print(
-        f"bitsandbytes {bnb_version}, torch {torch.__version__}; ppl on {args.eval_blocks}x{args.eval_length} stdlib "
-        f"validation tokens; greedy agreement over {len(PROMPTS)} prompts x {args.max_new_tokens} tokens; "
-        f"int8 = LLM.int8() with outlier threshold {DEFAULT_INT8_THRESHOLD:g}, int8(t=6) = bitsandbytes' default"
+        f"bitsandbytes {bnb_version}, torch {torch.__version__}; ppl on "
+        f"{args.eval_blocks}x{args.eval_length} stdlib validation tokens; greedy agreement over "
+        f"{len(PROMPTS)} prompts x {args.max_new_tokens} tokens; int8 = LLM.int8() with outlier "
+        f"threshold {DEFAULT_INT8_THRESHOLD:g}, int8(t=6) = bitsandbytes' default"
     )
     for r in table:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")

@@ -52,8 +52,8 @@ class MACLlamaConfig(LlamaConfig):
         Tokens per memory update chunk; must divide `segment_len` so that segment starts are chunk starts
         (the retrieval at a segment start then sees every update of the previous segments). Inside a chunk all
         gradients are taken at its start: on the teacher's hidden states 16 stores about as well as 1 (the
-        paper's token-by-token update) but costs ~3x the time of 64, which stores less; 32 sits between (see the
-        README's storage table).
+        paper's token-by-token update) but costs ~3x the time of 64, which stores less; 32 sits between (see
+        the README's storage table).
     memory_depth (`int`, defaults to 2):
         Linear layers of the memory MLP.
     memory_expansion (`float`, defaults to 2):
@@ -64,14 +64,14 @@ class MACLlamaConfig(LlamaConfig):
         Independent memories over `memory_dim / memory_heads` features each (version 2). More heads shrink the
         per-sequence state but store less (measured: 9 heads of 64 on D = 576 store less than 1 head).
     memory_max_lr (`float`, defaults to 1.0):
-        Upper bound of the memory's data-dependent learning rate; the gate starts at half of it. With unit keys
-        a step of 0.5 writes a value in one shot (version 1 used 0.004).
+        Upper bound of the memory's data-dependent learning rate; the gate starts at half of it. With unit
+        keys a step of 0.5 writes a value in one shot (version 1 used 0.004).
     memory_update_bound (`float`, *optional*, defaults to 2.0):
         Version 2: each chunk's summed gradient step is scaled, per memory layer, to norm <= this bound, so
         one chunk cannot move the fast weights by more than about one association whatever the rate.
     memory_max_grad_norm (`float`, *optional*):
-        Each token's gradient is clipped to this norm (per memory layer) before it enters the surprise; version 1
-        checkpoints use 1.0. `None` (the default): no per-token clipping.
+        Each token's gradient is clipped to this norm (per memory layer) before it enters the surprise;
+        version 1 checkpoints use 1.0. `None` (the default): no per-token clipping.
     update_rule (`str`, defaults to `"surprise"`):
         Memory update at test time: `"surprise"` (the paper's momentum + forgetting), `"ema"` (gradient-free
         moving average of the last memory layer) or `"none"` (frozen memory). Can be overridden per call.
@@ -108,7 +108,8 @@ class MACLlamaConfig(LlamaConfig):
         self.memory_layers = sorted(self.memory_layers)
 
     def check_memory_settings(self) -> None:
-        """Raise a ValueError naming the first invalid memory field (also called by the model at build time)."""
+        """Raise a ValueError naming the first invalid memory field (also called by the model at build
+        time)."""
 
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
@@ -120,7 +121,8 @@ class MACLlamaConfig(LlamaConfig):
             raise ValueError(f"segment_len must be an integer >= 1, got {self.segment_len!r}")
         if not is_int(self.num_persistent_tokens) or self.num_persistent_tokens < 0:
             raise ValueError(
-                f"num_persistent_tokens must be an integer >= 0 (0 disables them), got {self.num_persistent_tokens!r}"
+                "num_persistent_tokens must be an integer >= 0 (0 disables them), got "
+                f"{self.num_persistent_tokens!r}"
             )
         layers = self.memory_layers
         if not isinstance(layers, (list, tuple)) or not all(is_int(i) for i in layers):
@@ -139,8 +141,8 @@ class MACLlamaConfig(LlamaConfig):
             raise ValueError(f"memory_chunk_size must be an integer >= 1, got {self.memory_chunk_size!r}")
         if self.segment_len % self.memory_chunk_size:
             raise ValueError(
-                f"memory_chunk_size ({self.memory_chunk_size}) must divide segment_len ({self.segment_len}), so "
-                "that every segment starts on a memory chunk boundary"
+                f"memory_chunk_size ({self.memory_chunk_size}) must divide segment_len "
+                f"({self.segment_len}), so that every segment starts on a memory chunk boundary"
             )
         if not is_int(self.memory_depth) or self.memory_depth < 1:
             raise ValueError(f"memory_depth must be an integer >= 1, got {self.memory_depth!r}")
@@ -157,7 +159,8 @@ class MACLlamaConfig(LlamaConfig):
         width = self.hidden_size if self.memory_dim is None else self.memory_dim
         if not is_int(self.memory_heads) or self.memory_heads < 1 or width % self.memory_heads:
             raise ValueError(
-                f"memory_heads must be an integer >= 1 dividing the memory width {width}, got {self.memory_heads!r}"
+                f"memory_heads must be an integer >= 1 dividing the memory width {width}, got "
+                f"{self.memory_heads!r}"
             )
         if self.memory_version == 1 and self.memory_heads != 1:
             raise ValueError(

@@ -1,16 +1,19 @@
-"""Memory files: the one safetensors format of the memories this project's models carry across processes (a MAC
-model's per-stream Titans memory, `modeling_mac_llama.py`; the packaged wrapper's memory, `modeling_memory_llama.py`).
+"""Memory files: the one safetensors format of the memories this project's models carry across processes (a
+MAC model's per-stream Titans memory, `modeling_mac_llama.py`; the packaged wrapper's memory,
+`modeling_memory_llama.py`).
 
-This file travels inside exported and packaged checkpoints: it imports only torch, transformers and the standard
-library (safetensors is reached through `transformers.modeling_utils`, which loads model weights with it).
+This file travels inside exported and packaged checkpoints: it imports only torch, transformers and the
+standard library (safetensors is reached through `transformers.modeling_utils`, which loads model weights with
+it).
 
 A memory file holds tensors `layers.<i>.<name>` per memory layer and string metadata: `format` (the kind and
-version of the model code that wrote it), `fingerprint` (of the model that wrote it, `weights_fingerprint`) and
-`memory_layers`. `read_memory_file` and `check_tensors` check, in order: the file exists, its safetensors header is
-valid, its format is one the model reads, the fingerprint matches, and every tensor's name, dtype and shape
-match what the model expects; each failure is a one-line ValueError that names the problem and the fix. Nothing
-is ever unpickled. `write_memory_file` writes atomically: a temporary file in the target's folder is renamed over
-the target, so an interrupted save never leaves a partial memory file (the old file, if any, stays intact).
+version of the model code that wrote it), `fingerprint` (of the model that wrote it, `weights_fingerprint`)
+and `memory_layers`. `read_memory_file` and `check_tensors` check, in order: the file exists, its safetensors
+header is valid, its format is one the model reads, the fingerprint matches, and every tensor's name, dtype
+and shape match what the model expects; each failure is a one-line ValueError that names the problem and the
+fix. Nothing is ever unpickled. `write_memory_file` writes atomically: a temporary file in the target's folder
+is renamed over the target, so an interrupted save never leaves a partial memory file (the old file, if any,
+stays intact).
 """
 
 from __future__ import annotations
@@ -43,9 +46,9 @@ def weights_fingerprint(
     exclude: str | None = None,
     samples: int = FINGERPRINT_SAMPLES,
 ) -> str:
-    """sha256 over `fields` (JSON, e.g. the config fields that decide the memory's layout) and, for every entry of
-    `model.state_dict()` whose name does not contain `exclude`, its name, shape and a fixed sample of `samples`
-    values as float32: cheap for any model size, and a memory file never meets another model."""
+    """sha256 over `fields` (JSON, e.g. the config fields that decide the memory's layout) and, for every
+    entry of `model.state_dict()` whose name does not contain `exclude`, its name, shape and a fixed sample of
+    `samples` values as float32: cheap for any model size, and a memory file never meets another model."""
     digest = hashlib.sha256()
     if fields is not None:
         digest.update(json.dumps(fields, sort_keys=True).encode())
@@ -63,8 +66,8 @@ def weights_fingerprint(
 
 
 def write_memory_file(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write `tensors` (moved to the CPU) and `metadata` to the safetensors file `path`, atomically: a temporary
-    name in the same folder, then a rename; the temporary file is removed if anything fails."""
+    """Write `tensors` (moved to the CPU) and `metadata` to the safetensors file `path`, atomically: a
+    temporary name in the same folder, then a rename; the temporary file is removed if anything fails."""
     from transformers.modeling_utils import safe_save_file
 
     path = os.fspath(path)
@@ -85,9 +88,9 @@ def write_memory_file(path, tensors: dict[str, torch.Tensor], metadata: dict[str
 def read_memory_file(
     path, fingerprints: dict[str, Callable[[], str]], fix: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of the memory file `path`, after the file checks: it exists, is safetensors, has one
-    of the formats in `fingerprints` (format -> this model's fingerprint for files of that format; the first one
-    is the current format) and was written by this model (`fix` ends the fingerprint error)."""
+    """(tensors, metadata) of the memory file `path`, after the file checks: it exists, is safetensors, has
+    one of the formats in `fingerprints` (format -> this model's fingerprint for files of that format; the
+    first one is the current format) and was written by this model (`fix` ends the fingerprint error)."""
     from transformers.modeling_utils import safe_open
 
     path = os.fspath(path)
@@ -137,8 +140,8 @@ def check_tensors(
     optional: Iterable[str] = (),
     note: str = "",
 ) -> None:
-    """Check the names, dtypes and shapes of a file's tensors against `layout` (name -> (shape, dtype); names in
-    `optional` may be missing); `memory_layers` are this model's, `note` is added to shape errors."""
+    """Check the names, dtypes and shapes of a file's tensors against `layout` (name -> (shape, dtype); names
+    in `optional` may be missing); `memory_layers` are this model's, `note` is added to shape errors."""
     path, optional = os.fspath(path), set(optional)
     for key, (shape, dtype) in layout.items():
         if key not in tensors:

@@ -1,8 +1,8 @@
 """Llama with Titans "Memory as Context" (MAC) layers (Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize
 at Test Time", arXiv 2501.00663, §4.1).
 
-This file travels inside exported checkpoints: it imports only torch, transformers, the standard library and its
-sibling files.
+This file travels inside exported checkpoints: it imports only torch, transformers, the standard library and
+its sibling files.
 
 The MAC computation
 -------------------
@@ -22,10 +22,12 @@ segment to segment (and through `generate()` in `MACCache`). For a segment with 
    position, persistent tokens the position of the segment's first token. The result after `o_proj` is y;
 3. memory update with y: `readout, state, stats = memory(rms(y), state, update_rule)`; each read-out uses the
    weights at the start of its memory chunk, so it is causal;
-4. o = y + g ⊙ readout with a learnable per-channel gate g, then Llama's residual and post-norm MLP. From memory
+4. o = y + g ⊙ readout with a learnable per-channel gate g, then Llama's residual and post-norm MLP. From
+memory
    version 3 the read-out is first brought to y's scale, o = y + g ⊙ rms(readout) ⊙ RMS(y) (per token), with g
    starting at 0.2: g is then the read-out's share of the attention output. At the memory's raw scale (~30x
-   below y) times a gate of 0.01 the read-out changed nothing a loss could see, and a tiny MAC learned no recall.
+   below y) times a gate of 0.01 the read-out changed nothing a loss could see, and a tiny MAC learned no
+   recall.
 
 Other layers are plain Llama layers with segment-local causal attention. rms() is a parameter-free RMS
 normalisation: the memory's step sizes are tuned for unit-RMS inputs, and a trained Llama's residual stream
@@ -61,21 +63,22 @@ Deviations from the paper, and why
 
 Memory sessions and files
 -------------------------
-The memory of a stream lives in its `MACCache`. `save_memory(path, cache)` writes the memory after the tokens the
-cache has seen to a safetensors file (`memory_file.py`: model fingerprint, per memory layer the `NeuralMemory`
-state); `load_memory(path)` returns a fresh `MACCache` (a new stream at position 0) whose memory starts from the
-file, for `forward` / `generate(past_key_values=...)`:
+The memory of a stream lives in its `MACCache`. `save_memory(path, cache)` writes the memory after the tokens
+the cache has seen to a safetensors file (`memory_file.py`: model fingerprint, per memory layer the
+`NeuralMemory` state); `load_memory(path)` returns a fresh `MACCache` (a new stream at position 0) whose
+memory starts from the file, for `forward` / `generate(past_key_values=...)`:
 
     cache = model.memory_cache()
     model.generate(ids, past_key_values=cache, update_rule="surprise", max_new_tokens=20)
     model.save_memory("alice.safetensors", cache)
     cache = model.load_memory("alice.safetensors")  # a later session, another process
 
-Saving flushes by default: the written rows of the unfinished memory chunk are applied to the saved weights (the
-cache itself is not changed), so the file holds every token written and a session from it starts on a chunk
-boundary, like its segments. `keep_pending=True` saves the exact state instead (the rows stay pending and the
-loaded stream continues the chunk). Files of format version 1 (written before the fingerprint sampled 4096
-values per tensor) still load; their pending rows, if any, join the chunk of the next writing call as before.
+Saving flushes by default: the written rows of the unfinished memory chunk are applied to the saved weights
+(the cache itself is not changed), so the file holds every token written and a session from it starts on a
+chunk boundary, like its segments. `keep_pending=True` saves the exact state instead (the rows stay pending
+and the loaded stream continues the chunk). Files of format version 1 (written before the fingerprint sampled
+4096 values per tensor) still load; their pending rows, if any, join the chunk of the next writing call as
+before.
 """
 
 import json
@@ -170,8 +173,8 @@ class MACCausalLMOutputWithPast(CausalLMOutputWithPast):
 def _average_memory_stats(
     stats: list[dict[str, torch.Tensor]], num_memory_layers: int
 ) -> dict[str, torch.Tensor]:
-    """Weight each call's stats by the tokens it wrote, so pending-only calls (token-by-token decoding) and the
-    "none" rule, which report zeros, do not dilute the averages."""
+    """Weight each call's stats by the tokens it wrote, so pending-only calls (token-by-token decoding) and
+    the "none" rule, which report zeros, do not dilute the averages."""
     if not stats or not stats[0]:
         return {}
     written = (
@@ -206,9 +209,9 @@ def _map_tensors(value, fn):
 
 class MACCacheLayer(CacheLayerMixin):
     """One layer's generation state for the current segment: `keys`/`values` of its tokens (after RoPE); in a
-    memory layer also the K/V of the retrieved tokens (`memory_keys`/`memory_values`), of the persistent tokens
-    (`prefix_keys`/`prefix_values`), the memory state at the segment start (`segment_state`, used for retrieval)
-    and after the last token (`state`, including the incomplete memory chunk)."""
+    memory layer also the K/V of the retrieved tokens (`memory_keys`/`memory_values`), of the persistent
+    tokens (`prefix_keys`/`prefix_values`), the memory state at the segment start (`segment_state`, used for
+    retrieval) and after the last token (`state`, including the incomplete memory chunk)."""
 
     is_compileable = False
     is_croppable = False
@@ -240,7 +243,8 @@ class MACCacheLayer(CacheLayerMixin):
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
-        """Tokens of the current segment held by this layer (the cache-level length counts the whole stream)."""
+        """Tokens of the current segment held by this layer (the cache-level length counts the whole
+        stream)."""
         return 0 if self.keys is None else self.keys.shape[-2]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -347,14 +351,16 @@ def segment_pieces(offset: int, length: int, segment_len: int) -> list[tuple[int
 
 
 def _visibility(num_queries: int, offset: int, device) -> torch.Tensor:
-    """(num_queries, offset + num_queries) bool: query i (at `offset + i` in its segment) sees positions <= its own."""
+    """(num_queries, offset + num_queries) bool: query i (at `offset + i` in its segment) sees positions <=
+    its own."""
     q_pos = torch.arange(offset, offset + num_queries, device=device)[:, None]
     k_pos = torch.arange(offset + num_queries, device=device)[None, :]
     return k_pos <= q_pos
 
 
 def memory_from_config(config: MACLlamaConfig) -> NeuralMemory:
-    """The `NeuralMemory` of one memory layer as `config` describes it (the vLLM model builds its memories here too).
+    """The `NeuralMemory` of one memory layer as `config` describes it (the vLLM model builds its memories
+    here too).
 
     Version 2 starts with momentum 0.1 and forgetting 1e-4 per token: on the teacher's hidden states a high
     momentum re-applies each bounded chunk step ~10 times and stores less, and forgetting is toward the
@@ -420,8 +426,9 @@ class MACLlamaAttention(LlamaAttention):
         return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
     def attend_blockwise(self, q, k, v, block: int) -> torch.Tensor:
-        """Causal attention inside consecutive blocks of `block` tokens (the last one may be short): the blocks are
-        folded into the batch (the last is zero-padded; padding sits after every real token, so it is never seen)."""
+        """Causal attention inside consecutive blocks of `block` tokens (the last one may be short): the
+        blocks are folded into the batch (the last is zero-padded; padding sits after every real token, so it
+        is never seen)."""
         B, _, R, d = q.shape
         if R <= block:
             return self.attend(q, k, v, is_causal=True)
@@ -495,7 +502,8 @@ class MACLlamaDecoderLayer(GradientCheckpointingLayer):
         return hidden_states, stats
 
     def _local_attention(self, x, position_embeddings, pieces, layer_cache):
-        """Segment-local causal attention; a first piece that continues a cached segment attends to its K/V."""
+        """Segment-local causal attention; a first piece that continues a cached segment attends to its
+        K/V."""
         attn = self.self_attn
         cos, sin = position_embeddings
         q, k, v = attn.project(x)
@@ -616,8 +624,8 @@ class MACLlamaPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         if isinstance(module, NeuralMemory):
-            # the memory's own initialisation (gate biases, initial fast weights, projections), not the generic
-            # normal(0, initializer_range) the loop below just gave its Linear children
+            # the memory's own initialisation (gate biases, initial fast weights, projections), not the
+            # generic normal(0, initializer_range) the loop below just gave its Linear children
             module.reset_parameters()
             return
         super()._init_weights(module)
@@ -686,7 +694,8 @@ class MACLlamaModel(MACLlamaPreTrainedModel):
 
         if past_key_values is not None and not isinstance(past_key_values, MACCache):
             raise TypeError(
-                f"MACLlama needs a MACCache (segment K/V and memory states), got {type(past_key_values).__name__}"
+                "MACLlama needs a MACCache (segment K/V and memory states), got "
+                f"{type(past_key_values).__name__}"
             )
         if self.gradient_checkpointing and self.training:
             if past_key_values is not None or use_cache:
@@ -747,14 +756,16 @@ def _check_attention_mask(attention_mask: torch.Tensor | None) -> None:
         return
     if attention_mask.dim() != 2:
         raise ValueError(
-            f"MACLlama accepts only a 2D (batch, length) attention_mask, got shape {tuple(attention_mask.shape)}"
+            "MACLlama accepts only a 2D (batch, length) attention_mask, got shape "
+            f"{tuple(attention_mask.shape)}"
         )
     mask = attention_mask.bool()
     if mask.shape[1] > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
         raise ValueError(
-            "MACLlama supports only right padding (attention_mask rows of ones followed by zeros): segments and "
-            "memory updates are counted from the first position, so left padding or gaps would shift them. Use "
-            "equal-length prompts, right padding for training, or generate one prompt at a time."
+            "MACLlama supports only right padding (attention_mask rows of ones followed by zeros): "
+            "segments and memory updates are counted from the first position, so left padding or gaps "
+            "would shift them. Use equal-length prompts, right padding for training, or generate one "
+            "prompt at a time."
         )
 
 
@@ -784,7 +795,8 @@ class MACLlamaForCausalLM(MACLlamaPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> MACCausalLMOutputWithPast:
         r"""
-        update_rule (`str`, *optional*): "surprise", "ema" or "none" for this call (and, through `generate()`'s
+        update_rule (`str`, *optional*): "surprise", "ema" or "none" for this call (and, through
+        `generate()`'s
             model kwargs, for a whole generation); defaults to `config.update_rule`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -834,8 +846,8 @@ class MACLlamaForCausalLM(MACLlamaPreTrainedModel, GenerationMixin):
         return torch.float64 if self.dtype == torch.float64 else torch.float32
 
     def memory_states(self, memory=None) -> dict[int, MemoryState]:
-        """{layer: MemoryState}: the memory after the tokens a `MACCache` has seen (`memory`), the states of a dict
-        (checked), or the model's initial memory (None, or a cache that saw no token)."""
+        """{layer: MemoryState}: the memory after the tokens a `MACCache` has seen (`memory`), the states of a
+        dict (checked), or the model's initial memory (None, or a cache that saw no token)."""
         if isinstance(memory, dict):
             if sorted(memory) != self.memory_layers():
                 raise ValueError(
@@ -869,8 +881,8 @@ class MACLlamaForCausalLM(MACLlamaPreTrainedModel, GenerationMixin):
 
     def save_memory(self, path, memory=None, *, keep_pending: bool = False) -> None:
         """Write the memory of a stream (`memory`: a `MACCache`, {layer: MemoryState} or None for the initial
-        memory; batch 1) to a safetensors file, atomically. The unfinished chunk's written rows are flushed into
-        the saved weights unless `keep_pending` (the cache is not changed either way)."""
+        memory; batch 1) to a safetensors file, atomically. The unfinished chunk's written rows are flushed
+        into the saved weights unless `keep_pending` (the cache is not changed either way)."""
         states = self.memory_states(memory)
         tensors = {}
         for i, state in states.items():
@@ -937,8 +949,9 @@ class MACLlamaForCausalLM(MACLlamaPreTrainedModel, GenerationMixin):
         if cache is None and generation_config.use_cache is not False:
             if generation_config.cache_implementation not in (None, "dynamic"):
                 raise ValueError(
-                    f"cache_implementation={generation_config.cache_implementation!r} is not supported by MACLlama, "
-                    "which always generates with its own MACCache; leave cache_implementation unset"
+                    f"cache_implementation={generation_config.cache_implementation!r} is not supported by "
+                    "MACLlama, which always generates with its own MACCache; leave cache_implementation "
+                    "unset"
                 )
             model_kwargs["past_key_values"] = MACCache(self.config)
             return

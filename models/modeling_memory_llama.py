@@ -5,96 +5,103 @@ the standard library and its sibling files.
 
 What it does
 ------------
-`MemoryLlamaForCausalLM` is a `LlamaForCausalLM` with the same parameter names and computation, plus a memory that
-persists across forward / `generate()` calls (and, through `save_memory` / `load_memory`, across processes) until
-`reset_memory()`. At the layers in `config.memory_layers` (default: every layer), attention also attends to memory
-entries that live in that layer's own key/value space (after `k_proj` / `v_proj`). Every call can read the memory
-(`use_memory`, default `config.use_memory`) and write its tokens into it (`update_rule`: "ema", "surprise" or
-"none", default `config.update_rule`; anything else is a ValueError):
+`MemoryLlamaForCausalLM` is a `LlamaForCausalLM` with the same parameter names and computation, plus a memory
+that persists across forward / `generate()` calls (and, through `save_memory` / `load_memory`, across
+processes) until `reset_memory()`. At the layers in `config.memory_layers` (default: every layer), attention
+also attends to memory entries that live in that layer's own key/value space (after `k_proj` / `v_proj`).
+Every call can read the memory (`use_memory`, default `config.use_memory`) and write its tokens into it
+(`update_rule`: "ema", "surprise" or "none", default `config.update_rule`; anything else is a ValueError):
 
     model.generate(**inputs, max_new_tokens=50, use_memory=True, update_rule="ema")
-    model.save_memory("memory.safetensors"); ...; model.load_memory("memory.safetensors"); model.reset_memory()
+    model.save_memory("memory.safetensors"); ...; model.load_memory("memory.safetensors");
+    model.reset_memory()
 
 The stores of one memory layer
 ------------------------------
 - Key/value slots (`memory_slots` per key/value head), written by both rules with the token's pre-RoPE key and
-  its value: a ring of `memory_recent_slots` (default half) holding the most recent tokens verbatim, and a pool
-  receiving the tokens that leave the ring: verbatim while it has room (so the first `memory_slots` tokens are all
-  remembered exactly, like a key/value cache of earlier sessions), then
+  its value: a ring of `memory_recent_slots` (default half) holding the most recent tokens verbatim, and a
+  pool receiving the tokens that leave the ring: verbatim while it has room (so the first `memory_slots`
+  tokens are all remembered exactly, like a key/value cache of earlier sessions), then
   - "ema": the token is merged into the pool slot whose key is most similar (cosine, per head):
-    slot <- (1 - r') slot + r' token, r' = max(memory_ema_rate, 1 / (n + 1)) with n the tokens already in the slot
-    (a running mean of its first 1/r tokens, an exponential moving average after);
+    slot <- (1 - r') slot + r' token, r' = max(memory_ema_rate, 1 / (n + 1)) with n the tokens already in the
+    slot (a running mean of its first 1/r tokens, an exponential moving average after);
   - "surprise": a token whose surprise (below) exceeds the lowest surprise in the pool replaces that slot
-    verbatim, otherwise it is merged like "ema". Priorities decay by (1 - memory_decay) per written token, so old
-    surprises fade; "ema"-written slots have the lowest priority.
+    verbatim, otherwise it is merged like "ema". Priorities decay by (1 - memory_decay) per written token, so
+    old surprises fade; "ema"-written slots have the lowest priority.
   The first token of every sequence is an attention sink (in a Llama its key/value carry the sink's massive
-  activations, not content). It is written like any token but never replaced: measured, dropping the sinks made
-  the memory harmful (see below), because a remembered stretch of text reads best with its own sink before it.
-  Slot j of the f filled ones (pool first, then the ring, oldest first) is read as a key rotated to the virtual
-  RoPE position j - f: the memory sits right before the current sequence (whose positions start at 0), in the order
-  it was written, as an earlier session kept in context would. Empty slots are left out (not merely masked).
-- A Titans `NeuralMemory` ("surprise" only), one per memory layer with the key/value heads folded into its batch:
-  a linear (depth 1) fast-weight associative memory trained at test time with the Titans surprise rule (momentum
-  `memory_momentum`, forgetting `memory_decay`, rate `memory_lr`, per-token gradient clipping
-  `memory_max_grad_norm`, chunks of `memory_chunk_size` tokens; all layers are trained as one batch). It learns
-  phi(k) -> [k; v] for every written token, with k and v at unit RMS and k centred on the running mean of the
-  written keys (keys of a Llama layer share one dominant direction, ~90% of their norm: without centring all
-  features are alike and the memory fits worse than their mean). phi(x) = l2norm(silu([x; -x])) is the memory's
-  own key map with the FIXED projection W_K = [I; -I] (silu(x) - silu(-x) = x, so nothing of x is lost); values
-  and read-out are identities and the initial memory is zero, so an untouched memory reads exactly 0 and is left
-  out. A token's surprise is its error ||M(phi(k)) - [k; v]|| (proportional to the associative-loss gradient) at
-  the weights its chunk starts from; the slot priority is the mean log-surprise over layers and heads (one decision
-  per token, so a token is kept in every layer or in none). Reading: each query q reads M(phi(q)) = [kappa; nu]
-  (the stored key q matches and its value, the mean key and the RMS scales restored) as ONE extra key/value slot
-  seen by that query only, its key rotated to `memory_readout_distance` positions before the query.
+  activations, not content). It is written like any token but never replaced: measured, dropping the sinks
+  made the memory harmful (see below), because a remembered stretch of text reads best with its own sink
+  before it. Slot j of the f filled ones (pool first, then the ring, oldest first) is read as a key rotated to
+  the virtual RoPE position j - f: the memory sits right before the current sequence (whose positions start at
+  0), in the order it was written, as an earlier session kept in context would. Empty slots are left out (not
+  merely masked).
+- A Titans `NeuralMemory` ("surprise" only), one per memory layer with the key/value heads folded into its
+batch:
+  a linear (depth 1) fast-weight associative memory trained at test time with the Titans surprise rule
+  (momentum `memory_momentum`, forgetting `memory_decay`, rate `memory_lr`, per-token gradient clipping
+  `memory_max_grad_norm`, chunks of `memory_chunk_size` tokens; all layers are trained as one batch). It
+  learns phi(k) -> [k; v] for every written token, with k and v at unit RMS and k centred on the running mean
+  of the written keys (keys of a Llama layer share one dominant direction, ~90% of their norm: without
+  centring all features are alike and the memory fits worse than their mean). phi(x) = l2norm(silu([x; -x]))
+  is the memory's own key map with the FIXED projection W_K = [I; -I] (silu(x) - silu(-x) = x, so nothing of x
+  is lost); values and read-out are identities and the initial memory is zero, so an untouched memory reads
+  exactly 0 and is left out. A token's surprise is its error ||M(phi(k)) - [k; v]|| (proportional to the
+  associative-loss gradient) at the weights its chunk starts from; the slot priority is the mean log-surprise
+  over layers and heads (one decision per token, so a token is kept in every layer or in none). Reading: each
+  query q reads M(phi(q)) = [kappa; nu] (the stored key q matches and its value, the mean key and the RMS
+  scales restored) as ONE extra key/value slot seen by that query only, its key rotated to
+  `memory_readout_distance` positions before the query.
 
 Sequences and snapshots
 -----------------------
-Inside one sequence (a forward call, or a whole `generate()` through its cache) every token reads the memory as it
-was when the sequence started; the sequence's tokens are written after each forward. The current sequence is in
-the key/value cache already, so it is not read back through the memory: what the memory adds is everything
-written by EARLIER calls. Consequences (tested): cached greedy generation equals full recomputation for a fixed
-memory; one forward over a text and token-by-token streaming through the cache give the same logits and the same
-memory afterwards (all writes are sequential in token order; the neural memory is fed in chunk-aligned pieces).
-Generating without a cache (`use_cache=False`) with a writing rule re-runs, and so re-writes, the whole sequence
-at every step: use the cache (the default). The last token `generate()` returns is never run through the model,
-so it is not written. Padding (attention_mask 0) is never written; a batch shares one memory (rows are written one
-after the other).
+Inside one sequence (a forward call, or a whole `generate()` through its cache) every token reads the memory
+as it was when the sequence started; the sequence's tokens are written after each forward. The current
+sequence is in the key/value cache already, so it is not read back through the memory: what the memory adds is
+everything written by EARLIER calls. Consequences (tested): cached greedy generation equals full recomputation
+for a fixed memory; one forward over a text and token-by-token streaming through the cache give the same
+logits and the same memory afterwards (all writes are sequential in token order; the neural memory is fed in
+chunk-aligned pieces). Generating without a cache (`use_cache=False`) with a writing rule re-runs, and so
+re-writes, the whole sequence at every step: use the cache (the default). The last token `generate()` returns
+is never run through the model, so it is not written. Padding (attention_mask 0) is never written; a batch
+shares one memory (rows are written one after the other).
 
 Exactness: with `use_memory=False`, or while a layer's stores are empty, that layer runs Llama's own attention
 code on the same tensors, so the logits are exactly `LlamaForCausalLM`'s (tested to 1e-5).
 
-What works (SmolLM2-135M-Instruct, float32, every layer, 512 slots; tests/test_package.py prints the first two)
+What works (SmolLM2-135M-Instruct, float32, every layer, 512 slots; tests/test_package.py prints the first
+two)
 -----------------------------------------------------------------------------------------------------------
-- Recall across sessions while the text fits the slots: after one forward over an 86-token text about a fictitious
+- Recall across sessions while the text fits the slots: after one forward over an 86-token text about a
+fictitious
   country, the loss of a new reading of that text falls from 3.81 to 0.20 (0.20 is also the loss of the text's
-  second copy when both copies are in context: the memory then equals the context), and log p(" Tarsk" | "What is
-  the capital of Velmora?") rises from -15.6 to -5.4. Fewer memory layers give less (every other layer from 6:
-  loss 1.37; every other layer from 10: 2.36).
+  second copy when both copies are in context: the memory then equals the context), and log p(" Tarsk" | "What
+  is the capital of Velmora?") rises from -15.6 to -5.4. Fewer memory layers give less (every other layer from
+  6: loss 1.37; every other layer from 10: 2.36).
 - Beyond the slots the memory is lossy: with the same text between 700 and 800 tokens of Python source (1586
   tokens written, 512 slots), the loss on it is 4.04 (ema) / 3.97 (surprise) against 3.81 without memory and
   4.1-4.2 with the source alone in context, and the answers are back at their no-memory log-probabilities: the
-  ring holds the last code, and the facts were merged into code clusters (ema) or not judged surprising enough to
-  be kept (surprise: the mean log-error of the fictitious-country tokens is only 0.09 above the code's, whose
-  per-token spread is 0.16).
+  ring holds the last code, and the facts were merged into code clusters (ema) or not judged surprising enough
+  to be kept (surprise: the mean log-error of the fictitious-country tokens is only 0.09 above the code's,
+  whose per-token spread is 0.16).
 - The neural memory's read-out has no measurable benefit with these fixed projections: the loss moves by <0.01
-  nats with or without it (short and long case). At memory_lr 0.1 it costs ~0.6 nats on a later text after 4800
-  written tokens, and at read-out distance 0 (the query's own position) it is much worse. It is the Titans rule
-  without trained projections: a linear associative memory of 2 x head_dim features per head cannot single out one
-  remembered token the way softmax attention over the slots does. A trained memory (the MAC student of this
-  project) is the way to a useful neural memory; here "surprise" differs from "ema" mainly in which tokens the
-  pool keeps once it is full.
+  nats with or without it (short and long case). At memory_lr 0.1 it costs ~0.6 nats on a later text after
+  4800 written tokens, and at read-out distance 0 (the query's own position) it is much worse. It is the
+  Titans rule without trained projections: a linear associative memory of 2 x head_dim features per head
+  cannot single out one remembered token the way softmax attention over the slots does. A trained memory (the
+  MAC student of this project) is the way to a useful neural memory; here "surprise" differs from "ema" mainly
+  in which tokens the pool keeps once it is full.
 - Attention with a non-empty memory runs through `torch.nn.functional.scaled_dot_product_attention` with an
-  explicit mask (attn_implementation "sdpa" or "eager"; flash/flex are not supported by this class). The per-call
-  context lives on the attention modules: one forward at a time per model instance.
+  explicit mask (attn_implementation "sdpa" or "eager"; flash/flex are not supported by this class). The
+  per-call context lives on the attention modules: one forward at a time per model instance.
 
 Memory files (`save_memory` / `load_memory`): safetensors only, nothing is ever unpickled. Tensors
 `layers.<i>.<name>` per memory layer (float32, int64 counters) and metadata: format, the model fingerprint
-(`config.memory_fingerprint`, written by `package_model.py` from the weights at packaging time, so a package gives
-the same fingerprint in any dtype; without it, computed from the weights: names, shapes and a fixed sample of
-values) and the memory layers. Loading checks, in order, the file, format, fingerprint, tensor names, dtypes and
-shapes, and raises a one-line ValueError naming the first mismatch; nothing is changed unless all checks pass.
-The format, fingerprint function, atomic writer and checks are shared with the MAC model (`memory_file.py`).
+(`config.memory_fingerprint`, written by `package_model.py` from the weights at packaging time, so a package
+gives the same fingerprint in any dtype; without it, computed from the weights: names, shapes and a fixed
+sample of values) and the memory layers. Loading checks, in order, the file, format, fingerprint, tensor
+names, dtypes and shapes, and raises a one-line ValueError naming the first mismatch; nothing is changed
+unless all checks pass. The format, fingerprint function, atomic writer and checks are shared with the MAC
+model (`memory_file.py`).
 """
 
 from __future__ import annotations
@@ -136,7 +143,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotate_half(x) * sin
 
 
-# ----------------------------------------------------------------------------------------------- one layer's memory
+# ----------------------------------------------------------------------------------------- one layer's memory
 
 
 def fixed_neural_parameters(neural: NeuralMemory) -> dict[str, torch.Tensor]:
@@ -171,8 +178,8 @@ def set_fixed_neural_parameters(neural: NeuralMemory) -> None:
 class LayerMemory(nn.Module):
     """The memory of one attention layer: the "ema" key/value slots and the "surprise" neural memory.
 
-    The state is a flat dict of float32 tensors (int64 counters) kept OUTSIDE the module's parameters (it is not
-    part of `state_dict()`); writes build new tensors, so a reference to an older state (a sequence's read
+    The state is a flat dict of float32 tensors (int64 counters) kept OUTSIDE the module's parameters (it is
+    not part of `state_dict()`); writes build new tensors, so a reference to an older state (a sequence's read
     snapshot) stays valid.
     """
 
@@ -226,7 +233,8 @@ class LayerMemory(nn.Module):
         }
 
     def current_state(self) -> dict[str, torch.Tensor]:
-        """The live state (created empty on first use, moved to this layer's device if the model was moved)."""
+        """The live state (created empty on first use, moved to this layer's device if the model was
+        moved)."""
         if self.state is None:
             self.state = self.empty_state()
         elif self.state["recent_keys"].device != self.device():
@@ -234,8 +242,9 @@ class LayerMemory(nn.Module):
         return self.state
 
     def expected_layout(self) -> dict[str, tuple[tuple[int, ...] | None, torch.dtype]]:
-        """Name -> (shape, dtype) of every state tensor (`None`: the neural memory's pending rows, (H, n < C, 2d)).
-        Unfilled entries hold zeros; priorities are decayed log-surprises (see `write_begin`), 0 where unused."""
+        """Name -> (shape, dtype) of every state tensor (`None`: the neural memory's pending rows, (H, n < C,
+        2d)). Unfilled entries hold zeros; priorities are decayed log-surprises (see `write_begin`), 0 where
+        unused."""
         H, R, P, d, width = (
             self.num_kv_heads,
             self.num_recent,
@@ -276,18 +285,19 @@ class LayerMemory(nn.Module):
 
     @torch.no_grad()
     def write_begin(self, state, keys, values, surprise: torch.Tensor | None, sinks: torch.Tensor):
-        """Everything of a slot write but the sequential merges: the recent ring and the verbatim filling of the
-        pool. `surprise`: None ("ema") or the (N,) log-surprise of each token (see `MemoryLlamaForCausalLM`);
-        `sinks`: (N,) bool, the first tokens of sequences (attention sinks, never replaced).
-        Returns (state, leftover): leftover = (keys, values, priorities) of the tokens that left the ring while the
-        pool was full, to be merged by `merge_into_pools` (None if there are none)."""
+        """Everything of a slot write but the sequential merges: the recent ring and the verbatim filling of
+        the pool. `surprise`: None ("ema") or the (N,) log-surprise of each token (see
+        `MemoryLlamaForCausalLM`); `sinks`: (N,) bool, the first tokens of sequences (attention sinks, never
+        replaced). Returns (state, leftover): leftover = (keys, values, priorities) of the tokens that left
+        the ring while the pool was full, to be merged by `merge_into_pools` (None if there are none)."""
         state = dict(state)
         keys = keys.to(device=state["recent_keys"].device, dtype=torch.float32)
         values = values.to(device=state["recent_keys"].device, dtype=torch.float32)
         N, H = keys.shape[0], self.num_kv_heads
         if surprise is not None:
             times = int(state["slot_tokens"]) + torch.arange(N, device=keys.device, dtype=torch.float32)
-            # log(surprise) + t * lambda: comparing these compares surprises decayed by (1 - decay) per written token
+            # log(surprise) + t * lambda: comparing these compares surprises decayed by (1 - decay) per
+            # written token
             scores = (surprise.to(keys.device) + times * self.priority_decay)[:, None].expand(N, H)
         else:
             scores = torch.full(
@@ -296,7 +306,8 @@ class LayerMemory(nn.Module):
         scores = scores.masked_fill(sinks.to(keys.device)[:, None], float("inf"))
         state["slot_tokens"] = state["slot_tokens"] + N
 
-        # the ring of recent tokens: [old ring (oldest first) | new tokens] -> keep the last R, the rest leaves
+        # the ring of recent tokens: [old ring (oldest first) | new tokens] -> keep the last R, the rest
+        # leaves
         filled = int(state["recent_filled"])
         seq_k = torch.cat([state["recent_keys"][:, :filled], keys.transpose(0, 1)], dim=1)
         seq_v = torch.cat([state["recent_values"][:, :filled], values.transpose(0, 1)], dim=1)
@@ -335,15 +346,15 @@ class LayerMemory(nn.Module):
         return self.neural.state_from_dict(state, prefix="neural.")
 
     def neural_inputs(self, state, keys, values):
-        """The neural memory's inputs x = [k - mean; v] (H, N, 2d), unit-RMS k and v, and the new state without the
-        neural weights (running key mean and RMS statistics updated)."""
+        """The neural memory's inputs x = [k - mean; v] (H, N, 2d), unit-RMS k and v, and the new state
+        without the neural weights (running key mean and RMS statistics updated)."""
         state = dict(state)
         keys = keys.to(device=state["recent_keys"].device, dtype=torch.float32)
         values = values.to(device=state["recent_keys"].device, dtype=torch.float32)
         before, N = int(state["neural.position"]), keys.shape[0]
         unit_keys = unit_rms(keys)
-        # centre the keys on the running mean of the written (unit-RMS) keys, token by token: keys of a Llama layer
-        # share one dominant direction (~90% of their norm), which would make all features alike
+        # centre the keys on the running mean of the written (unit-RMS) keys, token by token: keys of a Llama
+        # layer share one dominant direction (~90% of their norm), which would make all features alike
         counts = torch.arange(before + 1, before + N + 1, device=keys.device, dtype=torch.float32)[
             :, None, None
         ]
@@ -359,8 +370,8 @@ class LayerMemory(nn.Module):
     # -- reads
 
     def slot_entries(self, state, cos: torch.Tensor, sin: torch.Tensor, dtype):
-        """Filled slots, pool first then the ring (oldest first), as (keys rotated to positions -f..-1, values),
-        each (H_kv, f, d); None if nothing is stored. `cos`/`sin`: (1, S, d) for positions -S..-1."""
+        """Filled slots, pool first then the ring (oldest first), as (keys rotated to positions -f..-1,
+        values), each (H_kv, f, d); None if nothing is stored. `cos`/`sin`: (1, S, d) for positions -S..-1."""
         pool, recent = int(state["pool_filled"]), int(state["recent_filled"])
         filled = pool + recent
         if not filled:
@@ -376,8 +387,9 @@ class LayerMemory(nn.Module):
         return _rotate(keys, cos, sin)[0], values[0]
 
     def readout(self, state, queries: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """(kappa, nu), each (B, H, T, d) in the queries' dtype, for pre-RoPE queries (B, H, T, d); kappa rotated with
-        `cos`/`sin` (the queries' positions minus the read-out distance). None while nothing has been learned."""
+        """(kappa, nu), each (B, H, T, d) in the queries' dtype, for pre-RoPE queries (B, H, T, d); kappa
+        rotated with `cos`/`sin` (the queries' positions minus the read-out distance). None while nothing has
+        been learned."""
         if self.neural_tokens_applied(state) == 0:
             return None
         B, H, T, d = queries.shape
@@ -404,14 +416,14 @@ class LayerMemory(nn.Module):
 
 @torch.no_grad()
 def merge_into_pools(items, ema_rate: float) -> None:
-    """Merge the tokens that left the recent rings into the (full) pools, token after token, for all memory layers'
-    heads at once (one loop over the tokens, not one per layer). `items`: (LayerMemory, state, (keys (H, M, d),
-    values, priorities (H, M))) with the same M; sets each memory's state.
+    """Merge the tokens that left the recent rings into the (full) pools, token after token, for all memory
+    layers' heads at once (one loop over the tokens, not one per layer). `items`: (LayerMemory, state, (keys
+    (H, M, d), values, priorities (H, M))) with the same M; sets each memory's state.
 
     Per head and token: if the token's priority exceeds the pool's lowest (a surprising token, see
-    `LayerMemory.write_begin`), it replaces that slot verbatim; otherwise it is merged into the slot with the most
-    similar key: slot <- (1 - r') slot + r' token, r' = max(ema_rate, 1 / (n + 1)), and the slot keeps the larger
-    priority. Tokens written by "ema" have priority -inf: they are always merged."""
+    `LayerMemory.write_begin`), it replaces that slot verbatim; otherwise it is merged into the slot with the
+    most similar key: slot <- (1 - r') slot + r' token, r' = max(ema_rate, 1 / (n + 1)), and the slot keeps
+    the larger priority. Tokens written by "ema" have priority -inf: they are always merged."""
     by_device: dict[torch.device, list] = {}
     for item in items:
         by_device.setdefault(item[1]["pool_keys"].device, []).append(item)
@@ -460,8 +472,8 @@ def merge_into_pools(items, ema_rate: float) -> None:
 
 
 class _CallContext:
-    """What one forward call tells the memory layers: the read snapshot and the rotary tables for memory entries,
-    and whether to record the new tokens' keys/values for the write after the call."""
+    """What one forward call tells the memory layers: the read snapshot and the rotary tables for memory
+    entries, and whether to record the new tokens' keys/values for the write after the call."""
 
     def __init__(self, snapshot, slot_rope, readout_rope, record: bool):
         self.snapshot = snapshot  # layer index -> state dict (or None: empty)
@@ -472,7 +484,8 @@ class _CallContext:
 
 
 class MemoryLlamaAttention(LlamaAttention):
-    """Llama attention (same weights and names) that also attends to its `LayerMemory` (see the module docstring)."""
+    """Llama attention (same weights and names) that also attends to its `LayerMemory` (see the module
+    docstring)."""
 
     def __init__(self, config: MemoryLlamaConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -565,8 +578,8 @@ def _context_visibility(attention_mask, T: int, Tk: int, device) -> torch.Tensor
         return torch.ones(T, Tk, dtype=torch.bool, device=device).tril(diagonal=Tk - T)[None, None]
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
         raise ValueError(
-            "MemoryLlama reads its memory with a 4D attention mask (attn_implementation 'sdpa' or 'eager'); got "
-            f"{type(attention_mask).__name__}"
+            "MemoryLlama reads its memory with a 4D attention mask (attn_implementation 'sdpa' or "
+            f"'eager'); got {type(attention_mask).__name__}"
         )
     mask = attention_mask[..., -Tk:]
     if mask.dtype == torch.bool:
@@ -659,7 +672,8 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM):
     # -- fingerprint and files
 
     def memory_fingerprint(self) -> str:
-        """`config.memory_fingerprint` if set (packaged models), else a hash of the weights (computed once)."""
+        """`config.memory_fingerprint` if set (packaged models), else a hash of the weights (computed
+        once)."""
         if self.config.memory_fingerprint:
             return self.config.memory_fingerprint
         if self._fingerprint is None:
@@ -675,9 +689,9 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM):
         return out
 
     def save_memory(self, path) -> None:
-        """Write the memory to a safetensors file, atomically (with the model fingerprint; see `load_memory`). The
-        neural memory's unfinished chunk is saved as it is (pending): the model's memory lives on and a loaded copy
-        continues exactly where this one is."""
+        """Write the memory to a safetensors file, atomically (with the model fingerprint; see `load_memory`).
+        The neural memory's unfinished chunk is saved as it is (pending): the model's memory lives on and a
+        loaded copy continues exactly where this one is."""
         metadata = {
             "format": MEMORY_FORMAT,
             "fingerprint": self.memory_fingerprint(),
@@ -686,8 +700,9 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM):
         write_memory_file(path, self.memory_state_dict(), metadata)
 
     def load_memory(self, path) -> None:
-        """Replace the memory by a file written by `save_memory` of this model; refuses (ValueError) a missing or
-        foreign file, another model's memory, and tensors of the wrong names, shapes or dtypes. Never unpickles."""
+        """Replace the memory by a file written by `save_memory` of this model; refuses (ValueError) a missing
+        or foreign file, another model's memory, and tensors of the wrong names, shapes or dtypes. Never
+        unpickles."""
         tensors, metadata = read_memory_file(
             path,
             {MEMORY_FORMAT: self.memory_fingerprint},
@@ -732,7 +747,8 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM):
     ):
         r"""
         use_memory (`bool`, *optional*): read and write the memory in this call (default `config.use_memory`).
-        update_rule (`str`, *optional*): "ema", "surprise" or "none": how this call's tokens are written (default
+        update_rule (`str`, *optional*): "ema", "surprise" or "none": how this call's tokens are written
+        (default
             `config.update_rule`).
         """
         use_memory, rule = self.resolve_memory_args(use_memory, update_rule)
@@ -834,13 +850,13 @@ def _write_mask(attention_mask, B: int, T: int, device) -> torch.Tensor:
 
 @torch.no_grad()
 def _train_neural_memories(memories, states, written, device) -> torch.Tensor:
-    """Train every memory layer's neural memory on its written tokens (updating `states`); returns each token's
-    surprise (N,): the mean over layers and heads of log ||M(phi(k)) - [k; v]|| (the error, proportional to the
-    associative-loss gradient, at the weights the token's chunk starts from).
+    """Train every memory layer's neural memory on its written tokens (updating `states`); returns each
+    token's surprise (N,): the mean over layers and heads of log ||M(phi(k)) - [k; v]|| (the error,
+    proportional to the associative-loss gradient, at the weights the token's chunk starts from).
 
-    The layers' neural memories have the same fixed parameters, so when they also sit on one device and have seen
-    the same number of tokens, they are trained as one batch (layers x heads) by the first one: one loop over
-    chunks instead of one per layer. Otherwise each layer runs its own loop."""
+    The layers' neural memories have the same fixed parameters, so when they also sit on one device and have
+    seen the same number of tokens, they are trained as one batch (layers x heads) by the first one: one loop
+    over chunks instead of one per layer. Otherwise each layer runs its own loop."""
     inputs = {}
     for i, (keys, values) in written.items():
         inputs[i], states[i] = memories[i].neural_inputs(states[i], keys, values)
@@ -888,7 +904,8 @@ def _train_neural_memories(memories, states, written, device) -> torch.Tensor:
                 memory.pending[part],
                 memory.position,
             )
-            # the layout keeps no phase / rule: fed chunk-aligned with "surprise" only, the phase is the pending count
+            # the layout keeps no phase / rule: fed chunk-aligned with "surprise" only, the phase is the
+            # pending count
             flat = module.state_to_dict(piece_state, prefix="neural.")
             states[i].update({k: v for k, v in flat.items() if k in states[i]})
             offset += size
@@ -908,8 +925,8 @@ def _first_tokens(attention_mask, B: int, T: int, past: int, device) -> torch.Te
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    """`memory_file.weights_fingerprint` without the memory's fixed parameters (names, shapes and a fixed sample of
-    float32 values of every other weight)."""
+    """`memory_file.weights_fingerprint` without the memory's fixed parameters (names, shapes and a fixed
+    sample of float32 values of every other weight)."""
     return memory_file_fingerprint(model, exclude=".memory.neural.")
 
 

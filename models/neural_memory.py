@@ -36,26 +36,28 @@ of the weighted loss sum_j w_j l_j at W_0: the MLP backward is written by hand w
 weighted sums (for S and for W) share one backward pass. Everything is built from differentiable torch ops,
 so ordinary autograd trains the parameters through the unrolled updates. Chunks run sequentially.
 
-Read-out: every token of chunk c is read with the weights at the START of chunk c. This keeps the module causal;
-with C = 1 it is exactly y_t = M_{t-1}(q_t), then the update with token t (``tests/paper_memory.py``, the test oracle).
+Read-out: every token of chunk c is read with the weights at the START of chunk c. This keeps the module
+causal; with C = 1 it is exactly y_t = M_{t-1}(q_t), then the update with token t (``tests/paper_memory.py``,
+the test oracle).
 
 Streaming: ``MemoryState`` holds the weights and momenta at the last chunk boundary, the written inputs of the
-current chunk (``pending``), the tokens consumed (``position``) and how far the current chunk has got (``phase``).
-``forward`` prepends the pending rows, applies every chunk that ends inside the call and keeps the remainder
-pending; pending tokens are read with the current (chunk-start) weights. Feeding a sequence at once or in
-arbitrary pieces (e.g. token by token) gives the same outputs and state.
+current chunk (``pending``), the tokens consumed (``position``) and how far the current chunk has got
+(``phase``). ``forward`` prepends the pending rows, applies every chunk that ends inside the call and keeps
+the remainder pending; pending tokens are read with the current (chunk-start) weights. Feeding a sequence at
+once or in arbitrary pieces (e.g. token by token) gives the same outputs and state.
 
 Update rules: "surprise" (above); "none" (frozen memory: read-outs only, nothing is written); "ema", a
 gradient-free moving average that is NOT in the paper (below). Rules may change from call to call on one
 stream. Tokens read under "none" are not written but they still count: ``position`` and ``phase`` advance, so
-chunk boundaries stay at multiples of C counted from the stream start (a MAC host relies on segment starts being
-chunk starts). A chunk is applied when it ends, with only its written rows (as one chunk of that many rows, at
-its start weights; the "none" tokens take no part: no gradient, no momentum or forgetting step), and every token
-of it, written or not, is read with its start weights. A chunk that ends during a "none" call is applied there,
-with the rule its rows were written with (``pending_rule``); a call with the other writing rule first applies
-the pending rows of the first as a short chunk (rows of unknown rule, ``pending_rule`` None, from states saved
-before the rule was recorded, join the next writing call's chunk). ``flush`` closes the current chunk early: its rows are applied
-now and the next token starts a new chunk (a session seeded from a flushed state starts on a chunk boundary).
+chunk boundaries stay at multiples of C counted from the stream start (a MAC host relies on segment starts
+being chunk starts). A chunk is applied when it ends, with only its written rows (as one chunk of that many
+rows, at its start weights; the "none" tokens take no part: no gradient, no momentum or forgetting step), and
+every token of it, written or not, is read with its start weights. A chunk that ends during a "none" call is
+applied there, with the rule its rows were written with (``pending_rule``); a call with the other writing rule
+first applies the pending rows of the first as a short chunk (rows of unknown rule, ``pending_rule`` None,
+from states saved before the rule was recorded, join the next writing call's chunk). ``flush`` closes the
+current chunk early: its rows are applied now and the next token starts a new chunk (a session seeded from a
+flushed state starts on a chunk boundary).
 
 "ema": only the last MLP layer moves, toward the one-shot association of the token,
     W_L <- (1 - r_t) W_L + r_t v_t phi_t^T / (||phi_t||^2 + eps),   r_t = theta_t / max_lr in (0, 1),
@@ -72,25 +74,27 @@ Deviations from the paper, and why
 - Read-out uses the chunk-start weights (causality, see above), not weights updated inside the chunk.
 - The memory MLP has no biases and no residual/LayerNorm wrapper (the paper's M is a plain MLP; the TTT-style
   residual of titans-pytorch is left out).
-- The fast-weight state and the memory math run in float32 (float64 if the input is float64) whatever the input
+- The fast-weight state and the memory math run in float32 (float64 if the input is float64) whatever the
+input
   dtype, and autocast is disabled inside; outputs are returned in the input dtype.
 - The "ema" rule and the "none" rule are additions for ablations (see above).
 - Optional per-token gradient clipping (``max_grad_norm``, off by default; the MAC host turns it on): each
   token's gradient is scaled, layer by layer, to norm <= max_grad_norm before it enters the surprise. Real
-  hidden states share a dominant direction, so the C gradients of a chunk (all at W_0) add up coherently, and a
-  model whose projections and gates are being trained drifts into rates where the unclipped recurrence
+  hidden states share a dominant direction, so the C gradients of a chunk (all at W_0) add up coherently, and
+  a model whose projections and gates are being trained drifts into rates where the unclipped recurrence
   explodes (seen: NaN after 7 distillation steps). Clipped tokens bound every chunk's update, so the fast
-  weights can grow at most linearly over a sequence. Per-token norms are free here: ||u_j|| = ||delta_j|| ||h_j||.
+  weights can grow at most linearly over a sequence. Per-token norms are free here: ||u_j|| = ||delta_j||
+  ||h_j||.
 
 Default hyper-parameters (gate biases are logits of the initial gate values; gate weights start at zero, so
 every token starts with the same gates and the data dependence is learned):
 - ``init_lr = 0.01`` (theta_0; min(0.01, max_lr / 10) for another max_lr), ``max_lr = 0.1``: inside a chunk
-  the C gradients taken at W_0 add up, and keys made by silu-then-l2norm share a large common direction, so the
-  stable step shrinks with C. Measured with the defaults (depth 2, C = 64, inputs of unit RMS, D = 128, 384,
-  576, random and repeated-pattern streams up to 16k tokens): theta_0 = 0.01 is stable and learns the repeated
-  associations (loss / 3); 0.03 diverges. The ceiling max_lr = 0.1 leaves the learned gate 10x headroom (ample
-  for small chunks: with C = 1 and unit keys a step moves M(k) by 2 theta (v - M(k))), and makes the "ema"
-  rate r_0 = theta_0 / max_lr = 0.1.
+  the C gradients taken at W_0 add up, and keys made by silu-then-l2norm share a large common direction, so
+  the stable step shrinks with C. Measured with the defaults (depth 2, C = 64, inputs of unit RMS, D = 128,
+  384, 576, random and repeated-pattern streams up to 16k tokens): theta_0 = 0.01 is stable and learns the
+  repeated associations (loss / 3); 0.03 diverges. The ceiling max_lr = 0.1 leaves the learned gate 10x
+  headroom (ample for small chunks: with C = 1 and unit keys a step moves M(k) by 2 theta (v - M(k))), and
+  makes the "ema" rate r_0 = theta_0 / max_lr = 0.1.
 - ``init_momentum = 0.9``: the usual heavy-ball value (eta close to 1 keeps past surprise).
 - ``init_decay = 0.001``: weak forgetting, half-life ~700 tokens: the memory outlives a sliding attention
   window yet cannot grow without bound.
@@ -113,14 +117,15 @@ from torch import Tensor, nn
 
 __all__ = ["MemoryState", "NeuralMemory", "UPDATE_RULES", "unit_rms"]
 
-# The memory update rules, the project's one list of them (the configs, models and command lines take it from here).
-# The order is part of the memory file format: `state_to_dict` stores a pending rule as its index here.
+# The memory update rules, the project's one list of them (the configs, models and command lines take it from
+# here). The order is part of the memory file format: `state_to_dict` stores a pending rule as its index here.
 UPDATE_RULES = ("surprise", "none", "ema")
 
 
 def unit_rms(x: Tensor) -> Tensor:
     """Parameter-free RMS normalisation (eps 1e-6) of what a model hands its memory: keys, values and queries
-    get unit scale whatever the scale of the layer's hidden states (used by the MAC and the wrapper models)."""
+    get unit scale whatever the scale of the layer's hidden states (used by the MAC and the wrapper
+    models)."""
     return F.rms_norm(x, (x.shape[-1],), eps=1e-6)
 
 
@@ -188,7 +193,8 @@ class NeuralMemory(nn.Module):
         init_momentum: initial eta, in (0, 1).
         init_decay: initial alpha, in (0, 1).
         ema_eps: epsilon of the "ema" rule's normalisation.
-        max_grad_norm: if set, each token's gradient u_j is clipped per memory layer to this norm before it enters
+        max_grad_norm: if set, each token's gradient u_j is clipped per memory layer to this norm before it
+        enters
             the surprise (None: the paper's unclipped update).
     """
 
@@ -267,18 +273,20 @@ class NeuralMemory(nn.Module):
         self.to_keys = nn.Linear(dim, memory_dim, bias=False)
         self.to_values = nn.Linear(dim, memory_dim, bias=False)
         self.to_queries = nn.Linear(dim, memory_dim, bias=False)
-        # rows: learning rate theta, momentum eta, forgetting alpha (raw nn.Parameters, so a host model's generic
-        # nn.Linear re-initialisation does not wipe the bias init; call reset_parameters() to restore it)
+        # rows: learning rate theta, momentum eta, forgetting alpha (raw nn.Parameters, so a host model's
+        # generic nn.Linear re-initialisation does not wipe the bias init; call reset_parameters() to restore
+        # it)
         self.gate_weight = nn.Parameter(torch.empty(3, dim))
         self.gate_bias = nn.Parameter(torch.empty(3))
-        # one MLP per head, stored stacked: layer i is (heads * out_i, in_i), head h owns rows h*out_i:(h+1)*out_i
+        # one MLP per head, stored stacked: layer i is (heads * out_i, in_i), head h owns rows
+        # h*out_i:(h+1)*out_i
         dims = [self.head_dim] + [hidden] * (depth - 1) + [self.head_dim]
         self.initial_weights = nn.ParameterList(
             [nn.Parameter(torch.empty(heads * d_out, d_in)) for d_in, d_out in zip(dims[:-1], dims[1:])]
         )
         self.out_proj = nn.Linear(memory_dim, dim, bias=False)
-        # subtracted from the written rows before the key/value projections, and from the read-out queries before
-        # the query projection (a host may read with other inputs than it writes); see calibrate_centre
+        # subtracted from the written rows before the key/value projections, and from the read-out queries
+        # before the query projection (a host may read with other inputs than it writes); see calibrate_centre
         self.input_centre = nn.Parameter(torch.zeros(dim)) if centre_inputs else None
         self.query_centre = nn.Parameter(torch.zeros(dim)) if centre_inputs else None
         self.reset_parameters()
@@ -318,8 +326,9 @@ class NeuralMemory(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"dim={self.dim}, memory_dim={self.memory_dim}, depth={self.depth}, hidden_dim={self.hidden_dim}, "
-            f"chunk_size={self.chunk_size}, max_lr={self.max_lr}, heads={self.heads}"
+            f"dim={self.dim}, memory_dim={self.memory_dim}, depth={self.depth}, "
+            f"hidden_dim={self.hidden_dim}, chunk_size={self.chunk_size}, max_lr={self.max_lr}, "
+            f"heads={self.heads}"
         )
 
     def init_state(self, batch_size: int, device=None, dtype: torch.dtype = torch.float32) -> MemoryState:
@@ -341,9 +350,9 @@ class NeuralMemory(nn.Module):
         return MemoryState(weights, momentum, pending, 0, 0, "surprise")
 
     def state_to_dict(self, state: MemoryState, prefix: str = "") -> dict[str, Tensor]:
-        """Flat, detached, contiguous tensors (safetensors-ready): ``{prefix}weights.{i}``, ``{prefix}momentum.{i}``,
-        ``{prefix}pending``, and int64 scalars ``{prefix}position``, ``{prefix}phase`` and ``{prefix}pending_rule``
-        (the index of the rule in ``UPDATE_RULES``)."""
+        """Flat, detached, contiguous tensors (safetensors-ready): ``{prefix}weights.{i}``,
+        ``{prefix}momentum.{i}``, ``{prefix}pending``, and int64 scalars ``{prefix}position``,
+        ``{prefix}phase`` and ``{prefix}pending_rule`` (the index of the rule in ``UPDATE_RULES``)."""
         out = {}
         for i, (w, s) in enumerate(zip(state.weights, state.momentum)):
             out[f"{prefix}weights.{i}"] = w.detach().contiguous()
@@ -360,9 +369,9 @@ class NeuralMemory(nn.Module):
     def state_from_dict(self, tensors: dict[str, Tensor], prefix: str = "") -> MemoryState:
         """Inverse of :meth:`state_to_dict`; checks the keys and shapes against this module's configuration.
 
-        ``phase`` and ``pending_rule`` may be missing (dicts written before they existed): the phase is then the
-        number of pending rows and the rule unknown (None: the pending rows are written with the rule of the next
-        writing call, as before; "surprise" if a "none" call or ``flush`` applies them)."""
+        ``phase`` and ``pending_rule`` may be missing (dicts written before they existed): the phase is then
+        the number of pending rows and the rule unknown (None: the pending rows are written with the rule of
+        the next writing call, as before; "surprise" if a "none" call or ``flush`` applies them)."""
         names = [f"{prefix}{kind}.{i}" for kind in ("weights", "momentum") for i in range(self.depth)]
         names += [f"{prefix}pending", f"{prefix}position"]
         missing = [n for n in names if n not in tensors]
@@ -398,12 +407,14 @@ class NeuralMemory(nn.Module):
         rule = scalars["pending_rule"]
         if not (P <= phase < self.chunk_size and P <= position):
             raise ValueError(
-                f"NeuralMemory.state_from_dict: {prefix}position {position} and {prefix}phase {phase} do not fit "
-                f"the {P} pending rows (expected pending <= phase < {self.chunk_size} and pending <= position)"
+                f"NeuralMemory.state_from_dict: {prefix}position {position} and {prefix}phase {phase} do "
+                f"not fit the {P} pending rows (expected pending <= phase < {self.chunk_size} and pending "
+                "<= position)"
             )
         if rule is not None and (not 0 <= rule < len(UPDATE_RULES) or UPDATE_RULES[rule] == "none"):
             raise ValueError(
-                f"NeuralMemory.state_from_dict: {prefix}pending_rule {rule} names no writing rule of {UPDATE_RULES}"
+                f"NeuralMemory.state_from_dict: {prefix}pending_rule {rule} names no writing rule of "
+                f"{UPDATE_RULES}"
             )
         return MemoryState(
             weights, momentum, pending, position, phase, None if rule is None else UPDATE_RULES[rule]
@@ -461,7 +472,8 @@ class NeuralMemory(nn.Module):
 
     @staticmethod
     def _mlp(weights, h: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """Memory MLP on rows h (B, n, in); returns output, layer inputs [h_0..h_{L-1}] and pre-activations."""
+        """Memory MLP on rows h (B, n, in); returns output, layer inputs [h_0..h_{L-1}] and
+        pre-activations."""
         inputs, pre = [], []
         for i, w in enumerate(weights):
             if i:
@@ -478,11 +490,13 @@ class NeuralMemory(nn.Module):
         if state is not None:
             if len(state.weights) != self.depth or len(state.momentum) != self.depth:
                 raise ValueError(
-                    f"NeuralMemory.{what}: state has {len(state.weights)} weight tensors, expected depth {self.depth}"
+                    f"NeuralMemory.{what}: state has {len(state.weights)} weight tensors, expected depth "
+                    f"{self.depth}"
                 )
             if state.weights[0].shape[0] != x.shape[0]:
                 raise ValueError(
-                    f"NeuralMemory.{what}: state batch size {state.weights[0].shape[0]} != input batch size {x.shape[0]}"
+                    f"NeuralMemory.{what}: state batch size {state.weights[0].shape[0]} != input batch size "
+                    f"{x.shape[0]}"
                 )
 
     @staticmethod
@@ -492,7 +506,8 @@ class NeuralMemory(nn.Module):
     # ------------------------------------------------------------------ public API
 
     def retrieve(self, state: MemoryState, x: Tensor) -> Tensor:
-        """(B, T, D) -> (B, T, D): out_proj(M(q(x))) with ``state.weights``; no update, pending rows ignored."""
+        """(B, T, D) -> (B, T, D): out_proj(M(q(x))) with ``state.weights``; no update, pending rows
+        ignored."""
         self._check_input(x, state, "retrieve")
         dt = self._compute_dtype(x)
         with _no_autocast(x.device):
@@ -522,21 +537,24 @@ class NeuralMemory(nn.Module):
         """Read out, then write x into the memory.
 
         Keys, values and gates come from ``x``; read-out queries from ``queries`` if given, else from ``x``.
-        ``update_rule``: "surprise" (Titans), "ema" (gradient-free, last layer only) or "none" (frozen: nothing is
-        written, but the tokens advance ``position`` and the chunk phase; see the module docstring).
+        ``update_rule``: "surprise" (Titans), "ema" (gradient-free, last layer only) or "none" (frozen:
+        nothing is written, but the tokens advance ``position`` and the chunk phase; see the module
+        docstring).
 
         Returns the read-outs (B, T, D) in x's dtype (each token read with its chunk-start weights), the new
         state and detached scalar stats over the tokens whose update was applied in this call (the complete
         chunks): "surprise_norm" (mean Frobenius norm of the per-token associative-loss gradient at the
-        chunk-start weights, exact, never materialised), "lr_mean", "momentum_mean", "decay_mean" (means of the
-        theta, eta, alpha gates; "ema" uses only theta) and "updated_tokens" (per sequence). All are 0 when no
-        token was applied (only pending tokens, or rule "none" unless it ends a chunk holding written rows).
+        chunk-start weights, exact, never materialised), "lr_mean", "momentum_mean", "decay_mean" (means of
+        the theta, eta, alpha gates; "ema" uses only theta) and "updated_tokens" (per sequence). All are 0
+        when no token was applied (only pending tokens, or rule "none" unless it ends a chunk holding written
+        rows).
         """
         self._check_rule(update_rule, "forward")
         self._check_input(x, state, "forward")
         if queries is not None and tuple(queries.shape) != tuple(x.shape):
             raise ValueError(
-                f"NeuralMemory.forward: queries must have the shape of x {tuple(x.shape)}, got {tuple(queries.shape)}"
+                f"NeuralMemory.forward: queries must have the shape of x {tuple(x.shape)}, got "
+                f"{tuple(queries.shape)}"
             )
         B, T, _ = x.shape
         dt = self._compute_dtype(x)
@@ -549,12 +567,12 @@ class NeuralMemory(nn.Module):
         return y.to(x.dtype), new_state, stats
 
     def flush(self, state: MemoryState, update_rule: str | None = None) -> MemoryState:
-        """Close the current chunk now: write its pending rows (the unfinished chunk) into the weights as one short
-        chunk, and start a new chunk with the next token (phase 0; ``position`` is unchanged).
+        """Close the current chunk now: write its pending rows (the unfinished chunk) into the weights as one
+        short chunk, and start a new chunk with the next token (phase 0; ``position`` is unchanged).
 
         Call it when a session ends or is saved: otherwise up to chunk_size - 1 written tokens never reach the
-        fast weights. The rows are written with the rule they were written with (``state.pending_rule``) unless
-        ``update_rule`` names another; "none" returns the state unchanged."""
+        fast weights. The rows are written with the rule they were written with (``state.pending_rule``)
+        unless ``update_rule`` names another; "none" returns the state unchanged."""
         rule = (state.pending_rule or "surprise") if update_rule is None else update_rule
         self._check_rule(rule, "flush")
         P = state.pending.shape[1]
@@ -618,8 +636,8 @@ class NeuralMemory(nn.Module):
             pending = pending[:, :0]
         P = pending.shape[1]
         if phase and (rule == "none" or P < phase):
-            # the current chunk began before this call and holds fewer written rows than tokens (some were read
-            # under "none", or a rule switch applied them): finish it up to its boundary by hand
+            # the current chunk began before this call and holds fewer written rows than tokens (some were
+            # read under "none", or a rule switch applied them): finish it up to its boundary by hand
             n = min(T, C - phase)
             closes = phase + n == C
             if rule == "none":
@@ -671,8 +689,8 @@ class NeuralMemory(nn.Module):
     def _update(self, W, S, xa: Tensor, rule: str, C: int, q: Tensor | None = None):
         """Apply the rows xa (B, N * C, D) as N chunks of C tokens to folded weights W and momenta S.
 
-        Returns the new W, S, the read-outs of the folded queries q (one (B, C, D) per chunk; none if q is None)
-        and the stats."""
+        Returns the new W, S, the read-outs of the folded queries q (one (B, C, D) per chunk; none if q is
+        None) and the stats."""
         BH, H = W[0].shape[0], self.heads
         N = xa.shape[1] // C
         k = self._keys(xa).view(BH, N, C, -1)
@@ -727,7 +745,8 @@ class NeuralMemory(nn.Module):
                             ..., None
                         ]
                         layer_wc, layer_sc = wc * clip, sc * clip
-                    # sum_j c_j u_j = delta^T diag(c) h: the chunk's gradient step on the weights (and momentum)
+                    # sum_j c_j u_j = delta^T diag(c) h: the chunk's gradient step on the weights (and
+                    # momentum)
                     step_W, step_S = torch.bmm(dT, h * layer_wc), torch.bmm(dT, h * layer_sc)
                     if self.update_bound is not None:  # bound the chunk's summed step, keep its direction
                         norm = step_W.flatten(1).norm(dim=1).clamp_min(1e-24)

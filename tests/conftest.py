@@ -1,5 +1,5 @@
-"""Shared fixtures: the embedded teacher (converted once into the user cache), a tiny random Llama teacher with
-the same tokenizer (fast multi-step runs), and a small real corpus. Nothing is downloaded."""
+"""Shared fixtures: the embedded teacher (converted once into the user cache), a tiny random Llama teacher
+with the same tokenizer (fast multi-step runs), and a small real corpus. Nothing is downloaded."""
 
 import os
 import shutil

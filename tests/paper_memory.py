@@ -1,12 +1,13 @@
-"""Naive Titans memory: a literal, token-by-token translation of the paper's equations (arXiv 2501.00663, §3.1).
+"""Naive Titans memory: a literal, token-by-token translation of the paper's equations (arXiv 2501.00663,
+§3.1).
 
 The test oracle for ``neural_memory.py`` (and a readable reference). One loop over tokens; the gradient of the
-associative loss comes from ``torch.autograd.grad``, not from a hand-written backward. For each token t and each
-head (the key/value/query features are split into ``heads`` groups, each with its own memory MLP):
+associative loss comes from ``torch.autograd.grad``, not from a hand-written backward. For each token t and
+each head (the key/value/query features are split into ``heads`` groups, each with its own memory MLP):
 
     x'_t = x_t - c (c = input_centre with centre_inputs; queries minus query_centre; the gates read x_t)
-    k_t = l2norm(silu(W_K x'_t)),  v_t = W_V x'_t (silu(.) with value_activation),  q_t = l2norm(silu(W_Q x'_t))
-    y_t = out_proj(M_{t-1}(q_t))                                  read before writing
+    k_t = l2norm(silu(W_K x'_t)),  v_t = W_V x'_t (silu(.) with value_activation),  q_t = l2norm(silu(W_Q
+    x'_t)) y_t = out_proj(M_{t-1}(q_t))                                  read before writing
     theta_t, eta_t, alpha_t = max_lr*sigmoid(.), sigmoid(.), sigmoid(.)   of  gate_weight x_t + gate_bias
     g_t = theta_t grad_M ||M_{t-1}(k_t) - v_t||^2,  scaled per layer to norm <= update_bound if set
     S_t = eta_t S_{t-1} - g_t

@@ -1,5 +1,5 @@
-"""Bad input (issue 12), class by class and CLI by CLI: every case ends in one line of OUR message and a non-zero
-exit, never a traceback, and creates or overwrites nothing.
+"""Bad input (issue 12), class by class and CLI by CLI: every case ends in one line of OUR message and a
+non-zero exit, never a traceback, and creates or overwrites nothing.
 
 The classes: config.json with wrong types (model folders and run configs), an output path under a file, in a
 read-only folder or on a full disk, pickle-only weights, truncated safetensors, non-UTF-8 prompts / facts
@@ -8,8 +8,8 @@ positions, a Hub push without network, `accelerate launch --num_processes 2` tha
 --tracker whose package is missing, and leaving --interactive. vLLM is never started: its checks run before it
 would.
 
-A read-only folder is simulated through os.access when the tests run as root (root writes anywhere); a full disk
-through os.replace, the last step of every atomic writer, failing with ENOSPC; Accelerate's simple
+A read-only folder is simulated through os.access when the tests run as root (root writes anywhere); a full
+disk through os.replace, the last step of every atomic writer, failing with ENOSPC; Accelerate's simple
 launcher through the environment it gives its one child.
 """
 
@@ -77,7 +77,8 @@ def other_tokenizer(folder: Path, larger: bool) -> Path:
 
 @pytest.fixture(scope="module")
 def world(tiny_teacher_dir, small_corpus, tmp_path_factory):
-    """Every input of the table: good and damaged teachers, MAC exports and runs, files that are in the way."""
+    """Every input of the table: good and damaged teachers, MAC exports and runs, files that are in the
+    way."""
     w = tmp_path_factory.mktemp("world")
     shutil.copytree(tiny_teacher_dir, w / "teacher")
     shutil.copytree(small_corpus, w / "corpus")
@@ -361,7 +362,8 @@ CASES = [
         "mac-types/config.json: Field 'num_hidden_layers'",
         None,
     ),
-    # -- the output under a file / in a read-only folder / on a full disk: checked before the work, or one line
+    # -- the output under a file / in a read-only folder / on a full disk: checked before the work, or one
+    # line
     (
         "output",
         "distil-under-file",
@@ -598,7 +600,8 @@ CASES = [
         "pickle",
         "distil",
         (*DISTIL, "--teacher", "{w}/teacher-pickle"),
-        "holds only pickle weights (pytorch_model.bin), which are never unpickled here: safetensors are needed; convert them",
+        "holds only pickle weights (pytorch_model.bin), which are never unpickled here: safetensors "
+        "are needed; convert them",
         None,
     ),
     (
@@ -856,7 +859,8 @@ CASES = [
         "numbers",
         "max-tokens-huge",
         ("generate", "--model-path", "{w}/mac", "--prompt", "hi", "--max-new-tokens", "1000000000"),
-        "--max-new-tokens 1000000000 exceeds what {w}/mac can hold: 1024 positions (max_position_embeddings) minus the prompt; pass --max-new-tokens 1023 or less",
+        "--max-new-tokens 1000000000 exceeds what {w}/mac can hold: 1024 positions "
+        "(max_position_embeddings) minus the prompt; pass --max-new-tokens 1023 or less",
         None,
     ),
     (

@@ -1,4 +1,5 @@
-"""Tests for titans_distil.data: spec parsing, sources, split, packing, cache, mixture, sampler (offline, fast)."""
+"""Tests for titans_distil.data: spec parsing, sources, split, packing, cache, mixture, sampler (offline,
+fast)."""
 
 from __future__ import annotations
 
@@ -116,7 +117,8 @@ def test_parse_colons_fields_hub_and_presets(tmp_path, monkeypatch):
     [
         (
             "",
-            "empty --data spec; use 'stdlib', a folder, a .txt/.jsonl/.parquet file, a preset or hf:<dataset>",
+            "empty --data spec; use 'stdlib', a folder, a .txt/.jsonl/.parquet file, a preset or "
+            "hf:<dataset>",
         ),
         (
             "stdlib,,x",

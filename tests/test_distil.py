@@ -1,4 +1,5 @@
-"""End-to-end distillation runs through the CLI: resume after SIGKILL, multi-process, bad input, offline cache."""
+"""End-to-end distillation runs through the CLI: resume after SIGKILL, multi-process, bad input, offline
+cache."""
 
 import json
 import os
@@ -396,7 +397,8 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tiny_teacher_dir, small
     assert (
         code == 1
         and out
-        == f"Error: {tmp_path / 'r'} already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another --run-name"
+        == f"Error: {tmp_path / 'r'} already holds a run; pass --resume to continue it, --overwrite to "
+        "replace it, or choose another --run-name"
     )
     assert (tmp_path / "r" / "config.json").read_text() == '{"precious": true}'
     # Resume with a different config.

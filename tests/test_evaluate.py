@@ -1,6 +1,6 @@
-"""`evaluate.py` / `titans-distil eval`: perplexity by position bucket and recall against direct computations, the
-memory-off rows really running update rule none, the command end to end and its bad-input messages. Tiny models
-with the real tokenizer; nothing is downloaded."""
+"""`evaluate.py` / `titans-distil eval`: perplexity by position bucket and recall against direct computations,
+the memory-off rows really running update rule none, the command end to end and its bad-input messages. Tiny
+models with the real tokenizer; nothing is downloaded."""
 
 import json
 import subprocess

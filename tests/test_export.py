@@ -1,9 +1,9 @@
 """Export (MAC trust_remote_code folder, plain Llama folder), Hub push, inspection commands and bad input.
 
-The decisive checks load each export in a SEPARATE Python process that cannot import titans-distil (the editable
-finder and the repository are removed from its import system, its working directory is outside the repository)
-and compare its logits and generations with the checkpoint. Tiny models; the whole file runs in well under a
-minute on two cores.
+The decisive checks load each export in a SEPARATE Python process that cannot import titans-distil (the
+editable finder and the repository are removed from its import system, its working directory is outside the
+repository) and compare its logits and generations with the checkpoint. Tiny models; the whole file runs in
+well under a minute on two cores.
 """
 
 import base64
@@ -107,7 +107,7 @@ def no_temp_left(parent: Path):
     assert not [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
-# ------------------------------------------------------------------------------------------------ folder contents
+# -------------------------------------------------------------------------------------------- folder contents
 
 
 def test_a_mac_runs_final_folder_loads_with_the_auto_class(runs):
@@ -226,15 +226,17 @@ def test_bfloat16_export_matches_the_checkpoint_cast_to_bfloat16(runs, tmp_path)
         torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=0, atol=0)
 
 
-# ------------------------------------------------------------------------------------------------ clean process
+# ---------------------------------------------------------------------------------------------- clean process
 
 CHILD = r"""
 import importlib.util, json, os, re, sys
 root = os.path.realpath(sys.argv[1])
 args = json.loads(sys.argv[2])
 # titans-distil is pip-installed in editable mode: drop its finder and every path entry that is the repository
-sys.meta_path[:] = [f for f in sys.meta_path if not (getattr(f, "__module__", "") or "").startswith("__editable__")]
-sys.path_hooks[:] = [h for h in sys.path_hooks if not (getattr(h, "__module__", "") or "").startswith("__editable__")]
+def _editable(finder):
+    return (getattr(finder, "__module__", "") or "").startswith("__editable__")
+sys.meta_path[:] = [f for f in sys.meta_path if not _editable(f)]
+sys.path_hooks[:] = [h for h in sys.path_hooks if not _editable(h)]
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != root]
 sys.path_importer_cache.clear()
 assert not os.path.realpath(os.getcwd()).startswith(root + os.sep)
@@ -262,7 +264,8 @@ with torch.no_grad():
     save_file(outputs, "logits.safetensors")
 for rule in args["rules"]:
     extra = {} if rule is None else {"update_rule": rule}
-    report["generated"][str(rule)] = model.generate(ids, max_new_tokens=6, do_sample=False, **extra)[:, ids.shape[1]:].tolist()
+    generated = model.generate(ids, max_new_tokens=6, do_sample=False, **extra)
+    report["generated"][str(rule)] = generated[:, ids.shape[1]:].tolist()
 # the model card's usage snippet, as a user would paste it
 card = open(os.path.join(args["dir"], "README.md")).read()
 snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
@@ -371,8 +374,9 @@ def test_export_reimport_export_gives_identical_weights(runs, tmp_path):
     weights = lambda folder: {k: v for k, v in file_hashes(folder).items() if ".safetensors" in k}  # noqa: E731
     assert len(weights(first)) == 3 and weights(first) == weights(second)
     assert (first / "config.json").read_text() == (second / "config.json").read_text()
-    # and the same checkpoint exported twice gives the same bytes everywhere (no timestamps, no absolute paths;
-    # the card names the output folder in its usage example, so `again` has the same name in another place)
+    # and the same checkpoint exported twice gives the same bytes everywhere (no timestamps, no absolute
+    # paths; the card names the output folder in its usage example, so `again` has the same name in another
+    # place)
     assert invoke(export_mac, *args, "--checkpoint", "2", "--output", again)[0] == 0
     assert file_hashes(first) == file_hashes(again)
 
@@ -482,7 +486,8 @@ def test_push_to_hub_uploads_the_export_with_the_token_never_shown(runs, tmp_pat
     )
     assert code == 1 and "\n" not in text.split("Error: ", 1)[1]
     assert re.search(
-        r"Error: push to me/tiny-llama failed \(.*401.*\); the export is in .*rejected, fix the cause and push again$",
+        r"Error: push to me/tiny-llama failed \(.*401.*\); the export is in .*rejected, "
+        r"fix the cause and push again$",
         text,
     )
     assert (tmp_path / "rejected" / "model.safetensors").is_file() and "hf_wrong" not in text
@@ -513,13 +518,15 @@ def test_push_without_a_token_is_refused_before_anything_is_written(runs, tmp_pa
     code, text = invoke(export_mac, "--run", runs / "mac", "--output", out, "--push-to-hub", "me/tiny-mac")
     assert (code, text) == (
         1,
-        "Error: --push-to-hub needs a Hugging Face token; set HF_TOKEN or run `hf auth login`, then export again",
+        "Error: --push-to-hub needs a Hugging Face token; set HF_TOKEN or run `hf auth login`, then "
+        "export again",
     )
     assert not out.exists() and hub.seen == []
     code, text = invoke(export_mac, "--run", runs / "mac", "--output", out, "--push-to-hub", "not a repo")
     assert (code, text) == (
         1,
-        "Error: --push-to-hub 'not a repo' is not a Hub repo id; use OWNER/NAME (letters, digits, '-', '_', '.')",
+        "Error: --push-to-hub 'not a repo' is not a Hub repo id; use OWNER/NAME (letters, digits, '-', "
+        "'_', '.')",
     )
 
 
@@ -618,7 +625,8 @@ def test_training_steps_are_the_steps_run_and_the_run_budget(tmp_path):
 
 
 class FakeHfApi:
-    """Stands in for huggingface_hub.HfApi: records calls, raises `fail` from upload_folder. Never networked."""
+    """Stands in for huggingface_hub.HfApi: records calls, raises `fail` from upload_folder. Never
+    networked."""
 
     calls: list = []
     fail: BaseException | None = None
@@ -755,13 +763,15 @@ def test_bad_input_is_one_line_and_overwrites_nothing(runs, tmp_path, monkeypatc
         export_mac,
         "--run",
         "runs/llama",
-        message="run runs/llama trained a plain Llama student (no neural memory); export it with export_llama_model.py",
+        message="run runs/llama trained a plain Llama student (no neural memory); export it with "
+        "export_llama_model.py",
     )
     refused(
         export_llama,
         "--run",
         "runs/mac",
-        message="run runs/mac trained a MAC student with neural memory, which a plain LlamaForCausalLM cannot hold; export it with export_mac_model.py",
+        message="run runs/mac trained a MAC student with neural memory, which a plain LlamaForCausalLM "
+        "cannot hold; export it with export_mac_model.py",
     )
     refused(
         export_mac,
@@ -769,7 +779,8 @@ def test_bad_input_is_one_line_and_overwrites_nothing(runs, tmp_path, monkeypatc
         "runs/mac",
         "--checkpoint",
         "99",
-        message="checkpoint 99 not found (this run has: step-000002, step-000003, final); pass a checkpoint folder or .safetensors file, a step number, 'final' or 'latest'",
+        message="checkpoint 99 not found (this run has: step-000002, step-000003, final); pass a "
+        "checkpoint folder or .safetensors file, a step number, 'final' or 'latest'",
     )
 
     # truncated and corrupt weights
@@ -783,7 +794,9 @@ def test_bad_input_is_one_line_and_overwrites_nothing(runs, tmp_path, monkeypatc
         "runs/mac",
         "--checkpoint",
         broken,
-        message="checkpoint broken: weights model.safetensors are unreadable (Error while deserializing header: incomplete metadata, file not fully covered); the file is truncated or corrupt, use another checkpoint",
+        message="checkpoint broken: weights model.safetensors are unreadable (Error while deserializing "
+        "header: incomplete metadata, file not fully covered); the file is truncated or corrupt, "
+        "use another checkpoint",
     )
     (broken / "model.safetensors").write_bytes(
         b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + data[24:]
@@ -794,7 +807,9 @@ def test_bad_input_is_one_line_and_overwrites_nothing(runs, tmp_path, monkeypatc
         "runs/mac",
         "--checkpoint",
         broken / "model.safetensors",
-        message="checkpoint broken/model.safetensors: weights model.safetensors are unreadable (Error while deserializing header: invalid JSON in header: key must be a string at line 1 column 2); the file is truncated or corrupt, use another checkpoint",
+        message="checkpoint broken/model.safetensors: weights model.safetensors are unreadable (Error "
+        "while deserializing header: invalid JSON in header: key must be a string at line 1 column "
+        "2); the file is truncated or corrupt, use another checkpoint",
     )
     Path("weights.bin").write_bytes(pickle.dumps({"x": 1}))
     refused(
@@ -803,7 +818,8 @@ def test_bad_input_is_one_line_and_overwrites_nothing(runs, tmp_path, monkeypatc
         "runs/llama",
         "--checkpoint",
         "weights.bin",
-        message="checkpoint weights.bin is a pickle file; it is never unpickled here, pass a .safetensors file",
+        message="checkpoint weights.bin is a pickle file; it is never unpickled here, pass a .safetensors "
+        "file",
     )
 
     # another architecture: the MAC run's checkpoint for the Llama run (as a folder, and as a bare file)
@@ -813,7 +829,9 @@ def test_bad_input_is_one_line_and_overwrites_nothing(runs, tmp_path, monkeypatc
         "runs/llama",
         "--checkpoint",
         "runs/mac/checkpoints/step-000003",
-        message="checkpoint runs/mac/checkpoints/step-000003 does not fit run runs/llama (model_type 'mac_llama' vs 'llama', memory_layers [1] vs None, num_persistent_tokens 4 vs None); it belongs to another architecture or size, pass a checkpoint of this run",
+        message="checkpoint runs/mac/checkpoints/step-000003 does not fit run runs/llama (model_type "
+        "'mac_llama' vs 'llama', memory_layers [1] vs None, num_persistent_tokens 4 vs None); it "
+        "belongs to another architecture or size, pass a checkpoint of this run",
     )
     shutil.copy("runs/mac/checkpoints/step-000003/model.safetensors", "mac.safetensors")
     refused(
@@ -822,7 +840,10 @@ def test_bad_input_is_one_line_and_overwrites_nothing(runs, tmp_path, monkeypatc
         "runs/llama",
         "--checkpoint",
         "mac.safetensors",
-        message="checkpoint mac.safetensors does not fit run runs/llama's LlamaForCausalLM, 2 layers, hidden 32 (unexpected 12 (model.layers.1.memory.gate_bias, model.layers.1.memory.gate_weight, model.layers.1.memory.initial_weights.0, ...)); it belongs to another architecture or size, pass a checkpoint of this run",
+        message="checkpoint mac.safetensors does not fit run runs/llama's LlamaForCausalLM, 2 layers, "
+        "hidden 32 (unexpected 12 (model.layers.1.memory.gate_bias, "
+        "model.layers.1.memory.gate_weight, model.layers.1.memory.initial_weights.0, ...)); it "
+        "belongs to another architecture or size, pass a checkpoint of this run",
     )
     # another size: a wider 3-layer Llama
     config = LlamaConfig(
@@ -841,7 +862,9 @@ def test_bad_input_is_one_line_and_overwrites_nothing(runs, tmp_path, monkeypatc
         "runs/llama",
         "--checkpoint",
         "wide",
-        message="checkpoint wide does not fit run runs/llama (num_hidden_layers 3 vs 2, hidden_size 48 vs 32, head_dim 12 vs 8); it belongs to another architecture or size, pass a checkpoint of this run",
+        message="checkpoint wide does not fit run runs/llama (num_hidden_layers 3 vs 2, hidden_size 48 vs "
+        "32, head_dim 12 vs 8); it belongs to another architecture or size, pass a checkpoint of "
+        "this run",
     )
     shutil.copy("wide/model.safetensors", "wide.safetensors")  # without its config.json: the shapes tell
     refused(
@@ -850,7 +873,13 @@ def test_bad_input_is_one_line_and_overwrites_nothing(runs, tmp_path, monkeypatc
         "runs/llama",
         "--checkpoint",
         "wide.safetensors",
-        message="checkpoint wide.safetensors does not fit run runs/llama's LlamaForCausalLM, 2 layers, hidden 32 (unexpected 9 (model.layers.2.input_layernorm.weight, model.layers.2.mlp.down_proj.weight, model.layers.2.mlp.gate_proj.weight, ...); shape mismatch 20 (model.embed_tokens.weight [49152, 32] vs [49152, 48], model.layers.0.self_attn.q_proj.weight [32, 32] vs [48, 48], model.layers.0.self_attn.k_proj.weight [16, 32] vs [24, 48], ...)); it belongs to another architecture or size, pass a checkpoint of this run",
+        message="checkpoint wide.safetensors does not fit run runs/llama's LlamaForCausalLM, 2 layers, "
+        "hidden 32 (unexpected 9 (model.layers.2.input_layernorm.weight, "
+        "model.layers.2.mlp.down_proj.weight, model.layers.2.mlp.gate_proj.weight, ...); shape "
+        "mismatch 20 (model.embed_tokens.weight [49152, 32] vs [49152, 48], "
+        "model.layers.0.self_attn.q_proj.weight [32, 32] vs [48, 48], "
+        "model.layers.0.self_attn.k_proj.weight [16, 32] vs [24, 48], ...)); it belongs to another "
+        "architecture or size, pass a checkpoint of this run",
     )
 
     # the output: a non-empty folder is kept unless --overwrite; the run itself is never a valid output
@@ -906,7 +935,8 @@ def test_inspect_weights_reads_safetensors_and_never_unpickles(mac_export, tmp_p
     code, text = invoke(inspect_model, "weights", tmp_path / "model.bin")
     assert (code, text) == (
         1,
-        f"Error: {tmp_path / 'model.bin'} is a pickle file; it is never unpickled here (loading pickle can run code), convert it to safetensors",
+        f"Error: {tmp_path / 'model.bin'} is a pickle file; it is never unpickled here (loading pickle "
+        "can run code), convert it to safetensors",
     )
     assert not marker.exists()
     save_file({"w": torch.tensor([1.0, float("nan")])}, str(tmp_path / "nan.safetensors"))
@@ -993,7 +1023,7 @@ def test_inspect_tokenizers_compare_and_examples(runs, mac_export, small_corpus,
         str(small_corpus), tokenizer, 32, "train", seed=0, validation_fraction=0.2, max_blocks=2
     )
     assert (
-        f"--- train block 0: 32 tokens, first ids {blocks[0][:8].tolist()} ---\n{tokenizer.decode(blocks[0].tolist())}"
-        in text
+        f"--- train block 0: 32 tokens, first ids {blocks[0][:8].tolist()} "
+        f"---\n{tokenizer.decode(blocks[0].tolist())}" in text
     )
     assert "--- train block 1:" in text

@@ -46,14 +46,14 @@ def ids_for(length, seed):
 
 @torch.no_grad()
 def next_logits(model, states, ids, rule="surprise"):
-    """Next-token logits of a session seeded with `states` (a cache or {layer: state}; None = the initial memory)
-    reading `ids`."""
+    """Next-token logits of a session seeded with `states` (a cache or {layer: state}; None = the initial
+    memory) reading `ids`."""
     return model(ids, past_key_values=model.memory_cache(states), use_cache=True, update_rule=rule).logits[
         0, -1
     ]
 
 
-# ------------------------------------------------------------------------------------------------- memory files
+# ----------------------------------------------------------------------------------------------- memory files
 
 
 @pytest.mark.parametrize("rule", ["surprise", "ema"])
@@ -149,7 +149,8 @@ def test_wrong_model_and_wrong_shape_memory_files_are_refused(tmp_path):
 
 def write_version1_mac_memory(model, cache, path):
     """The writer of format version 1 (titans_distil/generate.py before the models saved their own memory): a
-    64-sample fingerprint, no phase / pending_rule tensors, states not flushed (as recall_experiment.py saved)."""
+    64-sample fingerprint, no phase / pending_rule tensors, states not flushed (as recall_experiment.py
+    saved)."""
     import hashlib
     import json
 
@@ -279,7 +280,7 @@ def test_save_memory_is_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
 
 
-# ------------------------------------------------------------------------------------------------- the command
+# ------------------------------------------------------------------------------------------------ the command
 
 
 @pytest.mark.parametrize("rule", ["none", "ema", "surprise"])
@@ -464,7 +465,7 @@ def test_root_script_runs_the_command(tmp_path):
     )
 
 
-# ----------------------------------------------------------------------------------------------- whose code runs
+# -------------------------------------------------------------------------------------------- whose code runs
 
 
 def evil_folder(root: Path) -> tuple[Path, Path]:
@@ -496,8 +497,8 @@ def evil_folder(root: Path) -> tuple[Path, Path]:
 
 def refusal(folder, files) -> str:
     return (
-        f"Error: {folder} carries its own model code ({', '.join(files)}) that differs from this titans-distil's; "
-        "pass --trust-remote-code to run it"
+        f"Error: {folder} carries its own model code ({', '.join(files)}) that differs from this "
+        "titans-distil's; pass --trust-remote-code to run it"
     )
 
 
@@ -583,7 +584,9 @@ def test_project_folders_are_trusted_until_a_byte_of_their_code_changes(
 ):
     folder = tmp_path / kind
     shutil.copytree(mac_dir if kind == "mac" else package_dir, folder)
-    code, out, err = invoke("--model-path", folder, "--prompt", "x", "--max-new-tokens", 2, "--no-chat-template")
+    code, out, err = invoke(
+        "--model-path", folder, "--prompt", "x", "--max-new-tokens", 2, "--no-chat-template"
+    )
     assert code == 0 and out, err
     assert (
         err.splitlines().count(
@@ -599,7 +602,9 @@ def test_project_folders_are_trusted_until_a_byte_of_their_code_changes(
     else:
         flip_one_byte(folder / change)
     files = sorted(f for f in os.listdir(folder) if f.endswith(".py"))
-    code, out, err = invoke("--model-path", folder, "--prompt", "x", "--max-new-tokens", 2, "--no-chat-template")
+    code, out, err = invoke(
+        "--model-path", folder, "--prompt", "x", "--max-new-tokens", 2, "--no-chat-template"
+    )
     assert code == 1 and err.splitlines()[-1] == refusal(folder, files)
     with pytest.raises(UserError, match="pass --trust-remote-code to run it"):
         trust_remote_code_for(folder, allow=False)

@@ -1,5 +1,6 @@
 """MAC Llama model: exact Llama equivalence, segment locality, causality through the memory, cached generation
-against full recomputation, gradients, save/load, per-call update rules, config validation. Tiny float32 models."""
+against full recomputation, gradients, save/load, per-call update rules, config validation. Tiny float32
+models."""
 
 import json
 
@@ -110,8 +111,9 @@ def test_freshly_built_student_readout_gate(version, gate):
 
 
 def test_version_3_scales_the_readout_to_the_attention_output():
-    """Version 3 = version 2 with the read-out at y's RMS before the gate; same weights, so the versions differ
-    only there; with the read-out zeroed (out_proj = 0) the two versions agree again (nothing else changed)."""
+    """Version 3 = version 2 with the read-out at y's RMS before the gate; same weights, so the versions
+    differ only there; with the read-out zeroed (out_proj = 0) the two versions agree again (nothing else
+    changed)."""
     from titans_distil.models.modeling_mac_llama import gated_readout
 
     readout, y = torch.randn(2, 5, 8) * 0.3, torch.randn(2, 5, 8) * 7.0
@@ -139,7 +141,8 @@ def test_attention_module_alone_refuses_to_run():
 
 
 def test_attention_is_segment_local():
-    """Without memory, the second segment's logits are those of Llama run on that segment alone (same positions)."""
+    """Without memory, the second segment's logits are those of Llama run on that segment alone (same
+    positions)."""
     mac = mac_model(memory_layers=[], num_persistent_tokens=0)
     llama = LlamaForCausalLM(LlamaConfig(**BASE)).eval()
     llama.load_state_dict(mac.state_dict(), strict=False)
@@ -155,8 +158,8 @@ def test_attention_is_segment_local():
 
 def reference_memory_layer(layer, hidden, rule):
     """The MAC layer written out segment by segment with Llama's own attention over the explicit context
-    [persistent ‖ h ‖ x] (positions: segment start for persistent tokens, token j's for h_j and x_j); version 3
-    (the default): the read-out at y's RMS (per token) before the gate."""
+    [persistent ‖ h ‖ x] (positions: segment start for persistent tokens, token j's for h_j and x_j); version
+    3 (the default): the read-out at y's RMS (per token) before the gate."""
 
     def unit(t):
         return F.rms_norm(t, (t.shape[-1],), eps=1e-6)
@@ -231,7 +234,7 @@ def test_memory_carries_information_across_segments(rule, carries):
     assert (diff > 1e-4) if carries else (diff == 0)
 
 
-# ------------------------------------------------------------------------------------------ cache and generate
+# ----------------------------------------------------------------------------------------- cache and generate
 
 
 def test_cache_streaming_in_pieces_equals_one_forward():

@@ -1,6 +1,7 @@
 """Tests of the chunked Titans neural memory (models/neural_memory.py) against independent references:
 the token-by-token paper oracle (tests/paper_memory.py, autograd gradients) and a plain loop over chunks
-written here (gradient at the chunk-start weights by autograd, then token-by-token momentum and forgetting)."""
+written here (gradient at the chunk-start weights by autograd, then token-by-token momentum and
+forgetting)."""
 
 import random
 
@@ -85,7 +86,8 @@ def chunk_loop_reference(m: NeuralMemory, x, C, differentiable=False):
 
 
 def ema_reference(m: NeuralMemory, x, C, eps):
-    """Token loop of the "ema" rule: W_L <- (1 - r) W_L + r v phi^T / (|phi|^2 + eps), phi at chunk-start weights."""
+    """Token loop of the "ema" rule: W_L <- (1 - r) W_L + r v phi^T / (|phi|^2 + eps), phi at chunk-start
+    weights."""
     B, T, _ = x.shape
     W = [w.detach().unsqueeze(0).expand(B, -1, -1).clone() for w in m.initial_weights]
     with torch.no_grad():
@@ -135,8 +137,8 @@ def test_chunk1_equals_paper_oracle(depth, dtype, tol):
 
 
 def test_chunk1_meta_gradients_equal_paper_oracle():
-    """Gradients through the unrolled updates (the hand-written backward, differentiated by autograd) equal the
-    oracle's double backward through torch.autograd.grad(create_graph=True)."""
+    """Gradients through the unrolled updates (the hand-written backward, differentiated by autograd) equal
+    the oracle's double backward through torch.autograd.grad(create_graph=True)."""
     m = make_memory(2, chunk_size=1, max_lr=1.0, init_lr=0.1)
     paper = PaperMemory(D, DM, depth=2, max_lr=1.0).to(F64)
     paper.load_state_dict(m.state_dict())
@@ -206,7 +208,8 @@ def test_chunked_meta_gradients_equal_sequential_chunk_loop(depth):
 
 
 def test_extreme_gates_stay_finite_and_exact():
-    """eta ~ 1e-12 and 1 - alpha ~ 1e-12: products underflow in float32; the log-space form must not divide."""
+    """eta ~ 1e-12 and 1 - alpha ~ 1e-12: products underflow in float32; the log-space form must not
+    divide."""
     m = make_memory(2, chunk_size=16, dtype=torch.float32)
     with torch.no_grad():
         m.gate_bias[1] = -28.0  # eta ~ 7e-13
@@ -287,7 +290,8 @@ def test_update_rule_none_writes_nothing_but_advances_the_stream():
             assert torch.equal(a, b)
         assert_close(y, m.retrieve(state, x[:, :1]), 1e-12)
         assert all(float(v) == 0.0 for v in stats.values())
-        # 7 tokens cross the chunk boundary after 2: the chunk's 2 written rows are applied there (as a flush would)
+        # 7 tokens cross the chunk boundary after 2: the chunk's 2 written rows are applied there (as a flush
+        # would)
         y, state2, stats = m(x, state, update_rule="none")
         flushed = m.flush(state)
         assert (state2.position, state2.phase, state2.pending.shape[1]) == (17, 1, 0)
@@ -300,10 +304,10 @@ def test_update_rule_none_writes_nothing_but_advances_the_stream():
 
 def mixed_rule_reference(m: NeuralMemory, x, rules, C):
     """Token-level loop of a stream whose tokens carry their own rule ("surprise" or "none"), as the module
-    docstring defines it: chunks are [c C, (c + 1) C) counted from the stream start whatever the rules; every token
-    of a chunk is read with the chunk-start weights; a chunk that ends applies its written tokens only (gradients at
-    the chunk-start weights, momentum and forgetting token by token over the written tokens); the written tokens
-    of the unfinished last chunk stay pending. Returns y, W, S and the pending rows."""
+    docstring defines it: chunks are [c C, (c + 1) C) counted from the stream start whatever the rules; every
+    token of a chunk is read with the chunk-start weights; a chunk that ends applies its written tokens only
+    (gradients at the chunk-start weights, momentum and forgetting token by token over the written tokens);
+    the written tokens of the unfinished last chunk stay pending. Returns y, W, S and the pending rows."""
     B, T, _ = x.shape
     W = [w.detach().unsqueeze(0).expand(B, -1, -1).clone() for w in m.initial_weights]
     S = [torch.zeros_like(w) for w in W]
@@ -334,8 +338,8 @@ def mixed_rule_reference(m: NeuralMemory, x, rules, C):
 @pytest.mark.parametrize("C", [1, 4, 5])
 @pytest.mark.parametrize("token_by_token", [False, True])
 def test_mixed_rule_stream_keeps_chunks_aligned_with_the_stream(C, token_by_token):
-    """surprise, none, surprise pieces (the bug: a "none" continuation used to stop the stream's clock, so the next
-    "surprise" piece cut its chunks at offsets shifted by the "none" tokens)."""
+    """surprise, none, surprise pieces (the bug: a "none" continuation used to stop the stream's clock, so the
+    next "surprise" piece cut its chunks at offsets shifted by the "none" tokens)."""
     m = make_memory(2, chunk_size=C)
     plan = [("surprise", 6), ("none", 5), ("surprise", 7), ("none", 2), ("surprise", 9), ("none", 3)]
     T = sum(n for _, n in plan)
@@ -348,8 +352,8 @@ def test_mixed_rule_stream_keeps_chunks_aligned_with_the_stream(C, token_by_toke
             y, state, _ = m(x[:, pos : pos + n], state, update_rule=rule)
             ys.append(y)
             pos += n
-            # the chunk phase is the stream position modulo C, and the pending rows are the written tokens since
-            # the last multiple of C
+            # the chunk phase is the stream position modulo C, and the pending rows are the written tokens
+            # since the last multiple of C
             start = pos - pos % C
             assert state.position == pos and state.phase == pos % C
             assert state.pending.shape[1] == sum(r == "surprise" for r in rules[start:pos])
@@ -394,7 +398,8 @@ def test_switching_writing_rules_inside_a_chunk_applies_the_earlier_rows_first()
     with torch.no_grad():
         _, state, _ = m(x[:, :2], update_rule="surprise")
         _, switched, _ = m(x[:, 2:8], state, update_rule="ema")
-        # reference: the 2 surprise rows as a short chunk, then the 2 ema rows finish the chunk, then a full chunk
+        # reference: the 2 surprise rows as a short chunk, then the 2 ema rows finish the chunk, then a full
+        # chunk
         short = m.flush(state)
         _, ref, _ = m(x[:, 2:4], short._replace(phase=2), update_rule="ema")
         _, ref, _ = m(x[:, 4:8], ref, update_rule="ema")
@@ -699,7 +704,8 @@ def test_flush_writes_the_unfinished_chunk():
 
 
 def test_one_shot_storage_on_a_tiny_memory():
-    """Pairs seen once are recalled far better than pairs never seen (the version-2 defaults of the MAC host)."""
+    """Pairs seen once are recalled far better than pairs never seen (the version-2 defaults of the MAC
+    host)."""
     torch.manual_seed(0)
     m = NeuralMemory(
         64,

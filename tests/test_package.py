@@ -1,8 +1,9 @@
 """package_model.py / MemoryLlamaForCausalLM: any Llama wrapped with an inference memory.
 
-- the packaged folder loads with plain transformers (trust_remote_code) in a child process that cannot import this
-  project, equals the base Llama with the memory off or empty, generates with every update rule, and round-trips
-  its memory through a file;
+- the packaged folder loads with plain transformers (trust_remote_code) in a child process that cannot import
+this
+  project, equals the base Llama with the memory off or empty, generates with every update rule, and
+  round-trips its memory through a file;
 - exactness, persistence, snapshot semantics (cached generation = recomputation, one call = token-by-token
   streaming), memory-file checks (exact messages, never unpickled), config validation;
 - the memory has a measurable effect on the embedded SmolLM2 teacher (numbers printed: run with -s);
@@ -74,7 +75,7 @@ def state_of(model):
     return {k: v.clone() for k, v in model.memory_state_dict().items()}
 
 
-# ------------------------------------------------------------------------------------- exactness and semantics
+# ------------------------------------------------------------------------------------ exactness and semantics
 
 
 @pytest.mark.parametrize("tied,attn", [(False, "sdpa"), (True, "eager")])
@@ -201,7 +202,7 @@ def test_padding_is_not_written_and_batches_share_the_memory():
     )  # real prompt tokens, then 2 fed-back tokens per row
 
 
-# ------------------------------------------------------------------------------------------------ memory files
+# ----------------------------------------------------------------------------------------------- memory files
 
 
 def test_memory_file_round_trip_and_refusals(tmp_path, monkeypatch):
@@ -276,13 +277,15 @@ def test_memory_file_round_trip_and_refusals(tmp_path, monkeypatch):
     refused(
         other,
         tmp_path / "half.safetensors",
-        f"{tmp_path / 'half.safetensors'}: tensor layers.1.pool_values has dtype torch.float16, this model expects torch.float32",
+        f"{tmp_path / 'half.safetensors'}: tensor layers.1.pool_values has dtype torch.float16, this "
+        "model expects torch.float32",
     )
     save_file({"x": torch.zeros(2)}, tmp_path / "weights.safetensors")
     refused(
         other,
         tmp_path / "weights.safetensors",
-        f"{tmp_path / 'weights.safetensors'} is not a memory file of this model type (format None, expected 'memory-llama-memory/1')",
+        f"{tmp_path / 'weights.safetensors'} is not a memory file of this model type (format None, "
+        "expected 'memory-llama-memory/1')",
     )
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 5)
     with pytest.raises(ValueError, match=r"junk.safetensors is not a safetensors memory file \("):
@@ -346,7 +349,7 @@ def test_memory_modules_never_unpickle():
         assert not re.search(r"\bpickle\b|torch\.load\(|allow_pickle=True", source), name
 
 
-# ------------------------------------------------------------------------------- the package, in a clean process
+# ---------------------------------------------------------------------------- the package, in a clean process
 
 CHILD = r"""
 import importlib.util, json, os, sys
@@ -356,7 +359,9 @@ def _module(f):
 sys.meta_path[:] = [f for f in sys.meta_path if not _module(f).startswith("__editable__")]
 sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable__")]
 sys.path_importer_cache.clear()
-sys.path[:] = [p for p in sys.path if not (p == root or (p.startswith(root + os.sep) and not p.startswith(os.path.join(root, ".venv"))))]
+def _in_repository(p):
+    return p == root or (p.startswith(root + os.sep) and not p.startswith(os.path.join(root, ".venv")))
+sys.path[:] = [p for p in sys.path if not _in_repository(p)]
 assert importlib.util.find_spec("titans_distil") is None and importlib.util.find_spec("models") is None
 assert not os.getcwd().startswith(root)
 
@@ -494,7 +499,8 @@ FACTS = (
 
 
 def test_memory_changes_the_loss_of_the_embedded_teacher(embedded_dir):
-    """Read a text with memory updates, then measure the loss on a new reading of the same text (numbers: -s)."""
+    """Read a text with memory updates, then measure the loss on a new reading of the same text (numbers:
+    -s)."""
     from transformers import AutoTokenizer
 
     base = LlamaForCausalLM.from_pretrained(embedded_dir).eval()
@@ -523,7 +529,8 @@ def test_memory_changes_the_loss_of_the_embedded_teacher(embedded_dir):
             model(ids, update_rule=rule)
         results[rule] = measure(model, update_rule="none")
     print(
-        f"\nembedded teacher, {ids.shape[1]}-token text: loss {base_loss:.3f} without memory; after reading it once: "
+        f"\nembedded teacher, {ids.shape[1]}-token text: loss {base_loss:.3f} without memory; after "
+        "reading it once: "
         + ", ".join(f"{rule} {loss:.3f}" for rule, (loss, _) in results.items())
         + f"\nlog p(' Tarsk' | question): {base_recall:.2f} without memory; "
         + ", ".join(f"{rule} {recall:.2f}" for rule, (_, recall) in results.items())
@@ -533,7 +540,7 @@ def test_memory_changes_the_loss_of_the_embedded_teacher(embedded_dir):
         assert recall > base_recall + 3.0, rule
 
 
-# ---------------------------------------------------------------------------------------------------- bad input
+# -------------------------------------------------------------------------------------------------- bad input
 
 
 def invoke(*args):
@@ -550,19 +557,23 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tiny_teacher_dir, tmp_p
     cases = [
         (
             ["--model-path", tmp_path / "nope", "--output", tmp_path / "o"],
-            f"Error: model {tmp_path / 'nope'} does not exist; pass an existing folder, a .gguf file, a Hub id or 'embedded'",
+            f"Error: model {tmp_path / 'nope'} does not exist; pass an existing folder, a .gguf file, a Hub "
+            "id or 'embedded'",
         ),
         (
             ["--model-path", tmp_path / "nope.gguf", "--output", tmp_path / "o"],
-            f"Error: model file {tmp_path / 'nope.gguf'} does not exist; pass an existing .gguf file, a model folder, a Hub id or 'embedded'",
+            f"Error: model file {tmp_path / 'nope.gguf'} does not exist; pass an existing .gguf file, a "
+            "model folder, a Hub id or 'embedded'",
         ),
         (
             ["--model-path", gpt2, "--output", tmp_path / "o"],
-            f"Error: model {gpt2} is a 'gpt2' model; package_model.py wraps Llama-family causal LMs (model_type llama)",
+            f"Error: model {gpt2} is a 'gpt2' model; package_model.py wraps Llama-family causal LMs "
+            "(model_type llama)",
         ),
         (
             ["--model-path", tiny_teacher_dir, "--output", busy],
-            f"Error: --output {busy} is not empty; pass --overwrite to replace it, or choose another --output",
+            f"Error: --output {busy} is not empty; pass --overwrite to replace it, or choose another "
+            "--output",
         ),
         (
             ["--model-path", tiny_teacher_dir, "--output", tmp_path / "o", "--memory-layers", "1,9"],

@@ -1,6 +1,7 @@
-"""quantize.py: bitsandbytes 8-bit and nf4 round trips on a tiny Llama and tiny MAC students (memory modules stay
-float32 and are no bnb layers; the saved folder reloads with the logits of the in-memory quantized model; surprise
-and ema updates run on the quantized MAC model), the CLI table, and each bad input with its exact message."""
+"""quantize.py: bitsandbytes 8-bit and nf4 round trips on a tiny Llama and tiny MAC students (memory modules
+stay float32 and are no bnb layers; the saved folder reloads with the logits of the in-memory quantized model;
+surprise and ema updates run on the quantized MAC model), the CLI table, and each bad input with its exact
+message."""
 
 import json
 import sys
@@ -39,7 +40,8 @@ LLAMA_LINEARS = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
-# hidden 64 / 4 heads / 2 KV heads: every linear has >= 32 outputs (bitsandbytes' CPU 4-bit kernel packs by 32 rows)
+# hidden 64 / 4 heads / 2 KV heads: every linear has >= 32 outputs (bitsandbytes' CPU 4-bit kernel packs by 32
+# rows)
 BASE = dict(
     vocab_size=49152,
     hidden_size=64,
@@ -240,9 +242,9 @@ def test_surprise_and_ema_updates_run_on_quantized_mac(mac_dir, tmp_path, bits, 
     )
     assert outputs["none"].memory_stats["updated_tokens"] == 0
     assert outputs["surprise"].memory_stats["surprise_norm"] > 0
-    # the first memory chunk reads the initial memory under every rule; later tokens read what each rule wrote.
-    # (LLM.int8() picks its 16-bit outlier columns over all tokens of a call, so with 8 bits the later tokens move the
-    # first ones slightly: a property of bitsandbytes' int8 matmul, not of the memory)
+    # the first memory chunk reads the initial memory under every rule; later tokens read what each rule
+    # wrote. (LLM.int8() picks its 16-bit outlier columns over all tokens of a call, so with 8 bits the later
+    # tokens move the first ones slightly: a property of bitsandbytes' int8 matmul, not of the memory)
     for rule in ("surprise", "ema"):
         first = (outputs[rule].logits[:, :CHUNK] - outputs["none"].logits[:, :CHUNK]).abs().max()
         later = (outputs[rule].logits[:, SEG:] - outputs["none"].logits[:, SEG:]).abs().max()
@@ -258,15 +260,16 @@ def test_surprise_and_ema_updates_run_on_quantized_mac(mac_dir, tmp_path, bits, 
             pad_token_id=2,
         )
         assert generated.shape == (1, 2 * SEG - 4) and torch.equal(generated[:, : prompt.shape[1]], prompt)
-    # the memory's parameters are the meta-learned initial state: test-time updates live in the cache, not here
+    # the memory's parameters are the meta-learned initial state: test-time updates live in the cache, not
+    # here
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in memory_before.items())
 
 
 @pytest.mark.parametrize("bits, quant_type", [(8, None), (4, "nf4")])
 def test_memory_parameters_train_through_the_quantized_model(mac_dir, bits, quant_type):
-    """The full-precision memory parts keep learning by autograd (bnb layers frozen, gradients pass through them).
-    train() before the first forward: bitsandbytes 0.50.2 re-packs eval-mode 4-bit CPU weights into a kernel that
-    passes no gradient to its input."""
+    """The full-precision memory parts keep learning by autograd (bnb layers frozen, gradients pass through
+    them). train() before the first forward: bitsandbytes 0.50.2 re-packs eval-mode 4-bit CPU weights into a
+    kernel that passes no gradient to its input."""
     model = quantize_model(inspect_source(str(mac_dir)), parse_spec(bits, quant_type)).train()
     trainable = {
         n: p.requires_grad_(True)
@@ -285,8 +288,8 @@ def test_memory_parameters_train_through_the_quantized_model(mac_dir, bits, quan
 
 
 def test_save_refuses_a_4bit_model_repacked_by_a_cpu_forward(llama_dir, tmp_path):
-    """bitsandbytes 0.50.2 re-packs 4-bit weights for its AVX512-bf16 CPU kernel on the first eval forward and then
-    saves the block scales transposed; save_quantized refuses instead of writing a corrupted folder."""
+    """bitsandbytes 0.50.2 re-packs 4-bit weights for its AVX512-bf16 CPU kernel on the first eval forward and
+    then saves the block scales transposed; save_quantized refuses instead of writing a corrupted folder."""
     model = quantize_model(inspect_source(str(llama_dir)), parse_spec(4))
     before = logits(model, ids())
     if not _cpu_packed_layers(
@@ -341,12 +344,12 @@ def test_cli_quantizes_a_mac_student_and_prints_the_table(mac_dir, corpus, tmp_p
     } <= set(rows)
     assert "before (float32)" in text and "after (nf4)" in text
     assert (
-        "kept in float32: embeddings, norms, lm_head (tied to the embeddings), memory modules, persistent tokens and read-out gates of layer 1"
-        in text
+        "kept in float32: embeddings, norms, lm_head (tied to the embeddings), memory modules, "
+        "persistent tokens and read-out gates of layer 1" in text
     )
     assert (
-        "MAC memory updates on the quantized model: surprise ok (64 tokens written per memory layer), ema ok (64 tokens"
-        in text
+        "MAC memory updates on the quantized model: surprise ok (64 tokens written per memory layer), "
+        "ema ok (64 tokens" in text
     )
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
@@ -415,17 +418,27 @@ def test_bad_input_one_line_error_and_nothing_written(case, llama_dir, quantized
         "output-is-file": ["--model-path", llama_dir, "--bits", 4],
     }[case]
     expected = {
-        "already-quantized": f"--model-path {quantized_dir} is already quantized (bitsandbytes nf4); pass the unquantized model folder it was made from",
-        "8-bit-nf4": "--bits 8 --quant-type nf4 is not a bitsandbytes format: nf4 is 4-bit; pass --bits 4 --quant-type nf4, or drop --quant-type for 8-bit LLM.int8()",
-        "8-bit-double-quant": "--double-quant applies to 4-bit only (it quantizes the 4-bit block scales); pass --bits 4, or drop --double-quant",
-        "8-bit-compute-dtype": "--compute-dtype applies to 4-bit only (8-bit layers use bitsandbytes' int8 kernels); pass --bits 4, or drop --compute-dtype",
-        "4-bit-int8-threshold": "--int8-threshold applies to 8-bit only (LLM.int8() outlier columns); pass --bits 8, or drop --int8-threshold",
+        "already-quantized": f"--model-path {quantized_dir} is already quantized (bitsandbytes nf4); pass "
+        "the unquantized model folder it was made from",
+        "8-bit-nf4": "--bits 8 --quant-type nf4 is not a bitsandbytes format: nf4 is 4-bit; pass --bits 4 "
+        "--quant-type nf4, or drop --quant-type for 8-bit LLM.int8()",
+        "8-bit-double-quant": "--double-quant applies to 4-bit only (it quantizes the 4-bit block scales); "
+        "pass --bits 4, or drop --double-quant",
+        "8-bit-compute-dtype": "--compute-dtype applies to 4-bit only (8-bit layers use bitsandbytes' int8 "
+        "kernels); pass --bits 4, or drop --compute-dtype",
+        "4-bit-int8-threshold": "--int8-threshold applies to 8-bit only (LLM.int8() outlier columns); pass "
+        "--bits 8, or drop --int8-threshold",
         "bits-3": "--bits 3 is not supported; pass --bits 8 (LLM.int8()) or --bits 4 (nf4 or fp4)",
-        "type-int4": "--quant-type int4 is not supported; pass --quant-type nf4 or --quant-type fp4 (with --bits 4)",
-        "missing-path": f"--model-path {tmp_path / 'nope'} does not exist; pass a model folder (with config.json), a .gguf file or 'embedded'",
-        "no-config": f"--model-path {tmp_path} has no config.json; pass a Hugging Face model folder (e.g. runs/NAME/final), a .gguf file or 'embedded'",
-        "gpt2": f"--model-path {tmp_path / 'gpt2'} is a 'gpt2' model; quantize.py handles Llama teachers and students (model_type 'llama') and MAC students (model_type 'mac_llama')",
-        "output-is-source": f"--output {llama_dir} would replace {llama_dir}, which this command reads; choose another --output",
+        "type-int4": "--quant-type int4 is not supported; pass --quant-type nf4 or --quant-type fp4 (with "
+        "--bits 4)",
+        "missing-path": f"--model-path {tmp_path / 'nope'} does not exist; pass a model folder (with "
+        "config.json), a .gguf file or 'embedded'",
+        "no-config": f"--model-path {tmp_path} has no config.json; pass a Hugging Face model folder (e.g. "
+        "runs/NAME/final), a .gguf file or 'embedded'",
+        "gpt2": f"--model-path {tmp_path / 'gpt2'} is a 'gpt2' model; quantize.py handles Llama teachers "
+        "and students (model_type 'llama') and MAC students (model_type 'mac_llama')",
+        "output-is-source": f"--output {llama_dir} would replace {llama_dir}, which this command reads; "
+        "choose another --output",
         "output-is-file": f"--output {tmp_path / 'file.bin'} is a file; pass a folder path",
     }[case]
     if case == "gpt2":

@@ -1,5 +1,6 @@
-"""`recall_experiment.py`: facts written to a memory file in one session, questions asked in a new session that loads
-it. Tiny models with the real tokenizer (MAC student and packaged wrapper); nothing is downloaded."""
+"""`recall_experiment.py`: facts written to a memory file in one session, questions asked in a new session
+that loads it. Tiny models with the real tokenizer (MAC student and packaged wrapper); nothing is
+downloaded."""
 
 import json
 import shutil
@@ -91,7 +92,8 @@ def test_fresh_session_with_the_memory_file_scores_exactly_like_the_writing_sess
         text=block,
     )
     assert loaded == same_session  # every log-probability, greedy answer and the re-read text's NLL, exactly
-    # the memory changed the scores (a random tiny model's are near-uniform: the differences are small but real)
+    # the memory changed the scores (a random tiny model's are near-uniform: the differences are small but
+    # real)
     assert (
         abs(loaded["nll"] - baseline["nll"]) > 1e-5 and abs(loaded["text_nll"] - baseline["text_nll"]) > 1e-5
     )
@@ -159,8 +161,8 @@ def test_cli_prints_the_table_and_writes_json(mac_dir, tmp_path):
     assert f"| {name} | none | {base:.3f} | +0.000 |" in stdout
     ema = data["rules"]["ema"]
     assert (
-        f"| {name} | ema | {ema['nll']:.3f} | {base - ema['nll']:+.3f} | {ema['answer_logprob']:.2f} | {ema['recalled']}/2 |"
-        in stdout
+        f"| {name} | ema | {ema['nll']:.3f} | {base - ema['nll']:+.3f} | {ema['answer_logprob']:.2f} | "
+        f"{ema['recalled']}/2 |" in stdout
     )
     assert f"results written to {out}" in stderr
 

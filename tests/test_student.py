@@ -58,7 +58,8 @@ def test_teacher_errors(tmp_path):
 
 @pytest.mark.parametrize("rule", ["surprise", "ema"])
 def test_mac_student_of_the_embedded_teacher_stays_finite_on_real_code(embedded_dir, rule):
-    """Regression: real hidden states share a dominant direction; the default memory rates must not diverge."""
+    """Regression: real hidden states share a dominant direction; the default memory rates must not
+    diverge."""
     from titans_distil.data import load_blocks
 
     teacher, tokenizer = load_teacher("embedded")

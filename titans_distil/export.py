@@ -7,8 +7,8 @@ Two kinds:
   (torch + transformers + stdlib only) and ``auto_map`` entries for ``AutoConfig`` / ``AutoModelForCausalLM``.
 * ``llama``: a student without memory as a plain `LlamaForCausalLM` that stock transformers and vLLM load.
 
-Both get the run's tokenizer (with its chat template), ``generation_config.json``, safetensors weights (sharded
-above ``max_shard_size``) and a ``README.md`` model card built from the run's ``config.json`` and
+Both get the run's tokenizer (with its chat template), ``generation_config.json``, safetensors weights
+(sharded above ``max_shard_size``) and a ``README.md`` model card built from the run's ``config.json`` and
 ``metrics.jsonl``. The folder is written next to its target under a temporary name, checked (weights reload
 bit-exactly, tokenizer loads, model code imports nothing but torch/transformers/stdlib) and only then renamed
 into place, so a failed export never leaves half a folder and never replaces a good one.
@@ -132,7 +132,8 @@ def export_model(
     tokenizer = run_tokenizer(run)
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(
-            f"the run's tokenizer has {len(tokenizer)} tokens but the student only {model.config.vocab_size} embeddings; the run folder mixes two teachers"
+            f"the run's tokenizer has {len(tokenizer)} tokens but the student only "
+            f"{model.config.vocab_size} embeddings; the run folder mixes two teachers"
         )
     model.generation_config = _generation_config(run, ckpt, model.config, tokenizer)
     model.config.architectures = [type(model).__name__]
@@ -183,7 +184,8 @@ def check_shard_size(size) -> None:
 
 
 def _check_export(folder: Path, model, tokenizer, kind: str) -> None:
-    """Before publishing: the written weights reload bit-exactly, the tokenizer loads, the code is self-contained."""
+    """Before publishing: the written weights reload bit-exactly, the tokenizer loads, the code is
+    self-contained."""
     import torch
 
     config = read_config(folder)
@@ -191,11 +193,13 @@ def _check_export(folder: Path, model, tokenizer, kind: str) -> None:
         foreign = foreign_imports(folder)
         if foreign:
             raise UserError(
-                f"export check failed: the model files import {foreign[0]}, which a user without titans-distil lacks; this is a bug, please report it"
+                f"export check failed: the model files import {foreign[0]}, which a user without "
+                "titans-distil lacks; this is a bug, please report it"
             )
     elif "auto_map" in config or config.get("model_type") != "llama":
         raise UserError(
-            "export check failed: a plain Llama export must not need remote code; this is a bug, please report it"
+            "export check failed: a plain Llama export must not need remote code; this is a bug, please "
+            "report it"
         )
     written = make_config(config, kind)
     diffs = [k for k in ARCHITECTURE_FIELDS if getattr(written, k, None) != getattr(model.config, k, None)]
@@ -210,7 +214,8 @@ def _check_export(folder: Path, model, tokenizer, kind: str) -> None:
     different = [k for k in original if k not in saved or not torch.equal(saved[k], original[k])]
     if diffs or different or set(saved) != set(original):
         raise UserError(
-            f"export check failed: {diffs[:1] or different[:1] or sorted(set(saved) ^ set(original))[:1]} did not survive the round trip; this is a bug, please report it"
+            f"export check failed: {diffs[:1] or different[:1] or sorted(set(saved) ^ set(original))[:1]} "
+            "did not survive the round trip; this is a bug, please report it"
         )
     type(tokenizer).from_pretrained(folder)  # the class itself: AutoTokenizer would ask about the remote code
 
@@ -287,7 +292,8 @@ def push_folder(
     token = token or hub_token()
     if constants.is_offline_mode():
         raise UserError(
-            f"HF_HUB_OFFLINE is set, so nothing can be pushed; unset it and push again (the export is in {display(Path(folder))})"
+            "HF_HUB_OFFLINE is set, so nothing can be pushed; unset it and push again (the export is in "
+            f"{display(Path(folder))})"
         )
     what = {"mac": "MAC student", "llama": "Llama student", "memory": "memory-wrapped Llama"}.get(
         kind, "model"
@@ -308,7 +314,8 @@ def push_folder(
         first = next((line for line in describe(err).splitlines() if line.strip()), type(err).__name__)
         first = first.replace(token, "***")
         raise UserError(
-            f"push to {repo_id} failed ({first}); the export is in {display(Path(folder))}, fix the cause and push again"
+            f"push to {repo_id} failed ({first}); the export is in {display(Path(folder))}, fix the cause "
+            "and push again"
         ) from None
     return str(url)
 
@@ -337,6 +344,7 @@ def push_export(
         commit_message=commit_message,
     )
     log(
-        f"pushed {display(folder)} to {url}{'@' + revision if revision else ''} ({'private' if private else 'public'})"
+        f"pushed {display(folder)} to {url}{'@' + revision if revision else ''} "
+        f"({'private' if private else 'public'})"
     )
     return url

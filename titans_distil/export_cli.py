@@ -23,7 +23,8 @@ def _export_command(kind: str, name: str, summary: str, examples: str):
         default="latest",
         show_default=True,
         metavar="SPEC",
-        help="'latest' (newest of checkpoints/step-N and final/), 'final', a step number, a checkpoint folder or a .safetensors file.",
+        help="'latest' (newest of checkpoints/step-N and final/), 'final', a step number, a checkpoint "
+        "folder or a .safetensors file.",
     )
     @click.option(
         "--output", default=None, metavar="DIR", help=f"Folder to write. [default: exports/<run-name>-{kind}]"
@@ -87,9 +88,9 @@ def _export_command(kind: str, name: str, summary: str, examples: str):
 export_mac = _export_command(
     "mac",
     "export_mac_model.py",
-    "Export a MAC (Titans memory) student as a Hugging Face folder loaded with trust_remote_code=True: config with "
-    "auto_map, the self-contained model files, safetensors weights, tokenizer with chat template, generation config "
-    "and a model card.",
+    "Export a MAC (Titans memory) student as a Hugging Face folder loaded with "
+    "trust_remote_code=True: config with auto_map, the self-contained model files, safetensors "
+    "weights, tokenizer with chat template, generation config and a model card.",
     "  python export_mac_model.py --run runs/demo\n"
     "  python export_mac_model.py --run runs/demo --checkpoint 50 --output exports/demo-50 --dtype bfloat16\n"
     "  python export_mac_model.py --run runs/demo --push-to-hub me/demo-mac --private",

@@ -4,8 +4,8 @@ Flags are spelled with dashes, one name per concept: `--model-path` (a model fol
 `--max-new-tokens` (tokens to generate), `--dtype` (the dtype weights are loaded in; `--precision` is a
 different thing, the mixed precision of training or of a teacher's forward), `--use-mac`. Spellings from
 before this vocabulary keep working as hidden aliases: `OLD_SPELLINGS` is the one table of them, `option()`
-(click) and `add_argument()` (argparse, the benchmarks) the only ways the commands declare a flag that has one.
-`--help` shows the new name only; an old name parses into the same parameter.
+(click) and `add_argument()` (argparse, the benchmarks) the only ways the commands declare a flag that has
+one. `--help` shows the new name only; an old name parses into the same parameter.
 """
 
 from __future__ import annotations

@@ -2,15 +2,17 @@
 
 Three kinds of model folder are served:
 
-* **MAC** (`model_type: mac_llama`, an `export_mac_model.py` folder or a run's `final/`): the Titans memory lives
-  in the `MACCache` that carries the stream through `generate()`. A *session* is one stream: it starts at position 0
-  with a fresh `MACCache` whose memory layers are seeded from a memory file (or the model's initial memory), and
-  every prompt and generated token of the session passes through the cache (turns continue the same stream).
-  Memory files go through the model's own `save_memory(path, cache)` / `load_memory(path)` (shipped in the export,
-  `modeling_mac_llama.py`): per memory layer the fast-weight state after the session, flushed (the unfinished
-  chunk's written rows are applied), and metadata with a model fingerprint; a later session seeded from it
-  retrieves from exactly that state.
-* **Packaged wrapper** (`model_type: memory_llama`, `package_model.py`): its memory lives in the model and persists
+* **MAC** (`model_type: mac_llama`, an `export_mac_model.py` folder or a run's `final/`): the Titans memory
+lives
+  in the `MACCache` that carries the stream through `generate()`. A *session* is one stream: it starts at
+  position 0 with a fresh `MACCache` whose memory layers are seeded from a memory file (or the model's initial
+  memory), and every prompt and generated token of the session passes through the cache (turns continue the
+  same stream). Memory files go through the model's own `save_memory(path, cache)` / `load_memory(path)`
+  (shipped in the export, `modeling_mac_llama.py`): per memory layer the fast-weight state after the session,
+  flushed (the unfinished chunk's written rows are applied), and metadata with a model fingerprint; a later
+  session seeded from it retrieves from exactly that state.
+* **Packaged wrapper** (`model_type: memory_llama`, `package_model.py`): its memory lives in the model and
+persists
   across `generate()` calls; files go through its own `save_memory` / `load_memory`.
 * **Plain Llama**: no memory (only `--update-rule none`, no memory files).
 
@@ -101,11 +103,13 @@ class Session:
         if self.kind == "llama" and self.update_rule != "none":
             raise UserError(
                 f"--update-rule {self.update_rule}: this model has no memory (model_type "
-                f"{self.model.config.model_type!r}); use --update-rule none, a MAC export or a package_model.py folder"
+                f"{self.model.config.model_type!r}); use --update-rule none, a MAC export or a "
+                "package_model.py folder"
             )
         self.reset()
 
-    # -- memory (the models' own save_memory / load_memory: a MAC memory lives in the cache, a wrapper's in the model)
+    # -- memory (the models' own save_memory / load_memory: a MAC memory lives in the cache, a wrapper's in
+    # the model)
 
     def reset(self, keep_seed: bool = False) -> None:
         """Start a new stream; the memory goes back to the seed (keep_seed) or to empty."""
@@ -130,8 +134,8 @@ class Session:
         self.reset(keep_seed=True)
 
     def save_memory(self, path) -> None:
-        """The memory after every token of the session; MAC: flushed (the file's weights hold every token written,
-        and a session from it starts a new chunk), the live session is not changed."""
+        """The memory after every token of the session; MAC: flushed (the file's weights hold every token
+        written, and a session from it starts a new chunk), the live session is not changed."""
         if self.kind == "llama":
             raise UserError(
                 f"cannot save {path}: this model has no memory (model_type {self.model.config.model_type!r})"
@@ -203,7 +207,8 @@ class Session:
         out = self.model.generate(input_ids, **kwargs)[0].tolist()
         generated = out[len(ids) :]
         if self.kind == "mac" and generated:
-            # generate() never feeds its last token back; feed it so the memory (and the stream) hold every token
+            # generate() never feeds its last token back; feed it so the memory (and the stream) hold every
+            # token
             self.model(
                 torch.tensor([generated[-1:]], device=self.model.device),
                 past_key_values=self.cache,
@@ -221,8 +226,9 @@ class Session:
         return getattr(self.model.config, "max_position_embeddings", None)
 
     def check_length(self, tokens: int, max_new_tokens: int) -> None:
-        """The stream (`tokens` so far, this turn's prompt included) plus `max_new_tokens` must fit the model's
-        positions (max_position_embeddings): a MAC model too, whose rotary positions count the whole stream."""
+        """The stream (`tokens` so far, this turn's prompt included) plus `max_new_tokens` must fit the
+        model's positions (max_position_embeddings): a MAC model too, whose rotary positions count the whole
+        stream."""
         limit = self.positions()
         if limit and tokens + max_new_tokens > limit:
             room = max(limit - tokens, 0)
@@ -333,10 +339,11 @@ def no_vllm_inference(
 
     \b
     Examples:
-      python no_vllm_inference.py --model-path exports/demo-mac --use-mac --update-rule surprise --prompt "def f(x):"
-      python no_vllm_inference.py --model-path exports/demo-mac --prompts-file notes.txt --update-rule surprise --memory-out alice.safetensors
-      python no_vllm_inference.py --model-path exports/demo-mac --memory-in alice.safetensors --interactive
-      python no_vllm_inference.py --model-path packaged/smol-memory --update-rule ema --temperature 0.7 --top-p 0.9 --prompt "Hi"
+      python no_vllm_inference.py --model-path exports/demo-mac --use-mac --update-rule surprise --prompt "def
+      f(x):" python no_vllm_inference.py --model-path exports/demo-mac --prompts-file notes.txt --update-rule
+      surprise --memory-out alice.safetensors python no_vllm_inference.py --model-path exports/demo-mac
+      --memory-in alice.safetensors --interactive python no_vllm_inference.py --model-path
+      packaged/smol-memory --update-rule ema --temperature 0.7 --top-p 0.9 --prompt "Hi"
     """
     _quiet_libraries()
     prompts = [prompt] if prompt is not None else []

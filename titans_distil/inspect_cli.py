@@ -1,11 +1,12 @@
 """`inspect_model.py`: look inside weights, runs and exports, and verify exports.
 
-python inspect_model.py weights PATH           names, dtypes, shapes, norms (safetensors only, never unpickled)
-python inspect_model.py architecture FOLDER    config vs weights: missing / unexpected / shape mismatches
-python inspect_model.py verify EXPORT --run R  reload the export without titans-distil, compare with the checkpoint
-python inspect_model.py tokenizers --run R     teacher vs student vs export tokenizer: vocab, special tokens, template
-python inspect_model.py compare --run R        student vs teacher on validation text: KL, top-1 agreement, perplexity
-python inspect_model.py examples --run R       decode a few training blocks
+python inspect_model.py weights PATH           names, dtypes, shapes, norms (safetensors only, never
+unpickled) python inspect_model.py architecture FOLDER    config vs weights: missing / unexpected / shape
+mismatches python inspect_model.py verify EXPORT --run R  reload the export without titans-distil, compare
+with the checkpoint python inspect_model.py tokenizers --run R     teacher vs student vs export tokenizer:
+vocab, special tokens, template python inspect_model.py compare --run R        student vs teacher on
+validation text: KL, top-1 agreement, perplexity python inspect_model.py examples --run R       decode a few
+training blocks
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def inspect_model():
 
 
 def _weights_of(path: str) -> tuple[list[Path], str]:
-    """Weight files behind PATH: a .safetensors file, an index, a folder holding them, or a run (latest checkpoint)."""
+    """Weight files behind PATH: a .safetensors file, an index, a folder holding them, or a run (latest
+    checkpoint)."""
     target = Path(path).expanduser()
     if not target.exists():
         raise UserError(
@@ -62,13 +64,15 @@ def _weights_of(path: str) -> tuple[list[Path], str]:
     if target.is_file():
         if target.suffix in PICKLE_SUFFIXES:
             raise UserError(
-                f"{path} is a pickle file; it is never unpickled here (loading pickle can run code), convert it to safetensors"
+                f"{path} is a pickle file; it is never unpickled here (loading pickle can run code), "
+                "convert it to safetensors"
             )
         if target.name.endswith(".index.json"):
             return index_shards(target, path), path
         if target.suffix != ".safetensors":
             raise UserError(
-                f"{path} is not a .safetensors file; pass a .safetensors file, a model/checkpoint folder or a run folder"
+                f"{path} is not a .safetensors file; pass a .safetensors file, a model/checkpoint folder or "
+                "a run folder"
             )
         return [target], path
     config = target / "config.json"
@@ -91,14 +95,16 @@ def _folder_config(folder: Path) -> dict:
     config = read_config(folder, "the folder is damaged")
     if kind_of(config) not in ("llama", "mac"):
         raise UserError(
-            f"{folder} holds a {config.get('model_type')!r} model; only llama and mac_llama folders are inspected here"
+            f"{folder} holds a {config.get('model_type')!r} model; only llama and mac_llama folders are "
+            "inspected here"
         )
     return config
 
 
 def folder_tokenizer(folder: Path, values: dict):
     """A model folder's tokenizer without running its remote code: AutoTokenizer would import the folder's
-    configuration file (trust_remote_code) just to learn the model type; hand it the project's config instead."""
+    configuration file (trust_remote_code) just to learn the model type; hand it the project's config
+    instead."""
     from transformers import AutoTokenizer
 
     with quiet_transformers():
@@ -117,13 +123,15 @@ def load_folder_model(folder: Path, dtype=None):
     )
     if not fit.ok:
         raise UserError(
-            f"the weights in {folder} do not fit its config.json ({fit.summary()}); the folder is damaged, export it again"
+            f"the weights in {folder} do not fit its config.json ({fit.summary()}); the folder is damaged, "
+            "export it again"
         )
     return instantiate(model_classes(kind)[1], config, read_weights(files, str(folder)), dtype)
 
 
 def _probe_ids(tokenizer, length: int):
-    """`length` tokens of real text (a standard-library module), the same on every machine with this Python."""
+    """`length` tokens of real text (a standard-library module), the same on every machine with this
+    Python."""
     import torch
 
     text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
@@ -146,8 +154,9 @@ def _probe_ids(tokenizer, length: int):
 )
 @user_errors
 def weights(path, pattern, no_stats):
-    """Names, dtypes, shapes and norms of the tensors in PATH (a .safetensors file, a model or checkpoint folder,
-    or a run folder for its latest checkpoint). Only safetensors are read; pickle files are refused."""
+    """Names, dtypes, shapes and norms of the tensors in PATH (a .safetensors file, a model or checkpoint
+    folder, or a run folder for its latest checkpoint). Only safetensors are read; pickle files are
+    refused."""
     from safetensors import safe_open
 
     files, label = _weights_of(path)
@@ -197,7 +206,8 @@ def weights(path, pattern, no_stats):
         )
 
 
-# ------------------------------------------------------------------------------------------------ architecture
+# ------------------------------------------------------------------------------------------------
+# architecture
 
 
 @inspect_model.command(short_help="Config vs weights: missing, unexpected, mis-shaped.")
@@ -219,13 +229,15 @@ def architecture(folder, weights_path):
     found = {n: s for n, (_, s) in read_headers(files, label).items()}
     fit = check_fit(expected, found, bool(config.tie_word_embeddings))
     click.echo(
-        f"config   {folder}/config.json: {values.get('architectures', ['?'])[0]} (model_type {values['model_type']}), "
-        f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}, tied embeddings {config.tie_word_embeddings}"
+        f"config   {folder}/config.json: {values.get('architectures', ['?'])[0]} (model_type "
+        f"{values['model_type']}), {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        f"vocab {config.vocab_size}, tied embeddings {config.tie_word_embeddings}"
         + (f", memory layers {config.memory_layers}" if kind == "mac" else "")
     )
     click.echo(
-        f"weights  {label}: {len(found)} tensors, {sum(math.prod(s) for s in found.values()):,} parameters "
-        f"(the config expects {len(expected)} tensors{', lm_head tied to the embeddings' if config.tie_word_embeddings else ''})"
+        f"weights  {label}: {len(found)} tensors, {sum(math.prod(s) for s in found.values()):,} "
+        f"parameters (the config expects {len(expected)} "
+        f"tensors{', lm_head tied to the embeddings' if config.tie_word_embeddings else ''})"
     )
     for title, items in (("missing", fit.missing), ("unexpected", fit.unexpected)):
         for name in items[:20]:
@@ -246,7 +258,8 @@ def architecture(folder, weights_path):
     "--run",
     "run_dir",
     default=None,
-    help="Compare with this run's checkpoint (default: with the export's own weights in titans-distil's classes).",
+    help="Compare with this run's checkpoint (default: with the export's own weights in titans-distil's "
+    "classes).",
 )
 @click.option(
     "--checkpoint", default="latest", show_default=True, help="Checkpoint of --run to compare with."
@@ -276,8 +289,9 @@ def architecture(folder, weights_path):
 @user_errors
 def verify(export_dir, run_dir, checkpoint, tokens, new_tokens, atol, trust_remote_code):
     """Reload EXPORT in a separate Python that cannot import titans-distil (only torch + transformers, with
-    trust_remote_code for MAC), compare its logits and greedy generations with the checkpoint, print sha256 hashes.
-    The export's model code runs only when identical to this titans-distil's, or with --trust-remote-code."""
+    trust_remote_code for MAC), compare its logits and greedy generations with the checkpoint, print sha256
+    hashes. The export's model code runs only when identical to this titans-distil's, or with
+    --trust-remote-code."""
     _quiet_libraries()
     import torch
 
@@ -299,7 +313,8 @@ def verify(export_dir, run_dir, checkpoint, tokens, new_tokens, atol, trust_remo
         )
         if foreign:
             raise UserError(
-                f"the export's model files need {foreign[0]}; a user without titans-distil cannot load it, re-export it"
+                f"the export's model files need {foreign[0]}; a user without titans-distil cannot load it, "
+                "re-export it"
             )
     if run_dir:
         run = load_run(run_dir)
@@ -399,8 +414,8 @@ def _tokenizer_facts(tokenizer) -> dict:
 )
 @user_errors
 def tokenizers(run_dir, export_dir):
-    """Check that teacher, student and export share one tokenizer: vocabulary, special tokens, chat template, and
-    that it fits the models' embeddings."""
+    """Check that teacher, student and export share one tokenizer: vocabulary, special tokens, chat template,
+    and that it fits the models' embeddings."""
     _quiet_libraries()
     from .teacher import load_tokenizer
 
@@ -428,13 +443,15 @@ def tokenizers(run_dir, export_dir):
     for name, size in vocab_sizes.items():
         fits = size is not None and len(columns[name]) <= size
         click.echo(
-            f"{name} embeddings: {size} rows for {len(columns[name])} tokens: {'fit' if fits else 'DO NOT FIT'}"
+            f"{name} embeddings: {size} rows for {len(columns[name])} tokens: "
+            f"{'fit' if fits else 'DO NOT FIT'}"
         )
         if not fits:
             problems.append(f"{name} embeddings")
     if problems:
         raise UserError(
-            f"tokenizers are not aligned ({', '.join(problems)}); export from the run again so it carries the teacher's tokenizer"
+            f"tokenizers are not aligned ({', '.join(problems)}); export from the run again so it carries "
+            "the teacher's tokenizer"
         )
     click.echo("OK: one tokenizer throughout")
 
@@ -463,7 +480,8 @@ def tokenizers(run_dir, export_dir):
 )
 @user_errors
 def compare(run_dir, checkpoint, export_dir, blocks, max_length, dtype):
-    """Student vs teacher on the run's validation text: KL(teacher||student) per token, top-1 agreement, perplexity."""
+    """Student vs teacher on the run's validation text: KL(teacher||student) per token, top-1 agreement,
+    perplexity."""
     _quiet_libraries()
     import torch
     import torch.nn.functional as F

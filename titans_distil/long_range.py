@@ -1,9 +1,10 @@
 """Synthetic long-range items (passkey, key/value, code needle) shared by training and evaluation.
 
-An item is one token sequence: ``filler[:lead] + fact + filler[distance tokens] + question + answer``. The pieces
-are tokenized separately and concatenated, so the answer's token positions are known exactly (losses and accuracy
-are measured on that span) and ``distance`` is exactly the number of tokens between the end of the fact and the
-start of the question. Filler is real corpus text (a token stream of the corpus' own documents).
+An item is one token sequence: ``filler[:lead] + fact + filler[distance tokens] + question + answer``. The
+pieces are tokenized separately and concatenated, so the answer's token positions are known exactly (losses
+and accuracy are measured on that span) and ``distance`` is exactly the number of tokens between the end of
+the fact and the start of the question. Filler is real corpus text (a token stream of the corpus' own
+documents).
 
 Training and evaluation never share items: evaluation takes its filler from the validation split (held-out
 documents) and its keys from a disjoint key space: every key belongs to exactly one domain by a salted hash
@@ -45,7 +46,8 @@ class Item:
 
 
 def key_domain(key: str) -> str:
-    """The domain ("train" or "eval") a key belongs to: a salted hash bit, so the two key spaces are disjoint."""
+    """The domain ("train" or "eval") a key belongs to: a salted hash bit, so the two key spaces are
+    disjoint."""
     return DOMAINS[hashlib.blake2b(_DOMAIN_SALT + key.encode(), digest_size=1).digest()[0] & 1]
 
 

@@ -12,9 +12,9 @@ Per-token divergences, on temperature-softened distributions p = softmax(z / T):
   rkl = KL(p_student || p_teacher)   (reverse KL, mode seeking)
   jsd = (KL(p_t || m) + KL(p_s || m)) / 2 with m = (p_t + p_s) / 2
 The training loss is  alpha * T^2 * mean(divergence) + (1 - alpha) * mean(cross-entropy on the next token).
-With per-position ``weights`` w both means become weighted, sum(w l) / sum(w) (e.g. the answer tokens of long-range
-items weighted up, so the few positions only a memory can get right are not lost among the ones it need not);
-the reported KD and cross-entropy stay plain means, comparable across runs.
+With per-position ``weights`` w both means become weighted, sum(w l) / sum(w) (e.g. the answer tokens of
+long-range items weighted up, so the few positions only a memory can get right are not lost among the ones it
+need not); the reported KD and cross-entropy stay plain means, comparable across runs.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ class TopKTeacher:
     ) -> torch.Tensor:
         if kind != "kl":
             raise ValueError(
-                f"--loss {kind} needs the full teacher distribution; a top-k teacher cache supports only --loss kl"
+                f"--loss {kind} needs the full teacher distribution; a top-k teacher cache supports only "
+                "--loss kl"
             )
         teacher_logp = F.log_softmax(self.values[rows].float() / temperature, dim=-1)
         student_logp = F.log_softmax(student_logits / temperature, dim=-1).gather(
@@ -83,7 +84,8 @@ class TopKTeacher:
 
 
 def _chunk_losses(logits, target, teacher, rows, kind, temperature):
-    """Per-row KD divergence and cross-entropy of one chunk of rows (fp32 logits; 0 where the label is ignored)."""
+    """Per-row KD divergence and cross-entropy of one chunk of rows (fp32 logits; 0 where the label is
+    ignored)."""
     ce = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none")
     if teacher is None:
         return torch.zeros_like(ce), ce

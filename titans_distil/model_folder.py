@@ -23,7 +23,8 @@ from . import __version__, models
 from .errors import UserError, describe, translated, write_error
 
 KIND_OF_MODEL_TYPE = {"mac_llama": "mac", "memory_llama": "memory", "llama": "llama"}
-# The model files a trust_remote_code folder of each kind ships (they import only torch, transformers, stdlib).
+# The model files a trust_remote_code folder of each kind ships (they import only torch, transformers,
+# stdlib).
 SHIPPED_FILES = {
     "mac": ("configuration_mac_llama.py", "modeling_mac_llama.py", "neural_memory.py", "memory_file.py"),
     "memory": (
@@ -39,8 +40,8 @@ MODELS_DIR = (
 
 
 def config_errors() -> tuple[type[BaseException], ...]:
-    """What building a config from bad values raises: plain Python errors and huggingface_hub's strict-dataclass
-    validation (transformers validates some config fields through it)."""
+    """What building a config from bad values raises: plain Python errors and huggingface_hub's
+    strict-dataclass validation (transformers validates some config fields through it)."""
     from huggingface_hub.errors import StrictDataclassError
 
     return TypeError, ValueError, StrictDataclassError
@@ -51,8 +52,8 @@ def first_line(err: BaseException) -> str:
 
 
 def read_config(folder: str | os.PathLike, fix: str = "pass an intact model folder") -> dict:
-    """`folder/config.json` as a dict; an unreadable or malformed file is a one-line `UserError` ending in `fix`
-    (the caller has already checked that the file exists, with its own wording of what to pass)."""
+    """`folder/config.json` as a dict; an unreadable or malformed file is a one-line `UserError` ending in
+    `fix` (the caller has already checked that the file exists, with its own wording of what to pass)."""
     path = Path(folder) / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -94,8 +95,9 @@ def check_config(
     config: dict | None = None,
     fix: str = "correct that field, or pass an intact model folder",
 ):
-    """The config object of `folder`, built from config.json as `from_pretrained` builds it; a field of the wrong
-    type or value is a one-line `UserError` naming the file and the field (None for an unknown model type)."""
+    """The config object of `folder`, built from config.json as `from_pretrained` builds it; a field of the
+    wrong type or value is a one-line `UserError` naming the file and the field (None for an unknown model
+    type)."""
     config = read_config(folder) if config is None else config
     cls = config_class(config)
     if cls is None:
@@ -197,8 +199,8 @@ _ANNOTATION_TYPES = {
 
 
 def check_run_config(config: dict, path: str | os.PathLike) -> dict:
-    """A distil.py run config (runs/NAME/config.json) whose known fields have the types DistilConfig gives them;
-    a wrong one (`"teacher": 5`) is a one-line `UserError` naming the file and the field."""
+    """A distil.py run config (runs/NAME/config.json) whose known fields have the types DistilConfig gives
+    them; a wrong one (`"teacher": 5`) is a one-line `UserError` naming the file and the field."""
     import dataclasses
 
     from .train import DistilConfig
@@ -225,8 +227,9 @@ _ANNOUNCED: set[Path] = (
 
 
 def _auto_map_files(auto_map) -> set[str]:
-    """The code files an `auto_map` names ("module.Class" -> module.py; tokenizers map to [slow, fast] pairs); a
-    reference to another Hub repo ("owner/repo--module.Class") stays as written: it is never a shipped file."""
+    """The code files an `auto_map` names ("module.Class" -> module.py; tokenizers map to [slow, fast] pairs);
+    a reference to another Hub repo ("owner/repo--module.Class") stays as written: it is never a shipped
+    file."""
     refs = [] if not isinstance(auto_map, dict) else auto_map.values()
     names = set()
     for ref in refs:
@@ -238,7 +241,8 @@ def _auto_map_files(auto_map) -> set[str]:
 
 def remote_code_files(folder: str | os.PathLike, config: dict | None = None) -> list[str]:
     """The code `from_pretrained(..., trust_remote_code=True)` could run from `folder`: the files named by the
-    `auto_map` of config.json and tokenizer_config.json, and every .py file in the folder. Empty without `auto_map`."""
+    `auto_map` of config.json and tokenizer_config.json, and every .py file in the folder. Empty without
+    `auto_map`."""
     folder = Path(folder)
     config = read_config(folder) if config is None else config
     names = _auto_map_files(config.get("auto_map"))
@@ -254,11 +258,12 @@ def remote_code_files(folder: str | os.PathLike, config: dict | None = None) -> 
 def trust_remote_code_for(
     folder: str | os.PathLike, allow: bool, config: dict | None = None, quiet: bool = False
 ) -> bool:
-    """Whether loading `folder` may run the model code it carries (transformers' / vLLM's `trust_remote_code`).
+    """Whether loading `folder` may run the model code it carries (transformers' / vLLM's
+    `trust_remote_code`).
 
     False for a folder without `auto_map` (nothing to run). True when the user passed --trust-remote-code
-    (`allow`), or when the folder is a MAC / memory-wrapper folder whose code files are all byte-identical to the
-    ones this titans-distil ships in `models/` (one "trusting" line on stderr per folder, unless `quiet`).
+    (`allow`), or when the folder is a MAC / memory-wrapper folder whose code files are all byte-identical to
+    the ones this titans-distil ships in `models/` (one "trusting" line on stderr per folder, unless `quiet`).
     Anything else is refused with a one-line `UserError` naming the flag. Every loader asks here."""
     folder = Path(folder)
     config = read_config(folder) if config is None else config
@@ -297,9 +302,9 @@ def load_model(
     **kwargs,
 ):
     """`from_pretrained` with the right class: the folder's own code when it ships it and may run it
-    (`trust_remote_code_for`; `trust_remote_code` is the user's --trust-remote-code), the project's MAC class for
-    a MAC folder without `auto_map` (a run's checkpoint, or the `final/` of an older run), stock transformers
-    otherwise."""
+    (`trust_remote_code_for`; `trust_remote_code` is the user's --trust-remote-code), the project's MAC class
+    for a MAC folder without `auto_map` (a run's checkpoint, or the `final/` of an older run), stock
+    transformers otherwise."""
     from transformers import AutoModelForCausalLM
 
     config = read_config(folder) if config is None else config
@@ -314,10 +319,12 @@ def load_model(
 
 
 def save_with_model_code(model, out, **save_kwargs) -> None:
-    """`save_pretrained` that also copies the model's code files and writes `auto_map` (a trust_remote_code folder).
+    """`save_pretrained` that also copies the model's code files and writes `auto_map` (a trust_remote_code
+    folder).
 
-    transformers does that only for classes registered for an auto class; the registration is undone afterwards so
-    later plain saves of the same classes stay plain. A class loaded as remote code is registered already.
+    transformers does that only for classes registered for an auto class; the registration is undone
+    afterwards so later plain saves of the same classes stay plain. A class loaded as remote code is
+    registered already.
     """
     config_class, model_class = type(model.config), type(model)
     if model_class._auto_class is not None:

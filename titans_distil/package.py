@@ -4,8 +4,8 @@ The result is a `trust_remote_code` folder that plain transformers loads with no
 
     config.json                     MemoryLlamaConfig (model_type "memory_llama", auto_map for AutoConfig and
                                     AutoModelForCausalLM, the memory settings and the model fingerprint)
-    configuration_memory_llama.py   the remote code (copied from `models/`, torch + transformers + stdlib only)
-    modeling_memory_llama.py
+    configuration_memory_llama.py   the remote code (copied from `models/`, torch + transformers + stdlib
+    only) modeling_memory_llama.py
     neural_memory.py
     memory_file.py                  memory files (save_memory / load_memory), shared with MAC exports
     model.safetensors               the wrapped Llama's weights (unchanged) + the memory's fixed parameters
@@ -21,9 +21,10 @@ Design choices (details in `models/modeling_memory_llama.py`):
 - Nothing is trained: the memory stores keys/values of the model's own layers (the "ema" and "surprise" slot
   policies) and a Titans neural memory with fixed, identity-like projections ("surprise").
 - The fingerprint stored in config.json (a sha256 of the weights' names, shapes and a fixed sample of values,
-  taken at packaging time) identifies the wrapped model whatever dtype it is later loaded in; memory files carry
-  it, and `load_memory` refuses files written by another model.
-- The folder is written to a temporary sibling and renamed into place, so a failed run leaves nothing half-written;
+  taken at packaging time) identifies the wrapped model whatever dtype it is later loaded in; memory files
+  carry it, and `load_memory` refuses files written by another model.
+- The folder is written to a temporary sibling and renamed into place, so a failed run leaves nothing
+half-written;
   an existing non-empty folder is replaced only with `overwrite=True`.
 """
 
@@ -75,7 +76,8 @@ def _as_model_error(err: UserError) -> UserError:
 
 
 def _load_base(spec: str, dtype: str):
-    """(model, tokenizer, config) of the Llama to wrap; one-line UserErrors for missing or non-Llama models."""
+    """(model, tokenizer, config) of the Llama to wrap; one-line UserErrors for missing or non-Llama
+    models."""
     from transformers import AutoConfig
 
     from .teacher import SUPPORTED_MODEL_TYPES, load_teacher, resolve_teacher
@@ -91,12 +93,13 @@ def _load_base(spec: str, dtype: str):
     except (OSError, *config_errors()) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"cannot load model {spec!r} ({first}); check the name, your network or HF_TOKEN, or pass a local folder"
+            f"cannot load model {spec!r} ({first}); check the name, your network or HF_TOKEN, or pass a "
+            "local folder"
         ) from None
     if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         raise UserError(
-            f"model {spec} is a {getattr(config, 'model_type', 'unknown')!r} model; package_model.py wraps Llama-family "
-            f"causal LMs (model_type {', '.join(SUPPORTED_MODEL_TYPES)})"
+            f"model {spec} is a {getattr(config, 'model_type', 'unknown')!r} model; package_model.py wraps "
+            f"Llama-family causal LMs (model_type {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     if Path(source).is_dir():  # pickle-only (never unpickled) or truncated weights in one line
         check_weights(source)
@@ -123,19 +126,21 @@ def parse_memory_layers(text: str | None, num_layers: int) -> list[int] | None:
         layers = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
         raise UserError(
-            f"--memory-layers {text!r} is not a comma-separated list of layer indices (e.g. 10,12,14), 'all' or 'none'"
+            f"--memory-layers {text!r} is not a comma-separated list of layer indices (e.g. 10,12,14), "
+            "'all' or 'none'"
         ) from None
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
         raise UserError(
-            f"--memory-layers {text} holds {bad}, outside 0..{num_layers - 1}; the model has {num_layers} layers"
+            f"--memory-layers {text} holds {bad}, outside 0..{num_layers - 1}; the model has {num_layers} "
+            "layers"
         )
     return layers
 
 
 def wrap_llama(model, memory_options: dict, base_name: str):
-    """A `MemoryLlamaForCausalLM` sharing `model`'s weight tensors (no copy), with the memory's fixed parameters
-    and the weights' fingerprint in its config."""
+    """A `MemoryLlamaForCausalLM` sharing `model`'s weight tensors (no copy), with the memory's fixed
+    parameters and the weights' fingerprint in its config."""
     from .models.configuration_memory_llama import MemoryLlamaConfig
     from .models.modeling_memory_llama import (
         MemoryLlamaForCausalLM,
@@ -155,7 +160,8 @@ def wrap_llama(model, memory_options: dict, base_name: str):
     missing, unexpected = wrapped.load_state_dict(model.state_dict(), strict=False, assign=True)
     if unexpected:
         raise UserError(
-            f"model {base_name} has weights a Llama does not have ({', '.join(unexpected[:3])}); it cannot be wrapped"
+            f"model {base_name} has weights a Llama does not have ({', '.join(unexpected[:3])}); it cannot "
+            "be wrapped"
         )
     wrapped.model.rotary_emb = model.model.rotary_emb  # non-persistent RoPE tables: take the loaded model's
     device = next(model.parameters()).device
@@ -198,15 +204,15 @@ model.generate(**tokenizer("The capital of Velmora is", return_tensors="pt"), ma
 model.reset_memory()
 ```
 
-- `update_rule`: `ema` (default: the last {recent} tokens verbatim, older ones kept verbatim in {pool} more slots,
-  then merged into the most similar slot), `surprise` (the same slots, but tokens the neural memory finds
-  surprising replace the least surprising; the neural memory is trained on every token and read by every query),
-  `none` (read only). `use_memory=False`: the plain base model.
+- `update_rule`: `ema` (default: the last {recent} tokens verbatim, older ones kept verbatim in {pool} more
+  slots, then merged into the most similar slot), `surprise` (the same slots, but tokens the neural memory
+  finds surprising replace the least surprising; the neural memory is trained on every token and read by every
+  query), `none` (read only). `use_memory=False`: the plain base model.
 - Memory files are safetensors with the model fingerprint `{fingerprint}`.
 - Nothing here was trained: the memory works with the base model's own keys and values. What was measured (on
-  SmolLM2-135M-Instruct): a text that fits the slots is recalled about as well as if it were still in context;
-  beyond the slots the memory is lossy (recent tokens exact, older ones merged); the neural memory's read-out has
-  no measurable benefit with its fixed projections. Details in `modeling_memory_llama.py`.
+  SmolLM2-135M-Instruct): a text that fits the slots is recalled about as well as if it were still in
+  context; beyond the slots the memory is lossy (recent tokens exact, older ones merged); the neural memory's
+  read-out has no measurable benefit with its fixed projections. Details in `modeling_memory_llama.py`.
 """
 
 
@@ -221,7 +227,8 @@ def package_llama_with_memory(
     dtype: str = "auto",
     overwrite: bool = False,
 ) -> Path:
-    """Write the trust_remote_code folder for `model_spec` (Hub id, folder, .gguf or 'embedded'); returns it."""
+    """Write the trust_remote_code folder for `model_spec` (Hub id, folder, .gguf or 'embedded'); returns
+    it."""
     output = Path(output).expanduser()
     check_output(output, overwrite)
     if dtype not in ("auto", *DTYPES):
@@ -270,7 +277,8 @@ def package_llama_with_memory(
     "model_spec",
     default="embedded",
     show_default=True,
-    help="The Llama to wrap: 'embedded' (SmolLM2-135M-Instruct), a Hub id, a local HF folder or a .gguf file.",
+    help="The Llama to wrap: 'embedded' (SmolLM2-135M-Instruct), a Hub id, a local HF folder or a .gguf "
+    "file.",
 )
 @click.option(
     "--output",
@@ -318,8 +326,9 @@ def package(model_spec, output, memory_layers, memory_slots, recent_slots, updat
     \b
     Examples:
       python package_model.py --output packaged/smol-memory
-      python package_model.py --model-path HuggingFaceTB/SmolLM2-360M-Instruct --output packaged/smol360 --update-rule surprise
-      python package_model.py --model-path model.Q8_0.gguf --output packaged/q8 --memory-layers 8,12,16 --memory-slots 1024
+      python package_model.py --model-path HuggingFaceTB/SmolLM2-360M-Instruct --output packaged/smol360
+      --update-rule surprise python package_model.py --model-path model.Q8_0.gguf --output packaged/q8
+      --memory-layers 8,12,16 --memory-slots 1024
     """
     _quiet_libraries()
     if recent_slots is not None and recent_slots > memory_slots:
@@ -335,5 +344,6 @@ def package(model_spec, output, memory_layers, memory_slots, recent_slots, updat
         overwrite=overwrite,
     )
     click.echo(
-        f"packaged {model_spec} with inference memory (update rule {update_rule}, {memory_slots} slots) in {out}"
+        f"packaged {model_spec} with inference memory (update rule {update_rule}, {memory_slots} slots) "
+        f"in {out}"
     )

@@ -1,7 +1,7 @@
 """`titans-distil plot RUN`: the curves of a run's metrics.jsonl as PNGs, for a person who would rather look.
 
-One figure per family of metrics that the run logged (losses, validation perplexity, learning rate and gradient
-norm, throughput, memory statistics); a family the run never logged is left out, not drawn empty.
+One figure per family of metrics that the run logged (losses, validation perplexity, learning rate and
+gradient norm, throughput, memory statistics); a family the run never logged is left out, not drawn empty.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[Path]:
-    """Write one PNG per metric family of `run_dir/metrics.jsonl` into `output_dir` (default: `run_dir/plots`)."""
+    """Write one PNG per metric family of `run_dir/metrics.jsonl` into `output_dir` (default:
+    `run_dir/plots`)."""
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
     if not run_dir.is_dir():
@@ -93,7 +94,8 @@ def plot_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[
         written.append(path)
     if torn:
         click.echo(
-            f"warning: skipped {torn} unreadable line(s) of {metrics} (a run killed while writing leaves one)",
+            f"warning: skipped {torn} unreadable line(s) of {metrics} (a run killed while writing leaves "
+            "one)",
             err=True,
         )
     return written

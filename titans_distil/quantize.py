@@ -1,23 +1,27 @@
-"""bitsandbytes 8-bit (LLM.int8()) and 4-bit (nf4 / fp4) quantization of teachers, plain students and MAC students.
+"""bitsandbytes 8-bit (LLM.int8()) and 4-bit (nf4 / fp4) quantization of teachers, plain students and MAC
+students.
 
-The linear layers of the Llama blocks (attention q/k/v/o, MLP gate/up/down) are quantized through transformers'
-`BitsAndBytesConfig`; everything else keeps the checkpoint's precision: embeddings, norms, `lm_head` and, in MAC
-students, the Titans memory modules (`model.layers.{i}.memory.*`, listed in `llm_int8_skip_modules`), the
-persistent tokens and the read-out gates. The memory keeps learning at test time (surprise / ema updates), so its
-projections stay full precision; its fast-weight math runs in float32 anyway.
+The linear layers of the Llama blocks (attention q/k/v/o, MLP gate/up/down) are quantized through
+transformers' `BitsAndBytesConfig`; everything else keeps the checkpoint's precision: embeddings, norms,
+`lm_head` and, in MAC students, the Titans memory modules (`model.layers.{i}.memory.*`, listed in
+`llm_int8_skip_modules`), the persistent tokens and the read-out gates. The memory keeps learning at test time
+(surprise / ema updates), so its projections stay full precision; its fast-weight math runs in float32 anyway.
 
 The quantized folder reloads with `AutoModelForCausalLM.from_pretrained(folder)` (MAC folders with
-`trust_remote_code=True`: the model files are copied next to the weights and config.json keeps its `auto_map`).
+`trust_remote_code=True`: the model files are copied next to the weights and config.json keeps its
+`auto_map`).
 
-How a run goes (`quantize`): everything cheap is validated first (options, bitsandbytes, the source folder, the
-output folder), then the unquantized model is measured, the quantized model is saved into a temporary folder next
-to `--output` before it ever runs, reloaded from there and measured, and only then moved into place.
+How a run goes (`quantize`): everything cheap is validated first (options, bitsandbytes, the source folder,
+the output folder), then the unquantized model is measured, the quantized model is saved into a temporary
+folder next to `--output` before it ever runs, reloaded from there and measured, and only then moved into
+place.
 
 Saving before running matters on CPUs with AVX512-bf16: bitsandbytes 0.50.2 re-packs 4-bit weights for its CPU
-kernel on the first eval forward, and `state_dict()` after that writes the 4-bit block scales transposed (or, with
-double quantization, re-quantized): a silently corrupted checkpoint. `save_quantized` refuses such a model instead of writing it. The same re-packed
-kernel passes no gradient to its input, so to train the memory parts of a 4-bit MAC model on such a CPU call
-`model.train()` before its first forward (train-mode layers are never re-packed).
+kernel on the first eval forward, and `state_dict()` after that writes the 4-bit block scales transposed (or,
+with double quantization, re-quantized): a silently corrupted checkpoint. `save_quantized` refuses such a
+model instead of writing it. The same re-packed kernel passes no gradient to its input, so to train the memory
+parts of a 4-bit MAC model on such a CPU call `model.train()` before its first forward (train-mode layers are
+never re-packed).
 """
 
 from __future__ import annotations
@@ -48,17 +52,18 @@ from .model_folder import (
 from .model_folder import load_model as load_folder
 
 BITS = (8, 4)
-# LLM.int8() outlier threshold: activation columns holding a value >= this are multiplied in 16-bit, the rest in int8.
-# bitsandbytes' 6.0 comes from the outlier features of >= 6.7B models (LLM.int8() paper); on SmolLM2-135M (8 x 512
-# stdlib validation tokens) it costs +1.76% perplexity, 2.0 costs +0.38%, 1.0 +0.14%: same footprint, more CPU time
-# as fewer columns stay int8.
+# LLM.int8() outlier threshold: activation columns holding a value >= this are multiplied in 16-bit, the rest
+# in int8. bitsandbytes' 6.0 comes from the outlier features of >= 6.7B models (LLM.int8() paper); on
+# SmolLM2-135M (8 x 512 stdlib validation tokens) it costs +1.76% perplexity, 2.0 costs +0.38%, 1.0 +0.14%:
+# same footprint, more CPU time as fewer columns stay int8.
 DEFAULT_INT8_THRESHOLD = 2.0
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KIND_NAMES = {"llama": "Llama", "mac": "MAC"}  # the kinds (`model_folder.kind_of`) quantized here
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
-# A fixed prompt set for greedy agreement: prose, instructions and Python (the embedded corpus is Python source).
+# A fixed prompt set for greedy agreement: prose, instructions and Python (the embedded corpus is Python
+# source).
 PROMPTS = (
     "The capital of France is",
     "def fibonacci(n):\n",
@@ -126,7 +131,8 @@ def parse_spec(
         )
     if quant_type is not None and quant_type not in QUANT_TYPES:
         raise UserError(
-            f"--quant-type {quant_type} is not supported; pass --quant-type nf4 or --quant-type fp4 (with --bits 4)"
+            f"--quant-type {quant_type} is not supported; pass --quant-type nf4 or --quant-type fp4 (with "
+            "--bits 4)"
         )
     if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
         raise UserError(
@@ -150,14 +156,16 @@ def parse_spec(
             )
         if int8_threshold is not None and not int8_threshold > 0:
             raise UserError(
-                f"--int8-threshold {int8_threshold:g} must be > 0 (bitsandbytes' default is 6.0, ours {DEFAULT_INT8_THRESHOLD:g})"
+                f"--int8-threshold {int8_threshold:g} must be > 0 (bitsandbytes' default is 6.0, ours "
+                f"{DEFAULT_INT8_THRESHOLD:g})"
             )
         return QuantSpec(
             8, int8_threshold=DEFAULT_INT8_THRESHOLD if int8_threshold is None else float(int8_threshold)
         )
     if int8_threshold is not None:
         raise UserError(
-            "--int8-threshold applies to 8-bit only (LLM.int8() outlier columns); pass --bits 8, or drop --int8-threshold"
+            "--int8-threshold applies to 8-bit only (LLM.int8() outlier columns); pass --bits 8, or drop "
+            "--int8-threshold"
         )
     return QuantSpec(4, quant_type or "nf4", bool(double_quant), compute_dtype or "float32")
 
@@ -238,16 +246,19 @@ def inspect_source(model_path: str, trust_remote_code: bool = False) -> Source:
         path = Path(model_path).expanduser()
         if not path.exists():
             raise UserError(
-                f"--model-path {model_path} does not exist; pass a model folder (with config.json), a .gguf file or 'embedded'"
+                f"--model-path {model_path} does not exist; pass a model folder (with config.json), a .gguf "
+                "file or 'embedded'"
             )
         if not path.is_dir():
             raise UserError(
-                f"--model-path {model_path} is not a folder; pass a model folder (with config.json), a .gguf file or 'embedded'"
+                f"--model-path {model_path} is not a folder; pass a model folder (with config.json), a "
+                ".gguf file or 'embedded'"
             )
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(
-            f"--model-path {model_path} has no config.json; pass a Hugging Face model folder (e.g. runs/NAME/final), a .gguf file or 'embedded'"
+            f"--model-path {model_path} has no config.json; pass a Hugging Face model folder (e.g. "
+            "runs/NAME/final), a .gguf file or 'embedded'"
         )
     config = read_config(path, "pass an intact model folder")
     qc = config.get("quantization_config")
@@ -259,8 +270,8 @@ def inspect_source(model_path: str, trust_remote_code: bool = False) -> Source:
     kind = kind_of(config)
     if kind not in KIND_NAMES:
         raise UserError(
-            f"--model-path {model_path} is a {config.get('model_type')!r} model; quantize.py handles Llama teachers and students "
-            "(model_type 'llama') and MAC students (model_type 'mac_llama')"
+            f"--model-path {model_path} is a {config.get('model_type')!r} model; quantize.py handles Llama "
+            "teachers and students (model_type 'llama') and MAC students (model_type 'mac_llama')"
         )
     check_config(path, config)  # field types in one line
     remote = trust_remote_code_for(path, trust_remote_code, config)
@@ -271,13 +282,13 @@ def inspect_source(model_path: str, trust_remote_code: bool = False) -> Source:
 def skip_modules(source: Source) -> list[str]:
     """Modules bitsandbytes must leave alone: lm_head and, in MAC students, each layer's neural memory.
 
-    transformers matches an entry `m` against a module name `n` by `re.match(m + "\\.", n)`, `re.match(m, n)` or
-    `n.endswith(m)`, so `model.layers.2.memory` covers `model.layers.2.memory.to_keys` etc. The persistent tokens
-    and read-out gates are plain parameters, which bitsandbytes never touches."""
+    transformers matches an entry `m` against a module name `n` by `re.match(m + "\\.", n)`, `re.match(m, n)`
+    or `n.endswith(m)`, so `model.layers.2.memory` covers `model.layers.2.memory.to_keys` etc. The persistent
+    tokens and read-out gates are plain parameters, which bitsandbytes never touches."""
     return ["lm_head"] + [f"model.layers.{i}.memory" for i in source.memory_layers]
 
 
-# ------------------------------------------------------------------------------------------ load / quantize / save
+# ------------------------------------------------------------------------------------- load / quantize / save
 
 
 def _device():
@@ -316,7 +327,8 @@ def quantize_model(source: Source, spec: QuantSpec):
 
 
 def _cpu_packed_layers(model) -> list[str]:
-    """4-bit layers that bitsandbytes re-packed for its AVX512-bf16 CPU kernel (happens on the first forward)."""
+    """4-bit layers that bitsandbytes re-packed for its AVX512-bf16 CPU kernel (happens on the first
+    forward)."""
     return [
         name
         for name, module in model.named_modules()
@@ -329,14 +341,15 @@ def _cpu_packed_layers(model) -> list[str]:
 def save_quantized(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """`save_pretrained` a quantized model (and tokenizer); MAC folders get their model files and `auto_map`.
 
-    Refuses a 4-bit model that already ran on an AVX512-bf16 CPU: bitsandbytes 0.50.2 then un-packs its weights
-    lossily (block scales written transposed, double-quantized scales re-quantized). Save first, then run."""
+    Refuses a 4-bit model that already ran on an AVX512-bf16 CPU: bitsandbytes 0.50.2 then un-packs its
+    weights lossily (block scales written transposed, double-quantized scales re-quantized). Save first, then
+    run."""
     packed = _cpu_packed_layers(model)
     if packed:
         raise RuntimeError(
-            f"{len(packed)} 4-bit layers (e.g. {packed[0]}) were re-packed for bitsandbytes' CPU kernel by a forward "
-            "pass; bitsandbytes 0.50.2 cannot save them intact. Save the model before running it (or reload it from a "
-            "saved folder)"
+            f"{len(packed)} 4-bit layers (e.g. {packed[0]}) were re-packed for bitsandbytes' CPU kernel by "
+            "a forward pass; bitsandbytes 0.50.2 cannot save them intact. Save the model before running it "
+            "(or reload it from a saved folder)"
         )
     out = Path(out_dir)
     is_mac = kind_of(model.config) == "mac"
@@ -350,7 +363,8 @@ def save_quantized(model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
 
 
 def load_quantized(folder: str | os.PathLike, trust_remote_code: bool = False, quiet: bool = False):
-    """Reload a folder written by `save_quantized` (MAC folders carry their code: see `trust_remote_code_for`)."""
+    """Reload a folder written by `save_quantized` (MAC folders carry their code: see
+    `trust_remote_code_for`)."""
 
     require_bitsandbytes()
     model = load_folder(folder, trust_remote_code=trust_remote_code, quiet=quiet)
@@ -361,10 +375,11 @@ def load_quantized(folder: str | os.PathLike, trust_remote_code: bool = False, q
 
 
 def memory_footprint(model) -> int:
-    """Bytes held by the model's tensors: parameters and buffers (tied weights once) plus bitsandbytes' quantization
-    constants, which live outside them (4-bit block scales `quant_state.absmax`, their own scales with double
-    quantization, code books; 8-bit row scales `SCB`). transformers' `get_memory_footprint` counts only the former.
-    Measure before the first forward: on AVX512-bf16 CPUs bitsandbytes then converts 4-bit scales to bfloat16."""
+    """Bytes held by the model's tensors: parameters and buffers (tied weights once) plus bitsandbytes'
+    quantization constants, which live outside them (4-bit block scales `quant_state.absmax`, their own scales
+    with double quantization, code books; 8-bit row scales `SCB`). transformers' `get_memory_footprint` counts
+    only the former. Measure before the first forward: on AVX512-bf16 CPUs bitsandbytes then converts 4-bit
+    scales to bfloat16."""
     seen, total = set(), 0
 
     def add(tensor) -> None:
@@ -412,7 +427,8 @@ def perplexity(model, blocks: torch.Tensor) -> float:
 
 @dataclass
 class GreedyReference:
-    """The unquantized model's greedy continuations of the prompts and its own (teacher-forced) argmax along them."""
+    """The unquantized model's greedy continuations of the prompts and its own (teacher-forced) argmax along
+    them."""
 
     prompt_ids: list[torch.Tensor]
     sequences: list[torch.Tensor]  # prompt + continuation, 1-D
@@ -450,9 +466,9 @@ def greedy_reference(model, tokenizer, prompts=PROMPTS, new_tokens: int = 32) ->
 
 
 def greedy_agreement(model, ref: GreedyReference) -> tuple[int, int, int]:
-    """(agreeing positions, positions, identical continuations): `model`'s argmax vs the reference's, teacher-forced
-    along the reference's greedy continuations. A prompt agreeing at every position is one whose greedy continuation
-    the quantized model reproduces exactly."""
+    """(agreeing positions, positions, identical continuations): `model`'s argmax vs the reference's,
+    teacher-forced along the reference's greedy continuations. A prompt agreeing at every position is one
+    whose greedy continuation the quantized model reproduces exactly."""
     agree = total = identical = 0
     for ids, seq, choices in zip(ref.prompt_ids, ref.sequences, ref.choices):
         mine = _teacher_forced_choices(model, seq, len(ids))
@@ -463,8 +479,8 @@ def greedy_agreement(model, ref: GreedyReference) -> tuple[int, int, int]:
 
 @torch.no_grad()
 def memory_rule_check(model, ids: torch.Tensor, new_tokens: int = 4) -> dict[str, float]:
-    """Run a MAC model with the surprise and ema rules: tokens written per memory layer by a forward over `ids`,
-    after a short greedy generation with the same rule (raises if either fails)."""
+    """Run a MAC model with the surprise and ema rules: tokens written per memory layer by a forward over
+    `ids`, after a short greedy generation with the same rule (raises if either fails)."""
     device = _input_device(model)
     ids = ids[None].to(device) if ids.dim() == 1 else ids.to(device)
     written = {}
@@ -549,8 +565,8 @@ def format_report(r: Report) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     kind = KIND_NAMES[r.source.kind]
     head = (
-        f"quantized {r.source.spec} ({kind}, {r.source.config.get('num_hidden_layers')} layers) to {r.spec.label} "
-        f"with bitsandbytes {r.bnb_version} -> {r.output}"
+        f"quantized {r.source.spec} ({kind}, {r.source.config.get('num_hidden_layers')} layers) to "
+        f"{r.spec.label} with bitsandbytes {r.bnb_version} -> {r.output}"
     )
     tail = [f"kept in {b.dtype}: {', '.join(r.kept)}"]
     if r.memory_written is not None:
@@ -580,7 +596,8 @@ def _kept_description(source: Source) -> list[str]:
     if source.memory_layers:
         layers = ",".join(str(i) for i in source.memory_layers)
         kept.append(
-            f"memory modules, persistent tokens and read-out gates of layer{'s' * (len(source.memory_layers) > 1)} {layers}"
+            "memory modules, persistent tokens and read-out gates of "
+            f"layer{'s' * (len(source.memory_layers) > 1)} {layers}"
         )
     return kept
 
@@ -589,8 +606,8 @@ def _load_tokenizer(source: Source):
     from transformers import AutoTokenizer
 
     try:
-        # an exported MAC folder's config.json names its own config class (auto_map): without trust_remote_code
-        # AutoTokenizer would stop and ask whether to run that code
+        # an exported MAC folder's config.json names its own config class (auto_map): without
+        # trust_remote_code AutoTokenizer would stop and ask whether to run that code
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=source.remote)
     except (OSError, ValueError, TypeError) as err:
         first = first_line(err)
@@ -619,7 +636,8 @@ def quantize(
     log=lambda message: None,
     trust_remote_code: bool = False,
 ) -> Report:
-    """Quantize `model_path` into `output` and measure both (see the module docstring for the order of steps)."""
+    """Quantize `model_path` into `output` and measure both (see the module docstring for the order of
+    steps)."""
     from .data import load_blocks
 
     bnb_version = require_bitsandbytes()
@@ -628,7 +646,8 @@ def quantize(
     max_positions = int(source.config.get("max_position_embeddings") or eval_length)
     if eval_blocks and eval_length > max_positions:
         raise UserError(
-            f"--eval-length {eval_length} exceeds the model's {max_positions} positions; pass --eval-length {max_positions} or less"
+            f"--eval-length {eval_length} exceeds the model's {max_positions} positions; pass --eval-length "
+            f"{max_positions} or less"
         )
     tokenizer = _load_tokenizer(source)
     blocks = (
@@ -713,8 +732,8 @@ def _command():
         "--model-path",
         "model_path",
         required=True,
-        help="Model to quantize: 'embedded' (the embedded teacher), a Llama teacher/student folder, an exported "
-        "MAC student folder (or runs/NAME/final of a MAC run), or a .gguf file.",
+        help="Model to quantize: 'embedded' (the embedded teacher), a Llama teacher/student folder, an "
+        "exported MAC student folder (or runs/NAME/final of a MAC run), or a .gguf file.",
     )
     @click.option("--bits", type=int, required=True, help="8 (LLM.int8()) or 4 (nf4/fp4).")
     @click.option(
@@ -746,7 +765,8 @@ def _command():
         "--data",
         default="stdlib",
         show_default=True,
-        help="Corpus for the validation perplexity (any distil.py --data value; stdlib is the embedded corpus).",
+        help="Corpus for the validation perplexity (any distil.py --data value; stdlib is the embedded "
+        "corpus).",
     )
     @click.option(
         "--eval-blocks",
@@ -786,18 +806,21 @@ def _command():
         """Quantize a teacher, a plain student or a MAC student with bitsandbytes (8-bit or 4-bit).
 
         The linear layers of the Llama blocks are quantized; embeddings, norms, lm_head and the Titans memory
-        modules, persistent tokens and gates keep their training precision (test-time memory updates need them).
-        Prints memory footprint, weight-file size, validation perplexity and greedy agreement before and after.
-        The output folder reloads with AutoModelForCausalLM.from_pretrained (trust_remote_code=True for MAC).
+        modules, persistent tokens and gates keep their training precision (test-time memory updates need
+        them). Prints memory footprint, weight-file size, validation perplexity and greedy agreement before
+        and after. The output folder reloads with AutoModelForCausalLM.from_pretrained (trust_remote_code=True
+        for MAC).
 
-        vLLM: the CPU build pinned here does not load bitsandbytes weights, and the MAC vLLM model takes unquantized
-        weights; vllm_inference.py refuses such folders. Load them with transformers (no_vllm_inference.py).
+        vLLM: the CPU build pinned here does not load bitsandbytes weights, and the MAC vLLM model takes
+        unquantized weights; vllm_inference.py refuses such folders. Load them with transformers
+        (no_vllm_inference.py).
 
         \b
         Examples:
           python quantize.py --model-path embedded --bits 4 --output quantized/smol-nf4
           python quantize.py --model-path runs/demo/final --bits 8 --output quantized/demo-int8
-          python quantize.py --model-path exported/mac --bits 4 --quant-type fp4 --double-quant --output q/mac-fp4
+          python quantize.py --model-path exported/mac --bits 4 --quant-type fp4 --double-quant --output
+          q/mac-fp4
         """
         _quiet_libraries()
         spec = parse_spec(bits, quant_type, double_quant, compute_dtype, int8_threshold)

@@ -1,30 +1,36 @@
 """The recall experiment (`recall_experiment.py`): does a memory file carry facts into a new session?
 
-Procedure, for one model folder (a MAC export / run's `final/`, or a `package_model.py` wrapper) and each update
-rule R (none, ema, surprise):
+Procedure, for one model folder (a MAC export / run's `final/`, or a `package_model.py` wrapper) and each
+update rule R (none, ema, surprise):
 
-1. **Session 1** (a fresh model load): a short text of facts about a fictitious country (invented names the model
-   cannot know) is read `repeats` times with memory updates under rule R, nothing is generated, and the memory is
-   saved with the model's own `save_memory` (a MAC model flushes its unfinished memory chunk into the file).
-2. **Session 2** (another fresh model load, empty context): the memory file is loaded and each question is asked on
-   its own, starting from the loaded memory (questions do not see each other, and the memory is read-only while
-   they are answered: update rule "none", so every question meets exactly the saved memory).
+1. **Session 1** (a fresh model load): a short text of facts about a fictitious country (invented names the
+model
+   cannot know) is read `repeats` times with memory updates under rule R, nothing is generated, and the memory
+   is saved with the model's own `save_memory` (a MAC model flushes its unfinished memory chunk into the
+   file).
+2. **Session 2** (another fresh model load, empty context): the memory file is loaded and each question is
+asked on
+   its own, starting from the loaded memory (questions do not see each other, and the memory is read-only
+   while they are answered: update rule "none", so every question meets exactly the saved memory).
 
 Measured per rule, against a **baseline** with no memory loaded (the model's initial memory: a MAC student's
 initial fast weights, an empty wrapper memory):
 
-- teacher-forced answer NLL: mean negative log-probability (nats per answer token, over all answer tokens) of the
+- teacher-forced answer NLL: mean negative log-probability (nats per answer token, over all answer tokens) of
+the
   correct answer tokens right after the question prompt, and the improvement over the baseline in nats;
 - exact recall: the greedy answer (`max_new_tokens` tokens) contains the answer string (case-insensitive);
-- fact-text NLL: nats per token of reading the session-1 text once more (read-only) in the new session, a direct
+- fact-text NLL: nats per token of reading the session-1 text once more (read-only) in the new session, a
+direct
   measure of what the memory holds, independent of the model's skill at answering questions.
 
-A reference row reads the facts in the context instead (the fact text `repeats` times followed by the question, one
-sequence, memory empty and read-only): what a perfect memory could give at best.
+A reference row reads the facts in the context instead (the fact text `repeats` times followed by the
+question, one sequence, memory empty and read-only): what a perfect memory could give at best.
 
 Prompts: with the chat template the facts are one user message and each question another conversation's user
 turn, the answer following the assistant header; without it the facts are plain text and the question is
-"Question: ...\\nAnswer:" with the answer after a space. Files are safetensors or JSON; nothing is ever unpickled.
+"Question: ...\\nAnswer:" with the answer after a space. Files are safetensors or JSON; nothing is ever
+unpickled.
 """
 
 from __future__ import annotations
@@ -97,7 +103,8 @@ def default_facts() -> Facts:
 
 
 def parse_rules(text: str) -> tuple[str, ...]:
-    """'none,ema,surprise' -> ('none', 'ema', 'surprise'); one-line `UserError` for unknown, repeated or no rules."""
+    """'none,ema,surprise' -> ('none', 'ema', 'surprise'); one-line `UserError` for unknown, repeated or no
+    rules."""
     rules = [r.strip() for r in text.split(",") if r.strip()]
     choices = ", ".join(UPDATE_RULES)
     if not rules:
@@ -111,9 +118,10 @@ def parse_rules(text: str) -> tuple[str, ...]:
 
 
 def read_facts(path) -> Facts:
-    """A JSON file: a list of {"fact", "question", "answer"} objects (session 1 reads the facts joined by spaces), or
-    {"text": "...", "facts": [{"question", "answer"}, ...]} (session 1 reads `text`; "fact" is then optional).
-    Every answer must occur in what session 1 reads (case-insensitive), or the experiment would measure nothing."""
+    """A JSON file: a list of {"fact", "question", "answer"} objects (session 1 reads the facts joined by
+    spaces), or {"text": "...", "facts": [{"question", "answer"}, ...]} (session 1 reads `text`; "fact" is
+    then optional). Every answer must occur in what session 1 reads (case-insensitive), or the experiment
+    would measure nothing."""
     shape = (
         'a non-empty list of {"fact", "question", "answer"} objects, or {"text": ..., "facts": '
         '[{"question", "answer"}, ...]}'
@@ -155,7 +163,8 @@ def read_facts(path) -> Facts:
     for n, item in enumerate(items, 1):
         if item.answer.lower() not in text.lower():
             raise UserError(
-                f"--facts {path}: the answer {item.answer!r} of item {n} does not occur in the text session 1 reads"
+                f"--facts {path}: the answer {item.answer!r} of item {n} does not occur in the text session "
+                "1 reads"
             )
     return Facts(text.strip(), tuple(items))
 
@@ -164,7 +173,8 @@ def read_facts(path) -> Facts:
 
 
 def fact_ids(tokenizer, text: str, chat_template: bool) -> list[int]:
-    """What session 1 reads once: the facts as a user message (chat template) or as plain text with a blank line."""
+    """What session 1 reads once: the facts as a user message (chat template) or as plain text with a blank
+    line."""
     if chat_template:
         templated = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
         return tokenizer(templated, add_special_tokens=False)["input_ids"]
@@ -200,8 +210,8 @@ def check_memory_model(model, model_path) -> str:
 
 
 def empty_memory(model):
-    """The no-memory baseline's memory handle: a MAC student's initial memory (a fresh `MACCache`), a wrapper's
-    emptied memory (None: its memory lives inside the model)."""
+    """The no-memory baseline's memory handle: a MAC student's initial memory (a fresh `MACCache`), a
+    wrapper's emptied memory (None: its memory lives inside the model)."""
     if hasattr(model, "reset_memory"):
         model.reset_memory()
         return None
@@ -210,9 +220,9 @@ def empty_memory(model):
 
 @torch.no_grad()
 def write_memory(model, blocks: list[list[int]], rule: str):
-    """Session 1: read each block of token ids with memory updates under `rule`; returns the memory handle (see
-    `empty_memory`). MAC: the blocks are one stream (one `MACCache`); wrapper: one sequence per block, as `Session`
-    feeds turns."""
+    """Session 1: read each block of token ids with memory updates under `rule`; returns the memory handle
+    (see `empty_memory`). MAC: the blocks are one stream (one `MACCache`); wrapper: one sequence per block, as
+    `Session` feeds turns."""
     handle = empty_memory(model)
     for ids in blocks:
         model(torch.tensor([ids], device=model.device), **_memory_kwargs(model, handle, rule, fresh=False))
@@ -248,8 +258,8 @@ def load_memory_file(model, path):
 
 
 def _memory_kwargs(model, handle, rule: str = "none", fresh: bool = True) -> dict:
-    """Forward / generate arguments that read the memory `handle` under `rule` ("none": without changing it). MAC:
-    a fresh copy of the handle's cache (`fresh`) or the handle itself (a stream that continues)."""
+    """Forward / generate arguments that read the memory `handle` under `rule` ("none": without changing it).
+    MAC: a fresh copy of the handle's cache (`fresh`) or the handle itself (a stream that continues)."""
     if handle is None:  # a wrapper: the memory is inside the model
         return (
             dict(use_memory=True, update_rule=rule)
@@ -282,10 +292,11 @@ def score(
     context: list[int] | None = None,
     text: list[int] | None = None,
 ) -> dict:
-    """Ask every question on its own, starting from the memory `handle` (read-only), after `context` tokens (none
-    by default). Per question: log p(answer tokens | prompt) teacher-forced, and the greedy answer. With `text` (the
-    fact block's ids) also `text_nll`: nats per token of re-reading the block (after `context`) from that memory,
-    a direct measure of what the memory holds that does not depend on answering questions."""
+    """Ask every question on its own, starting from the memory `handle` (read-only), after `context` tokens
+    (none by default). Per question: log p(answer tokens | prompt) teacher-forced, and the greedy answer. With
+    `text` (the fact block's ids) also `text_nll`: nats per token of re-reading the block (after `context`)
+    from that memory, a direct measure of what the memory holds that does not depend on answering
+    questions."""
     device = model.device
     context = list(context or [])
     text_nll = None
@@ -375,7 +386,8 @@ def run(
         "rules": {},
     }
     log(
-        f"{model_path} ({kind}): {len(facts.items)} questions, session 1 reads {len(block)} tokens x {repeats}"
+        f"{model_path} ({kind}): {len(facts.items)} questions, session 1 reads {len(block)} tokens x "
+        f"{repeats}"
     )
     warning = short_text_warning(model, len(block) * repeats, rules)
     if warning:
@@ -385,8 +397,9 @@ def run(
         model, tokenizer, facts, empty_memory(model), chat_template, max_new_tokens, text=block
     )
     log(
-        f"  no memory: NLL {results['baseline']['nll']:.3f}, recall {results['baseline']['recalled']}/{len(facts.items)}, "
-        f"fact-text NLL {results['baseline']['text_nll']:.3f}"
+        f"  no memory: NLL {results['baseline']['nll']:.3f}, recall "
+        f"{results['baseline']['recalled']}/{len(facts.items)}, fact-text NLL "
+        f"{results['baseline']['text_nll']:.3f}"
     )
     context = [t for b in blocks for t in b]
     results["in_context"] = score(
@@ -400,8 +413,9 @@ def run(
         text=block,
     )
     log(
-        f"  facts in context: NLL {results['in_context']['nll']:.3f}, "
-        f"recall {results['in_context']['recalled']}/{len(facts.items)}, fact-text NLL {results['in_context']['text_nll']:.3f}"
+        f"  facts in context: NLL {results['in_context']['nll']:.3f}, recall "
+        f"{results['in_context']['recalled']}/{len(facts.items)}, fact-text NLL "
+        f"{results['in_context']['text_nll']:.3f}"
     )
     del model
 
@@ -492,13 +506,15 @@ def _number(value) -> str:
     "facts_file",
     type=click.Path(),
     default=None,
-    help='JSON facts: [{"fact", "question", "answer"}, ...] or {"text": ..., "facts": [{"question", "answer"}, ...]}. '
+    help='JSON facts: [{"fact", "question", "answer"}, ...] or '
+    '{"text": ..., "facts": [{"question", "answer"}, ...]}. '
     "[default: 8 facts about the fictitious country Quillara]",
 )
 @click.option(
     "--chat-template/--no-chat-template",
     default=None,
-    help="Wrap facts and questions in the tokenizer's chat template. [default: on when the tokenizer has one]",
+    help="Wrap facts and questions in the tokenizer's chat template. [default: on when the tokenizer "
+    "has one]",
 )
 @option(
     "--max-new-tokens",
@@ -542,22 +558,24 @@ def recall_experiment(
     dtype,
     trust_remote_code,
 ):
-    """Recall experiment: facts read with memory updates in session 1 are saved to a memory file; a new session
-    (new model load, empty context) loads the file and answers one question per fact.
+    """Recall experiment: facts read with memory updates in session 1 are saved to a memory file; a new
+    session (new model load, empty context) loads the file and answers one question per fact.
 
     \b
-    For each update rule (none, ema, surprise) it reports the teacher-forced NLL of the correct answers (nats per
-    answer token) and its improvement over a baseline with no memory loaded, and the exact-recall rate (the greedy
-    answer contains the answer, case-insensitive), and the NLL of re-reading the facts text from the memory. The
-    questions read the loaded memory without updating it; a
-    reference row puts the facts in the context instead. The default facts describe the invented country Quillara.
+    For each update rule (none, ema, surprise) it reports the teacher-forced NLL of the correct answers (nats
+    per answer token) and its improvement over a baseline with no memory loaded, and the exact-recall rate
+    (the greedy answer contains the answer, case-insensitive), and the NLL of re-reading the facts text from
+    the memory. The questions read the loaded memory without updating it; a
+    reference row puts the facts in the context instead. The default facts describe the invented country
+    Quillara.
 
     \b
     Examples:
       python recall_experiment.py --model-path packaged/smol-memory
-      python recall_experiment.py --model-path exports/demo-mac --rules ema,surprise --repeats 3 --no-chat-template
-      python recall_experiment.py --model-path exports/demo-mac --model-path packaged/smol-memory --output recall.json
-      python recall_experiment.py --model-path packaged/smol-memory --facts my_facts.json --show-answers
+      python recall_experiment.py --model-path exports/demo-mac --rules ema,surprise --repeats 3
+      --no-chat-template python recall_experiment.py --model-path exports/demo-mac --model-path
+      packaged/smol-memory --output recall.json python recall_experiment.py --model-path packaged/smol-memory
+      --facts my_facts.json --show-answers
     """
     _quiet_libraries()
     rule_list = parse_rules(rules)
@@ -599,7 +617,8 @@ def recall_experiment(
                 for q in r["per_question"]:
                     mark = "+" if q["recalled"] else "-"
                     click.echo(
-                        f"{mark} [{Path(res['model_path']).name} {label}] {q['question']} -> {q['greedy_raw']!r}"
+                        f"{mark} [{Path(res['model_path']).name} {label}] {q['question']} -> "
+                        f"{q['greedy_raw']!r}"
                     )
     click.echo(markdown_table(all_results))
     if output:

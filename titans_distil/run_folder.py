@@ -1,6 +1,6 @@
-"""The one place that knows a training run folder (written by distil.py): its `config.json` and `metrics.jsonl`,
-its checkpoints `checkpoints/step-N/` (`step_dirs`, `step_dir`) and `final/`, which weights a checkpoint name
-means (`resolve_checkpoint`), and the run's student config and tokenizer.
+"""The one place that knows a training run folder (written by distil.py): its `config.json` and
+`metrics.jsonl`, its checkpoints `checkpoints/step-N/` (`step_dirs`, `step_dir`) and `final/`, which weights a
+checkpoint name means (`resolve_checkpoint`), and the run's student config and tokenizer.
 
 Every problem with the user's input is a `UserError` with a one-line message naming the fix.
 """
@@ -50,7 +50,8 @@ class Run:
                 with contextlib.suppress(json.JSONDecodeError):
                     return json.loads(path.read_text())
         raise UserError(
-            f"run {self.dir} has no saved student (no final/ and no checkpoints/step-N with a config.json); let it train until a checkpoint is saved"
+            f"run {self.dir} has no saved student (no final/ and no checkpoints/step-N with a config.json); "
+            "let it train until a checkpoint is saved"
         )
 
 
@@ -73,7 +74,8 @@ def load_run(run_dir: str | os.PathLike) -> Run:
         ) from None
     if not isinstance(config, dict) or "teacher" not in config:
         raise UserError(
-            f"{config_file} is not a distil.py run config; pass a folder written by distil.py (runs/<run-name>)"
+            f"{config_file} is not a distil.py run config; pass a folder written by distil.py "
+            "(runs/<run-name>)"
         )
     check_run_config(config, config_file)
     metrics_file = path / "metrics.jsonl"
@@ -82,7 +84,8 @@ def load_run(run_dir: str | os.PathLike) -> Run:
 
 
 def read_metrics(path: Path) -> tuple[list[dict], int]:
-    """The records of a metrics.jsonl, and how many torn lines were skipped (a killed run may leave the last one)."""
+    """The records of a metrics.jsonl, and how many torn lines were skipped (a killed run may leave the last
+    one)."""
     records, torn = [], 0
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if not line.strip():
@@ -105,10 +108,12 @@ def check_kind(run: Run, kind: str) -> None:
         return
     if kind == "mac":
         raise UserError(
-            f"run {run.dir} trained a plain Llama student (no neural memory); export it with {SCRIPTS['llama']}"
+            f"run {run.dir} trained a plain Llama student (no neural memory); export it with "
+            f"{SCRIPTS['llama']}"
         )
     raise UserError(
-        f"run {run.dir} trained a MAC student with neural memory, which a plain LlamaForCausalLM cannot hold; export it with {SCRIPTS['mac']}"
+        f"run {run.dir} trained a MAC student with neural memory, which a plain LlamaForCausalLM cannot "
+        f"hold; export it with {SCRIPTS['mac']}"
     )
 
 
@@ -173,13 +178,15 @@ def resolve_checkpoint(run: Run, spec: str | os.PathLike = "latest") -> Checkpoi
             return from_folder(final, None)
         if newest is None:
             raise UserError(
-                f"run {run.dir} has no checkpoint yet; let it train until one is saved (every --save-every steps) or pass --checkpoint FILE"
+                f"run {run.dir} has no checkpoint yet; let it train until one is saved (every --save-every "
+                "steps) or pass --checkpoint FILE"
             )
         return from_folder(newest, None)
     if spec == "final":
         if not final.is_dir():
             raise UserError(
-                f"run {run.dir} has no final/ folder (training has not finished); pass --checkpoint latest or a step"
+                f"run {run.dir} has no final/ folder (training has not finished); pass --checkpoint latest "
+                "or a step"
             )
         return from_folder(final, None)
     if re.fullmatch(r"(step-)?\d+", spec):
@@ -193,13 +200,15 @@ def resolve_checkpoint(run: Run, spec: str | os.PathLike = "latest") -> Checkpoi
         if candidate.is_file():
             if candidate.suffix in PICKLE_SUFFIXES:
                 raise UserError(
-                    f"checkpoint {spec} is a pickle file; it is never unpickled here, pass a .safetensors file"
+                    f"checkpoint {spec} is a pickle file; it is never unpickled here, pass a .safetensors "
+                    "file"
                 )
             if candidate.name == INDEX_NAME:
                 return from_folder(candidate.parent, None)
             if candidate.suffix != ".safetensors":
                 raise UserError(
-                    f"checkpoint {spec} is neither a folder nor a .safetensors file; pass a checkpoint folder, a .safetensors file, 'final' or 'latest'"
+                    f"checkpoint {spec} is neither a folder nor a .safetensors file; pass a checkpoint "
+                    "folder, a .safetensors file, 'final' or 'latest'"
                 )
             folder = candidate.parent if candidate.name == "model.safetensors" else None
             step = None
@@ -210,7 +219,8 @@ def resolve_checkpoint(run: Run, spec: str | os.PathLike = "latest") -> Checkpoi
     available = [p.name for _, p in steps] + (["final"] if final.is_dir() else [])
     hint = f" (this run has: {', '.join(available[-5:])})" if available else " (this run has none yet)"
     raise UserError(
-        f"checkpoint {spec} not found{hint}; pass a checkpoint folder or .safetensors file, a step number, 'final' or 'latest'"
+        f"checkpoint {spec} not found{hint}; pass a checkpoint folder or .safetensors file, a step "
+        "number, 'final' or 'latest'"
     )
 
 
@@ -240,5 +250,6 @@ def run_tokenizer(run: Run):
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"cannot load the tokenizer of teacher {run.config['teacher']!r} ({first}); make the teacher available (or its HF cache), then export again"
+            f"cannot load the tokenizer of teacher {run.config['teacher']!r} ({first}); make the teacher "
+            "available (or its HF cache), then export again"
         ) from None

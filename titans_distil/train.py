@@ -49,8 +49,8 @@ from .student import CALIBRATION_BLOCKS, build_student, calibrate_memory, pick_l
 from .teacher import load_teacher, load_teacher_config
 from .teacher_cache import TeacherCache
 
-# The fresh memory parts start from scratch (the read-out gate nearly closed) while the backbone starts from the
-# teacher's weights, so by default they learn this many times faster.
+# The fresh memory parts start from scratch (the read-out gate nearly closed) while the backbone starts from
+# the teacher's weights, so by default they learn this many times faster.
 MEMORY_LR_FACTOR = 10.0
 # Optimizer groups by role; "backbone" (the teacher-initialised rest) comes first and is always present.
 GROUPS = ("backbone", "memory", "persistent", "gate")
@@ -138,7 +138,8 @@ class DistilConfig:
                 settings["memory_layers"] = [int(i) for i in self.memory_layers.split(",") if i.strip()]
             except ValueError:
                 raise UserError(
-                    f"--memory-layers {self.memory_layers!r} is not a comma-separated list of student layer indices (e.g. 1,4)"
+                    f"--memory-layers {self.memory_layers!r} is not a comma-separated list of student layer "
+                    "indices (e.g. 1,4)"
                 ) from None
         return settings
 
@@ -188,8 +189,8 @@ def check_recipe(cfg: DistilConfig, has_memory: bool) -> None:
         raise UserError(f"--answer-loss-weight {answer} is not a number > 0; pass e.g. 10 (1: plain mean)")
     if answer != 1 and not cfg.long_range_rate:
         raise UserError(
-            f"--answer-loss-weight {answer} weights the answers of long-range items, and --long-range-rate is 0; "
-            "add e.g. --long-range-rate 0.5 or drop --answer-loss-weight"
+            f"--answer-loss-weight {answer} weights the answers of long-range items, and --long-range-rate "
+            "is 0; add e.g. --long-range-rate 0.5 or drop --answer-loss-weight"
         )
     rate = cfg.long_range_rate
     if not (math.isfinite(rate) and 0 <= rate <= 1):
@@ -281,8 +282,9 @@ def _inherited(name: str) -> bool:
 
 def _quiet_launcher_at_exit() -> None:
     """Accelerate's simple launcher answers a child's non-zero exit with a traceback of its own (unless `-q`),
-    which would bury our one line. It exits quietly (status 143) on SIGTERM: send it one once our message is out,
-    and only when the parent really is `accelerate launch` (read from Linux /proc), never any other parent."""
+    which would bury our one line. It exits quietly (status 143) on SIGTERM: send it one once our message is
+    out, and only when the parent really is `accelerate launch` (read from Linux /proc), never any other
+    parent."""
     parent = os.getppid()
     try:
         argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
@@ -451,12 +453,14 @@ def prepare_run_dir(cfg: DistilConfig, is_main: bool) -> Path:
         if diff:
             shown = ", ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in list(diff.items())[:3])
             raise UserError(
-                f"--resume: {run_dir} was started with a different config ({shown}); use the same flags or a new --run-name"
+                f"--resume: {run_dir} was started with a different config ({shown}); use the same flags or "
+                "a new --run-name"
             )
     elif run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.overwrite:
             raise UserError(
-                f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, or choose another --run-name"
+                f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                "or choose another --run-name"
             )
         if is_main:
             shutil.rmtree(run_dir)
@@ -619,9 +623,9 @@ def distil(cfg: DistilConfig) -> Path:
     precision = resolve_precision(cfg.precision)
     check_launch_environment()
     check_tracker(cfg.tracker)
-    # Accelerate keeps its mixed-precision choice in a process-wide singleton: a second distil() in one process
-    # (a notebook, the tests) with another precision would be refused. Reset that choice only; the distributed
-    # state (PartialState: process group, ranks) is kept.
+    # Accelerate keeps its mixed-precision choice in a process-wide singleton: a second distil() in one
+    # process (a notebook, the tests) with another precision would be refused. Reset that choice only; the
+    # distributed state (PartialState: process group, ranks) is kept.
     AcceleratorState._reset_state()
     accelerator = Accelerator(
         # cpu=True on hosts without an accelerator: Accelerate then joins torchrun's processes over gloo
@@ -637,7 +641,8 @@ def distil(cfg: DistilConfig) -> Path:
     teacher_config = load_teacher_config(cfg.teacher)
     if cfg.max_length > teacher_config.max_position_embeddings:
         raise UserError(
-            f"--max-length {cfg.max_length} exceeds the teacher's {teacher_config.max_position_embeddings} positions; pass --max-length {teacher_config.max_position_embeddings} or less"
+            f"--max-length {cfg.max_length} exceeds the teacher's {teacher_config.max_position_embeddings} "
+            f"positions; pass --max-length {teacher_config.max_position_embeddings} or less"
         )
     layers = pick_layers(teacher_config.num_hidden_layers, cfg.student_layers)
     # invalid memory settings fail here, not later
@@ -645,7 +650,8 @@ def distil(cfg: DistilConfig) -> Path:
     check_recipe(cfg, has_memory=bool(getattr(config, "memory_layers", None)))
     if cfg.teacher_cache and cfg.loss != "kl":
         raise UserError(
-            f"--loss {cfg.loss} needs the full teacher distribution; a --teacher-cache holds only top-k logits, use --loss kl"
+            f"--loss {cfg.loss} needs the full teacher distribution; a --teacher-cache holds only top-k "
+            "logits, use --loss kl"
         )
     run_dir = prepare_run_dir(cfg, is_main)
     if is_main:  # leftovers of a run killed while it wrote a checkpoint, final/ or a metrics rewrite
@@ -660,7 +666,8 @@ def distil(cfg: DistilConfig) -> Path:
     teacher, tokenizer = load_teacher(cfg.teacher)  # fp32: the student starts from exact teacher weights
     if len(tokenizer) > teacher.config.vocab_size:
         raise UserError(
-            f"the teacher's tokenizer has {len(tokenizer)} tokens but its embeddings only {teacher.config.vocab_size}; use the tokenizer that belongs to this teacher"
+            f"the teacher's tokenizer has {len(tokenizer)} tokens but its embeddings only "
+            f"{teacher.config.vocab_size}; use the tokenizer that belongs to this teacher"
         )
     with accelerator.main_process_first():
         train_blocks = load_blocks(

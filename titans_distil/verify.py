@@ -35,7 +35,8 @@ def file_hashes(folder: str | os.PathLike) -> dict[str, str]:
 
 
 def foreign_imports(folder: str | os.PathLike) -> list[str]:
-    """Imports in the folder's .py files that are neither torch, transformers, the stdlib nor a sibling file."""
+    """Imports in the folder's .py files that are neither torch, transformers, the stdlib nor a sibling
+    file."""
     allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "__future__"}
     bad = []
     for path in sorted(Path(folder).glob("*.py")):
@@ -60,9 +61,12 @@ def foreign_imports(folder: str | os.PathLike) -> list[str]:
 ISOLATED_CHILD = r"""
 import importlib.util, json, os, sys
 args = json.loads(sys.argv[1])
-hidden = {os.path.realpath(p) for p in args["hide"]}  # folders from which `import titans_distil` / `models` works
-sys.meta_path[:] = [f for f in sys.meta_path if not (getattr(f, "__module__", "") or "").startswith("__editable__")]
-sys.path_hooks[:] = [h for h in sys.path_hooks if not (getattr(h, "__module__", "") or "").startswith("__editable__")]
+# the folders from which `import titans_distil` / `models` works
+hidden = {os.path.realpath(p) for p in args["hide"]}
+def _editable(finder):
+    return (getattr(finder, "__module__", "") or "").startswith("__editable__")
+sys.meta_path[:] = [f for f in sys.meta_path if not _editable(f)]
+sys.path_hooks[:] = [h for h in sys.path_hooks if not _editable(h)]
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) not in hidden]
 sys.path_importer_cache.clear()
 class _Blocker:  # a plain (non-editable) install sits in site-packages beside torch: block it by name instead
@@ -77,8 +81,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 torch.set_num_threads(1)
-model = AutoModelForCausalLM.from_pretrained(args["export"], trust_remote_code=args["trust_remote_code"]).eval()
-AutoTokenizer.from_pretrained(args["export"], trust_remote_code=args["trust_remote_code"])
+trust = args["trust_remote_code"]
+model = AutoModelForCausalLM.from_pretrained(args["export"], trust_remote_code=trust).eval()
+AutoTokenizer.from_pretrained(args["export"], trust_remote_code=trust)
 report["class"] = type(model).__module__ + "." + type(model).__name__
 ids = torch.tensor(args["ids"])
 with torch.no_grad():
@@ -94,8 +99,8 @@ print(json.dumps(report))
 
 
 def project_paths() -> list[str]:
-    """The source checkout holding titans_distil/ (and models/), which must not be on the child's sys.path. A plain
-    install lives in site-packages beside torch instead; the child then blocks the package by name."""
+    """The source checkout holding titans_distil/ (and models/), which must not be on the child's sys.path. A
+    plain install lives in site-packages beside torch instead; the child then blocks the package by name."""
     root = Path(__file__).resolve().parent.parent
     return [] if root.name in ("site-packages", "dist-packages") else [str(root)]
 
@@ -136,6 +141,7 @@ def run_isolated(
     if proc.returncode != 0:
         error = [line for line in proc.stderr.strip().splitlines() if line.strip()]
         raise UserError(
-            f"the export does not load without titans-distil ({error[-1] if error else 'exit ' + str(proc.returncode)}); re-export it"
+            "the export does not load without titans-distil "
+            f"({error[-1] if error else 'exit ' + str(proc.returncode)}); re-export it"
         )
     return json.loads(last), load_file(str(logits_out))["logits"]

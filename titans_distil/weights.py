@@ -1,6 +1,6 @@
 """Model weights on disk and the models that hold them: which files of a folder hold the weights, their
-safetensors headers and tensors (never unpickled), whether they fit a model's shapes (`Fit`), the project's model
-classes and configs, and a run's student built from its own config (`load_student`).
+safetensors headers and tensors (never unpickled), whether they fit a model's shapes (`Fit`), the project's
+model classes and configs, and a run's student built from its own config (`load_student`).
 
 Every problem with the user's input is a `UserError` with a one-line message naming the fix.
 """
@@ -53,11 +53,12 @@ DROPPED_CONFIG_KEYS = (
 )
 
 
-# ------------------------------------------------------------------------------------------------ weight files
+# ----------------------------------------------------------------------------------------------- weight files
 
 
 def weight_files(folder: Path, label: str) -> list[Path]:
-    """The safetensors files holding a folder's weights (one file or an index's shards); pickles are refused."""
+    """The safetensors files holding a folder's weights (one file or an index's shards); pickles are
+    refused."""
     single, index = folder / "model.safetensors", folder / INDEX_NAME
     if single.is_file():
         return [single]
@@ -68,10 +69,12 @@ def weight_files(folder: Path, label: str) -> list[Path]:
     )
     if pickles:
         raise UserError(
-            f"checkpoint {label} holds only pickle weights ({pickles[0]}); they are never unpickled here, convert them to safetensors"
+            f"checkpoint {label} holds only pickle weights ({pickles[0]}); they are never unpickled here, "
+            "convert them to safetensors"
         )
     raise UserError(
-        f"checkpoint {label} has no model.safetensors; pass a checkpoint folder written by distil.py, a .safetensors file, 'final' or 'latest'"
+        f"checkpoint {label} has no model.safetensors; pass a checkpoint folder written by distil.py, a "
+        ".safetensors file, 'final' or 'latest'"
     )
 
 
@@ -81,13 +84,15 @@ def index_shards(index: Path, label: str) -> list[Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(
-            f"checkpoint {label}: {index.name} is not a valid safetensors index; the file is truncated or corrupt, use another checkpoint"
+            f"checkpoint {label}: {index.name} is not a valid safetensors index; the file is truncated or "
+            "corrupt, use another checkpoint"
         ) from None
     shards = sorted({index.parent / name for name in weight_map.values()})
     missing = [p.name for p in shards if not p.is_file()]
     if missing:
         raise UserError(
-            f"checkpoint {label} is incomplete: shard {missing[0]} named in {index.name} is missing; copy the whole folder"
+            f"checkpoint {label} is incomplete: shard {missing[0]} named in {index.name} is missing; copy "
+            "the whole folder"
         )
     return shards
 
@@ -138,7 +143,8 @@ def unreadable(path: Path, label: str | None, err: Exception) -> UserError:
 
 @dataclass
 class Fit:
-    """How a set of weights fits a model: names the model lacks, names it has that the weights lack, shapes."""
+    """How a set of weights fits a model: names the model lacks, names it has that the weights lack,
+    shapes."""
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -154,22 +160,26 @@ class Fit:
         parts = []
         if self.missing:
             parts.append(
-                f"missing {len(self.missing)} ({', '.join(self.missing[:limit])}{', ...' if len(self.missing) > limit else ''})"
+                f"missing {len(self.missing)} "
+                f"({', '.join(self.missing[:limit])}{', ...' if len(self.missing) > limit else ''})"
             )
         if self.unexpected:
             parts.append(
-                f"unexpected {len(self.unexpected)} ({', '.join(self.unexpected[:limit])}{', ...' if len(self.unexpected) > limit else ''})"
+                f"unexpected {len(self.unexpected)} "
+                f"({', '.join(self.unexpected[:limit])}{', ...' if len(self.unexpected) > limit else ''})"
             )
         if self.mismatched:
             shown = ", ".join(f"{n} {list(a)} vs {list(b)}" for n, a, b in self.mismatched[:limit])
             parts.append(
-                f"shape mismatch {len(self.mismatched)} ({shown}{', ...' if len(self.mismatched) > limit else ''})"
+                f"shape mismatch {len(self.mismatched)} "
+                f"({shown}{', ...' if len(self.mismatched) > limit else ''})"
             )
         return "; ".join(parts) or "all weights fit"
 
 
 def check_fit(model_shapes: dict[str, tuple], weight_shapes: dict[str, tuple], tied: bool) -> Fit:
-    """Compare the parameter shapes a model expects with those a checkpoint holds (tied lm_head may be absent)."""
+    """Compare the parameter shapes a model expects with those a checkpoint holds (tied lm_head may be
+    absent)."""
     fit = Fit()
     for name, shape in model_shapes.items():
         if name not in weight_shapes:
@@ -200,7 +210,8 @@ def make_config(values: dict, kind: str):
         return config_class(**clean)
     except config_errors() as err:
         raise UserError(
-            f"the model config is invalid for a {kind} student ({describe(err)}); pass a checkpoint written by distil.py"
+            f"the model config is invalid for a {kind} student ({describe(err)}); pass a checkpoint written "
+            "by distil.py"
         ) from None
 
 
@@ -218,9 +229,9 @@ def model_shapes(config) -> dict[str, tuple]:
 
 
 def build_model(model_class, config, dtype):
-    """`model_class(config)` with parameters in `dtype` the way `from_pretrained` builds it: under that default
-    dtype, so buffers computed in float32 on purpose (rotary frequencies) stay float32. (`.to(dtype)` would
-    round them too, and a bf16 model would then not match the same export loaded by transformers.)"""
+    """`model_class(config)` with parameters in `dtype` the way `from_pretrained` builds it: under that
+    default dtype, so buffers computed in float32 on purpose (rotary frequencies) stay float32. (`.to(dtype)`
+    would round them too, and a bf16 model would then not match the same export loaded by transformers.)"""
     import torch
 
     previous = torch.get_default_dtype()
@@ -244,7 +255,8 @@ def load_student(run: Run, checkpoint: Checkpoint, dtype=None):
     reference = run.model_config()
     if kind_of(reference) != run.kind:
         raise UserError(
-            f"run {run.dir}: its saved student is a {_describe(reference)} but config.json says use_mac={run.config.get('use_mac')}; the run folder is inconsistent"
+            f"run {run.dir}: its saved student is a {_describe(reference)} but config.json says "
+            f"use_mac={run.config.get('use_mac')}; the run folder is inconsistent"
         )
     own = checkpoint.config
     if own is not None:
@@ -255,7 +267,8 @@ def load_student(run: Run, checkpoint: Checkpoint, dtype=None):
         ]
         if diffs:
             raise UserError(
-                f"checkpoint {checkpoint.label} does not fit run {run.dir} ({', '.join(diffs[:3])}); it belongs to another architecture or size, pass a checkpoint of this run"
+                f"checkpoint {checkpoint.label} does not fit run {run.dir} ({', '.join(diffs[:3])}); it "
+                "belongs to another architecture or size, pass a checkpoint of this run"
             )
     config = make_config(reference, run.kind)
     headers = read_headers(checkpoint.files, checkpoint.label)
@@ -264,14 +277,16 @@ def load_student(run: Run, checkpoint: Checkpoint, dtype=None):
     )
     if not fit.ok:
         raise UserError(
-            f"checkpoint {checkpoint.label} does not fit run {run.dir}'s {_describe(reference)} ({fit.summary()}); it belongs to another architecture or size, pass a checkpoint of this run"
+            f"checkpoint {checkpoint.label} does not fit run {run.dir}'s {_describe(reference)} "
+            f"({fit.summary()}); it belongs to another architecture or size, pass a checkpoint of this run"
         )
     state = read_weights(checkpoint.files, checkpoint.label)
     return instantiate(model_classes(run.kind)[1], config, state, dtype)
 
 
 def instantiate(model_class, config, state: dict, dtype=None):
-    """A model of `model_class` holding `state` (weights already checked to fit), in the stored or given dtype."""
+    """A model of `model_class` holding `state` (weights already checked to fit), in the stored or given
+    dtype."""
     import torch
 
     stored = {t.dtype for t in state.values() if t.is_floating_point()}
