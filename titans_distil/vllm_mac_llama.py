@@ -273,16 +273,21 @@ class StateLayout:
     def nbytes(self) -> int:
         return 4 * self.size
 
-    def tensors(self, flat: torch.Tensor, part: int) -> list[torch.Tensor]:
-        """Views of part 0 (weights), 1 (momentum) or 2 (segment) of pages (B, size) as (B, *shape) tensors."""
-        out, offset = [], part * self.weights_size
+    def part(self, part: int) -> slice:
+        """Where part 0 (weights), 1 (momentum) or 2 (segment) lies in a page."""
+        return slice(part * self.weights_size, (part + 1) * self.weights_size)
+
+    def tensors(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """One part of pages, (B, weights_size), as a list of (B, *shape) views (one per memory MLP layer)."""
+        out, offset = [], 0
         for shape, size in zip(self.shapes, self.sizes):
             out.append(flat[:, offset : offset + size].view(-1, *shape))
             offset += size
         return out
 
-    def pending(self, flat: torch.Tensor) -> torch.Tensor:
-        return flat[:, self.pending_offset :].view(-1, self.chunk_size, self.dim)
+    def pending(self, rows: int) -> slice:
+        """Where the first `rows` pending rows lie in a page."""
+        return slice(self.pending_offset, self.pending_offset + rows * self.dim)
 
 
 class MACMemoryStateCache(nn.Module, MambaBase):
@@ -461,14 +466,13 @@ class MACMemoryDecoderLayer(MACDecoderLayer):
             h = x.new_zeros(n, x.shape[1])
             for (length, _, starts_segment), members in groups:
                 idx = slots[piece_requests[members]]
-                flat = pages[idx]
+                weights, segment = layout.part(0), layout.part(2)
                 if starts_segment:  # the segment-start copy := the current weights (pending is empty here)
-                    flat[:, 2 * layout.weights_size : 3 * layout.weights_size] = flat[
-                        :, : layout.weights_size
-                    ]
-                    pages[idx] = flat
-                weights = tuple(i + d for i, d in zip(init, layout.tensors(flat, 2)))
-                seg = MemoryState(weights, weights, flat[:, :0])  # retrieval reads the weights only
+                    pages[idx, segment] = pages[idx, weights]
+                seg_weights = tuple(i + d for i, d in zip(init, layout.tensors(pages[idx, segment])))
+                seg = MemoryState(
+                    seg_weights, seg_weights, x.new_zeros(0)
+                )  # retrieval reads the weights only
                 tokens = (piece_starts[members][:, None] + torch.arange(length)[None]).reshape(-1)
                 reads = memory.retrieve(seg, rms_x[tokens].view(len(members), length, -1))
                 h[tokens] = reads.reshape(-1, x.shape[1]).to(x.dtype)
@@ -497,11 +501,11 @@ class MACMemoryDecoderLayer(MACDecoderLayer):
             # 3. the memory update with y, 4. the gated read-out
             for (length, phase, _), members in groups:
                 idx = slots[piece_requests[members]]
-                flat = pages[idx]
+                weights, momentum = layout.part(0), layout.part(1)
                 state = MemoryState(
-                    tuple(i + d for i, d in zip(init, layout.tensors(flat, 0))),
-                    tuple(s.clone() for s in layout.tensors(flat, 1)),
-                    layout.pending(flat)[:, :phase].clone(),
+                    tuple(i + d for i, d in zip(init, layout.tensors(pages[idx, weights]))),
+                    tuple(layout.tensors(pages[idx, momentum])),
+                    pages[idx, layout.pending(phase)].view(len(members), phase, layout.dim),
                     0,
                     phase,
                     self.update_rule,
@@ -512,12 +516,13 @@ class MACMemoryDecoderLayer(MACDecoderLayer):
                 readout, state, _ = memory(
                     unit_rms(piece_y).float().view(len(members), length, -1), state, self.update_rule
                 )
-                for part, tensors in ((0, state.weights), (1, state.momentum)):
-                    for view, w, i in zip(layout.tensors(flat, part), tensors, init):
-                        view.copy_(w - i if part == 0 else w)
+                if phase + length >= chunk:  # a chunk was applied: the weights and the momentum moved
+                    deltas = [(w - i).flatten(1) for w, i in zip(state.weights, init)]
+                    pages[idx, weights] = torch.cat(deltas, dim=1)
+                    pages[idx, momentum] = torch.cat([m.flatten(1) for m in state.momentum], dim=1)
                 new_phase = state.pending.shape[1]
-                layout.pending(flat)[:, :new_phase] = state.pending
-                pages[idx] = flat
+                if new_phase:  # only the rows not yet in the page need writing, but the page is small
+                    pages[idx, layout.pending(new_phase)] = state.pending.reshape(len(members), -1)
                 readout = readout.reshape(-1, x.shape[1]).to(y.dtype)
                 out[piece_tokens] = piece_y + gated_readout(
                     self.memory_gate, readout, piece_y, self.memory_version
