@@ -72,10 +72,13 @@ def llama_dir(tmp_path_factory, embedded_dir) -> Path:
     return out
 
 
-def hf_greedy(path: Path, prompt_ids: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """Token-by-token greedy decoding by full recomputation (no cache, EOS ignored), memory frozen."""
+def hf_greedy(
+    path: Path, prompt_ids: list[list[int]], new_tokens: int, rule: str = "none"
+) -> list[list[int]]:
+    """Token-by-token greedy decoding by full recomputation (no cache, EOS ignored) with memory update rule `rule`
+    (the definition of the model's output: every step recomputes the memory writes from the first token)."""
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
-    extra = {"update_rule": "none"} if model.config.model_type == "mac_llama" else {}
+    extra = {"update_rule": rule} if model.config.model_type == "mac_llama" else {}
     outputs = []
     for ids in prompt_ids:
         ids = list(ids)
@@ -150,6 +153,51 @@ def test_vllm_greedy_equals_transformers_greedy(kind, mac_dir, llama_dir, tmp_pa
             any(n < 128 < n + NEW_TOKENS for n in lengths) and max(lengths) > 128
         )  # crossing, starting beyond
     assert [row["token_ids"] for row in rows] == hf_greedy(path, prompt_ids, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("rule", ["surprise", "ema"])
+def test_vllm_learning_memory_greedy_equals_transformers_greedy(rule, mac_dir, tmp_path, one_thread):
+    """With a memory that learns per request (`--update-rule surprise|ema`, vLLM's state pages), the greedy tokens
+    of vllm_inference.py == transformers' token-by-token greedy with the same rule: 16 prompts of 3 to 250 tokens
+    as one batch, prefill cut into steps of 64 tokens (chunked prefill), 32 new tokens each, across memory chunks
+    (16 tokens) and segments (128)."""
+    tokenizer = AutoTokenizer.from_pretrained(mac_dir)
+    prompts = [p.replace("\n", " ") for p in PROMPTS] + long_prompts(tokenizer)
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(prompts) + "\n")
+    result = run_script(
+        "--model-path",
+        mac_dir,
+        "--update-rule",
+        rule,
+        "--prompts-file",
+        prompts_file,
+        "--no-chat-template",
+        "--max-new-tokens",
+        NEW_TOKENS,
+        "--ignore-eos",
+        "--dtype",
+        "float32",
+        "--max-num-batched-tokens",
+        64,
+        "--output",
+        tmp_path / "out.jsonl",
+        "--use-mac",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = result.stdout + result.stderr
+    assert (
+        "prefix caching turned off" in logs and "memory state per request: 0.79 MB per memory layer" in logs
+    )
+    if rule == "ema":  # the checkpoint's default is surprise
+        assert "note: serving with a memory that learns per request (update_rule ema)" in result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    prompt_ids = [tokenizer(p).input_ids for p in prompts]
+    lengths = [len(ids) for ids in prompt_ids]
+    assert max(lengths) > 128 and any(n < 128 < n + NEW_TOKENS for n in lengths) and min(lengths) < 16
+    expected = hf_greedy(mac_dir, prompt_ids, NEW_TOKENS, rule)
+    assert expected[-2:] != hf_greedy(mac_dir, prompt_ids[-2:], NEW_TOKENS)  # the memory's writes matter
+    assert [row["token_ids"] for row in rows] == expected
 
 
 def free_port() -> int:
@@ -238,16 +286,6 @@ def test_unservable_requests_are_refused_with_a_message(mac_dir, llama_dir, tmp_
 
     refused(
         "--model-path",
-        mac_dir,
-        "--update-rule",
-        "surprise",
-        "--prompt",
-        "hi",
-        message="--update-rule surprise: vLLM serves MAC models with frozen memory only; use no_vllm_inference.py "
-        "--update-rule surprise to let the memory learn",
-    )
-    refused(
-        "--model-path",
         llama_dir,
         "--update-rule",
         "ema",
@@ -317,25 +355,30 @@ def test_unservable_requests_are_refused_with_a_message(mac_dir, llama_dir, tmp_
         message="nothing to generate: give --prompt (repeatable) or --prompts-file, or --serve",
     )
 
-    # straight through vLLM (the plugin): a checkpoint whose memory learns is refused before any engine starts
-    probe = (
-        "import sys\nfrom vllm import LLM\n"
-        "try:\n    LLM(sys.argv[1], trust_remote_code=True, dtype='float32', enforce_eager=True)\n"
-        "except Exception as err:\n    print('REFUSED', ' '.join(str(err).split()))\n"
+
+@pytest.mark.parametrize("rule", ["none", "surprise", "ema"])
+def test_plugin_config_hook_makes_a_learning_memory_hybrid_without_prefix_caching(rule):
+    """The plugin's config hook (no engine start): frozen memory keeps the model a plain attention model (vLLM reads
+    `layer_types`), a learning memory makes it hybrid (per-request state pages) and turns prefix caching off."""
+    from types import SimpleNamespace
+
+    from titans_distil.vllm_mac_llama import configure
+
+    hf_config = SimpleNamespace(update_rule=rule, memory_layers=[1, 3], num_hidden_layers=4)
+    vllm_config = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=hf_config),
+        cache_config=SimpleNamespace(enable_prefix_caching=True),
     )
-    result = subprocess.run(
-        [PY, "-c", probe, str(mac_dir)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"),
-    )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("REFUSED")]
-    assert len(lines) == 1, result.stdout + result.stderr[-3000:]
-    assert (
-        "this MAC checkpoint's update_rule is 'surprise', but vLLM serves MAC models with frozen memory only; pass "
-        '--hf-overrides \'{"update_rule": "none"}\''
-    ) in lines[0]
+    configure(vllm_config)
+    if rule == "none":
+        assert hf_config.layer_types == ["full_attention"] * 4
+        assert vllm_config.cache_config.enable_prefix_caching
+    else:
+        assert hf_config.layer_types == ["full_attention", "mac_memory", "full_attention", "mac_memory"]
+        assert not vllm_config.cache_config.enable_prefix_caching
+    hf_config.update_rule = "bogus"
+    with pytest.raises(ValueError, match="update_rule 'bogus' is not one of"):
+        configure(vllm_config)
 
 
 # ------------------------------------------------------------------------------------- request bodies (no vLLM start)
@@ -389,6 +432,21 @@ def test_server_refuses_a_request_asking_for_a_learning_memory(rule, content_typ
     error = json.loads(answer)["error"]
     assert error["code"] == 400 and error["param"] == "update_rule"
     assert error["message"].startswith(f"update_rule {rule!r}: this server (vLLM) serves the memory frozen")
+
+
+def test_server_with_a_learning_memory_refuses_only_another_rule(monkeypatch):
+    from titans_distil.serving import SERVED_RULE_ENV, memory_update_error
+
+    monkeypatch.setenv(SERVED_RULE_ENV, "surprise")
+    body = {"model": "tiny-mac", "prompt": "hi"}
+    assert memory_update_error(json.dumps(dict(body, update_rule="surprise")).encode()) is None
+    assert memory_update_error(json.dumps(body).encode()) is None
+    for rule in ("none", "ema"):
+        assert memory_update_error(json.dumps(dict(body, update_rule=rule)).encode()) == (
+            f"update_rule {rule!r}: this server (vLLM) serves every request with update_rule 'surprise' (one rule "
+            f"per deployment); drop update_rule, or start a server with vllm_inference.py --serve --update-rule "
+            f"{rule}"
+        )
 
 
 @pytest.mark.parametrize(

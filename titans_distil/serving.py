@@ -1,9 +1,10 @@
 """Generation and serving with vLLM: `vllm_inference.py` (offline, batched) and its `--serve` mode (the
 OpenAI-compatible server, `vllm serve`).
 
-MAC folders are served through the project's vLLM plugin (`titans_distil.vllm_plugin`) with frozen memory.
-Plain Llama folders are served by stock vLLM. Packaged wrappers (`package_model.py`) keep learning in every layer
-and are not servable by vLLM: use `no_vllm_inference.py` for them and for memories that learn.
+MAC folders are served through the project's vLLM plugin (`titans_distil.vllm_plugin`), with frozen memory
+(`--update-rule none`, the default) or a memory that learns per request (`surprise`, `ema`). Plain Llama folders
+are served by stock vLLM. Packaged wrappers (`package_model.py`) keep learning in every layer and are not servable
+by vLLM: use `no_vllm_inference.py` for them.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def prepare_environment() -> None:
 
 def serving_overrides(model_path: str, use_mac: bool, update_rule: str) -> tuple[str, dict | None]:
     """Check a model folder against what vLLM can serve; return its kind ('mac' or 'llama') and the config
-    overrides to pass to vLLM (a MAC checkpoint whose default rule learns is served with its memory frozen)."""
+    overrides to pass to vLLM (a MAC checkpoint is served with `update_rule`, whatever its default)."""
     path = Path(model_path)
     if not path.is_dir():
         raise UserError(
@@ -91,19 +92,16 @@ def serving_overrides(model_path: str, use_mac: bool, update_rule: str) -> tuple
         raise UserError(
             f"{model_path} is a training checkpoint, not an export; run export_mac_model.py first"
         )
-    if update_rule != "none":
-        if kind == "mac":
-            raise UserError(
-                f"--update-rule {update_rule}: vLLM serves MAC models with frozen memory only; use "
-                f"no_vllm_inference.py --update-rule {update_rule} to let the memory learn"
-            )
+    if update_rule != "none" and kind != "mac":
         raise UserError(
             f"--update-rule {update_rule}: {model_path} has no memory (model_type {model_type!r})"
         )
-    overrides = {"update_rule": "none"} if kind == "mac" and config.get("update_rule") != "none" else None
-    if overrides:
+    overrides = None
+    if kind == "mac" and config.get("update_rule") != update_rule:
+        overrides = {"update_rule": update_rule}
+        what = "frozen memory" if update_rule == "none" else "a memory that learns per request"
         click.echo(
-            f"note: serving with frozen memory (update_rule none); the checkpoint's default "
+            f"note: serving with {what} (update_rule {update_rule}); the checkpoint's default "
             f"{config.get('update_rule')!r} applies to transformers generation",
             err=True,
         )
@@ -151,6 +149,7 @@ def generate(
     dtype: str = "auto",
     max_model_len: int | None = None,
     max_num_seqs: int = 16,
+    max_num_batched_tokens: int | None = None,
     enforce_eager: bool = True,
     trust_remote_code: bool = False,
 ) -> list[dict]:
@@ -180,6 +179,7 @@ def generate(
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
         enforce_eager=enforce_eager,
+        **({"max_num_batched_tokens": max_num_batched_tokens} if max_num_batched_tokens else {}),
     )
     limit = llm.llm_engine.model_config.max_model_len
     for i, ids in enumerate(token_ids):
@@ -225,23 +225,31 @@ def generate(
 MIDDLEWARE = "titans_distil.serving.RefuseMemoryUpdates"
 
 
-def memory_update_error(body: bytes) -> str | None:
-    """Why the server refuses a request body, or None: vLLM serves frozen memory only, and its OpenAI server would
-    ignore an `update_rule` field (an unknown field) and answer as if the memory had learned. A body that is not
-    a JSON object is left to vLLM's own validation."""
+SERVED_RULE_ENV = "TITANS_DISTIL_UPDATE_RULE"  # the deployment's rule, for the middleware (set by --serve)
+
+
+def memory_update_error(body: bytes, served: str | None = None) -> str | None:
+    """Why the server refuses a request body, or None: vLLM serves one update rule per deployment (`served`, by
+    default $TITANS_DISTIL_UPDATE_RULE or "none"), and its OpenAI server would ignore an `update_rule` field (an
+    unknown field) and answer as if the memory had used it. A body that is not a JSON object is left to vLLM's own
+    validation."""
+    served = served or os.environ.get(SERVED_RULE_ENV) or "none"
     try:
         request = json.loads(body)
     except (UnicodeDecodeError, ValueError):
         return None
-    if (
-        not isinstance(request, dict)
-        or "update_rule" not in request
-        or request["update_rule"] in (None, "none")
-    ):
+    if not isinstance(request, dict) or request.get("update_rule") in (None, served):
         return None
+    rule = request["update_rule"]
+    if served == "none":
+        return (
+            f"update_rule {rule!r}: this server (vLLM) serves the memory frozen (update_rule none) and cannot let "
+            "it learn; drop update_rule, or start a server with vllm_inference.py --serve --update-rule "
+            f"{rule}"
+        )
     return (
-        f"update_rule {request['update_rule']!r}: this server (vLLM) serves the memory frozen (update_rule "
-        "none) and cannot let it learn; drop update_rule, or generate with no_vllm_inference.py --update-rule"
+        f"update_rule {rule!r}: this server (vLLM) serves every request with update_rule {served!r} (one rule per "
+        f"deployment); drop update_rule, or start a server with vllm_inference.py --serve --update-rule {rule}"
     )
 
 
@@ -370,7 +378,7 @@ def serve_argv(
     type=UpdateRule(),
     default="none",
     show_default=True,
-    help="vLLM serves MAC memories frozen: 'ema'/'surprise' are refused (use no_vllm_inference.py).",
+    help="MAC memory: 'none' (frozen) or 'surprise'/'ema' (learns per request, in vLLM's state cache).",
 )
 @click.option("--prompt", "prompts", multiple=True, help="A prompt; repeat for a batch.")
 @click.option(
@@ -413,6 +421,12 @@ def serve_argv(
     "--max-num-seqs", type=POSITIVE, default=16, show_default=True, help="Requests batched per step."
 )
 @click.option(
+    "--max-num-batched-tokens",
+    type=POSITIVE,
+    default=None,
+    help="Tokens per engine step; a longer prompt is prefilled in pieces (chunked prefill). [default: vLLM's]",
+)
+@click.option(
     "--enforce-eager/--compile",
     default=True,
     show_default=True,
@@ -447,6 +461,7 @@ def vllm_inference(
     dtype,
     max_model_len,
     max_num_seqs,
+    max_num_batched_tokens,
     enforce_eager,
     output,
     serve,
@@ -457,8 +472,8 @@ def vllm_inference(
 ):
     """Generate with vLLM (batched), or serve the model with vLLM's OpenAI-compatible server.
 
-    MAC models are served with frozen memory (update rule none); for memories that learn, and for package_model.py
-    folders, use no_vllm_inference.py. On CPU, VLLM_CPU_KVCACHE_SPACE defaults
+    MAC models are served with frozen memory (--update-rule none) or a memory that learns per request (surprise,
+    ema); for package_model.py folders use no_vllm_inference.py. On CPU, VLLM_CPU_KVCACHE_SPACE defaults
     to 2 (GiB).
 
     \b
@@ -491,9 +506,11 @@ def vllm_inference(
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
             enforce_eager=enforce_eager,
-            extra=vllm_args,
+            extra=vllm_args
+            + (("--max-num-batched-tokens", str(max_num_batched_tokens)) if max_num_batched_tokens else ()),
             trust_remote_code=trust,
         )
+        os.environ[SERVED_RULE_ENV] = update_rule  # the middleware's reference (inherited through execv)
         click.echo("+ " + " ".join(argv), err=True)
         sys.stdout.flush()
         os.execv(argv[0], argv)
@@ -513,6 +530,7 @@ def vllm_inference(
         dtype=dtype,
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
         enforce_eager=enforce_eager,
         trust_remote_code=trust_remote_code,
     )

@@ -2,14 +2,31 @@
 
 What vLLM serves, exactly
 -------------------------
-- Frozen memory (update rule "none"): retrieval and read-out use the memory's learned initial weights in every
-  segment, as the transformers model does with `update_rule="none"`. A checkpoint whose `update_rule` is
-  "surprise" or "ema" is refused (its fast weights change per request, which this model does not keep); serve it
-  with `--hf-overrides '{"update_rule": "none"}'` or use transformers (`no_vllm_inference.py`) for learning memories.
+- The update rule of the deployment (`update_rule` of the config, `--hf-overrides '{"update_rule": ...}'`):
+  "none" (frozen: retrieval and read-out use the memory's learned initial weights in every segment), "surprise" or
+  "ema" (the memory learns per request, from the learned initial weights at its first token, as transformers'
+  `MACCache` carries it through `generate()`). One rule for every request.
 - Any length up to `max_position_embeddings`, in segments of `segment_len` tokens counted from the request's first
-  token (segment-local attention in every layer, as in transformers).
-Within those limits the computation equals the transformers model's (tested: greedy parity, within one segment
-and across segment boundaries).
+  token (segment-local attention in every layer, as in transformers), with chunked prefill cut anywhere.
+Within those limits the computation equals the transformers model's (tested: greedy parity with each rule, within
+one segment and across segment and memory-chunk boundaries, prefill in 64-token steps).
+
+Learning memory: per-request state in vLLM's state cache
+--------------------------------------------------------
+With "surprise" or "ema" the model is hybrid in vLLM's sense (`IsHybrid`, as its Mamba / linear-attention models):
+every memory layer owns a `MACMemoryStateCache` (a `MambaBase` layer of the LINEAR state backend) for which vLLM
+allocates one state page per request, hands its index in `state_indices_tensor` and frees it with the request.
+A page (`StateLayout`, float32) holds the fast weights after the last complete memory chunk and the weights at the
+current segment start, both as differences from the learned initial weights (so a zeroed page is a valid start:
+a new request, seq_len == query_len, gets its page zeroed), the momentum, and the rows written in the unfinished
+chunk (their count is the position modulo the chunk size). Each step, a memory layer cuts every request's new
+tokens at segment boundaries; the k-th pieces of all requests are processed together (retrieval with the
+segment-start weights, attention, then `NeuralMemory.forward`, the training code's streaming chunked update), pieces
+of equal length and chunk phase in one batched call: a decode step appends each request's row to its pending rows
+and applies the chunk update where a chunk completes. Prefix caching is turned off (a cached prefix would skip
+its tokens' memory writes; `configure`, logged). The page size is logged at start; vLLM raises the attention
+block size until one attention page holds one state page (`platforms/interface.py`, `_align_hybrid_block_size`),
+so a large state means large attention blocks, not a refusal.
 
 How it maps onto vLLM
 ---------------------
@@ -32,22 +49,47 @@ from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.mamba.abstract import MambaBase
+from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from .models.modeling_mac_llama import gated_readout, memory_from_config
-from .models.neural_memory import unit_rms
+from .models.neural_memory import UPDATE_RULES, MemoryState, NeuralMemory, unit_rms
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm": its handler prints our INFO lines
 
 
 def check_servable(config) -> None:
     """Refuse what this model cannot compute exactly (called at config time, before any weight is loaded)."""
-    if config.update_rule != "none":
+    if config.update_rule not in UPDATE_RULES:
         raise ValueError(
-            f"this MAC checkpoint's update_rule is {config.update_rule!r}, but vLLM serves MAC models with frozen "
-            'memory only; pass --hf-overrides \'{"update_rule": "none"}\' (vllm_inference.py does) or generate '
-            "with transformers (no_vllm_inference.py) to let the memory learn"
+            f"this MAC checkpoint's update_rule {config.update_rule!r} is not one of {UPDATE_RULES}"
+        )
+
+
+def configure(vllm_config) -> None:
+    """The plugin's config hook (vLLM calls it while it builds its config, before the hybrid-model set-up and
+    before any weight is loaded). A learning memory makes the model hybrid (per-request state pages), and prefix
+    caching is turned off: a cached prefix would skip its tokens' memory writes. Frozen memory keeps the model a
+    plain attention model (`layer_types` all full attention, which is what vLLM reads to tell)."""
+    config = vllm_config.model_config.hf_config
+    check_servable(config)
+    memory_layers = set(config.memory_layers)
+    if config.update_rule == "none":
+        config.layer_types = ["full_attention"] * config.num_hidden_layers
+        return
+    config.layer_types = [
+        "mac_memory" if i in memory_layers else "full_attention" for i in range(config.num_hidden_layers)
+    ]
+    cache_config = vllm_config.cache_config
+    if cache_config.enable_prefix_caching:
+        cache_config.enable_prefix_caching = False
+        logger.info(
+            "MAC model with a learning memory (update_rule %s): prefix caching turned off (a cached prefix would "
+            "skip its tokens' memory writes)",
+            config.update_rule,
         )
 
 
@@ -98,38 +140,29 @@ def _grouped_attention(query, keys, values, mask, scale) -> torch.Tensor:
     return torch.matmul(weights, values).view(B, H, Q, d)
 
 
-def segment_attention(attn, positions, q, streams, segment_len: int, persistent=None) -> torch.Tensor:
-    """Causal attention of each request's new tokens inside their segments, through the paged caches.
-
-    `attn` is the layer's vLLM `LlamaAttention` (head sizes, rotary embedding, metadata key); `q` (tokens, heads * d)
-    after RoPE; `streams` a list of (`Attention` owning a cache, keys, values) for the new tokens, after RoPE: every
-    position contributes one entry per stream, visible to the queries at or after it in its segment. `persistent`
-    (keys before RoPE, values) are extra entries visible to every query of a segment, RoPE'd at its first position.
-    Returns (tokens, heads * d); zeros in vLLM's profiling runs (no metadata)."""
-    d, heads, kv_heads = attn.head_dim, attn.num_heads, attn.num_kv_heads
-    out = q.new_zeros(q.shape[0], heads * d)
-    context = get_forward_context()
-    metadata = context.attn_metadata
-    metadata = metadata.get(attn.attn.layer_name) if isinstance(metadata, dict) else metadata
-    if metadata is None:
-        return out
-    n = metadata.num_actual_tokens
-    for layer, key, value in streams:
-        slots = context.slot_mapping[layer.layer_name][:n]
-        _write_kv(layer, key[:n].view(n, kv_heads, d), value[:n].view(n, kv_heads, d), slots)
-
-    # pieces: each request's new tokens (consecutive) cut at segment boundaries, so attention is block-diagonal
+def _pieces(metadata, positions: torch.Tensor, n: int, segment_len: int):
+    """Each request's new tokens (consecutive) cut at segment boundaries, so attention is block-diagonal: the
+    request of every token, and the first token and length of every piece."""
     starts = metadata.query_start_loc
     request = torch.repeat_interleave(
-        torch.arange(len(starts) - 1, device=q.device), starts[1:] - starts[:-1]
-    )
+        torch.arange(len(starts) - 1, device=positions.device), starts[1:] - starts[:-1]
+    )[:n]
     segment = positions[:n] // segment_len
-    new_piece = torch.ones(n, dtype=torch.bool, device=q.device)
+    new_piece = torch.ones(n, dtype=torch.bool, device=positions.device)
     new_piece[1:] = (request[1:] != request[:-1]) | (segment[1:] != segment[:-1])
     piece_starts = torch.nonzero(new_piece)[:, 0]
     piece_lengths = torch.diff(piece_starts, append=piece_starts.new_tensor([n]))
-    block_table = metadata.block_table[request[piece_starts]]
+    return request, piece_starts, piece_lengths
 
+
+def _attend_pieces(
+    attn, metadata, positions, q, layers, segment_len, request, piece_starts, piece_lengths, persistent
+):
+    """Causal attention of the pieces' queries (each inside one segment) over the K/V the caches of `layers` hold
+    from their segment start to their own position (the pieces' own K/V already written); `persistent` as in
+    `segment_attention`. Returns the token indices (m,) and the outputs (m, heads * d)."""
+    d, heads, kv_heads = attn.head_dim, attn.num_heads, attn.num_kv_heads
+    piece_requests = request[piece_starts]
     # queries (pieces, heads, max piece length, d) and keys from each piece's segment start to its last query
     steps = torch.arange(int(piece_lengths.max()), device=q.device)
     valid = steps[None] < piece_lengths[:, None]
@@ -152,16 +185,138 @@ def segment_attention(attn, positions, q, streams, segment_len: int, persistent=
         keys.append(rows.view(len(first), count, kv_heads, d).transpose(1, 2))
         values.append(p_v.view(1, count, kv_heads, d).transpose(1, 2).expand(len(first), -1, -1, -1))
         masks.append(visible.new_ones(*visible.shape[:2], count))
-    for layer, _, _ in streams:
-        layer_keys, layer_values = _gather_kv(layer, block_table, key_pos)
+    all_metadata = get_forward_context().attn_metadata
+    for layer in layers:
+        # each cache through its own block table: a hybrid model's attention layers form several KV cache groups
+        layer_metadata = (
+            all_metadata.get(layer.layer_name, metadata) if isinstance(all_metadata, dict) else metadata
+        )
+        layer_keys, layer_values = _gather_kv(layer, layer_metadata.block_table[piece_requests], key_pos)
         keys.append(layer_keys.to(q.dtype))
         values.append(layer_values.to(q.dtype))
         masks.append(visible)
     result = _grouped_attention(
         query, torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(masks, dim=2), attn.scaling
     )
-    out[token[valid]] = result.transpose(1, 2)[valid].reshape(-1, heads * d)
+    return token[valid], result.transpose(1, 2)[valid].reshape(-1, heads * d)
+
+
+def _metadata(attn):
+    """The attention metadata of `attn` (a vLLM `LlamaAttention`) in this forward; None in profiling runs."""
+    metadata = get_forward_context().attn_metadata
+    return metadata.get(attn.attn.layer_name) if isinstance(metadata, dict) else metadata
+
+
+def _write_stream(attn, layer: Attention, key, value, tokens=None) -> None:
+    """Write new tokens' K/V (after RoPE) into `layer`'s paged cache; `tokens` selects some of them (default: the
+    first `n` of the forward, the real ones)."""
+    d, kv_heads = attn.head_dim, attn.num_kv_heads
+    slots = get_forward_context().slot_mapping[layer.layer_name]
+    slots = slots[: key.shape[0]] if tokens is None else slots[tokens]
+    count = key.shape[0]
+    _write_kv(layer, key.view(count, kv_heads, d), value.view(count, kv_heads, d), slots)
+
+
+def segment_attention(attn, positions, q, streams, segment_len: int, persistent=None) -> torch.Tensor:
+    """Causal attention of each request's new tokens inside their segments, through the paged caches.
+
+    `attn` is the layer's vLLM `LlamaAttention` (head sizes, rotary embedding, metadata key); `q` (tokens, heads * d)
+    after RoPE; `streams` a list of (`Attention` owning a cache, keys, values) for the new tokens, after RoPE: every
+    position contributes one entry per stream, visible to the queries at or after it in its segment. `persistent`
+    (keys before RoPE, values) are extra entries visible to every query of a segment, RoPE'd at its first position.
+    Returns (tokens, heads * d); zeros in vLLM's profiling runs (no metadata)."""
+    out = q.new_zeros(q.shape[0], attn.num_heads * attn.head_dim)
+    metadata = _metadata(attn)
+    if metadata is None:
+        return out
+    n = metadata.num_actual_tokens
+    for layer, key, value in streams:
+        _write_stream(attn, layer, key[:n], value[:n])
+    request, piece_starts, piece_lengths = _pieces(metadata, positions, n, segment_len)
+    layers = [layer for layer, _, _ in streams]
+    tokens, result = _attend_pieces(
+        attn, metadata, positions, q, layers, segment_len, request, piece_starts, piece_lengths, persistent
+    )
+    out[tokens] = result
     return out
+
+
+# ----------------------------------------------------------------------------------------------- memory state
+
+
+class StateLayout:
+    """Where one request's memory state lives in its state page (one flat float32 vector per memory layer):
+
+    - `weights`: the fast weights after the last complete memory chunk, as a DIFFERENCE from the learned initial
+      weights (a zeroed page is the initial memory, the start of every request);
+    - `momentum`: the surprise S (zero at the start; "ema" never moves it);
+    - `segment`: the weights at the start of the current segment (what its tokens are retrieved with), also as a
+      difference;
+    - `pending`: the rows written in the unfinished chunk (chunk_size rows of width D; how many is the token's
+      position modulo chunk_size: chunks and segments are counted from the request's first token, and one rule
+      serves the deployment, so every token of the chunk so far was written)."""
+
+    def __init__(self, memory: NeuralMemory):
+        self.shapes = [tuple(w.shape) for w in memory.initial_weights]
+        self.sizes = [w.numel() for w in memory.initial_weights]
+        self.chunk_size, self.dim = memory.chunk_size, memory.dim
+        self.weights_size = sum(self.sizes)
+        self.pending_offset = 3 * self.weights_size
+        self.size = self.pending_offset + self.chunk_size * self.dim
+
+    @classmethod
+    def from_config(cls, config) -> "StateLayout":
+        with torch.device("meta"):
+            return cls(memory_from_config(config))
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * self.size
+
+    def part(self, part: int) -> slice:
+        """Where part 0 (weights), 1 (momentum) or 2 (segment) lies in a page."""
+        return slice(part * self.weights_size, (part + 1) * self.weights_size)
+
+    def tensors(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """One part of pages, (B, weights_size), as a list of (B, *shape) views (one per memory MLP layer)."""
+        out, offset = [], 0
+        for shape, size in zip(self.shapes, self.sizes):
+            out.append(flat[:, offset : offset + size].view(-1, *shape))
+            offset += size
+        return out
+
+    def pending(self, rows: int) -> slice:
+        """Where the first `rows` pending rows lie in a page."""
+        return slice(self.pending_offset, self.pending_offset + rows * self.dim)
+
+
+class MACMemoryStateCache(nn.Module, MambaBase):
+    """The per-request memory state of one memory layer, in vLLM's state cache (`MambaSpec` pages, as its
+    recurrent layers keep theirs): vLLM allocates one page per request, gives its index in
+    `LinearAttentionMetadata.state_indices_tensor` and frees it with the request. No parameters."""
+
+    def __init__(self, layout: StateLayout, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.layout, self.prefix = layout, prefix
+        context = vllm_config.compilation_config.static_forward_context
+        if prefix in context:
+            raise ValueError(f"Duplicate layer name: {prefix}")
+        context[prefix] = self
+        self.kv_cache = (torch.tensor([]),)
+
+    def get_state_shape(self):
+        return ((self.layout.size,),)
+
+    def get_state_dtype(self):
+        return (torch.float32,)
+
+    @property
+    def mamba_type(self) -> MambaAttentionBackendEnum:
+        return MambaAttentionBackendEnum.LINEAR  # its metadata: state slots, query starts, sequence lengths
+
+    def metadata(self):
+        metadata = get_forward_context().attn_metadata
+        return metadata.get(self.prefix) if isinstance(metadata, dict) else None
 
 
 # ----------------------------------------------------------------------------------------------- layers
@@ -199,7 +354,8 @@ class MACDecoderLayer(LlamaDecoderLayer):
 
 class MACMemoryDecoderLayer(MACDecoderLayer):
     """A decoder layer whose attention context is [persistent ‖ retrieved ‖ tokens] of its segment and whose output
-    adds the gated memory read-out (steps 1-4 of `modeling_mac_llama.py`, frozen memory)."""
+    adds the gated memory read-out (steps 1-4 of `modeling_mac_llama.py`). With update rule "none" the memory is
+    frozen; with "surprise" or "ema" each request's memory learns in its own state page (`MACMemoryStateCache`)."""
 
     def __init__(self, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -207,6 +363,7 @@ class MACMemoryDecoderLayer(MACDecoderLayer):
         attn = self.self_attn
         self.memory = memory_from_config(config)
         self.memory_version = config.memory_version
+        self.update_rule = config.update_rule
         self.memory_gate = nn.Parameter(torch.zeros(config.hidden_size))
         self.persistent_tokens = (
             nn.Parameter(torch.zeros(config.num_persistent_tokens, config.hidden_size))
@@ -223,12 +380,17 @@ class MACMemoryDecoderLayer(MACDecoderLayer):
             cache_config=vllm_config.cache_config,
             prefix=f"{prefix}.retrieved_attn",
         )
+        self.state_cache = (
+            MACMemoryStateCache(StateLayout(self.memory), vllm_config, f"{prefix}.memory_state")
+            if self.update_rule != "none"
+            else None
+        )
 
     @torch.no_grad()
     def freeze_memory(self) -> None:
-        """At the first forward (after vLLM has loaded and, on CPU, re-packed the linear weights): what frozen
-        serving reads at every step, computed once. The memory runs in float32 (as `NeuralMemory` computes anyway,
-        casting each weight per call), its state is the learned initial weights, and the persistent tokens' K/V
+        """At the first forward (after vLLM has loaded and, on CPU, re-packed the linear weights): what serving
+        reads at every step, computed once. The memory runs in float32 (as `NeuralMemory` computes anyway, casting
+        each weight per call), the frozen state is the learned initial weights, and the persistent tokens' K/V
         (before RoPE) are constants."""
         self.memory.float()
         self.frozen_state = self.memory.init_state(1)
@@ -239,6 +401,8 @@ class MACMemoryDecoderLayer(MACDecoderLayer):
     def attention(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.frozen_state is None:
             self.freeze_memory()
+        if self.state_cache is not None and _metadata(self.self_attn) is not None:
+            return self.learning_attention(positions, x)
         attn, state = self.self_attn, self.frozen_state
         q, k, v = self._qkv(x)
         h = self.memory.retrieve(state, unit_rms(x)[None])[0].to(x.dtype)
@@ -251,6 +415,120 @@ class MACMemoryDecoderLayer(MACDecoderLayer):
         readout = self.memory.retrieve(state, unit_rms(y)[None])[0]
         return y + gated_readout(self.memory_gate, readout.to(y.dtype), y, self.memory_version)
 
+    # -- the learning memory
+
+    @torch.no_grad()
+    def learning_attention(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Steps 1-4 with a memory that learns per request, as `MACLlamaDecoderLayer._memory_attention` computes
+        them: each request's new tokens are cut into pieces at segment boundaries; the k-th pieces of all requests
+        form round k (a piece's segment start depends on the memory update of the previous one). In a round:
+        retrieve with each request's segment-start weights, attend, then stream the attention output into the
+        request's memory with `NeuralMemory.forward` (the training code's chunked update: a chunk is applied when
+        it completes, its rows stay pending until then). Pieces with the same length, chunk phase and segment start
+        are batched in one call (in decode, the requests at the same chunk phase)."""
+        attn, memory, layout = self.self_attn, self.memory, self.state_cache.layout
+        metadata, state_metadata = _metadata(attn), self.state_cache.metadata()
+        pages = self.state_cache.kv_cache[0]
+        n = metadata.num_actual_tokens
+        positions = positions[:n]
+        q, k, v = self._qkv(x[:n])
+        q, k = attn.rotary_emb(positions, q, k)
+        _write_stream(attn, attn.attn, k, v)
+        request, piece_starts, piece_lengths = _pieces(metadata, positions, n, self.segment_len)
+        num_requests = len(metadata.query_start_loc) - 1
+        slots = state_metadata.state_indices_tensor[:num_requests].long()
+
+        # a new request (nothing computed before this step) starts from a zeroed page: the initial memory
+        query_lens = state_metadata.query_start_loc[1:] - state_metadata.query_start_loc[:-1]
+        fresh = (state_metadata.seq_lens[:num_requests] - query_lens[:num_requests]) == 0
+        if bool(fresh.any()):
+            pages[slots[fresh]] = 0
+
+        piece_requests = request[piece_starts]
+        first_piece = torch.ones_like(piece_requests, dtype=torch.bool)
+        first_piece[1:] = piece_requests[1:] != piece_requests[:-1]
+        first_index = torch.cummax(torch.where(first_piece, torch.arange(len(piece_starts)), 0), 0).values
+        rank = torch.arange(len(piece_starts)) - first_index
+        init = [w.float() for w in memory.initial_weights]
+        rms_x = unit_rms(x[:n])
+        out = x.new_zeros(x.shape[0], x.shape[1])
+        chunk, segment_len = memory.chunk_size, self.segment_len
+        for r in range(int(rank.max()) + 1):
+            in_round = torch.nonzero(rank == r)[:, 0].tolist()
+            pos0 = positions[piece_starts[in_round]].tolist()
+            lengths = piece_lengths[in_round].tolist()
+            groups: dict[tuple[int, int, bool], list[int]] = {}
+            for i, p, length in zip(in_round, pos0, lengths):
+                groups.setdefault((length, p % chunk, p % segment_len == 0), []).append(i)
+            groups = list(groups.items())
+
+            # 1. retrieval with the segment-start weights (the current ones for a piece that starts a segment)
+            h = x.new_zeros(n, x.shape[1])
+            for (length, _, starts_segment), members in groups:
+                idx = slots[piece_requests[members]]
+                weights, segment = layout.part(0), layout.part(2)
+                if starts_segment:  # the segment-start copy := the current weights (pending is empty here)
+                    pages[idx, segment] = pages[idx, weights]
+                seg_weights = tuple(i + d for i, d in zip(init, layout.tensors(pages[idx, segment])))
+                seg = MemoryState(
+                    seg_weights, seg_weights, x.new_zeros(0)
+                )  # retrieval reads the weights only
+                tokens = (piece_starts[members][:, None] + torch.arange(length)[None]).reshape(-1)
+                reads = memory.retrieve(seg, rms_x[tokens].view(len(members), length, -1))
+                h[tokens] = reads.reshape(-1, x.shape[1]).to(x.dtype)
+            tokens = torch.cat([piece_starts[i] + torch.arange(piece_lengths[i]) for i in in_round])
+            _, h_k, h_v = self._qkv(h[tokens])
+            _, h_k = attn.rotary_emb(positions[tokens], torch.empty_like(h_k[:, :0]), h_k)
+            _write_stream(attn, self.retrieved_attn, h_k, h_v, tokens)
+
+            # 2. attention over [persistent ‖ retrieved ‖ tokens] of the pieces' segments
+            sel = torch.tensor(in_round)
+            tokens, result = _attend_pieces(
+                attn,
+                metadata,
+                positions,
+                q,
+                [attn.attn, self.retrieved_attn],
+                segment_len,
+                request,
+                piece_starts[sel],
+                piece_lengths[sel],
+                self.persistent_kv,
+            )
+            y, _ = attn.o_proj(result)
+            y_of = dict(zip(tokens.tolist(), range(len(tokens))))
+
+            # 3. the memory update with y, 4. the gated read-out
+            for (length, phase, _), members in groups:
+                idx = slots[piece_requests[members]]
+                weights, momentum = layout.part(0), layout.part(1)
+                state = MemoryState(
+                    tuple(i + d for i, d in zip(init, layout.tensors(pages[idx, weights]))),
+                    tuple(layout.tensors(pages[idx, momentum])),
+                    pages[idx, layout.pending(phase)].view(len(members), phase, layout.dim),
+                    0,
+                    phase,
+                    self.update_rule,
+                )
+                piece_tokens = (piece_starts[members][:, None] + torch.arange(length)[None]).reshape(-1)
+                rows = torch.tensor([y_of[t] for t in piece_tokens.tolist()])
+                piece_y = y[rows]
+                readout, state, _ = memory(
+                    unit_rms(piece_y).float().view(len(members), length, -1), state, self.update_rule
+                )
+                if phase + length >= chunk:  # a chunk was applied: the weights and the momentum moved
+                    deltas = [(w - i).flatten(1) for w, i in zip(state.weights, init)]
+                    pages[idx, weights] = torch.cat(deltas, dim=1)
+                    pages[idx, momentum] = torch.cat([m.flatten(1) for m in state.momentum], dim=1)
+                new_phase = state.pending.shape[1]
+                if new_phase:  # only the rows not yet in the page need writing, but the page is small
+                    pages[idx, layout.pending(new_phase)] = state.pending.reshape(len(members), -1)
+                readout = readout.reshape(-1, x.shape[1]).to(y.dtype)
+                out[piece_tokens] = piece_y + gated_readout(
+                    self.memory_gate, readout, piece_y, self.memory_version
+                )
+        return out
+
 
 # ----------------------------------------------------------------------------------------------- model
 
@@ -260,23 +538,42 @@ class MACLlamaModel(LlamaModel):
     pass
 
 
-class MACLlamaForCausalLM(LlamaForCausalLM):
+class MACLlamaForCausalLM(LlamaForCausalLM, HasInnerState, IsHybrid):
     """vLLM model for `MACLlamaForCausalLM` checkpoints (see the module docstring for what is supported).
 
-    `check_servable` has already refused a learning memory when vLLM built its config (the plugin's config hook in
-    vllm_plugin.py), before this class is built. Weights load with Llama's own `load_weights` (stacked q/k/v and
+    `configure` (the plugin's config hook in vllm_plugin.py) has already checked the checkpoint when vLLM built
+    its config, before this class is built. Weights load with Llama's own `load_weights` (stacked q/k/v and
     gate/up); the memory parameters keep their transformers names (`model.layers.N.memory.*`, `.memory_gate`,
-    `.persistent_tokens`) and load one to one, the memory's update parameters (keys, values, gates) too although
-    frozen serving never uses them."""
+    `.persistent_tokens`) and load one to one.
+
+    A learning memory ("surprise", "ema") makes this a hybrid model in vLLM's sense: each memory layer keeps a
+    per-request state page (`StateLayout`) next to the paged K/V; with "none" it is a plain attention model."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         config = vllm_config.model_config.hf_config
         memory_layers = set(config.memory_layers)
-        logger.info(
-            "MAC model: frozen memory (update_rule none) in layers %s, segments of %d tokens",
-            sorted(memory_layers),
-            config.segment_len,
-        )
+        if config.update_rule == "none":
+            logger.info(
+                "MAC model: frozen memory (update_rule none) in layers %s, segments of %d tokens",
+                sorted(memory_layers),
+                config.segment_len,
+            )
+        else:
+            layout = StateLayout.from_config(config)
+            logger.info(
+                "MAC model: learning memory (update_rule %s) in layers %s, segments of %d tokens, memory chunks of "
+                "%d; memory state per request: %.2f MB per memory layer (fast weights, momentum, segment-start "
+                "weights: 3 x %d float32; pending rows %d x %d), %.2f MB in all",
+                config.update_rule,
+                sorted(memory_layers),
+                config.segment_len,
+                config.memory_chunk_size,
+                layout.nbytes / 1e6,
+                layout.weights_size,
+                layout.chunk_size,
+                layout.dim,
+                layout.nbytes * len(memory_layers) / 1e6,
+            )
 
         def layer_type(*, vllm_config: VllmConfig, prefix: str):
             is_memory = extract_layer_index(prefix) in memory_layers
@@ -288,3 +585,11 @@ class MACLlamaForCausalLM(LlamaForCausalLM):
 
     def _init_model(self, vllm_config: VllmConfig, prefix: str = "", layer_type=LlamaDecoderLayer):
         return MACLlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig):
+        return ((StateLayout.from_config(vllm_config.model_config.hf_config).size,),)
+
+    @classmethod
+    def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig):
+        return (torch.float32,)

@@ -1,8 +1,8 @@
 """vLLM plugin (entry point `vllm.general_plugins`): vLLM calls `register()` in every process it starts, so an
 exported MAC folder is served by plain `vllm serve DIR --trust-remote-code` and `vllm.LLM(DIR, trust_remote_code=True)`.
 
-What vLLM can serve of a MAC model (frozen memory) is checked when vLLM builds its config, before any weight is
-loaded: a checkpoint asking for a learning memory is refused with a message.
+When vLLM builds its config (before any weight is loaded) `vllm_mac_llama.configure` checks the checkpoint and, for
+a memory that learns per request, makes the model hybrid (per-request state pages) and turns prefix caching off.
 """
 
 ARCHITECTURE = "MACLlamaForCausalLM"
@@ -19,8 +19,8 @@ def register() -> None:
     class MACLlamaServingConfig(VerifyAndUpdateConfig):
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
-            from titans_distil.vllm_mac_llama import check_servable
+            from titans_distil.vllm_mac_llama import configure
 
-            check_servable(vllm_config.model_config.hf_config)
+            configure(vllm_config)
 
     MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, MACLlamaServingConfig)
