@@ -1,9 +1,9 @@
 """Serving throughput and memory-update latency of a MAC export, in one run:
 
 1. vLLM on the MAC export vs vLLM on a plain Llama student with the same layers (the MAC weights without the
-   memory parts, saved as a stock LlamaForCausalLM): output tokens/s on a batch of prompts (target >= 0.8x), and
-   again with --long-prompt-tokens prompts (prompt + output tokens/s; MAC attends within 256-token segments,
-   Llama over the whole prompt);
+   memory parts, saved as a stock LlamaForCausalLM): output tokens/s on a batch of prompts (target >= 0.8x),
+   and again with --long-prompt-tokens prompts (prompt + output tokens/s; MAC attends within 256-token
+   segments, Llama over the whole prompt);
 2. vLLM vs transformers `generate()` on the same MAC export and prompts, memory frozen on both sides as vLLM
    serves it (target >= 5x): transformers once with the prompts as one batch (possible here because they have
    equal lengths; MAC models refuse left padding) and once one prompt at a time (what `no_vllm_inference.py`
@@ -11,7 +11,8 @@
 3. transformers generation latency of one prompt with the `surprise` update rule vs `none` (target <= 1.5x).
 
 Prompts are real standard-library source cut to exactly --prompt-tokens tokens, so transformers can batch them
-without padding; every request generates exactly --max-new-tokens tokens (EOS ignored), greedy. Times are medians of
+without padding; every request generates exactly --max-new-tokens tokens (EOS ignored), greedy. Times are
+medians of
 --repeats runs after one warm-up; the vLLM engines are started once each (~30 s apiece on CPU, not timed).
 
     .venv/bin/python export_mac_model.py --run runs/demo            # once: exports/demo-mac
@@ -75,7 +76,8 @@ def make_prompts(tokenizer, count: int, length: int) -> list[list[int]]:
 
 
 def plain_llama_twin(mac_dir: Path, out: Path) -> Path:
-    """The MAC export's Llama weights (no memory, persistent tokens or gates) as a stock LlamaForCausalLM folder."""
+    """The MAC export's Llama weights (no memory, persistent tokens or gates) as a stock LlamaForCausalLM
+    folder."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer, LlamaConfig
 
@@ -127,7 +129,8 @@ def vllm_throughput(path: Path, prompts, args, overrides=None) -> float:
     params = SamplingParams(temperature=0, max_tokens=args.max_new_tokens, ignore_eos=True)
     batch = [{"prompt_token_ids": ids} for ids in prompts]
     seconds = median_time(lambda: llm.generate(batch, params, use_tqdm=False), args.repeats)
-    llm.llm_engine.engine_core.shutdown()  # free the engine's processes and KV cache before the next one starts
+    # free the engine's processes and KV cache before the next one starts
+    llm.llm_engine.engine_core.shutdown()
     gc.collect()
     return len(prompts) * args.max_new_tokens / seconds
 
@@ -146,8 +149,8 @@ def main(argv=None):
     prompts = make_prompts(tokenizer, args.prompts, args.prompt_tokens)
     frozen = {"update_rule": "none"}
     print(
-        f"{args.prompts} prompts x {args.prompt_tokens} tokens, {args.max_new_tokens} new tokens each, {args.dtype}, "
-        f"torch threads {torch.get_num_threads()}, median of {args.repeats}",
+        f"{args.prompts} prompts x {args.prompt_tokens} tokens, {args.max_new_tokens} new tokens each, "
+        f"{args.dtype}, torch threads {torch.get_num_threads()}, median of {args.repeats}",
         flush=True,
     )
 

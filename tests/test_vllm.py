@@ -48,8 +48,8 @@ SMALL = dict(
 
 @pytest.fixture(scope="module")
 def mac_dir(tmp_path_factory, embedded_dir) -> Path:
-    """A tiny MAC export with two memory layers; its default rule learns ("surprise"), so serving must freeze it.
-    Gates and persistent tokens are large so that a wrong read-out or prefix changes the greedy tokens."""
+    """A tiny MAC export with two memory layers; its default rule learns ("surprise"), so serving must freeze
+    it. Gates and persistent tokens are large so that a wrong read-out or prefix changes the greedy tokens."""
     model = tiny_mac(
         gate_std=3.0,
         persistent_std=1.0,
@@ -75,8 +75,9 @@ def llama_dir(tmp_path_factory, embedded_dir) -> Path:
 def hf_greedy(
     path: Path, prompt_ids: list[list[int]], new_tokens: int, rule: str = "none"
 ) -> list[list[int]]:
-    """Token-by-token greedy decoding by full recomputation (no cache, EOS ignored) with memory update rule `rule`
-    (the definition of the model's output: every step recomputes the memory writes from the first token)."""
+    """Token-by-token greedy decoding by full recomputation (no cache, EOS ignored) with memory update rule
+    `rule` (the definition of the model's output: every step recomputes the memory writes from the first
+    token)."""
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
     extra = {"update_rule": rule} if model.config.model_type == "mac_llama" else {}
     outputs = []
@@ -103,8 +104,8 @@ def run_script(*args, timeout=600):
 
 
 def long_prompts(tokenizer) -> list[str]:
-    """Eight one-line prompts of 60 to 250 tokens: with 32 new tokens, some stay inside the first 128-token segment,
-    some cross into the next one while generating, some start there already during the prompt."""
+    """Eight one-line prompts of 60 to 250 tokens: with 32 new tokens, some stay inside the first 128-token
+    segment, some cross into the next one while generating, some start there already during the prompt."""
     import inspect
     import textwrap as source_module
 
@@ -120,8 +121,9 @@ def long_prompts(tokenizer) -> list[str]:
 
 @pytest.mark.parametrize("kind", ["mac", "llama"])
 def test_vllm_greedy_equals_transformers_greedy(kind, mac_dir, llama_dir, tmp_path, one_thread):
-    """Greedy tokens of vllm_inference.py == transformers' token-by-token greedy, 32 per prompt, memory frozen. MAC:
-    8 short prompts inside the first 128-token segment and 8 long ones whose prompt or answer crosses into the next."""
+    """Greedy tokens of vllm_inference.py == transformers' token-by-token greedy, 32 per prompt, memory
+    frozen. MAC: 8 short prompts inside the first 128-token segment and 8 long ones whose prompt or answer
+    crosses into the next."""
     path = mac_dir if kind == "mac" else llama_dir
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = [p.replace("\n", " ") for p in PROMPTS] + (long_prompts(tokenizer) if kind == "mac" else [])
@@ -157,10 +159,10 @@ def test_vllm_greedy_equals_transformers_greedy(kind, mac_dir, llama_dir, tmp_pa
 
 @pytest.mark.parametrize("rule", ["surprise", "ema"])
 def test_vllm_learning_memory_greedy_equals_transformers_greedy(rule, mac_dir, tmp_path, one_thread):
-    """With a memory that learns per request (`--update-rule surprise|ema`, vLLM's state pages), the greedy tokens
-    of vllm_inference.py == transformers' token-by-token greedy with the same rule: 16 prompts of 3 to 250 tokens
-    as one batch, prefill cut into steps of 64 tokens (chunked prefill), 32 new tokens each, across memory chunks
-    (16 tokens) and segments (128)."""
+    """With a memory that learns per request (`--update-rule surprise|ema`, vLLM's state pages), the greedy
+    tokens of vllm_inference.py == transformers' token-by-token greedy with the same rule: 16 prompts of 3 to
+    250 tokens as one batch, prefill cut into steps of 64 tokens (chunked prefill), 32 new tokens each, across
+    memory chunks (16 tokens) and segments (128)."""
     tokenizer = AutoTokenizer.from_pretrained(mac_dir)
     prompts = [p.replace("\n", " ") for p in PROMPTS] + long_prompts(tokenizer)
     prompts_file = tmp_path / "prompts.txt"
@@ -309,8 +311,8 @@ def test_unservable_requests_are_refused_with_a_message(mac_dir, llama_dir, tmp_
         wrapper,
         "--prompt",
         "hi",
-        message=f"{wrapper} is a package_model.py wrapper, whose memory learns inside every layer; vLLM cannot "
-        "serve it: use no_vllm_inference.py",
+        message=f"{wrapper} is a package_model.py wrapper, whose memory learns inside every layer; vLLM "
+        "cannot serve it: use no_vllm_inference.py",
     )
     for model_type, what in (
         ("mac_llama", "the MAC vLLM model takes unquantized weights"),
@@ -332,11 +334,11 @@ def test_unservable_requests_are_refused_with_a_message(mac_dir, llama_dir, tmp_
             quantized,
             "--prompt",
             "hi",
-            message=f"{quantized} holds bitsandbytes weights (quantize.py), {what}; serve the unquantized export, "
-            "or generate with no_vllm_inference.py"
+            message=f"{quantized} holds bitsandbytes weights (quantize.py), {what}; serve the unquantized "
+            "export, or generate with no_vllm_inference.py"
             if model_type == "llama"
-            else f"{quantized} holds bitsandbytes weights (quantize.py); {what}: serve the unquantized export, "
-            "or generate with no_vllm_inference.py",
+            else f"{quantized} holds bitsandbytes weights (quantize.py); {what}: serve the unquantized "
+            "export, or generate with no_vllm_inference.py",
         )
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -358,8 +360,9 @@ def test_unservable_requests_are_refused_with_a_message(mac_dir, llama_dir, tmp_
 
 @pytest.mark.parametrize("rule", ["none", "surprise", "ema"])
 def test_plugin_config_hook_makes_a_learning_memory_hybrid_without_prefix_caching(rule):
-    """The plugin's config hook (no engine start): frozen memory keeps the model a plain attention model (vLLM reads
-    `layer_types`), a learning memory makes it hybrid (per-request state pages) and turns prefix caching off."""
+    """The plugin's config hook (no engine start): frozen memory keeps the model a plain attention model (vLLM
+    reads `layer_types`), a learning memory makes it hybrid (per-request state pages) and turns prefix caching
+    off."""
     from types import SimpleNamespace
 
     from titans_distil.vllm_mac_llama import configure
@@ -381,12 +384,12 @@ def test_plugin_config_hook_makes_a_learning_memory_hybrid_without_prefix_cachin
         configure(vllm_config)
 
 
-# ------------------------------------------------------------------------------------- request bodies (no vLLM start)
+# ----------------------------------------------------------------------------- request bodies (no vLLM start)
 
 
 def asgi_call(body: bytes, content_type=b"application/json", method="POST"):
-    """Send one HTTP request in two pieces through `RefuseMemoryUpdates` around a stand-in app; return (status,
-    response body, body the stand-in read, None when the request never reached it)."""
+    """Send one HTTP request in two pieces through `RefuseMemoryUpdates` around a stand-in app; return
+    (status, response body, body the stand-in read, None when the request never reached it)."""
     import asyncio
 
     pieces = [body[:5], body[5:]]
@@ -443,9 +446,9 @@ def test_server_with_a_learning_memory_refuses_only_another_rule(monkeypatch):
     assert memory_update_error(json.dumps(body).encode()) is None
     for rule in ("none", "ema"):
         assert memory_update_error(json.dumps(dict(body, update_rule=rule)).encode()) == (
-            f"update_rule {rule!r}: this server (vLLM) serves every request with update_rule 'surprise' (one rule "
-            f"per deployment); drop update_rule, or start a server with vllm_inference.py --serve --update-rule "
-            f"{rule}"
+            f"update_rule {rule!r}: this server (vLLM) serves every request with update_rule 'surprise' "
+            "(one rule per deployment); drop update_rule, or start a server with vllm_inference.py --serve "
+            f"--update-rule {rule}"
         )
 
 

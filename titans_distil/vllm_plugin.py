@@ -1,8 +1,10 @@
 """vLLM plugin (entry point `vllm.general_plugins`): vLLM calls `register()` in every process it starts, so an
-exported MAC folder is served by plain `vllm serve DIR --trust-remote-code` and `vllm.LLM(DIR, trust_remote_code=True)`.
+exported MAC folder is served by plain `vllm serve DIR --trust-remote-code` and `vllm.LLM(DIR,
+trust_remote_code=True)`.
 
-When vLLM builds its config (before any weight is loaded) `vllm_mac_llama.configure` checks the checkpoint and, for
-a memory that learns per request, makes the model hybrid (per-request state pages) and turns prefix caching off.
+When vLLM builds its config (before any weight is loaded) `vllm_mac_llama.configure` checks the checkpoint
+and, for a memory that learns per request, makes the model hybrid (per-request state pages) and turns prefix
+caching off.
 """
 
 ARCHITECTURE = "MACLlamaForCausalLM"
