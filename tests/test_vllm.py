@@ -103,6 +103,32 @@ def run_script(*args, timeout=600):
     )
 
 
+def greedy_batch(path, prompts, tmp_path, *extra):
+    """vllm_inference.py on `prompts` as one batch, greedy, float32, `NEW_TOKENS` each (EOS ignored): the
+    finished process and its JSON rows (checked to be the prompts, in order)."""
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(prompts) + "\n")
+    result = run_script(
+        "--model-path",
+        path,
+        "--prompts-file",
+        prompts_file,
+        "--no-chat-template",
+        "--max-new-tokens",
+        NEW_TOKENS,
+        "--ignore-eos",
+        "--dtype",
+        "float32",
+        "--output",
+        tmp_path / "out.jsonl",
+        *extra,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == prompts
+    return result, rows
+
+
 def long_prompts(tokenizer) -> list[str]:
     """Eight one-line prompts of 60 to 250 tokens: with 32 new tokens, some stay inside the first 128-token
     segment, some cross into the next one while generating, some start there already during the prompt."""
@@ -127,26 +153,7 @@ def test_vllm_greedy_equals_transformers_greedy(kind, mac_dir, llama_dir, tmp_pa
     path = mac_dir if kind == "mac" else llama_dir
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = [p.replace("\n", " ") for p in PROMPTS] + (long_prompts(tokenizer) if kind == "mac" else [])
-    prompts_file = tmp_path / "prompts.txt"
-    prompts_file.write_text("\n".join(prompts) + "\n")
-    result = run_script(
-        "--model-path",
-        path,
-        "--prompts-file",
-        prompts_file,
-        "--no-chat-template",
-        "--max-new-tokens",
-        NEW_TOKENS,
-        "--ignore-eos",
-        "--dtype",
-        "float32",
-        "--output",
-        tmp_path / "out.jsonl",
-        *(["--use-mac"] if kind == "mac" else []),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [row["prompt"] for row in rows] == prompts
+    result, rows = greedy_batch(path, prompts, tmp_path, *(["--use-mac"] if kind == "mac" else []))
     prompt_ids = [tokenizer(p).input_ids for p in prompts]
     if kind == "mac":
         assert "note: serving with frozen memory (update_rule none)" in result.stderr
@@ -165,35 +172,15 @@ def test_vllm_learning_memory_greedy_equals_transformers_greedy(rule, mac_dir, t
     memory chunks (16 tokens) and segments (128)."""
     tokenizer = AutoTokenizer.from_pretrained(mac_dir)
     prompts = [p.replace("\n", " ") for p in PROMPTS] + long_prompts(tokenizer)
-    prompts_file = tmp_path / "prompts.txt"
-    prompts_file.write_text("\n".join(prompts) + "\n")
-    result = run_script(
-        "--model-path",
-        mac_dir,
-        "--update-rule",
-        rule,
-        "--prompts-file",
-        prompts_file,
-        "--no-chat-template",
-        "--max-new-tokens",
-        NEW_TOKENS,
-        "--ignore-eos",
-        "--dtype",
-        "float32",
-        "--max-num-batched-tokens",
-        64,
-        "--output",
-        tmp_path / "out.jsonl",
-        "--use-mac",
+    result, rows = greedy_batch(
+        mac_dir, prompts, tmp_path, "--update-rule", rule, "--max-num-batched-tokens", 64, "--use-mac"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     logs = result.stdout + result.stderr
     assert (
         "prefix caching turned off" in logs and "memory state per request: 0.79 MB per memory layer" in logs
     )
     if rule == "ema":  # the checkpoint's default is surprise
         assert "note: serving with a memory that learns per request (update_rule ema)" in result.stderr
-    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     prompt_ids = [tokenizer(p).input_ids for p in prompts]
     lengths = [len(ids) for ids in prompt_ids]
     assert max(lengths) > 128 and any(n < 128 < n + NEW_TOKENS for n in lengths) and min(lengths) < 16

@@ -533,3 +533,14 @@ def cache_teacher(
         manifest=manifest,
     )
     click.echo(f"teacher cache ({len(blocks)} sequences, top-{top_k}) written to {out}")
+
+
+# the generation length of `generate` and `vllm` (one declaration; further limits are checked per model)
+max_new_tokens_option = option(
+    "--max-new-tokens",
+    "max_tokens",
+    type=POSITIVE,
+    default=128,
+    show_default=True,
+    help="New tokens per prompt.",
+)

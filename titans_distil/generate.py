@@ -28,7 +28,14 @@ from pathlib import Path
 import click
 import torch
 
-from .cli import POSITIVE, _quiet_libraries, finite, read_prompts_file, trust_remote_code_option, user_errors
+from .cli import (
+    _quiet_libraries,
+    finite,
+    max_new_tokens_option,
+    read_prompts_file,
+    trust_remote_code_option,
+    user_errors,
+)
 from .errors import UserError, describe, write_error
 from .flags import option
 from .model_folder import (
@@ -276,14 +283,7 @@ class Session:
     default=None,
     help="A text file of prompts, one per non-empty line: further turns of the same session.",
 )
-@option(
-    "--max-new-tokens",
-    "max_tokens",
-    type=POSITIVE,
-    default=128,
-    show_default=True,
-    help="New tokens per prompt.",
-)
+@max_new_tokens_option
 @click.option(
     "--temperature",
     type=finite(min=0.0),

@@ -22,6 +22,7 @@ from .cli import (
     UpdateRule,
     _quiet_libraries,
     finite,
+    max_new_tokens_option,
     read_prompts_file,
     trust_remote_code_option,
     user_errors,
@@ -396,14 +397,7 @@ def serve_argv(
     default=None,
     help="Wrap each prompt in the tokenizer's chat template as a user turn. [default: on when it has one]",
 )
-@option(
-    "--max-new-tokens",
-    "max_tokens",
-    type=POSITIVE,
-    default=128,
-    show_default=True,
-    help="New tokens per prompt.",
-)
+@max_new_tokens_option
 @click.option("--temperature", type=finite(min=0.0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=finite(0.0, 1.0, min_open=True), default=1.0, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
