@@ -544,3 +544,11 @@ max_new_tokens_option = option(
     show_default=True,
     help="New tokens per prompt.",
 )
+# the dtype `generate`, `vllm` and `recall` load a model in ("auto": as its config says)
+load_dtype_option = click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="Load the weights in this dtype.",
+)

@@ -31,6 +31,7 @@ import torch
 from .cli import (
     _quiet_libraries,
     finite,
+    load_dtype_option,
     max_new_tokens_option,
     read_prompts_file,
     trust_remote_code_option,
@@ -309,13 +310,7 @@ class Session:
     "--memory-out", type=click.Path(), default=None, help="Write the memory here after the session."
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (sampling).")
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-    default="auto",
-    show_default=True,
-    help="Load the weights in this dtype.",
-)
+@load_dtype_option
 @trust_remote_code_option
 @user_errors
 def no_vllm_inference(

@@ -45,7 +45,7 @@ from pathlib import Path
 import click
 import torch
 
-from .cli import POSITIVE, _quiet_libraries, trust_remote_code_option, user_errors
+from .cli import POSITIVE, _quiet_libraries, load_dtype_option, trust_remote_code_option, user_errors
 from .errors import UserError, translated
 from .flags import option
 from .generate import load_model, model_kind
@@ -536,13 +536,7 @@ def _number(value) -> str:
     help="Write all results (per question too) to this JSON file.",
 )
 @click.option("--show-answers", is_flag=True, help="Also print every greedy answer.")
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-    default="auto",
-    show_default=True,
-    help="Load the weights in this dtype.",
-)
+@load_dtype_option
 @trust_remote_code_option
 @user_errors
 def recall_experiment(

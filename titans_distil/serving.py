@@ -22,6 +22,7 @@ from .cli import (
     UpdateRule,
     _quiet_libraries,
     finite,
+    load_dtype_option,
     max_new_tokens_option,
     read_prompts_file,
     trust_remote_code_option,
@@ -403,12 +404,7 @@ def serve_argv(
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
 @click.option("--ignore-eos", is_flag=True, help="Always generate --max-new-tokens tokens (benchmarks).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-    default="auto",
-    show_default=True,
-)
+@load_dtype_option
 @click.option(
     "--max-model-len",
     type=POSITIVE,
