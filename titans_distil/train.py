@@ -334,7 +334,7 @@ def check_launch_environment() -> None:
 
 
 # --tracker NAME -> the package it needs (Accelerate silently drops a tracker it cannot import).
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # each also the name of the package it needs
 # The MLFLOW_TRACKING_URI this module set for a run (mlflow.set_tracking_uri also exports it): not the user's.
 _mlflow_uri_ours: str | None = None
 
@@ -343,15 +343,19 @@ def check_tracker(tracker: str) -> None:
     """--tracker NAME is known and its package installed; if not, one line naming the install."""
     if tracker == "none":
         return
-    if tracker not in TRACKER_PACKAGES:
-        raise UserError(f"--tracker {tracker} is not one of none, {', '.join(TRACKER_PACKAGES)}")
+    if tracker not in TRACKERS:
+        raise UserError(f"--tracker {tracker} is not one of none, {', '.join(TRACKERS)}")
     from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
 
-    available = {"tensorboard": is_tensorboard_available, "mlflow": is_mlflow_available}
-    if not available.get(tracker, is_wandb_available)():
+    available = {
+        "tensorboard": is_tensorboard_available,
+        "mlflow": is_mlflow_available,
+        "wandb": is_wandb_available,
+    }
+    if not available[tracker]():
         raise UserError(
-            f"--tracker {tracker} needs the {TRACKER_PACKAGES[tracker]} package, which is not installed: "
-            f"pip install {TRACKER_PACKAGES[tracker]} (or pass --tracker none)"
+            f"--tracker {tracker} needs the {tracker} package, which is not installed: "
+            f"pip install {tracker} (or pass --tracker none)"
         )
 
 
