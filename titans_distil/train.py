@@ -284,7 +284,7 @@ def _quiet_launcher_at_exit() -> None:
     """Accelerate's simple launcher answers a child's non-zero exit with a traceback of its own (unless `-q`),
     which would bury our one line. It exits quietly (status 143) on SIGTERM: send it one once our message is
     out, and only when the parent really is `accelerate launch` (read from Linux /proc), never any other
-    parent."""
+    parent. Our stderr is first pointed at the launcher's, so the message does not depend on its tee."""
     parent = os.getppid()
     try:
         argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
@@ -292,6 +292,13 @@ def _quiet_launcher_at_exit() -> None:
         return
     launcher = any(a.endswith(b"accelerate") for a in argv[:2]) and b"launch" in argv[:3]
     if launcher or b"accelerate.commands.launch" in argv[:3]:
+        # The launcher tees our stderr through a pipe, and a SIGTERM can stop it between reading a chunk and
+        # writing it: write to where the launcher's own stderr goes instead, so that nothing rides on the tee.
+        with contextlib.suppress(OSError):
+            target = os.open(f"/proc/{parent}/fd/2", os.O_WRONLY | os.O_APPEND)
+            sys.stderr.flush()
+            os.dup2(target, 2)
+            os.close(target)
 
         def stop_launcher() -> None:
             sys.stderr.flush()
