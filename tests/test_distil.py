@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -287,9 +288,9 @@ def test_layer_loss_pulls_each_student_layer_to_its_teacher_layer(
     reference = teacher.model(input_ids=ids, output_hidden_states=True).hidden_states
     assert torch.equal(captured[0], reference[1])  # layer t's output is hidden state t + 1 ...
     assert torch.allclose(teacher.model.norm(captured[3]), reference[4])  # ... the last one before its norm
-    teacher_hidden = [captured[t].clone() for t in (0, 3)]
+    teacher_hidden = {s: captured[t].clone() for s, t in enumerate((0, 3))}
 
-    def run(student, weight, hidden):
+    def run(student, weight, hidden, part="hidden"):
         return Distiller(student)(
             ids,
             targets,
@@ -297,14 +298,15 @@ def test_layer_loss_pulls_each_student_layer_to_its_teacher_layer(
             temperature=1.0,
             alpha=0.9,
             chunk_size=16,
-            teacher_hidden=hidden,
+            layer_targets=hidden,
+            layer_part=part,
             layer_weight=weight,
         )
 
     whole = build_student(teacher, [0, 1, 2, 3])  # the teacher itself: nothing to pull
     with layer_outputs(teacher.model.layers, range(4)) as every:
         teacher_targets(teacher, ids)
-    assert run(whole, 1.0, [every[t].clone() for t in range(4)])[3]["layer_mse"] == 0
+    assert run(whole, 1.0, {t: every[t].clone() for t in range(4)})[3]["layer_mse"] == 0
 
     mac = {"segment_len": 16, "memory_chunk_size": 8, "num_persistent_tokens": 4, "memory_layers": [1]}
     student = build_student(teacher, [0, 3], mac)
@@ -326,6 +328,56 @@ def test_layer_loss_pulls_each_student_layer_to_its_teacher_layer(
         assert row["layer_mse"] > 0 and "mem_layer_mse" not in row
         kd_and_ce = 0.9 * row["kd"] + 0.1 * row["ce"]
         assert row["loss"] == pytest.approx(kd_and_ce + 0.5 * row["layer_mse"], rel=1e-4)
+
+
+def test_attention_transfer_pulls_the_memory_layers_attention_to_the_teachers(
+    tiny_teacher_dir, small_corpus, tmp_path, one_thread
+):
+    from titans_distil.student import build_student
+    from titans_distil.train import Distiller, layer_outputs, teacher_targets
+
+    teacher = LlamaForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+    attention = []  # a hook that returned the tensor would replace the module's output
+    hook = teacher.model.layers[3].self_attn.register_forward_hook(
+        lambda module, args, output: attention.append(output[0]) and None
+    )
+    with layer_outputs(teacher.model.layers, [3], "attention") as captured:
+        targets = teacher_targets(teacher, ids)
+    hook.remove()
+    # what attention adds to the residual stream, read as norm input - layer input
+    assert torch.allclose(captured[3], attention[0], atol=1e-6)
+
+    mac = {"segment_len": 8, "memory_chunk_size": 4, "num_persistent_tokens": 4, "memory_layers": [1]}
+    student = build_student(teacher, [0, 3], mac)
+    target = captured[3].clone()  # inference tensors cannot enter the student's graph
+    with torch.no_grad(), layer_outputs(student.model.layers, [1], "attention") as mine:
+        student.model(input_ids=ids)
+    expected = F.mse_loss(mine[1], target) / target.square().mean()
+    _, _, _, stats = Distiller(student)(
+        ids,
+        targets,
+        kind="kl",
+        temperature=1.0,
+        alpha=0.9,
+        chunk_size=16,
+        layer_targets={1: target},
+        layer_part="attention",
+        layer_weight=1.0,
+    )
+    assert stats["attention_mse"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert 0 < expected < 1  # segment-local attention misses part of the full-context output, not all
+
+    run_flags = ("--max-steps", 2, "--save-every", 0, "--eval-every", 0, "--layer-loss-weight", "2")
+    flag = ("--layer-loss-target", "attention")
+    args = tiny_args(tiny_teacher_dir, small_corpus, tmp_path, "attn", *MAC_FLAGS, *run_flags, *flag)
+    code, out = invoke(*args)
+    assert code == 0, out
+    rows = [json.loads(line) for line in (tmp_path / "attn" / "metrics.jsonl").read_text().splitlines()][1:]
+    for row in rows:
+        assert row["attention_mse"] > 0 and "layer_mse" not in row
+        kd_and_ce = 0.9 * row["kd"] + 0.1 * row["ce"]
+        assert row["loss"] == pytest.approx(kd_and_ce + 2 * row["attention_mse"], rel=1e-4)
 
 
 def as_written_before_the_recipe(run_dir: Path, step: int) -> None:
@@ -461,6 +513,14 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tiny_teacher_dir, small
             ["--layer-loss-weight", "0.1", "--teacher-cache", tmp_path / "cache"],
             "--layer-loss-weight needs the teacher's hidden states, which a --teacher-cache does not hold",
         ),
+        (
+            ["--layer-loss-weight", "1", "--layer-loss-target", "attention"],
+            "--layer-loss-target attention pulls the memory layers' attention output; add --use-mac",
+        ),
+        (
+            ["--use-mac", "--layer-loss-target", "attention"],
+            "--layer-loss-target attention does nothing while --layer-loss-weight is 0",
+        ),
         (["--answer-loss-weight", "0"], "--answer-loss-weight 0.0 is not a number > 0; pass e.g. 10"),
         (
             ["--answer-loss-weight", "5"],
@@ -480,6 +540,7 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tiny_teacher_dir, small
         ("--batch-size", "0"),
         ("--alpha", "1.5"),
         ("--loss", "mse"),
+        ("--layer-loss-target", "logits"),
         ("--memory-lr", "-1"),
         ("--freeze-backbone-steps", "-1"),
         ("--long-range-distance", "-1"),

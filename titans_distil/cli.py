@@ -287,6 +287,16 @@ def _data_options(fn):
     "MSE 2000, so try W around 1e-3. 0: off.",
 )
 @click.option(
+    "--layer-loss-target",
+    type=click.Choice(["hidden", "attention"]),
+    default="hidden",
+    show_default=True,
+    help="What --layer-loss-weight matches. hidden: every student layer's output to its teacher layer's "
+    "(plain MSE). attention: in each memory layer, what attention + memory add to the residual stream, to "
+    "what the teacher layer's full-context attention adds (MSE relative to the teacher's mean square; "
+    "LoLCATs' attention transfer), so the memory is taught to bring what far context brought; try W 1.",
+)
+@click.option(
     "--answer-loss-weight",
     type=FINITE,
     default=1.0,

@@ -96,6 +96,7 @@ class DistilConfig:
     long_range_kinds: str = ",".join(KINDS)
     long_range_distance: int | None = None  # None: 2 x segment_len
     layer_loss_weight: float = 0.0
+    layer_loss_target: str = "hidden"
     answer_loss_weight: float = 1.0
     warmup: int = 10
     weight_decay: float = 0.0
@@ -183,6 +184,21 @@ def check_recipe(cfg: DistilConfig, has_memory: bool) -> None:
         raise UserError(
             "--layer-loss-weight needs the teacher's hidden states, which a --teacher-cache does not hold; "
             "drop one of the two flags"
+        )
+    if cfg.layer_loss_target not in LAYER_LOSS_STAT:
+        raise UserError(
+            f"--layer-loss-target {cfg.layer_loss_target!r} is unknown; "
+            f"pass one of {', '.join(LAYER_LOSS_STAT)}"
+        )
+    if cfg.layer_loss_target == "attention" and not has_memory:
+        raise UserError(
+            "--layer-loss-target attention pulls the memory layers' attention output; add --use-mac or pass "
+            "--layer-loss-target hidden"
+        )
+    if cfg.layer_loss_target != "hidden" and not weight:
+        raise UserError(
+            f"--layer-loss-target {cfg.layer_loss_target} does nothing while --layer-loss-weight is 0; "
+            "add e.g. --layer-loss-weight 1"
         )
     answer = cfg.answer_loss_weight
     if not (math.isfinite(answer) and answer > 0):
@@ -514,13 +530,19 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def layer_outputs(layers, indices):
-    """Record the output of ``layers[i]`` for each i in ``indices`` during the forward passes in the block.
+LAYER_LOSS_STAT = {"hidden": "layer_mse", "attention": "attention_mse"}
 
-    Raw decoder-layer outputs: Hugging Face's ``hidden_states[i + 1]``, except that its last entry is the
-    final-normed one, which would not match a student whose last layer is a middle teacher layer."""
-    captured = {}
+
+@contextlib.contextmanager
+def layer_outputs(layers, indices, part: str = "hidden"):
+    """Record, for each i in ``indices``, what ``layers[i]`` produced during the forward passes in the block.
+
+    ``hidden``: the raw decoder-layer output (Hugging Face's ``hidden_states[i + 1]``, except that its last
+    entry is the final-normed one, which would not match a student whose last layer is a middle teacher
+    layer). ``attention``: what the attention sublayer adds to the residual stream (for a MAC layer the
+    attention over persistent, retrieved and segment tokens plus the gated memory read-out), taken as the
+    post-attention norm's input minus the layer's input, so Llama and MAC layers are read the same way."""
+    captured, inputs, indices = {}, {}, list(indices)
 
     def recorder(index):
         def hook(module, args, output):
@@ -528,12 +550,37 @@ def layer_outputs(layers, indices):
 
         return hook
 
-    handles = [layers[i].register_forward_hook(recorder(i)) for i in indices]
+    def input_recorder(index):
+        def hook(module, args, kwargs):
+            inputs[index] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def attention_recorder(index):
+        def hook(module, args):
+            captured[index] = args[0] - inputs[index]
+
+        return hook
+
+    if part == "hidden":
+        handles = [layers[i].register_forward_hook(recorder(i)) for i in indices]
+    else:
+        handles = [layers[i].register_forward_pre_hook(input_recorder(i), with_kwargs=True) for i in indices]
+        for i in indices:
+            norm = layers[i].post_attention_layernorm
+            handles.append(norm.register_forward_pre_hook(attention_recorder(i)))
     try:
         yield captured
     finally:
         for handle in handles:
             handle.remove()
+
+
+def layer_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, part: str) -> torch.Tensor:
+    """``hidden``: plain MSE. ``attention``: MSE relative to the teacher output's mean square (1 = as far as
+    zero), so layers of different scales weigh alike and a few massive channels do not dominate."""
+    error = F.mse_loss(student_out.float(), teacher_out.float())
+    return error if part == "hidden" else error / teacher_out.float().square().mean().clamp_min(1e-12)
 
 
 class Distiller(torch.nn.Module):
@@ -552,16 +599,17 @@ class Distiller(torch.nn.Module):
         temperature,
         alpha,
         chunk_size,
-        teacher_hidden=None,
+        layer_targets=None,
+        layer_part="hidden",
         layer_weight=0.0,
         position_weights=None,
     ):
-        """(loss, kd, ce, stats). With ``teacher_hidden`` (per student layer, the output of the teacher layer
-        it was initialised from) the loss adds ``layer_weight`` x the layers' mean MSE, reported as
-        ``stats["layer_mse"]``; the other stats are the memory's. ``position_weights`` (B, T - 1) weight the
-        loss of each predicted position."""
+        """(loss, kd, ce, stats). With ``layer_targets`` ({student layer: what its teacher layer produced,
+        see `layer_outputs`}) the loss adds ``layer_weight`` x the layers' mean `layer_loss`, reported as
+        ``stats[LAYER_LOSS_STAT[layer_part]]``; the other stats are the memory's. ``position_weights``
+        (B, T - 1) weight the loss of each predicted position."""
         layers = self.student.model.layers
-        with layer_outputs(layers, range(len(teacher_hidden or ()))) as captured:
+        with layer_outputs(layers, list(layer_targets or ()), layer_part) as captured:
             out = self.student.model(input_ids=input_ids)
         hidden = out.last_hidden_state[:, :-1].reshape(-1, out.last_hidden_state.shape[-1])
         labels = input_ids[:, 1:].reshape(-1)
@@ -577,11 +625,11 @@ class Distiller(torch.nn.Module):
             weights=None if position_weights is None else position_weights.reshape(-1),
         )
         stats = dict(getattr(out, "memory_stats", None) or {})
-        if teacher_hidden:
-            errors = [F.mse_loss(captured[s].float(), h.float()) for s, h in enumerate(teacher_hidden)]
-            layer_mse = torch.stack(errors).mean()
-            loss = loss + layer_weight * layer_mse
-            stats["layer_mse"] = layer_mse.detach()
+        if layer_targets:
+            errors = [layer_loss(captured[s], t, layer_part) for s, t in layer_targets.items()]
+            mean_error = torch.stack(errors).mean()
+            loss = loss + layer_weight * mean_error
+            stats[LAYER_LOSS_STAT[layer_part]] = mean_error.detach()
         return loss, kd, ce, stats
 
 
@@ -659,6 +707,10 @@ def distil(cfg: DistilConfig) -> Path:
     # invalid memory settings fail here, not later
     config = student_config(teacher_config, layers, cfg.mac_settings())
     check_recipe(cfg, has_memory=bool(getattr(config, "memory_layers", None)))
+    # student layer -> the teacher layer whose output it is pulled to (attention: the memory layers only)
+    matched = config.memory_layers if cfg.layer_loss_target == "attention" else range(len(layers))
+    layer_pairs = {s: layers[s] for s in matched}
+    layer_stat = LAYER_LOSS_STAT[cfg.layer_loss_target]
     if cfg.teacher_cache and cfg.loss != "kl":
         raise UserError(
             f"--loss {cfg.loss} needs the full teacher distribution; a --teacher-cache holds only top-k "
@@ -832,23 +884,24 @@ def distil(cfg: DistilConfig) -> Path:
         ):  # DDP needs a fixed set of trainable parameters: it only drops grads
             for param in groups.get("backbone", []):
                 param.requires_grad_(not frozen)
-        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, **({"layer_mse": 0.0} if cfg.layer_loss_weight else {})}
+        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, **({layer_stat: 0.0} if cfg.layer_loss_weight else {})}
         stats_sum: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             indices = next(batches)
             mine = indices[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
             ids = train_blocks[mine].to(accelerator.device)
             weights = None if position_weights is None else position_weights[mine].to(accelerator.device)
-            teacher_hidden = None
+            layer_targets = None
             if cfg.alpha == 0 and not cfg.layer_loss_weight:  # cross-entropy only: the teacher is not needed
                 targets = None
             elif cache is not None:
                 targets = cache.targets(mine, accelerator.device)
             else:
-                with layer_outputs(teacher.model.layers, layers if cfg.layer_loss_weight else ()) as captured:
+                pairs = layer_pairs if cfg.layer_loss_weight else {}
+                with layer_outputs(teacher.model.layers, pairs.values(), cfg.layer_loss_target) as captured:
                     targets = teacher_targets(teacher, ids)
-                if cfg.layer_loss_weight:  # cloned: inference tensors cannot enter the student's graph
-                    teacher_hidden = [captured[t].clone() for t in layers]
+                if pairs:  # cloned: inference tensors cannot enter the student's graph
+                    layer_targets = {s: captured[t].clone() for s, t in pairs.items()}
             sync = micro == cfg.grad_accum - 1
             with (
                 accelerator.no_sync(distiller) if not sync else contextlib.nullcontext(),
@@ -861,14 +914,15 @@ def distil(cfg: DistilConfig) -> Path:
                     temperature=cfg.temperature,
                     alpha=cfg.alpha,
                     chunk_size=cfg.kd_chunk_size,
-                    teacher_hidden=teacher_hidden,
+                    layer_targets=layer_targets,
+                    layer_part=cfg.layer_loss_target,
                     layer_weight=cfg.layer_loss_weight,
                     position_weights=weights,
                 )
                 accelerator.backward(loss / cfg.grad_accum)
             losses = {"loss": loss, "kd": kd, "ce": ce}
-            if teacher_hidden is not None:
-                losses["layer_mse"] = stats.pop("layer_mse")
+            if layer_targets is not None:
+                losses[layer_stat] = stats.pop(layer_stat)
             for key, value in losses.items():
                 totals[key] += accelerator.reduce(value.detach(), "mean").item() / cfg.grad_accum
             for key, value in stats.items():
