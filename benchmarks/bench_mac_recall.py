@@ -6,25 +6,27 @@ fails, is the memory path unable to carry a fact, or is the budget too small? Th
 tasks; in both, random filler tokens fill ``--gap`` segments between the fact and the question, so the answer
 is nowhere in the attention's segment: only the memory can bring it. Loss: cross-entropy on the answer tokens.
 
-    passkey: one value token fills the whole first segment; the last segment asks ``?`` -> value (a single
-    fact,
-             written 16 times: the easiest thing a memory can be asked)
-    kv:      8 key/value pairs fill the first segment; the last segment asks 4 of the keys (``? key value``):
-             associative recall, where the memory must map each key to its own value Measured on fresh
-             sequences (same generator, unseen draws): answer accuracy of
+* passkey: one value token fills the whole first segment; the last segment asks ``?`` -> value (a single
+  fact, written 16 times: the easiest thing a memory can be asked);
+* kv: 8 key/value pairs fill the first segment; the last segment asks 4 of the keys (``? key value``):
+  associative recall, where the memory must map each key to its own value.
 
-    * the trained model with its memory learning (surprise), the rule it was trained with,
-    * the same model with memory off (``none``: read-outs of the initial memory only, the windowed baseline),
-    * a control trained with memory off throughout (what attention + persistent tokens alone can reach),
-    * a reference whose one segment holds the whole sequence (full attention sees the pairs: the ceiling, and
-      how many steps this task needs when the fact is in view),
+Measured on fresh sequences (same generator, unseen draws): answer accuracy of
+
+* the trained model with its memory learning (surprise), the rule it was trained with,
+* the same model with memory off (``none``: read-outs of the initial memory only, the windowed baseline),
+* a control trained with memory off throughout (what attention + persistent tokens alone can reach),
+* a reference whose one segment holds the whole sequence (full attention sees the pairs: the ceiling, and
+  how many steps this task needs when the fact is in view),
 
 and accuracy at longer gaps than trained. Chance is 1 / ``--values``.
 
-    python benchmarks/bench_mac_recall.py --task passkey --steps 200 --eval-every 50 --memory-layers 1
-    --threads 1 python benchmarks/bench_mac_recall.py --task passkey --steps 200 --eval-every 50
-    --memory-layers 1 \
-        --memory-version 2 --threads 1                                # the same with the version-2 memory
+Usage (the second line: the same with the version-2 memory)::
+
+    python benchmarks/bench_mac_recall.py --task passkey --steps 200 --eval-every 50 --memory-layers 1 \
+        --threads 1
+    python benchmarks/bench_mac_recall.py --task passkey --steps 200 --eval-every 50 --memory-layers 1 \
+        --memory-version 2 --threads 1
 """
 
 from __future__ import annotations
