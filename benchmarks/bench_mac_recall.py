@@ -10,6 +10,8 @@ is nowhere in the attention's segment: only the memory can bring it. Loss: cross
   fact, written 16 times: the easiest thing a memory can be asked);
 * kv: 8 key/value pairs fill the first segment; the last segment asks 4 of the keys (``? key value``):
   associative recall, where the memory must map each key to its own value.
+* needle: ``--needle-len`` value tokens written once at a random place among filler in the first segment;
+  the last segment asks ``?`` and the values in order (the distillation runs' passkey in miniature).
 
 Measured on fresh sequences (same generator, unseen draws): answer accuracy of
 
@@ -57,10 +59,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument(
         "--task",
-        choices=["kv", "passkey"],
+        choices=["kv", "passkey", "needle"],
         default="kv",
-        help="kv: 8 key/value pairs, 4 asked; passkey: one value fills the first segment, asked once",
+        help="kv: 8 key/value pairs, 4 asked; passkey: one value fills the first segment, asked once; "
+        "needle: --needle-len values written once at a random place in filler, asked in order",
     )
+    p.add_argument("--needle-len", type=int, default=3, help="tokens of the needle task's value")
     p.add_argument("--gap", type=int, default=1, help="filler segments between the pairs and the queries")
     p.add_argument("--eval-gaps", default="1,2,4", help="gaps measured after training")
     p.add_argument("--keys", type=int, default=64)
@@ -77,7 +81,8 @@ def parse_args() -> argparse.Namespace:
         "--models",
         default="memory,control,full",
         help="which to train: memory (rule surprise), control (rule none), full (one segment holds the "
-        "whole sequence)",
+        "whole sequence), distil (full's weights with segment-local attention and a fresh memory; only the "
+        "memory trains, by KD from full: the distillation recipe in miniature; trains full first)",
     )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -105,6 +110,19 @@ def batch(args, n: int, gap: int, generator: torch.Generator) -> tuple[torch.Ten
         ids = torch.cat([values.expand(n, SEGMENT), filler, query], dim=1)
         answer = torch.zeros(n, ids.shape[1] - 1, dtype=torch.bool)
         answer[:, SEGMENT * (1 + gap)] = True  # ASK predicts the value
+        return ids, answer
+    if args.task == "needle":
+        length = args.needle_len
+        values = torch.randint(0, args.values, (n, length), generator=generator) + value0
+        ids = torch.randint(0, 64, (n, (2 + gap) * SEGMENT), generator=generator) + filler0
+        at = torch.randint(0, SEGMENT - length + 1, (n,), generator=generator)
+        rows = torch.arange(n)[:, None]
+        ids[rows, at[:, None] + torch.arange(length)] = values  # written once, somewhere in segment 0
+        start = SEGMENT * (1 + gap)
+        ids[:, start] = ASK
+        ids[:, start + 1 : start + 1 + length] = values
+        answer = torch.zeros(n, ids.shape[1] - 1, dtype=torch.bool)
+        answer[:, start : start + length] = True  # ASK predicts the first value, each value the next
         return ids, answer
     keys = torch.stack([torch.randperm(args.keys, generator=generator)[:PAIRS] for _ in range(n)]) + key0
     values = torch.randint(0, args.values, (n, PAIRS), generator=generator) + value0
@@ -192,15 +210,56 @@ def train(args, rule: str, label: str, segment_len: int = SEGMENT) -> MACLlamaFo
     return model
 
 
+def distil(args, teacher: MACLlamaForCausalLM, rule: str) -> MACLlamaForCausalLM:
+    """The distillation setting in miniature: the full-attention reference's weights with segment-local
+    attention and a fresh memory; only the memory, its gate and the persistent tokens train, on the KL to the
+    reference's answer distribution (which sees the fact) plus the answer's cross-entropy."""
+    student = build(args, args.seed + 1)
+    fresh = ("memory", "persistent_tokens")
+    kept = {k: v for k, v in teacher.state_dict().items() if not any(part in k for part in fresh)}
+    student.load_state_dict(kept, strict=False)
+    trainable = [p for name, p in student.named_parameters() if any(part in name for part in fresh)]
+    for name, param in student.named_parameters():
+        param.requires_grad_(any(part in name for part in fresh))
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
+    generator = torch.Generator().manual_seed(args.seed)
+    teacher.eval()
+    started = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        ids, answer = batch(args, args.batch_size, args.gap, generator)
+        with torch.no_grad():
+            target = F.log_softmax(
+                teacher(input_ids=ids, update_rule="none").logits[:, :-1][answer].float(), -1
+            )
+        logits = student(input_ids=ids, update_rule=rule).logits[:, :-1][answer].float()
+        logp = F.log_softmax(logits, -1)
+        kl = F.kl_div(logp, target, log_target=True, reduction="batchmean")
+        loss = kl + F.cross_entropy(logits, ids[:, 1:][answer])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % args.eval_every == 0 or step == args.steps:
+            on, off = accuracy(student, args, args.gap, rule), accuracy(student, args, args.gap, "none")
+            print(
+                f"  distilled step {step:5d}  KL {kl.item():.3f}  eval acc {rule} {on:.3f} / none {off:.3f}  "
+                f"({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
+    return student
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    facts = (
-        "one value fills segment 0"
-        if args.task == "passkey"
-        else f"{PAIRS} pairs in segment 0, {QUERIES} asked"
-    )
+    facts = {
+        "passkey": "one value fills segment 0",
+        "needle": f"{args.needle_len} values written once in segment 0, asked in order",
+        "kv": f"{PAIRS} pairs in segment 0, {QUERIES} asked",
+    }[args.task]
     print(
         f"task {args.task}, chance {1 / args.values:.3f}; {facts}, gap {args.gap} segments of {SEGMENT}; "
         f"hidden {args.hidden}, {args.layers} layers, memory in {args.memory_layers}, "
@@ -213,8 +272,10 @@ def main() -> None:
         trained["surprise"] = train(args, "surprise", "memory on ")
     if "control" in which:
         trained["none"] = train(args, "none", "control   ")
-    if "full" in which:  # the ceiling: attention sees the pairs
+    if "full" in which or "distil" in which:  # the ceiling: attention sees the pairs
         trained["full"] = train(args, "none", "full attn ", segment_len=MAX_POSITIONS)
+    if "distil" in which:
+        trained["distil"] = distil(args, trained["full"], "surprise")
     gaps = [int(g) for g in args.eval_gaps.split(",") if g.strip()]
     print(
         f"\n| model (trained gap {args.gap}) | rule at eval | " + " | ".join(f"gap {g}" for g in gaps) + " |"
@@ -230,6 +291,11 @@ def main() -> None:
         rows.append(("control trained memory off", trained["none"], "none"))
     if "full" in trained:
         rows.append(("full attention (one segment)", trained["full"], "none"))
+    if "distil" in trained:
+        rows += [
+            ("distilled from it, memory only (surprise)", trained["distil"], "surprise"),
+            ("same model, memory off", trained["distil"], "none"),
+        ]
     for name, model, rule in rows:
         print(
             f"| {name} | {rule} | " + " | ".join(f"{accuracy(model, args, g, rule):.3f}" for g in gaps) + " |"
