@@ -51,6 +51,17 @@ def _blob_bytes(blob) -> bytes:
     return blob.data_stream.read()
 
 
+def _binary(data: bytes) -> bool:
+    """git's own test: a NUL byte in the first 8000 bytes (or, here, text that is not UTF-8)."""
+    if b"\0" in data[:8000]:
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 def _side(blob, path: str, language: str, parse_blob) -> dict:
     return {"path": path, "blob": blob.hexsha, **parse_blob(blob.hexsha, language, blob)}
 
@@ -72,18 +83,19 @@ def commit_ast(repo, commit, languages: tuple[str, ...], max_file_bytes: int, pa
             "after_path": entry.b_path if after is not None else None,
             "language": language,
         }
+        blobs = [blob for blob in (before, after) if blob is not None]
         if SUBMODULE_MODE in (entry.a_mode, entry.b_mode):
             files.append({**record, "status": "submodule"})
             continue
+        if any(blob.size > max_file_bytes for blob in blobs):
+            files.append({**record, "status": "too large"})
+            continue
         if language is None:
-            files.append({**record, "status": "unsupported language"})
+            binary = any(_binary(_blob_bytes(blob)) for blob in blobs)
+            files.append({**record, "status": "binary" if binary else "unsupported language"})
             continue
         if languages and language not in languages:
             files.append({**record, "status": "not selected"})
-            continue
-        blobs = [blob for blob in (before, after) if blob is not None]
-        if any(blob.size > max_file_bytes for blob in blobs):
-            files.append({**record, "status": "too large"})
             continue
         sides = {
             name: _side(blob, record[f"{name}_path"], language, parse_blob) if blob is not None else None
@@ -102,11 +114,7 @@ def blob_parser(cache_size: int = 4096):
     @functools.lru_cache(maxsize=cache_size)
     def parse_blob(hexsha: str, language: str, blob) -> dict:
         data = _blob_bytes(blob)
-        if b"\0" in data[:8000]:  # git's own test for binary content
-            return {"kind": "binary", "declarations": []}
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError:
+        if _binary(data):
             return {"kind": "binary", "declarations": []}
         parsed = parse(data, language)
         return {

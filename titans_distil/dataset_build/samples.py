@@ -211,7 +211,8 @@ def build(
 ):
     """Write the dataset folder; return the samples per config and split, the duplicates dropped per config
     and what was missing."""
-    from datasets import Dataset
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     if validation + test >= 1:
         raise UserError("--validation-fraction plus --test-fraction must stay below 1, or train is empty")
@@ -234,7 +235,7 @@ def build(
         for name, splits in built.items():
             (tmp / name).mkdir()
             for split, split_rows in splits.items():
-                Dataset.from_list(split_rows).to_parquet(str(tmp / name / f"{split}.parquet"))
+                pq.write_table(pa.Table.from_pylist(split_rows), tmp / name / f"{split}.parquet")
         (tmp / "README.md").write_text(
             dataset_card(built, dropped, missing, split_by, (validation, test)), encoding="utf-8"
         )

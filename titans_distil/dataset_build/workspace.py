@@ -30,7 +30,7 @@ def git_module():
 
 def write_json(path: Path, value) -> None:
     with atomic_file(path, ".json") as tmp:
-        tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(value, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def read_json(path: Path, fix: str):
