@@ -12,6 +12,7 @@ is the README's documented recipe, too slow to start for the suite. Nothing is d
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from click.testing import CliRunner
 from git_history import write_history
 
 from titans_distil.commands import main
+from titans_distil.dataset_build.llm import REASONING_ASK, SUMMARY_ASK, TASK_ASK
 from titans_distil.dataset_build.samples import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, deduplicate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -366,12 +368,12 @@ def test_coverage_per_language(built):
 
 class FakeLLM:
     """An OpenAI-compatible endpoint on 127.0.0.1: `script` lists what the next chat requests get ("503",
-    "malformed", "empty"); after it, or when it is empty, a deterministic answer."""
+    "400", "malformed", "empty", "loop": one phrase repeated); after it, a deterministic answer."""
 
     def __init__(self):
         self.script: list[str] = []
         self.requests: list[dict] = []
-        self.always_malformed_for: str | None = None
+        self.always: tuple[str, str] | None = None  # (a text in the prompt, the behaviour its requests get)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -401,15 +403,17 @@ class FakeLLM:
                 fake.requests.append(body)
                 behaviour = fake.script.pop(0) if fake.script else "ok"
                 prompt = body["messages"][-1]["content"]
-                if fake.always_malformed_for and fake.always_malformed_for in prompt:
-                    behaviour = "malformed"
-                if behaviour == "503":
-                    self._send(503, b'{"error": {"message": "busy"}}')
+                if fake.always and fake.always[0] in prompt:
+                    behaviour = fake.always[1]
+                if behaviour in ("503", "400"):
+                    message = {"503": "busy", "400": "prompt too long for the context"}[behaviour]
+                    self._send(int(behaviour), json.dumps({"error": {"message": message}}).encode())
                     return
                 if behaviour == "malformed":
                     self._send(200, b'{"id": "x", "object": "chat.completion", "choices": []}')
                     return
-                text = "" if behaviour == "empty" else fake.answer(body["messages"][0]["content"], prompt)
+                text = {"empty": "", "loop": "The task:\n\n" * 40}.get(behaviour) or fake.answer(prompt)
+                text = "" if behaviour == "empty" else text
                 answer = {
                     "id": "cmpl-1",
                     "object": "chat.completion",
@@ -430,17 +434,15 @@ class FakeLLM:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     @staticmethod
-    def answer(system: str, prompt: str) -> str:
-        if system.startswith("Summarise"):
+    def answer(prompt: str) -> str:
+        """By the instruction on the prompt's last line (titans_distil.dataset_build.llm)."""
+        if prompt.endswith(SUMMARY_ASK):
             return f"Summary of {prompt.splitlines()[0]}"
-        if system.startswith("You write the task"):
-            return "Task: " + prompt.splitlines()[1]  # the commit message's first line
-        if system.startswith("You are the developer"):
-            head = next(
-                line
-                for line in prompt.splitlines()
-                if line.split(" ")[0] in ("added", "modified", "renamed", "deleted", "moved")
-            )
+        if prompt.endswith(TASK_ASK):
+            return "Task: " + re.search(r"^Commit message: (.*)$", prompt, re.M)[1]
+        if prompt.endswith(REASONING_ASK):
+            operations = ("added", "modified", "renamed", "deleted", "moved")
+            head = next(line for line in prompt.splitlines() if line.split(" ")[0] in operations)
             return f"I {head}."
         return "OK"
 
@@ -514,8 +516,8 @@ def test_llm_check_tasks_and_reasoning(built, fake_llm, tmp_path):
     )
     c1 = stage(ws, "proj", shas["c1"], "task")
     assert c1["chunks"] > 1 and c1["task"] == "Task: Add the app"
-    summaries = [r for r in fake_llm.requests if r["messages"][0]["content"].startswith("Summarise")]
-    finals = [r for r in fake_llm.requests if r["messages"][0]["content"].startswith("You write the task")]
+    summaries = [r for r in fake_llm.requests if r["messages"][1]["content"].endswith(SUMMARY_ASK)]
+    finals = [r for r in fake_llm.requests if r["messages"][1]["content"].endswith(TASK_ASK)]
     chunked = [stage(ws, "proj", shas[c], "task")["chunks"] for c in ("c1", "c2", "c5", "c6")]
     assert len(finals) == 4 and len(summaries) == sum(n for n in chunked if n > 1)
     assert all(len(r["messages"][1]["content"]) < 700 for r in summaries)
@@ -533,25 +535,31 @@ def test_llm_check_tasks_and_reasoning(built, fake_llm, tmp_path):
 
 def test_llm_retries_503_and_malformed_answers(built, fake_llm, tmp_path):
     ws, shas = _copy_built(built, tmp_path), built[1]
-    fake_llm.script = ["503", "malformed", "empty"]
+    fake_llm.script = ["503", "malformed", "empty", "loop"]
     out = ok("tasks", "--concurrency", "1", "--base-url", fake_llm.url, "--output-dir", ws)
     assert "4 commits done" in out
-    # the 503 is retried by the client, the malformed and the empty answer asked again: 4 + 3 requests
-    assert len(fake_llm.requests) == 7
+    # the 503 is retried by the client; the malformed, empty and looping answers are asked again: 4 + 4
+    assert len(fake_llm.requests) == 8
+    assert all(not stage(ws, "proj", shas[c], "task")["task"].startswith("The task:") for c in ("c1", "c2"))
     # an answer that stays malformed: that commit is left undone, the others are written, exit non-zero
-    fake_llm.always_malformed_for = "Rework the helpers"
+    fake_llm.always = ("Rework the helpers", "malformed")
     out = cli("tasks", "--force", "--retries", "1", "--base-url", fake_llm.url, "--output-dir", ws).output
-    assert "tasks proj: 3 commits done, 0 already on disk, 1 failed (rerun to retry them)" in out
+    assert (
+        "tasks proj: 3 commits done, 0 already on disk, 1 failed (first: a completion without choices; rerun "
+        "to retry them)"
+    ) in out
     assert out.strip().splitlines()[-1].startswith("Error: tasks left commits undone in proj")
-    fake_llm.always_malformed_for = None
+    fake_llm.always = None
     (ws / "commits" / "proj" / shas["c2"] / "task.json").unlink(missing_ok=True)
     assert "1 commits done, 3 already on disk" in ok("tasks", "--base-url", fake_llm.url, "--output-dir", ws)
-    # reasoning keeps what it got: only the missing answer is asked for again
-    fake_llm.always_malformed_for = "new_name"
-    cli("reasoning", "--retries", "0", "--base-url", fake_llm.url, "--output-dir", ws)
+    # a request the endpoint refuses (400) fails alone; reasoning keeps what it got, and only the missing
+    # answer is asked for again
+    fake_llm.always = ("new_name", "400")
+    out = cli("reasoning", "--base-url", fake_llm.url, "--output-dir", ws).output
+    assert "1 failed (first: refused with 400: prompt too long for the context; rerun" in out
     assert "app.py:new_name" not in stage(ws, "proj", shas["c2"], "reasoning")["reasoning"]
     assert len(stage(ws, "proj", shas["c2"], "reasoning")["reasoning"]) == 3
-    fake_llm.always_malformed_for = None
+    fake_llm.always = None
     fake_llm.requests.clear()
     assert "1 commits done, 3 already on disk" in ok(
         "reasoning", "--base-url", fake_llm.url, "--output-dir", ws

@@ -37,13 +37,14 @@ class StageReport:
     skipped_existing: int = 0
     missing_input: int = 0  # commits whose earlier stage has not run
     failed: int = 0  # commits whose work failed (an LLM answer that stayed unusable)
+    failure: str | None = None  # the first failure's reason
 
     def line(self, stage: str, repo: str) -> str:
         parts = [f"{stage} {repo}: {self.done} commits done", f"{self.skipped_existing} already on disk"]
         if self.missing_input:
             parts.append(f"{self.missing_input} waiting for an earlier stage")
         if self.failed:
-            parts.append(f"{self.failed} failed (rerun to retry them)")
+            parts.append(f"{self.failed} failed (first: {self.failure}; rerun to retry them)")
         return ", ".join(parts)
 
 

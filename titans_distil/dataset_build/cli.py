@@ -68,19 +68,37 @@ def _llm_options(fn):
         click.option(
             "--timeout", type=finite(min=0, min_open=True), default=300.0, show_default=True, help="Seconds."
         ),
-        click.option("--max-new-tokens", type=POSITIVE, default=256, show_default=True),
+        click.option("--max-new-tokens", type=POSITIVE, default=160, show_default=True),
         click.option("--temperature", type=finite(min=0), default=0.2, show_default=True),
+        click.option(
+            "--frequency-penalty",
+            type=finite(min=-2, max=2),
+            default=0.3,
+            show_default=True,
+            help="OpenAI's penalty on repeated tokens (small models loop without one).",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def _llm(base_url, served_model, api_key_env, retries, timeout, max_new_tokens, temperature):
+def _llm(
+    base_url, served_model, api_key_env, retries, timeout, max_new_tokens, temperature, frequency_penalty
+):
     from .llm import LLM, LLMSettings
 
     return LLM(
-        LLMSettings(base_url, served_model, api_key_env, retries, timeout, max_new_tokens, temperature)
+        LLMSettings(
+            base_url,
+            served_model,
+            api_key_env,
+            retries,
+            timeout,
+            max_new_tokens,
+            temperature,
+            frequency_penalty,
+        )
     )
 
 
@@ -219,7 +237,7 @@ def _llm_stage(stage: str, runner_name: str):
     @click.option(
         "--max-prompt-chars",
         type=click.IntRange(min=500),
-        default=6000,
+        default=4000,
         show_default=True,
         help="Longer diffs are cut into chunks of this size (tasks) or clipped in the middle (reasoning).",
     )

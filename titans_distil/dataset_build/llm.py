@@ -16,6 +16,7 @@ import difflib
 import os
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -25,19 +26,28 @@ from .workspace import Workspace, read_json, write_json
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"  # bin/serve's host and port
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 
-TASK_SYSTEM = (
-    "You write the task a developer was given before making a code change. Answer with the task only: one "
-    "short paragraph in the imperative (for example 'Add ...', 'Fix ...'), no code, no preamble."
+# The instruction comes last in the user message: the embedded 135M teacher follows it there, and answered a
+# prompt ending in "The task:" with that line repeated (README, "Build a dataset from git history").
+SYSTEM = "You are a senior software engineer."
+TASK_ASK = (
+    "Write the task the developer was given, as one sentence that starts with a verb such as Add, Fix, Make "
+    "or Remove."
 )
-SUMMARY_SYSTEM = "Summarise in one or two sentences what these code changes do. No code, no preamble."
-REASONING_SYSTEM = (
-    "You are the developer who made this change. Explain in the first person, in a few sentences, why you "
-    "changed this code the way you did. No code, no preamble."
+SUMMARY_ASK = "Summarise in one or two sentences what these code changes do."
+REASONING_ASK = (
+    'You made this change. Explain in the first person ("I ..."), in two or three sentences, why you changed '
+    "the code this way."
 )
+# An answer that compresses this well is one line or phrase repeated: a small model looping, no text.
+MIN_COMPRESSION = 0.2
 
 
 class UnusableAnswer(Exception):
-    """The endpoint answered, but with nothing to use."""
+    """The endpoint answered this request, but with nothing to use (or refused this one request)."""
+
+
+def repetitive(text: str) -> bool:
+    return len(text) >= 200 and len(zlib.compress(text.encode())) < MIN_COMPRESSION * len(text.encode())
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,7 @@ class LLMSettings:
     timeout: float
     max_tokens: int
     temperature: float
+    frequency_penalty: float
 
 
 class LLM:
@@ -84,13 +95,13 @@ class LLM:
             return UserError(f"{url} refused the key (401); set ${self.settings.key_env} to a valid key")
         if isinstance(err, openai.NotFoundError):
             return UserError(
-                f"{url} answered 404 ({str(err.message).splitlines()[0] if err.message else 'not found'}); "
+                f"{url} answered 404 ({_detail(err)}); "
                 "check --base-url (it ends in /v1) and --model (`llm-check` lists the served models)"
             )
         if isinstance(err, openai.APIStatusError):
             return UserError(
                 f"{url} answered {err.status_code} after {self.settings.retries} retries "
-                f"({str(err.message).splitlines()[0] if err.message else 'no detail'}); check the server"
+                f"({_detail(err)}); check the server"
             )
         return UserError(f"{url} gave no OpenAI API answer ({type(err).__name__}); check --base-url")
 
@@ -108,27 +119,48 @@ class LLM:
             raise UserError(f"{self.settings.base_url} serves {', '.join(models)}; pick one with --model")
         return models[0]
 
-    def ask(self, system: str, prompt: str) -> str:
-        """The answer's text; `UnusableAnswer` when every try gave nothing to use."""
+    def ask(self, prompt: str) -> str:
+        """The answer's text; `UnusableAnswer` when every try gave nothing to use, or the endpoint refused
+        this request (a 400: too long for its context, say) while it answers others."""
+        reason = "no usable text"
         for _ in range(self.settings.retries + 1):
             try:
                 response = self.client.chat.completions.create(
                     model=self.model,
-                    messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+                    messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
                     max_tokens=self.settings.max_tokens,
                     temperature=self.settings.temperature,
+                    frequency_penalty=self.settings.frequency_penalty,
                 )
             except self.openai.APIResponseValidationError:
+                reason = "a body that is no chat completion"
                 continue
+            except self.openai.BadRequestError as err:
+                raise UnusableAnswer(f"refused with 400: {_detail(err)}") from None
             except self.openai.APIError as err:
                 raise self._failure(err) from None
             try:
                 text = response.choices[0].message.content
             except (AttributeError, IndexError, TypeError, KeyError):
+                reason = "a completion without choices"
                 continue
-            if isinstance(text, str) and text.strip():
+            if not isinstance(text, str) or not text.strip():
+                reason = "an empty answer"
+            elif repetitive(text):
+                reason = "one phrase repeated"
+            else:
                 return text.strip()
-        raise UnusableAnswer
+        raise UnusableAnswer(reason)
+
+
+def _detail(err) -> str:
+    """The server's own message of an API error (its JSON body's), on one line."""
+    body = err.body
+    if isinstance(body, dict):
+        inner = body.get("error")
+        body = body.get("message") or (inner.get("message") if isinstance(inner, dict) else inner)
+    lines = str(body or err.message or "").strip().splitlines()
+    return lines[0] if lines else "no detail"
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -181,17 +213,16 @@ def write_task(llm: LLM, diffs: dict, max_chars: int) -> dict:
         context = f"Changes:\n{parts[0]}"
     else:
         summaries = [
-            llm.ask(SUMMARY_SYSTEM, f"Changes (part {i + 1} of {len(parts)}):\n{p}")
+            llm.ask(f"Changes (part {i + 1} of {len(parts)}):\n{p}\n\n{SUMMARY_ASK}")
             for i, p in enumerate(parts)
         ]
         context = "Summaries of the changes, part by part:\n" + "\n".join(f"- {s}" for s in summaries)
-    task = llm.ask(TASK_SYSTEM, f"Commit message:\n{message}\n\n{context}\n\nThe task:")
+    task = llm.ask(f"A developer changed this code.\n\nCommit message: {message}\n\n{context}\n\n{TASK_ASK}")
     return {"task": task, "chunks": len(parts), "model": llm.model, "base_url": llm.settings.base_url}
 
 
 def write_reasoning(llm: LLM, task: str, change: dict, max_chars: int) -> str:
-    prompt = f"Task: {task}\n\n{clip(change_diff(change), max_chars)}\n\nYour reasoning:"
-    return llm.ask(REASONING_SYSTEM, prompt)
+    return llm.ask(f"Task: {task}\n\n{clip(change_diff(change), max_chars)}\n\n{REASONING_ASK}")
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -205,11 +236,13 @@ def _run_parallel(jobs, concurrency: int, report: StageReport) -> None:
     def run(job):
         try:
             job()
-            outcome = "done"
-        except UnusableAnswer:
-            outcome = "failed"
+        except UnusableAnswer as err:
+            with lock:
+                report.failed += 1
+                report.failure = report.failure or str(err)
+            return
         with lock:
-            setattr(report, outcome, getattr(report, outcome) + 1)
+            report.done += 1
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
         futures = [pool.submit(run, job) for job in jobs]
@@ -269,16 +302,16 @@ def run_reasoning(
             continue
 
         def job(todo=todo, have=have, task=task, out=out):
-            have, failed = dict(have), False
+            have, failure = dict(have), None
             for change in todo:
                 try:
                     have[change["id"]] = write_reasoning(llm, task, change, max_chars)
-                except UnusableAnswer:
-                    failed = True
+                except UnusableAnswer as err:
+                    failure = err
                     continue
                 write_json(out, {"model": llm.model, "base_url": llm.settings.base_url, "reasoning": have})
-            if failed:
-                raise UnusableAnswer
+            if failure is not None:
+                raise failure
 
         jobs.append(job)
     _run_parallel(jobs, concurrency, report)
@@ -290,10 +323,10 @@ def check(llm: LLM) -> dict:
     models = llm.models()
     start = time.perf_counter()
     try:
-        answer = llm.ask("Answer in one word.", "Say OK.")
-    except UnusableAnswer:
+        answer = llm.ask("Say OK.")
+    except UnusableAnswer as err:
         raise UserError(
-            f"{llm.settings.base_url} answered model {llm.model} with no usable text "
-            f"{llm.settings.retries + 1} times; check the server's logs"
+            f"{llm.settings.base_url} gave {llm.model} {err} ({llm.settings.retries + 1} tries); check the "
+            "server's logs"
         ) from None
     return {"models": models, "model": llm.model, "answer": answer, "seconds": time.perf_counter() - start}
