@@ -9,6 +9,7 @@ import click
 
 from ..cli import NON_NEGATIVE, POSITIVE, finite, user_errors
 from ..errors import UserError
+from ..flags import option
 from ..model_folder import display, status
 from .workspace import Workspace
 
@@ -68,7 +69,7 @@ def _llm_options(fn):
         click.option(
             "--timeout", type=finite(min=0, min_open=True), default=300.0, show_default=True, help="Seconds."
         ),
-        click.option("--max-new-tokens", type=POSITIVE, default=160, show_default=True),
+        option("--max-new-tokens", type=POSITIVE, default=160, show_default=True, help="Per answer."),
         click.option("--temperature", type=finite(min=0), default=0.2, show_default=True),
         click.option(
             "--frequency-penalty",
@@ -78,8 +79,8 @@ def _llm_options(fn):
             help="OpenAI's penalty on repeated tokens (small models loop without one).",
         ),
     ]
-    for option in reversed(options):
-        fn = option(fn)
+    for decorate in reversed(options):
+        fn = decorate(fn)
     return fn
 
 
