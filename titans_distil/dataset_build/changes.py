@@ -25,7 +25,7 @@ RENAME_SIMILARITY = 0.8
 # commit (a vendored tree replaced) only exact matches are looked for.
 MAX_RENAME_PAIRS = 20_000
 SUBMODULE_MODE = 0o160000
-_GIT_CHANGES = {"A": "added", "D": "deleted", "M": "modified", "R": "renamed", "T": "modified", "C": "added"}
+_GIT_CHANGES = {"A": "added", "D": "deleted", "M": "modified", "R": "renamed", "T": "modified"}
 
 
 @dataclass
@@ -102,8 +102,8 @@ def commit_ast(repo, commit, languages: tuple[str, ...], max_file_bytes: int, pa
             name: _side(blob, record[f"{name}_path"], language, parse_blob) if blob is not None else None
             for name, blob in (("before", before), ("after", after))
         }
-        kinds = {side["kind"] for side in sides.values() if side is not None}
-        status = "binary" if "binary" in kinds else "syntax error" if "syntax error" in kinds else "parsed"
+        parses = {side["parse"] for side in sides.values() if side is not None}
+        status = "binary" if "binary" in parses else "syntax error" if "syntax error" in parses else "parsed"
         files.append({**record, "status": status, **sides})
     return files
 
@@ -116,10 +116,10 @@ def blob_parser(cache_size: int = 4096):
     def parse_blob(hexsha: str, language: str, blob) -> dict:
         data = _blob_bytes(blob)
         if _binary(data):
-            return {"kind": "binary", "declarations": []}
+            return {"parse": "binary", "declarations": []}
         parsed = parse(data, language)
         return {
-            "kind": "syntax error" if parsed.syntax_error else "parsed",
+            "parse": "syntax error" if parsed.syntax_error else "parsed",
             "declarations": [d.to_json() for d in parsed.declarations],
         }
 

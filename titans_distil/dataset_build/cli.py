@@ -16,8 +16,8 @@ from .workspace import Workspace
 DEFAULT_OUTPUT_DIR = "dataset-build"
 
 
-def _workspace_options(fn):
-    """--output-dir, and for the stages --repo and --max-commits: which commits a command reads."""
+def _output_dir_option(fn):
+    """--output-dir: the pipeline's folder, the same for every command."""
     return click.option(
         "--output-dir",
         default=DEFAULT_OUTPUT_DIR,
@@ -26,19 +26,27 @@ def _workspace_options(fn):
     )(fn)
 
 
-def _commit_options(fn):
-    fn = click.option(
-        "--max-commits",
-        type=POSITIVE,
-        default=None,
-        help="Only the newest N commits of each repository's revision. [default: all]",
-    )(fn)
-    fn = click.option(
+def _repo_option(fn):
+    return click.option(
         "--repo",
         "repo_names",
         multiple=True,
         help="A tracked repository's name (repeatable). [default: every tracked repository]",
     )(fn)
+
+
+def _max_commits_option(fn):
+    return click.option(
+        "--max-commits",
+        type=POSITIVE,
+        default=None,
+        help="Only the newest N commits of each repository's revision. [default: all]",
+    )(fn)
+
+
+def _commit_options(fn):
+    """--repo, --max-commits and --force: which commits a stage reads, and whether it redoes them."""
+    fn = _max_commits_option(_repo_option(fn))
     return click.option("--force", is_flag=True, help="Redo commits whose output is already on disk.")(fn)
 
 
@@ -126,7 +134,7 @@ def repos_group():
 @click.option(
     "--depth", type=POSITIVE, default=None, help="Clone URLs shallowly (the oldest commit is skipped)."
 )
-@_workspace_options
+@_output_dir_option
 @user_errors
 def repos_add(source, name, rev, depth, output_dir):
     from .workspace import add_repository
@@ -135,7 +143,7 @@ def repos_add(source, name, rev, depth, output_dir):
 
 
 @repos_group.command("list")
-@_workspace_options
+@_output_dir_option
 @user_errors
 def repos_list(output_dir):
     ws = Workspace(output_dir)
@@ -151,7 +159,7 @@ def repos_list(output_dir):
 @repos_group.command("remove")
 @click.argument("name")
 @click.option("--purge", is_flag=True, help="Also delete its stage outputs (tasks and reasoning included).")
-@_workspace_options
+@_output_dir_option
 @user_errors
 def repos_remove(name, purge, output_dir):
     from .workspace import remove_repository
@@ -185,7 +193,7 @@ def _each_repository(stage: str, run):
 
 
 @build_dataset.command("ast")
-@_workspace_options
+@_output_dir_option
 @_commit_options
 @click.option(
     "--languages",
@@ -218,7 +226,7 @@ def _progress(history, stage: str):
 
 
 @build_dataset.command("diffs")
-@_workspace_options
+@_output_dir_option
 @_commit_options
 @user_errors
 def diffs_command(**options):
@@ -232,7 +240,7 @@ def diffs_command(**options):
 
 
 def _llm_stage(stage: str, runner_name: str):
-    @_workspace_options
+    @_output_dir_option
     @_commit_options
     @_llm_options
     @click.option(
@@ -285,8 +293,8 @@ def llm_check(**llm_options):
 
 
 @build_dataset.command("fim")
-@_workspace_options
-@click.option("--repo", "repo_names", multiple=True, help="A tracked repository (repeatable). [default: all]")
+@_output_dir_option
+@_repo_option
 @click.option(
     "--max-commits", type=POSITIVE, default=None, help="Only the newest N commits of each repository."
 )
@@ -358,8 +366,8 @@ def fim_command(
 
 
 @build_dataset.command("clean")
-@_workspace_options
-@click.option("--repo", "repo_names", multiple=True, help="A tracked repository (repeatable). [default: all]")
+@_output_dir_option
+@_repo_option
 @click.option("--tasks", is_flag=True, help="Remove the task descriptions (and so the pairs' inputs).")
 @click.option("--reasoning", is_flag=True, help="Remove the reasoning.")
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
@@ -385,8 +393,8 @@ def clean_command(output_dir, repo_names, tasks, reasoning, dry_run):
 
 
 @build_dataset.command("coverage")
-@_workspace_options
-@click.option("--repo", "repo_names", multiple=True, help="A tracked repository (repeatable). [default: all]")
+@_output_dir_option
+@_repo_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a markdown table.")
 @user_errors
 def coverage_command(output_dir, repo_names, as_json):

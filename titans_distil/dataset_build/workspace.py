@@ -16,7 +16,6 @@ from ..errors import UserError, translated
 from ..model_folder import atomic_file, display
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"  # git's id of the empty tree: a root commit's base
-STAGES = ("ast", "diffs", "task", "reasoning")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
