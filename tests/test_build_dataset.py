@@ -744,3 +744,80 @@ def test_sigkill_then_rerun_duplicates_and_loses_nothing(tmp_path):
         out = ok(stage_name, "--output-dir", killed)
         assert f"{120 - partial} commits done, {partial} already on disk" in out
     assert _outputs(killed) == _outputs(reference)  # nothing lost, nothing duplicated, no temporaries left
+
+
+LANGUAGE_SAMPLES = {
+    "python": (
+        "@dec\ndef f(x):\n    def g():\n        pass\n    return g\n\n\n"
+        "class A:\n    @property\n    def p(self):\n        return 1\n\n    @p.setter\n    def p(self, v):\n"
+        "        pass\n",
+        [
+            ("f", "function", 1, 5),
+            ("f.g", "function", 3, 4),
+            ("A", "class", 8, 15),
+            ("A.p", "method", 9, 11),
+            ("A.p#2", "method", 13, 15),
+        ],
+    ),
+    "rust": (
+        "struct S {\n    a: i32,\n}\nimpl S {\n    fn new() -> S {\n        S { a: 1 }\n    }\n}\n"
+        "trait T {\n    fn d(&self) {}\n}\nfn main() {}\n",
+        [
+            ("S", "class", 1, 3),
+            ("S.new", "method", 5, 7),
+            ("T", "class", 9, 11),
+            ("T.d", "method", 10, 10),
+            ("main", "function", 12, 12),
+        ],
+    ),
+    "go": (
+        "package m\n\ntype S struct {\n\ta int\n}\n\nfunc (s *S) M() int {\n\treturn 1\n}\n\nfunc F() {}\n",
+        [("S", "class", 3, 5), ("S.M", "method", 7, 9), ("F", "function", 11, 11)],
+    ),
+    "javascript": (
+        "function f() {}\nconst g = () => 1;\nclass A {\n  m() {}\n  static s() {}\n}\n",
+        [
+            ("f", "function", 1, 1),
+            ("g", "function", 2, 2),
+            ("A", "class", 3, 6),
+            ("A.m", "method", 4, 4),
+            ("A.s", "method", 5, 5),
+        ],
+    ),
+    "typescript": (
+        "interface I {\n  x: number;\n}\nfunction f(a: number): number {\n  return a;\n}\n"
+        "class A {\n  m(): void {}\n}\n",
+        [("I", "class", 1, 3), ("f", "function", 4, 6), ("A", "class", 7, 9), ("A.m", "method", 8, 8)],
+    ),
+    "c": (
+        "struct P {\n  int x;\n};\nint add(int a, int b) {\n  return a + b;\n}\n"
+        "static int *ptr(void) { return 0; }\n",
+        [("P", "class", 1, 3), ("add", "function", 4, 6), ("ptr", "function", 7, 7)],
+    ),
+    "cpp": (
+        "namespace n {\nclass A {\n public:\n  int m() { return 1; }\n};\n}\nint A::k() { return 2; }\n"
+        "int f(int) { return 0; }\nint f(double) { return 1; }\n",
+        [
+            ("n.A", "class", 2, 5),
+            ("n.A.m", "method", 4, 4),
+            ("A::k", "function", 7, 7),
+            ("f", "function", 8, 8),
+            ("f#2", "function", 9, 9),
+        ],
+    ),
+    "java": (
+        "class A {\n  A() {}\n  int m(int x) {\n    return x;\n  }\n  interface I {}\n}\n",
+        [("A", "class", 1, 7), ("A.A", "method", 2, 2), ("A.m", "method", 3, 5), ("A.I", "class", 6, 6)],
+    ),
+}
+
+
+@pytest.mark.parametrize("language", sorted(LANGUAGE_SAMPLES))
+def test_declarations_of_every_language(language):
+    from titans_distil.dataset_build.declarations import parse
+
+    source, expected = LANGUAGE_SAMPLES[language]
+    parsed = parse(source.encode(), language)
+    assert not parsed.syntax_error
+    assert [(d.qualname, d.kind, d.start_line, d.end_line) for d in parsed.declarations] == expected
+    assert parse(b"def f(:\n    pass\n", "python").syntax_error
