@@ -26,7 +26,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 from git_history import write_history  # noqa: E402
 
 from titans_distil.dataset_build import changes, llm  # noqa: E402
-from titans_distil.dataset_build.workspace import Workspace, add_repository, commits, shallow_boundary  # noqa: E402
+from titans_distil.dataset_build.workspace import (  # noqa: E402
+    Workspace,
+    add_repository,
+    commits,
+    read_json,
+    shallow_boundary,
+)
 
 
 def main() -> None:
@@ -75,9 +81,13 @@ def main() -> None:
             start = time.perf_counter()
             report = llm.run_tasks(ws, entry, chosen, client, 4000, args.concurrency, False)
             seconds = time.perf_counter() - start
+            # one request per commit, plus one per chunk when its diff was summarised in chunks first
+            chunked = [read_json(path, "")["chunks"] for path in (ws.root / "commits").glob("*/*/task.json")]
+            requests = sum(1 + (n if n > 1 else 0) for n in chunked)
             print(
-                f"tasks: {report.done} commits ({report.failed} failed) in {seconds:.1f} s with concurrency "
-                f"{args.concurrency}: {report.done / seconds:.2f} commits/s ({client.model})"
+                f"tasks: {report.done} commits ({report.failed} failed), {requests} requests in "
+                f"{seconds:.1f} s with concurrency {args.concurrency}: {requests / seconds:.2f} requests/s "
+                f"({client.model})"
             )
 
 

@@ -615,6 +615,23 @@ def test_fim_and_pairs_dataset(built, fake_llm, tmp_path):
         change_me["output"] == change_me["middle"]
         and change_me["text"] == change_me["input"] + change_me["middle"]
     )
+    narrow = tmp_path / "narrow"
+    ok(
+        "fim",
+        "--context-lines",
+        "1",
+        "--validation-fraction",
+        "0",
+        "--test-fraction",
+        "0",
+        "--output",
+        narrow,
+        "--output-dir",
+        ws,
+    )
+    narrowed = pq.read_table(narrow / "fim" / "train.parquet").to_pylist()
+    one = next(r for r in narrowed if r["commit"] == shas["c2"] and r["name"] == "change_me")
+    assert (one["prefix"], one["middle"], one["suffix"]) == (lines[4], lines[5], lines[6])
     renamed = next(r for r in fim if r["operation"] == "renamed")
     assert renamed["middle"] == "def new_name(a, b):\n" and renamed["middle_lines"] == [10, 10]
     assert not [r for r in fim if r["operation"] == "deleted"]
