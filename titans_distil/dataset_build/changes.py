@@ -64,7 +64,7 @@ def _binary(data: bytes) -> bool:
 
 
 def _side(blob, path: str, language: str, parse_blob) -> dict:
-    return {"path": path, "blob": blob.hexsha, **parse_blob(blob.hexsha, language, blob)}
+    return {"path": path, "blob": blob.hexsha, **parse_blob(blob, language)}
 
 
 def commit_ast(repo, commit, languages: tuple[str, ...], max_file_bytes: int, parse_blob) -> list[dict]:
@@ -109,11 +109,11 @@ def commit_ast(repo, commit, languages: tuple[str, ...], max_file_bytes: int, pa
 
 
 def blob_parser(cache_size: int = 4096):
-    """parse(hexsha, language, blob) with a cache: a commit's new version of a file is the next commit's old
-    one, parsed once."""
+    """parse_blob(blob, language) with a cache (GitPython blobs hash by their id): a commit's new version of a
+    file is the next commit's old one, parsed once."""
 
     @functools.lru_cache(maxsize=cache_size)
-    def parse_blob(hexsha: str, language: str, blob) -> dict:
+    def parse_blob(blob, language: str) -> dict:
         data = _blob_bytes(blob)
         if _binary(data):
             return {"parse": "binary", "declarations": []}
@@ -123,7 +123,7 @@ def blob_parser(cache_size: int = 4096):
             "declarations": [d.to_json() for d in parsed.declarations],
         }
 
-    return lambda hexsha, language, blob: dict(parse_blob(hexsha, language, blob))
+    return parse_blob
 
 
 def run_ast(
@@ -161,12 +161,11 @@ def _own_code(source: bytes, decl: Declaration, decls: list[Declaration]) -> byt
     """A declaration's code with the declarations nested in it cut out: a class changes when its own lines
     do, not when one of its methods does (that method is a change of its own)."""
     pieces, cursor = [], decl.start_byte
-    for inner in decls:
+    for inner in decls:  # in source order; one nested in an already cut one starts before `cursor`
         if inner is decl or inner.start_byte < cursor or inner.end_byte > decl.end_byte:
             continue
-        if inner.start_byte >= decl.start_byte:
-            pieces += [source[cursor : inner.start_byte], b"\0"]
-            cursor = inner.end_byte
+        pieces += [source[cursor : inner.start_byte], b"\0"]
+        cursor = inner.end_byte
     pieces.append(source[cursor : decl.end_byte])
     return b"".join(pieces)
 
