@@ -838,3 +838,53 @@ def test_declarations_of_every_language(language):
     assert not parsed.syntax_error
     assert [(d.qualname, d.kind, d.start_line, d.end_line) for d in parsed.declarations] == expected
     assert parse(b"def f(:\n    pass\n", "python").syntax_error
+
+
+def test_whole_pipeline_on_a_history_of_real_code(tmp_path, fake_llm):
+    """Every stage over 60 commits of standard-library modules (tests/git_history.py): the dataset holds
+    exactly what the diffs promise, and every changed declaration got its reasoning."""
+    import pyarrow.parquet as pq
+
+    history, ws = tmp_path / "history", tmp_path / "ws"
+    write_history(history, 60, files=8)
+    ok("repos", "add", history, "--output-dir", ws)
+    for name in ("ast", "diffs"):
+        assert "60 commits done" in ok(name, "--output-dir", ws)
+    for name in ("tasks", "reasoning"):
+        ok(name, "--base-url", fake_llm.url, "--output-dir", ws)
+    diffs = [json.loads(p.read_text()) for p in sorted((ws / "commits").glob("*/*/diffs.json"))]
+    changes = [c for d in diffs for c in d["changes"]]
+    assert len(changes) > 60 and {c["operation"] for c in changes} >= {
+        "added",
+        "modified",
+        "renamed",
+        "deleted",
+    }
+    for d in diffs:
+        if d["changes"]:
+            folder = ws / "commits" / d["repository"] / d["commit"]
+            reasoning = json.loads((folder / "reasoning.json").read_text())["reasoning"]
+            assert set(reasoning) == {c["id"] for c in d["changes"]}
+    out = ok("fim", "--validation-fraction", "0", "--test-fraction", "0", "--output-dir", ws)
+    counts = {
+        name: (int(kept), int(dropped))
+        for name, kept, dropped in re.findall(r"fim: (\w+): train (\d+) \((\d+) duplicates dropped\)", out)
+    }
+
+    def middle_is_text(change, start, end):  # the FIM middle, read from the declaration's own code
+        first = change["after_lines"][0]
+        return "".join(
+            change["after_code"].splitlines(keepends=True)[start - first : end - first + 1]
+        ).strip()
+
+    middles = sum(1 for c in changes for s, e in c["changed_lines"] if middle_is_text(c, s, e))
+    pairs = sum(1 for c in changes if c["operation"] in ("added", "modified", "renamed"))
+    assert sum(counts["fim"]) == middles and sum(counts["pairs"]) == pairs
+    assert counts["pairs_reasoning"] == counts["pairs"]
+    fim = pq.read_table(ws / "dataset" / "fim" / "train.parquet").to_pylist()
+    assert len(fim) == counts["fim"][0]
+    for row in fim:
+        assert (
+            row["text"]
+            == f"{FIM_PREFIX}{row['prefix']}{FIM_SUFFIX}{row['suffix']}{FIM_MIDDLE}{row['middle']}"
+        )

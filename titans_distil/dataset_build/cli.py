@@ -368,7 +368,11 @@ def fim_command(
 @build_dataset.command("clean")
 @_output_dir_option
 @_repo_option
-@click.option("--tasks", is_flag=True, help="Remove the task descriptions (and so the pairs' inputs).")
+@click.option(
+    "--tasks",
+    is_flag=True,
+    help="Remove the task descriptions (the reasoning written from them stays unless --reasoning too).",
+)
 @click.option("--reasoning", is_flag=True, help="Remove the reasoning.")
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @user_errors
