@@ -219,6 +219,9 @@ def test_repos_add_list_remove_and_bad_sources(fixture_repo, tmp_path):
     assert "not tracked" in refused("repos", "remove", "ghost", "--output-dir", ws)
     assert "--repo ghost: not tracked" in refused("ast", "--repo", "ghost", "--output-dir", ws)
     assert "no repositories are tracked" in refused("ast", "--output-dir", tmp_path / "empty")
+    (tmp_path / "a-file").write_text("")
+    assert "is a file; pass a folder" in refused("repos", "list", "--output-dir", tmp_path / "a-file")
+    assert "which is a file, not a folder" in refused("ast", "--output-dir", tmp_path / "a-file" / "ws")
 
 
 # ------------------------------------------------------------------------------------------------- ast

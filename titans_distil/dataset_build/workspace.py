@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError, translated
-from ..model_folder import atomic_file, display
+from ..model_folder import atomic_file, check_output_path, display
 
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"  # git's id of the empty tree: a root commit's base
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -54,6 +54,7 @@ class Workspace:
         self.root = Path(root).expanduser()
         if self.root.exists() and not self.root.is_dir():
             raise UserError(f"--output-dir {root} is a file; pass a folder")
+        check_output_path(self.root, "--output-dir", container=True)  # under a file, or not writable
 
     @property
     def registry(self) -> Path:
