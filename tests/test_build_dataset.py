@@ -891,3 +891,41 @@ def test_whole_pipeline_on_a_history_of_real_code(tmp_path, fake_llm):
             row["text"]
             == f"{FIM_PREFIX}{row['prefix']}{FIM_SUFFIX}{row['suffix']}{FIM_MIDDLE}{row['middle']}"
         )
+
+
+def test_methods_classes_and_moves(tmp_path):
+    """A method edited inside a class is that method's change alone; a class is modified when its own lines
+    change; a function moved unchanged to another file is `moved`, a file renamed with its functions as they
+    were yields no change."""
+    repo = git.Repo.init(tmp_path / "proj", initial_branch="main")
+    shape = (
+        "class Shape:\n    sides = 3\n\n    def area(self):\n        return 1\n\n    def name(self):\n"
+        "        return 's'\n"
+    )
+    helper, keep = "def helper(a):\n    return a * 2\n", "def keep_me():\n    return 7\n"
+    old = "def stay():\n    return 0\n"
+    _commit(repo, {"shape.py": shape, "util.py": f"{helper}\n\n{keep}", "old.py": old}, "one", 1)
+    edited = shape.replace("return 1", "return 2").replace("sides = 3", "sides = 4")
+    tools = f"def other():\n    return 5\n\n\n{helper}"
+    _commit(repo, {"shape.py": edited, "util.py": keep, "tools.py": tools}, "two", 2)
+    repo.git.mv("old.py", "new.py")
+    stamp = "2026-01-03T12:00:00"
+    repo.git.commit("-m", "three", env={"GIT_AUTHOR_DATE": stamp, "GIT_COMMITTER_DATE": stamp})
+    ws = tmp_path / "ws"
+    ok("repos", "add", tmp_path / "proj", "--output-dir", ws)
+    ok("ast", "--output-dir", ws)
+    ok("diffs", "--output-dir", ws)
+    two = stage(ws, "proj", repo.commit("HEAD~1").hexsha, "diffs")
+    assert _ops(two) == [
+        ("modified", "class", "Shape", "Shape"),
+        ("modified", "method", "Shape.area", "Shape.area"),
+        ("added", "function", None, "other"),
+        ("moved", "function", "helper", "helper"),
+    ]
+    moved = two["changes"][3]
+    assert (moved["before_path"], moved["after_path"]) == ("util.py", "tools.py")
+    three = stage(ws, "proj", repo.head.commit.hexsha, "ast")
+    assert [(f["change"], f["before_path"], f["after_path"]) for f in three["files"]] == [
+        ("renamed", "old.py", "new.py")
+    ]
+    assert stage(ws, "proj", repo.head.commit.hexsha, "diffs")["changes"] == []
