@@ -222,7 +222,8 @@ def build(
         kept, dropped[name] = deduplicate(rows[name])
         splits = {split: [] for split in SPLITS}
         for row in kept:
-            group = row["repository"] if split_by == "repository" else f"{row['repository']}/{row['commit']}"
+            # by the commit's id alone: the same commit in a fork lands in the same split
+            group = row["repository"] if split_by == "repository" else row["commit"]
             splits[split_of(group, validation, test)].append(row)
         splits = {split: r for split, r in splits.items() if r}
         if splits:
