@@ -588,6 +588,22 @@ def test_unreachable_endpoint_is_one_line(built, tmp_path):
     assert not list((ws / "commits").glob("*/*/task.json"))
 
 
+def test_endpoint_that_stays_busy_or_is_the_wrong_url(built, fake_llm, tmp_path):
+    ws = _copy_built(built, tmp_path)
+    fake_llm.script = ["503"] * 8
+    message = refused(
+        "tasks", "--concurrency", "1", "--retries", "1", "--base-url", fake_llm.url, "--output-dir", ws
+    )
+    assert message == f"Error: {fake_llm.url} answered 503 after 1 retries (busy); check the server"
+    # the stage stops at the first: at most the one job the single worker had already taken also ran
+    assert len(fake_llm.requests) in (2, 4) and not list((ws / "commits").glob("*/*/task.json"))
+    root = fake_llm.url.removesuffix("/v1")
+    assert refused("llm-check", "--base-url", root) == (
+        f"Error: {root} answered 404 (no such route); check --base-url (it ends in /v1) and --served-model "
+        "(`llm-check` lists the served models)"
+    )
+
+
 # ------------------------------------------------------------------------------------------- the dataset
 
 

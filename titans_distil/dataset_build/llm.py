@@ -96,13 +96,12 @@ class LLM:
         if isinstance(err, openai.NotFoundError):
             return UserError(
                 f"{url} answered 404 ({_detail(err)}); "
-                "check --base-url (it ends in /v1) and --model (`llm-check` lists the served models)"
+                "check --base-url (it ends in /v1) and --served-model (`llm-check` lists the served models)"
             )
         if isinstance(err, openai.APIStatusError):
-            return UserError(
-                f"{url} answered {err.status_code} after {self.settings.retries} retries "
-                f"({_detail(err)}); check the server"
-            )
+            retried = err.status_code in (408, 409, 429) or err.status_code >= 500  # the client's retry rule
+            after = f" after {self.settings.retries} retries" if retried else ""
+            return UserError(f"{url} answered {err.status_code}{after} ({_detail(err)}); check the server")
         return UserError(f"{url} gave no OpenAI API answer ({type(err).__name__}); check --base-url")
 
     def models(self) -> list[str]:
@@ -114,9 +113,11 @@ class LLM:
     def _only_model(self) -> str:
         models = self.models()
         if not models:
-            raise UserError(f"{self.settings.base_url} serves no model; pass --model")
+            raise UserError(f"{self.settings.base_url} serves no model; pass --served-model")
         if len(models) > 1:
-            raise UserError(f"{self.settings.base_url} serves {', '.join(models)}; pick one with --model")
+            raise UserError(
+                f"{self.settings.base_url} serves {', '.join(models)}; pick one with --served-model"
+            )
         return models[0]
 
     def ask(self, prompt: str) -> str:
