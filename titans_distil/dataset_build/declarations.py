@@ -7,7 +7,7 @@ query per language (run in C), their nesting from their spans."""
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from ..errors import UserError
@@ -104,7 +104,7 @@ class Declaration:
     end_byte: int
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return dict(vars(self))  # dataclasses.asdict deep-copies: a tenth of the `ast` stage's time
 
 
 def language_of(path: str) -> str | None:
