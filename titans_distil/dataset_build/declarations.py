@@ -104,7 +104,7 @@ class Declaration:
     end_byte: int
 
     def to_json(self) -> dict:
-        return dict(vars(self))  # dataclasses.asdict deep-copies: a tenth of the `ast` stage's time
+        return dict(vars(self))  # dataclasses.asdict deep-copies: 6% of the `ast` stage's time
 
 
 def language_of(path: str) -> str | None:
