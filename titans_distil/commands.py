@@ -3,6 +3,7 @@
 import click
 
 from .cli import distil
+from .dataset_build.cli import build_dataset
 from .evaluate import evaluate_command
 from .export_cli import export_llama, export_mac, push
 from .generate import no_vllm_inference
@@ -17,7 +18,7 @@ from .serving import vllm_inference
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """titans-distil: distil Llama teachers into Titans-memory students, export, push, inspect, quantize,
-    package, evaluate, generate with and serve them."""
+    package, evaluate, generate with and serve them; build training data from git history."""
 
 
 main.add_command(distil, "distil")
@@ -32,3 +33,4 @@ main.add_command(vllm_inference, "vllm")
 main.add_command(recall_experiment, "recall")
 main.add_command(plot_command, "plot")
 main.add_command(evaluate_command, "eval")
+main.add_command(build_dataset, "data")

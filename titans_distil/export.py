@@ -283,30 +283,33 @@ def push_folder(
     kind: str = "mac",
     revision: str | None = None,
     commit_message: str | None = None,
+    repo_type: str = "model",
 ) -> str:
-    """Create the model repo if needed (and the branch `revision`) and upload the folder in one commit; return
-    the repo URL. Every Hub or network failure is a one-line `UserError` (the token never shown)."""
+    """Create the repo (a model's, or with `repo_type` "dataset" a dataset's) if needed (and the branch
+    `revision`) and upload the folder in one commit; return the repo URL. Every Hub or network failure is a
+    one-line `UserError` (the token never shown)."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
 
     token = token or hub_token()
+    held = "dataset" if repo_type == "dataset" else "export"
     if constants.is_offline_mode():
         raise UserError(
-            "HF_HUB_OFFLINE is set, so nothing can be pushed; unset it and push again (the export is in "
+            f"HF_HUB_OFFLINE is set, so nothing can be pushed; unset it and push again (the {held} is in "
             f"{display(Path(folder))})"
         )
     what = {"mac": "MAC student", "llama": "Llama student", "memory": "memory-wrapped Llama"}.get(
-        kind, "model"
+        kind, repo_type
     )
     api = HfApi(token=token)
     try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type)
         if revision and revision != "main":
-            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+            api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
         api.upload_folder(
             folder_path=str(folder),
             repo_id=repo_id,
-            repo_type="model",
+            repo_type=repo_type,
             revision=revision,
             commit_message=commit_message or f"Upload {what} exported by titans-distil",
         )
@@ -314,7 +317,7 @@ def push_folder(
         first = next((line for line in describe(err).splitlines() if line.strip()), type(err).__name__)
         first = first.replace(token, "***")
         raise UserError(
-            f"push to {repo_id} failed ({first}); the export is in {display(Path(folder))}, fix the cause "
+            f"push to {repo_id} failed ({first}); the {held} is in {display(Path(folder))}, fix the cause "
             "and push again"
         ) from None
     return str(url)
