@@ -115,7 +115,7 @@ def plain_llama_twin(mac_dir: Path, out: Path) -> Path:
             }
         )
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    AutoTokenizer.from_pretrained(mac_dir).save_pretrained(out)
+    AutoTokenizer.from_pretrained(mac_dir, trust_remote_code=True).save_pretrained(out)
     return out
 
 
@@ -207,7 +207,7 @@ def random_mac(memory_heads: int, out: Path) -> Path:
 def run(args, mac_dir: Path, tmp: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(mac_dir)
+    tokenizer = AutoTokenizer.from_pretrained(mac_dir, trust_remote_code=True)
     prompts = make_prompts(tokenizer, args.prompts, args.prompt_tokens)
     frozen = {"update_rule": "none"}
     name = mac_dir if args.random_mac_heads is None else f"random MAC, {args.random_mac_heads} memory heads"

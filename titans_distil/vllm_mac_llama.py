@@ -44,6 +44,8 @@ measurable: 710 output tokens/s against 720 with vLLM's kernels in the layers wi
 training code, so both sides share one implementation.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,12 +89,55 @@ def configure(vllm_config) -> None:
         "mac_memory" if i in memory_layers else "full_attention" for i in range(config.num_hidden_layers)
     ]
     cache_config = vllm_config.cache_config
+    check_state_fits(vllm_config)
     if cache_config.enable_prefix_caching:
         cache_config.enable_prefix_caching = False
         logger.info(
             "MAC model with a learning memory (update_rule %s): prefix caching turned off (a cached prefix "
             "would skip its tokens' memory writes)",
             config.update_rule,
+        )
+
+
+def _configured_cache_bytes(cache_config) -> int | None:
+    """The KV cache size when it is set explicitly (`--kv-cache-memory-bytes`, or on CPU the legacy
+    `VLLM_CPU_KVCACHE_SPACE` in GiB, which vLLM's platform hook reads only after this one); None when vLLM
+    sizes the cache itself from the free memory, known only once the engine has started."""
+    if cache_config.kv_cache_memory_bytes is not None:
+        return cache_config.kv_cache_memory_bytes
+    from vllm.platforms import current_platform
+
+    space = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
+    return int(space) << 30 if current_platform.is_cpu() and space else None
+
+
+def check_state_fits(vllm_config) -> None:
+    """Refuse, before any engine starts, a cache that cannot hold one request's memory state (vLLM would stop
+    later, after loading the model, blaming `max_model_len`); log how many requests' states it holds when that
+    is fewer than `--max-num-seqs`. The state pages are a lower bound of a request's cache: its attention
+    blocks come on top."""
+    config = vllm_config.model_config.hf_config
+    cache_bytes = _configured_cache_bytes(vllm_config.cache_config)
+    if cache_bytes is None:
+        return
+    per_request = StateLayout.from_config(config).nbytes * len(config.memory_layers)
+    if per_request > cache_bytes:
+        raise ValueError(
+            f"MAC learning memory (update_rule {config.update_rule}): one request's memory state "
+            f"({per_request / 2**20:.1f} MiB in {len(config.memory_layers)} memory layers) does not fit the "
+            f"{cache_bytes / 2**20:.1f} MiB KV cache; raise VLLM_CPU_KVCACHE_SPACE (GiB) or "
+            "--kv-cache-memory-bytes, or serve with update_rule none"
+        )
+    max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+    if per_request * max_num_seqs > cache_bytes:
+        logger.info(
+            "MAC learning memory: the %.1f MiB KV cache holds the memory state of at most %d requests at "
+            "once (--max-num-seqs %d; %.1f MiB each, attention blocks come on top): raise "
+            "VLLM_CPU_KVCACHE_SPACE or --kv-cache-memory-bytes for more",
+            cache_bytes / 2**20,
+            cache_bytes // per_request,
+            max_num_seqs,
+            per_request / 2**20,
         )
 
 
