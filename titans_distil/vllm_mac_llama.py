@@ -22,13 +22,15 @@ the weights at the current segment start, both as differences from the learned i
 page is a valid start: a new request, seq_len == query_len, gets its page zeroed), the momentum, and the rows
 written in the unfinished chunk (their count is the position modulo the chunk size). Each step, a memory layer
 cuts every request's new tokens at segment boundaries; the k-th pieces of all requests are processed together
-(retrieval with the segment-start weights, attention, then `NeuralMemory.forward`, the training code's
-streaming chunked update), pieces of equal length and chunk phase in one batched call: a decode step appends
-each request's row to its pending rows and applies the chunk update where a chunk completes. Prefix caching is
-turned off (a cached prefix would skip its tokens' memory writes; `configure`, logged). The page size is
-logged at start; vLLM raises the attention block size until one attention page holds one state page
-(`platforms/interface.py`, `_align_hybrid_block_size`), so a large state means large attention blocks, not a
-refusal.
+(retrieval with the segment-start weights, attention, then the memory write). Reads run the memory MLP on
+the pages in place (`StateLayout.retrieve`); a piece that completes no chunk (every decode token but one per
+chunk) only appends its rows to the pending ones, and only a piece that completes a chunk runs
+`NeuralMemory.forward` (the training code's streaming chunked update), batched over the requests at the same
+chunk phase. Prefix caching is turned off (a cached prefix would skip its tokens' memory writes; `configure`,
+logged). The page size is logged at start; vLLM raises the attention block size until one attention page holds
+one state page (`platforms/interface.py`, `_align_hybrid_block_size`), so a large state means large attention
+blocks; a cache set explicitly that cannot hold one request's state is refused at config time
+(`check_state_fits`).
 
 How it maps onto vLLM
 ---------------------
