@@ -539,3 +539,27 @@ def test_paged_cache_access_works_in_any_memory_layout(layout):
         torch.testing.assert_close(keys[0, :, column], key[row], rtol=0, atol=0)
         torch.testing.assert_close(values[0, :, column], value[row], rtol=0, atol=0)
     assert cache.abs().sum(dim=(1, 3)).count_nonzero() == 6  # six tokens written, padding skipped
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_memory_reads_on_state_pages_equal_the_memory_retrieval(heads):
+    """`StateLayout.retrieve` (the learning memory's reads in vLLM, on the state pages in place) equals
+    `NeuralMemory.retrieve` with the absolute weights, for requests in any page order, on several rows each,
+    from either weights part of a page."""
+    from titans_distil.models.neural_memory import MemoryState, NeuralMemory
+    from titans_distil.vllm_mac_llama import StateLayout
+
+    torch.manual_seed(0)
+    memory = NeuralMemory(32, heads=heads, chunk_size=4, depth=2)
+    layout = StateLayout(memory)
+    pages = torch.randn(6, layout.size) * 0.1
+    slots = torch.tensor([4, 1, 3])
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        for part in (0, 2):
+            weights = layout.weights(memory, pages, slots, part)
+            expected = memory.retrieve(MemoryState(weights, weights, x[:, :0]), x)
+            got = layout.retrieve(memory, pages, slots.tolist(), part, x)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        other = layout.retrieve(memory, pages, slots.tolist(), 0, x)
+        assert not torch.allclose(other, layout.retrieve(memory, pages, [0, 2, 5], 0, x))  # the pages matter
