@@ -8,7 +8,10 @@
    serves it (target >= 5x): transformers once with the prompts as one batch (possible here because they have
    equal lengths; MAC models refuse left padding) and once one prompt at a time (what `no_vllm_inference.py`
    does, and what prompts of different lengths need);
-3. transformers generation latency of one prompt with the `surprise` update rule vs `none` (target <= 1.5x).
+3. transformers generation latency of one prompt with the `surprise` update rule vs `none` (target <= 1.5x);
+4. the memory learning per request in vLLM: vLLM MAC with `surprise` and with `ema` vs `none` (target >= 0.7x
+   for surprise), and vLLM vs transformers `generate()` with `surprise` on the same prompts (target >= 5x), as
+   one batch and one prompt at a time.
 
 Prompts are real standard-library source cut to exactly --prompt-tokens tokens, so transformers can batch them
 without padding; every request generates exactly --max-new-tokens tokens (EOS ignored), greedy. Times are
@@ -18,6 +21,8 @@ medians of
     .venv/bin/python export_mac_model.py --run runs/demo            # once: exports/demo-mac
     .venv/bin/python benchmarks/bench_serving.py                      # ~6 minutes on 2 cores
     .venv/bin/python benchmarks/bench_serving.py --model-path exports/demo-mac --prompts 16 --dtype float32
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serving.py --random-mac-heads 9 --dtype float32 \
+        --long-prompt-tokens 0                                    # no export needed (random weights)
 """
 
 import argparse
@@ -32,7 +37,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+# vLLM's spawned processes load the plugin from this checkout too, not from an installed copy
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 from titans_distil.flags import add_argument  # noqa: E402
 
@@ -44,7 +52,16 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_argument(
-        parser, "--model-path", default="exports/demo-mac", help="a MAC export folder (export_mac_model.py)"
+        parser,
+        "--model-path",
+        help="a MAC export folder (export_mac_model.py; default exports/demo-mac unless --random-mac-heads)",
+    )
+    parser.add_argument(
+        "--random-mac-heads",
+        type=int,
+        help="benchmark a random MAC built here instead of an export, with this many memory heads: 6 "
+        "layers, D 576, 9 attention heads (3 K/V), memory in layers 1 and 4, segments of 256, memory chunks "
+        "of 32, 16 persistent tokens, the embedded teacher's tokenizer (speed only: the weights are random)",
     )
     parser.add_argument("--prompts", type=int, default=16, help="batch of prompts")
     parser.add_argument("--prompt-tokens", type=int, default=64)
@@ -98,7 +115,7 @@ def plain_llama_twin(mac_dir: Path, out: Path) -> Path:
             }
         )
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    AutoTokenizer.from_pretrained(mac_dir).save_pretrained(out)
+    AutoTokenizer.from_pretrained(mac_dir, trust_remote_code=True).save_pretrained(out)
     return out
 
 
@@ -137,31 +154,79 @@ def vllm_throughput(path: Path, prompts, args, overrides=None) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    mac_dir = Path(args.model_path)
-    if not (mac_dir / "config.json").is_file():
+    if args.random_mac_heads is not None and args.model_path is not None:
         raise SystemExit(
-            f"{mac_dir} is not an export; run: .venv/bin/python export_mac_model.py --run runs/demo"
+            "--random-mac-heads builds the model to benchmark: give it or --model-path, not both"
         )
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.random_mac_heads is not None:
+            mac_dir = random_mac(args.random_mac_heads, Path(tmp) / "mac")
+        else:
+            mac_dir = Path(args.model_path or "exports/demo-mac")
+            if not (mac_dir / "config.json").is_file():
+                raise SystemExit(
+                    f"{mac_dir} is not an export; run: .venv/bin/python export_mac_model.py --run runs/demo"
+                )
+        run(args, mac_dir, Path(tmp))
+
+
+def random_mac(memory_heads: int, out: Path) -> Path:
+    """The random MAC of --random-mac-heads, saved as export_mac_model.py saves an export."""
+    from transformers import AutoTokenizer
+
+    from titans_distil.model_folder import save_with_model_code
+    from titans_distil.models.configuration_mac_llama import MACLlamaConfig
+    from titans_distil.models.modeling_mac_llama import MACLlamaForCausalLM
+    from titans_distil.teacher import embedded_teacher_dir
+
+    config = MACLlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        segment_len=256,
+        memory_chunk_size=32,
+        memory_layers=[1, 4],
+        num_persistent_tokens=16,
+        memory_heads=memory_heads,
+    )
+    torch.manual_seed(0)
+    save_with_model_code(MACLlamaForCausalLM(config).eval(), out)
+    AutoTokenizer.from_pretrained(embedded_teacher_dir()).save_pretrained(out)
+    return out
+
+
+def run(args, mac_dir: Path, tmp: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(mac_dir)
+    tokenizer = AutoTokenizer.from_pretrained(mac_dir, trust_remote_code=True)
     prompts = make_prompts(tokenizer, args.prompts, args.prompt_tokens)
     frozen = {"update_rule": "none"}
+    name = mac_dir if args.random_mac_heads is None else f"random MAC, {args.random_mac_heads} memory heads"
     print(
-        f"{args.prompts} prompts x {args.prompt_tokens} tokens, {args.max_new_tokens} new tokens each, "
-        f"{args.dtype}, torch threads {torch.get_num_threads()}, median of {args.repeats}",
+        f"{name}: {args.prompts} prompts x {args.prompt_tokens} tokens, {args.max_new_tokens} new tokens "
+        f"each, {args.dtype}, torch threads {torch.get_num_threads()}, median of {args.repeats}",
         flush=True,
     )
 
-    with tempfile.TemporaryDirectory() as tmp:
-        plain_dir = plain_llama_twin(mac_dir, Path(tmp) / "plain")
-        vllm_mac = vllm_throughput(mac_dir, prompts, args, frozen)
-        vllm_plain = vllm_throughput(plain_dir, prompts, args)
-        if args.long_prompt_tokens:
-            long_prompts = make_prompts(tokenizer, args.prompts, args.long_prompt_tokens)
-            long_mac = vllm_throughput(mac_dir, long_prompts, args, frozen)
-            long_plain = vllm_throughput(plain_dir, long_prompts, args)
+    plain_dir = plain_llama_twin(mac_dir, tmp / "plain")
+    vllm_mac = vllm_throughput(mac_dir, prompts, args, frozen)
+    vllm_learning = {
+        rule: vllm_throughput(mac_dir, prompts, args, {"update_rule": rule}) for rule in ("surprise", "ema")
+    }
+    vllm_plain = vllm_throughput(plain_dir, prompts, args)
+    if args.long_prompt_tokens:
+        long_prompts = make_prompts(tokenizer, args.prompts, args.long_prompt_tokens)
+        long_mac = vllm_throughput(mac_dir, long_prompts, args, frozen)
+        long_plain = vllm_throughput(plain_dir, long_prompts, args)
 
     model = AutoModelForCausalLM.from_pretrained(
         mac_dir, trust_remote_code=True, dtype=getattr(torch, args.dtype)
@@ -180,14 +245,17 @@ def main(argv=None):
                 pad_token_id=tokenizer.eos_token_id,
             )
 
-    hf_mac = (
-        len(prompts) * args.max_new_tokens / median_time(lambda: hf_generate(batch, "none"), args.repeats)
-    )
-    hf_one_by_one = (
-        len(prompts)
-        * args.max_new_tokens
-        / median_time(lambda: [hf_generate(batch[i : i + 1], "none") for i in range(len(prompts))], 1)
-    )
+    def hf_throughput(rule: str) -> tuple[float, float]:
+        """Output tokens/s of transformers with `rule`: the prompts as one batch, and one at a time."""
+        tokens = len(prompts) * args.max_new_tokens
+        one_batch = median_time(lambda: hf_generate(batch, rule), args.repeats)
+        one_by_one = median_time(
+            lambda: [hf_generate(batch[i : i + 1], rule) for i in range(len(prompts))], 1
+        )
+        return tokens / one_batch, tokens / one_by_one
+
+    hf_mac, hf_one_by_one = hf_throughput("none")
+    hf_surprise, hf_surprise_one_by_one = hf_throughput("surprise")
     latency = {
         rule: median_time(lambda rule=rule: hf_generate(batch[:1], rule), args.repeats)
         for rule in ("none", "surprise")
@@ -224,6 +292,25 @@ def main(argv=None):
             latency["surprise"],
             latency["none"],
             "<= 1.5x",
+        ),
+        (
+            "vLLM MAC, memory learning per request (surprise) vs frozen (none), output tok/s",
+            vllm_learning["surprise"],
+            vllm_mac,
+            ">= 0.7x",
+        ),
+        ("the same with ema vs none, output tok/s", vllm_learning["ema"], vllm_mac, "(info)"),
+        (
+            "vLLM MAC surprise vs transformers generate surprise (one batch of equal-length prompts), tok/s",
+            vllm_learning["surprise"],
+            hf_surprise,
+            ">= 5x",
+        ),
+        (
+            "vLLM MAC surprise vs transformers generate surprise (one prompt at a time), tok/s",
+            vllm_learning["surprise"],
+            hf_surprise_one_by_one,
+            ">= 5x",
         ),
     ]
     print("| comparison | ours | baseline | ratio | target |\n|---|---|---|---|---|")

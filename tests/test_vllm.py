@@ -345,20 +345,59 @@ def test_unservable_requests_are_refused_with_a_message(mac_dir, llama_dir, tmp_
     )
 
 
+def hook_config(rule: str, cache_bytes: int | None, max_num_seqs: int = 16):
+    """What the plugin's config hook reads of vLLM's config, for a tiny MAC with memory layers 1 and 3 (memory
+    state 0.76 MiB per layer and request)."""
+    from types import SimpleNamespace
+
+    from titans_distil.models.configuration_mac_llama import MACLlamaConfig
+
+    hf_config = MACLlamaConfig(**SMALL, memory_layers=[1, 3], memory_chunk_size=16, update_rule=rule)
+    return SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=hf_config),
+        cache_config=SimpleNamespace(enable_prefix_caching=True, kv_cache_memory_bytes=cache_bytes),
+        scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
+    )
+
+
+def test_plugin_config_hook_refuses_a_cache_too_small_for_the_memory_state(monkeypatch):
+    """Before any engine starts: a cache that cannot hold one request's memory state is refused in one line
+    naming the fix; one that holds fewer states than --max-num-seqs is logged with the number it holds (the
+    cache size from --kv-cache-memory-bytes, else VLLM_CPU_KVCACHE_SPACE); frozen memory keeps no state."""
+    from titans_distil import vllm_mac_llama
+
+    with pytest.raises(ValueError) as refusal:
+        vllm_mac_llama.configure(hook_config("surprise", cache_bytes=1 << 20))
+    assert str(refusal.value) == (
+        "MAC learning memory (update_rule surprise): one request's memory state (1.5 MiB in 2 memory "
+        "layers) does not fit the 1.0 MiB KV cache; raise VLLM_CPU_KVCACHE_SPACE (GiB) or "
+        "--kv-cache-memory-bytes, or serve with update_rule none"
+    )
+    vllm_mac_llama.configure(hook_config("none", cache_bytes=1 << 20))
+
+    logged = []
+    monkeypatch.setattr(vllm_mac_llama.logger, "info", lambda message, *args: logged.append(message % args))
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    vllm_mac_llama.configure(hook_config("ema", cache_bytes=None, max_num_seqs=1000))
+    assert logged[0] == (
+        "MAC learning memory: the 1024.0 MiB KV cache holds the memory state of at most 675 requests at once "
+        "(--max-num-seqs 1000; 1.5 MiB each, attention blocks come on top): raise VLLM_CPU_KVCACHE_SPACE or "
+        "--kv-cache-memory-bytes for more"
+    )
+    logged.clear()
+    vllm_mac_llama.configure(hook_config("ema", cache_bytes=None, max_num_seqs=675))
+    assert not any("holds the memory state" in line for line in logged)
+
+
 @pytest.mark.parametrize("rule", ["none", "surprise", "ema"])
 def test_plugin_config_hook_makes_a_learning_memory_hybrid_without_prefix_caching(rule):
     """The plugin's config hook (no engine start): frozen memory keeps the model a plain attention model (vLLM
     reads `layer_types`), a learning memory makes it hybrid (per-request state pages) and turns prefix caching
     off."""
-    from types import SimpleNamespace
-
     from titans_distil.vllm_mac_llama import configure
 
-    hf_config = SimpleNamespace(update_rule=rule, memory_layers=[1, 3], num_hidden_layers=4)
-    vllm_config = SimpleNamespace(
-        model_config=SimpleNamespace(hf_config=hf_config),
-        cache_config=SimpleNamespace(enable_prefix_caching=True),
-    )
+    vllm_config = hook_config(rule, cache_bytes=None)
+    hf_config = vllm_config.model_config.hf_config
     configure(vllm_config)
     if rule == "none":
         assert hf_config.layer_types == ["full_attention"] * 4
@@ -500,3 +539,27 @@ def test_paged_cache_access_works_in_any_memory_layout(layout):
         torch.testing.assert_close(keys[0, :, column], key[row], rtol=0, atol=0)
         torch.testing.assert_close(values[0, :, column], value[row], rtol=0, atol=0)
     assert cache.abs().sum(dim=(1, 3)).count_nonzero() == 6  # six tokens written, padding skipped
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_memory_reads_on_state_pages_equal_the_memory_retrieval(heads):
+    """`StateLayout.retrieve` (the learning memory's reads in vLLM, on the state pages in place) equals
+    `NeuralMemory.retrieve` with the absolute weights, for requests in any page order, on several rows each,
+    from either weights part of a page."""
+    from titans_distil.models.neural_memory import MemoryState, NeuralMemory
+    from titans_distil.vllm_mac_llama import StateLayout
+
+    torch.manual_seed(0)
+    memory = NeuralMemory(32, heads=heads, chunk_size=4, depth=2)
+    layout = StateLayout(memory)
+    pages = torch.randn(6, layout.size) * 0.1
+    slots = torch.tensor([4, 1, 3])
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        for part in (0, 2):
+            weights = layout.weights(memory, pages, slots, part)
+            expected = memory.retrieve(MemoryState(weights, weights, x[:, :0]), x)
+            got = layout.retrieve(memory, pages, slots.tolist(), part, x)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        other = layout.retrieve(memory, pages, slots.tolist(), 0, x)
+        assert not torch.allclose(other, layout.retrieve(memory, pages, [0, 2, 5], 0, x))  # the pages matter

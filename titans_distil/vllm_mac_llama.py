@@ -22,13 +22,15 @@ the weights at the current segment start, both as differences from the learned i
 page is a valid start: a new request, seq_len == query_len, gets its page zeroed), the momentum, and the rows
 written in the unfinished chunk (their count is the position modulo the chunk size). Each step, a memory layer
 cuts every request's new tokens at segment boundaries; the k-th pieces of all requests are processed together
-(retrieval with the segment-start weights, attention, then `NeuralMemory.forward`, the training code's
-streaming chunked update), pieces of equal length and chunk phase in one batched call: a decode step appends
-each request's row to its pending rows and applies the chunk update where a chunk completes. Prefix caching is
-turned off (a cached prefix would skip its tokens' memory writes; `configure`, logged). The page size is
-logged at start; vLLM raises the attention block size until one attention page holds one state page
-(`platforms/interface.py`, `_align_hybrid_block_size`), so a large state means large attention blocks, not a
-refusal.
+(retrieval with the segment-start weights, attention, then the memory write). Reads run the memory MLP on
+the pages in place (`StateLayout.retrieve`); a piece that completes no chunk (every decode token but one per
+chunk) only appends its rows to the pending ones, and only a piece that completes a chunk runs
+`NeuralMemory.forward` (the training code's streaming chunked update), batched over the requests at the same
+chunk phase. Prefix caching is turned off (a cached prefix would skip its tokens' memory writes; `configure`,
+logged). The page size is logged at start; vLLM raises the attention block size until one attention page holds
+one state page (`platforms/interface.py`, `_align_hybrid_block_size`), so a large state means large attention
+blocks; a cache set explicitly that cannot hold one request's state is refused at config time
+(`check_state_fits`).
 
 How it maps onto vLLM
 ---------------------
@@ -44,7 +46,10 @@ measurable: 710 output tokens/s against 720 with vLLM's kernels in the layers wi
 training code, so both sides share one implementation.
 """
 
+import os
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from vllm.compilation.decorators import ignore_torch_compile
 from vllm.config import VllmConfig
@@ -86,12 +91,55 @@ def configure(vllm_config) -> None:
         "mac_memory" if i in memory_layers else "full_attention" for i in range(config.num_hidden_layers)
     ]
     cache_config = vllm_config.cache_config
+    check_state_fits(vllm_config)
     if cache_config.enable_prefix_caching:
         cache_config.enable_prefix_caching = False
         logger.info(
             "MAC model with a learning memory (update_rule %s): prefix caching turned off (a cached prefix "
             "would skip its tokens' memory writes)",
             config.update_rule,
+        )
+
+
+def _configured_cache_bytes(cache_config) -> int | None:
+    """The KV cache size when it is set explicitly (`--kv-cache-memory-bytes`, or on CPU the legacy
+    `VLLM_CPU_KVCACHE_SPACE` in GiB, which vLLM's platform hook reads only after this one); None when vLLM
+    sizes the cache itself from the free memory, known only once the engine has started."""
+    if cache_config.kv_cache_memory_bytes is not None:
+        return cache_config.kv_cache_memory_bytes
+    from vllm.platforms import current_platform
+
+    space = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
+    return int(space) << 30 if current_platform.is_cpu() and space else None
+
+
+def check_state_fits(vllm_config) -> None:
+    """Refuse, before any engine starts, a cache that cannot hold one request's memory state (vLLM would stop
+    later, after loading the model, blaming `max_model_len`); log how many requests' states it holds when that
+    is fewer than `--max-num-seqs`. The state pages are a lower bound of a request's cache: its attention
+    blocks come on top."""
+    config = vllm_config.model_config.hf_config
+    cache_bytes = _configured_cache_bytes(vllm_config.cache_config)
+    if cache_bytes is None:
+        return
+    per_request = StateLayout.from_config(config).nbytes * len(config.memory_layers)
+    if per_request > cache_bytes:
+        raise ValueError(
+            f"MAC learning memory (update_rule {config.update_rule}): one request's memory state "
+            f"({per_request / 2**20:.1f} MiB in {len(config.memory_layers)} memory layers) does not fit the "
+            f"{cache_bytes / 2**20:.1f} MiB KV cache; raise VLLM_CPU_KVCACHE_SPACE (GiB) or "
+            "--kv-cache-memory-bytes, or serve with update_rule none"
+        )
+    max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+    if per_request * max_num_seqs > cache_bytes:
+        logger.info(
+            "MAC learning memory: the %.1f MiB KV cache holds the memory state of at most %d requests at "
+            "once (--max-num-seqs %d; %.1f MiB each, attention blocks come on top): raise "
+            "VLLM_CPU_KVCACHE_SPACE or --kv-cache-memory-bytes for more",
+            cache_bytes / 2**20,
+            cache_bytes // per_request,
+            max_num_seqs,
+            per_request / 2**20,
         )
 
 
@@ -205,6 +253,11 @@ def _attend_pieces(
     return token[valid], result.transpose(1, 2)[valid].reshape(-1, heads * d)
 
 
+def _piece_tokens(starts: torch.Tensor, length: int) -> torch.Tensor:
+    """The token indices of pieces of `length` tokens starting at `starts`, piece after piece."""
+    return (starts[:, None] + torch.arange(length, device=starts.device)[None]).reshape(-1)
+
+
 def _metadata(attn):
     """The attention metadata of `attn` (a vLLM `LlamaAttention`) in this forward; None in profiling runs."""
     metadata = get_forward_context().attn_metadata
@@ -292,9 +345,51 @@ class StateLayout:
             offset += size
         return out
 
+    def write(self, pages: torch.Tensor, idx: torch.Tensor, part: int, tensors) -> None:
+        """Store (B, *shape) tensors, one per memory MLP layer, as part `part` of the pages `idx` (layer by
+        layer: no concatenated copy)."""
+        offset = part * self.weights_size
+        for t, size in zip(tensors, self.sizes):
+            pages[idx, offset : offset + size] = t.reshape(len(idx), size)
+            offset += size
+
     def pending(self, rows: int) -> slice:
         """Where the first `rows` pending rows lie in a page."""
         return slice(self.pending_offset, self.pending_offset + rows * self.dim)
+
+    def weights(self, memory: NeuralMemory, pages: torch.Tensor, idx: torch.Tensor, part: int):
+        """Part 0 (weights) or 2 (segment start) of the pages `idx` as absolute fast weights (B, *shape) per
+        memory MLP layer: a gathered copy of the differences, the initial weights added in place."""
+        deltas = self.tensors(pages[idx, self.part(part)])
+        return tuple(d.add_(w) for d, w in zip(deltas, memory.initial_weights))
+
+    def retrieve(
+        self, memory: NeuralMemory, pages: torch.Tensor, slots: list[int], part: int, x: torch.Tensor
+    ):
+        """`memory.retrieve` of x (B, T, D) for B requests whose fast weights are the initial weights plus
+        part `part` of their pages `slots`, reading the pages in place: each memory MLP layer is the initial
+        weights' product (one matmul for all requests) plus each page's difference times its rows (a view of
+        the page). Gathering the pages first (a copy) made the reads of a decode step cost more than the rest
+        of the model: one read of 16 single-head pages (D 576, 1 thread) took 53 ms gathered, 8 ms in
+        place."""
+        B, T, _ = x.shape
+        heads = memory.heads
+        h = memory._queries(x.float()).transpose(1, 2)  # (B * heads, d, T)
+        offset = part * self.weights_size
+        for i, (w, (rows, cols), size) in enumerate(zip(memory.initial_weights, self.shapes, self.sizes)):
+            if i:
+                h = F.silu(h)
+            # the initial weights' product as one matmul per head over all requests' columns (a broadcast
+            # matmul would expand the weights to every request first: 16 ms instead of 0.4 ms for one head)
+            columns = h.view(B, heads, cols, T).permute(1, 2, 0, 3).reshape(heads, cols, B * T)
+            pre = torch.bmm(memory._fold(w[None]), columns).view(heads, rows // heads, B, T)
+            pre = pre.permute(2, 0, 1, 3).contiguous()  # (B, heads, out, T)
+            for r, slot in enumerate(slots):
+                delta = pages[slot, offset : offset + size].view(heads, rows // heads, cols)
+                pre[r].baddbmm_(delta, h[r * heads : (r + 1) * heads])
+            h = pre.view(B * heads, rows // heads, T)
+            offset += size
+        return memory._linear(memory._merge_heads(h.transpose(1, 2)), memory.out_proj).to(x.dtype)
 
 
 class MACMemoryStateCache(nn.Module, MambaBase):
@@ -430,11 +525,12 @@ class MACMemoryDecoderLayer(MACDecoderLayer):
         """Steps 1-4 with a memory that learns per request, as `MACLlamaDecoderLayer._memory_attention`
         computes them: each request's new tokens are cut into pieces at segment boundaries; the k-th pieces of
         all requests form round k (a piece's segment start depends on the memory update of the previous one).
-        In a round: retrieve with each request's segment-start weights, attend, then stream the attention
-        output into the request's memory with `NeuralMemory.forward` (the training code's chunked update: a
-        chunk is applied when it completes, its rows stay pending until then). Pieces with the same length,
-        chunk phase and segment start are batched in one call (in decode, the requests at the same chunk
-        phase)."""
+        In a round: retrieve with each request's segment-start weights, attend, then write the attention
+        output into the request's memory. A piece that completes no memory chunk (every decode token but one
+        per chunk) costs one read-out with the current weights, its rows appended to the pending ones; a piece
+        that completes one runs `NeuralMemory.forward` (the training code's chunked update). Pieces are
+        batched by length (and, for the chunk update, by chunk phase): a decode step makes one retrieval call,
+        one read-out call and one update call for the requests whose chunk completes."""
         attn, memory, layout = self.self_attn, self.memory, self.state_cache.layout
         metadata, state_metadata = _metadata(attn), self.state_cache.metadata()
         pages = self.state_cache.kv_cache[0]
@@ -458,40 +554,38 @@ class MACMemoryDecoderLayer(MACDecoderLayer):
         first_piece[1:] = piece_requests[1:] != piece_requests[:-1]
         first_index = torch.cummax(torch.where(first_piece, torch.arange(len(piece_starts)), 0), 0).values
         rank = torch.arange(len(piece_starts)) - first_index
-        init = [w.float() for w in memory.initial_weights]
         rms_x = unit_rms(x[:n])
         out = x.new_zeros(x.shape[0], x.shape[1])
-        chunk, segment_len = memory.chunk_size, self.segment_len
+        chunk, segment_len, width = memory.chunk_size, self.segment_len, x.shape[1]
         for r in range(int(rank.max()) + 1):
-            in_round = torch.nonzero(rank == r)[:, 0].tolist()
-            pos0 = positions[piece_starts[in_round]].tolist()
-            lengths = piece_lengths[in_round].tolist()
-            groups: dict[tuple[int, int, bool], list[int]] = {}
-            for i, p, length in zip(in_round, pos0, lengths):
-                groups.setdefault((length, p % chunk, p % segment_len == 0), []).append(i)
-            groups = list(groups.items())
+            in_round = torch.nonzero(rank == r)[:, 0]
+            starts, lengths = piece_starts[in_round], piece_lengths[in_round]
+            idx_of_piece = slots[piece_requests[in_round]]
+            first_pos = positions[starts]
+            by_length: dict[int, list[int]] = {}
+            for j, length in enumerate(lengths.tolist()):
+                by_length.setdefault(length, []).append(j)
 
-            # 1. retrieval with the segment-start weights (the current ones for a piece that starts a segment)
-            h = x.new_zeros(n, x.shape[1])
-            for (length, _, starts_segment), members in groups:
-                idx = slots[piece_requests[members]]
-                weights, segment = layout.part(0), layout.part(2)
-                if starts_segment:  # the segment-start copy := the current weights (pending is empty here)
-                    pages[idx, segment] = pages[idx, weights]
-                seg_weights = tuple(i + d for i, d in zip(init, layout.tensors(pages[idx, segment])))
-                seg = MemoryState(
-                    seg_weights, seg_weights, x.new_zeros(0)
-                )  # retrieval reads the weights only
-                tokens = (piece_starts[members][:, None] + torch.arange(length)[None]).reshape(-1)
-                reads = memory.retrieve(seg, rms_x[tokens].view(len(members), length, -1))
-                h[tokens] = reads.reshape(-1, x.shape[1]).to(x.dtype)
-            tokens = torch.cat([piece_starts[i] + torch.arange(piece_lengths[i]) for i in in_round])
+            # 1. retrieval with the segment-start weights; at a segment start (a chunk start: nothing is
+            # pending) the current weights become the segment-start copy
+            at_segment_start = idx_of_piece[first_pos % segment_len == 0]
+            if len(at_segment_start):
+                pages[at_segment_start, layout.part(2)] = pages[at_segment_start, layout.part(0)]
+            h = x.new_zeros(n, width)
+            for length, members in by_length.items():
+                members = torch.tensor(members)
+                tokens = _piece_tokens(starts[members], length)
+                slots_in = idx_of_piece[members].tolist()
+                reads = layout.retrieve(
+                    memory, pages, slots_in, 2, rms_x[tokens].view(len(members), length, -1)
+                )
+                h[tokens] = reads.reshape(-1, width).to(x.dtype)
+            tokens = torch.cat([_piece_tokens(starts[m], length) for length, m in by_length.items()])
             _, h_k, h_v = self._qkv(h[tokens])
             _, h_k = attn.rotary_emb(positions[tokens], torch.empty_like(h_k[:, :0]), h_k)
             _write_stream(attn, self.retrieved_attn, h_k, h_v, tokens)
 
             # 2. attention over [persistent ‖ retrieved ‖ tokens] of the pieces' segments
-            sel = torch.tensor(in_round)
             tokens, result = _attend_pieces(
                 attn,
                 metadata,
@@ -500,39 +594,48 @@ class MACMemoryDecoderLayer(MACDecoderLayer):
                 [attn.attn, self.retrieved_attn],
                 segment_len,
                 request,
-                piece_starts[sel],
-                piece_lengths[sel],
+                starts,
+                lengths,
                 self.persistent_kv,
             )
             y, _ = attn.o_proj(result)
-            y_of = dict(zip(tokens.tolist(), range(len(tokens))))
+            y_row = torch.empty(n, dtype=torch.long)
+            y_row[tokens] = torch.arange(len(tokens))
 
-            # 3. the memory update with y, 4. the gated read-out
-            for (length, phase, _), members in groups:
-                idx = slots[piece_requests[members]]
-                weights, momentum = layout.part(0), layout.part(1)
-                state = MemoryState(
-                    tuple(i + d for i, d in zip(init, layout.tensors(pages[idx, weights]))),
-                    tuple(layout.tensors(pages[idx, momentum])),
-                    pages[idx, layout.pending(phase)].view(len(members), phase, layout.dim),
-                    0,
-                    phase,
-                    self.update_rule,
-                )
-                piece_tokens = (piece_starts[members][:, None] + torch.arange(length)[None]).reshape(-1)
-                rows = torch.tensor([y_of[t] for t in piece_tokens.tolist()])
-                piece_y = y[rows]
-                readout, state, _ = memory(
-                    unit_rms(piece_y).float().view(len(members), length, -1), state, self.update_rule
-                )
-                if phase + length >= chunk:  # a chunk was applied: the weights and the momentum moved
-                    deltas = [(w - i).flatten(1) for w, i in zip(state.weights, init)]
-                    pages[idx, weights] = torch.cat(deltas, dim=1)
-                    pages[idx, momentum] = torch.cat([m.flatten(1) for m in state.momentum], dim=1)
-                new_phase = state.pending.shape[1]
-                if new_phase:  # only the rows not yet in the page need writing, but the page is small
-                    pages[idx, layout.pending(new_phase)] = state.pending.reshape(len(members), -1)
-                readout = readout.reshape(-1, x.shape[1]).to(y.dtype)
+            # 3. the memory write of y, 4. the gated read-out; pieces completing no chunk grouped by length
+            # alone (phase None), the others by length and chunk phase
+            phases = first_pos % chunk
+            groups: dict[tuple[int, int | None], list[int]] = {}
+            for j, (length, phase) in enumerate(zip(lengths.tolist(), phases.tolist())):
+                groups.setdefault((length, None if phase + length < chunk else phase), []).append(j)
+            for (length, phase), members in groups.items():
+                members = torch.tensor(members)
+                idx = idx_of_piece[members]
+                piece_tokens = _piece_tokens(starts[members], length)
+                piece_y = y[y_row[piece_tokens]]
+                written = unit_rms(piece_y).float().view(len(members), length, -1)
+                if phase is None:  # read with the current (chunk-start) weights, append to the pending rows
+                    readout = layout.retrieve(memory, pages, idx.tolist(), 0, written)
+                    row_start = layout.pending_offset + phases[members] * layout.dim
+                    columns = row_start[:, None] + torch.arange(length * layout.dim)[None]
+                    pages[idx[:, None], columns] = written.view(len(members), -1)
+                else:  # a chunk completes: the weights and the momentum move
+                    state = MemoryState(
+                        layout.weights(memory, pages, idx, 0),
+                        tuple(layout.tensors(pages[idx, layout.part(1)])),
+                        pages[idx, layout.pending(phase)].view(len(members), phase, layout.dim),
+                        0,
+                        phase,
+                        self.update_rule,
+                    )
+                    readout, state, _ = memory(written, state, self.update_rule)
+                    deltas = [w - i for w, i in zip(state.weights, memory.initial_weights)]
+                    layout.write(pages, idx, 0, deltas)
+                    layout.write(pages, idx, 1, state.momentum)
+                    new_phase = state.pending.shape[1]
+                    if new_phase:
+                        pages[idx, layout.pending(new_phase)] = state.pending.reshape(len(members), -1)
+                readout = readout.reshape(-1, width).to(y.dtype)
                 out[piece_tokens] = piece_y + gated_readout(
                     self.memory_gate, readout, piece_y, self.memory_version
                 )
