@@ -173,11 +173,11 @@ def main(argv=None):
 
 def random_mac(memory_heads: int, out: Path) -> Path:
     """The random MAC of --random-mac-heads, saved as export_mac_model.py saves an export."""
+    from titans_distil.models.configuration_mac_llama import MACLlamaConfig
+    from titans_distil.models.modeling_mac_llama import MACLlamaForCausalLM
     from transformers import AutoTokenizer
 
     from titans_distil.model_folder import save_with_model_code
-    from titans_distil.models.configuration_mac_llama import MACLlamaConfig
-    from titans_distil.models.modeling_mac_llama import MACLlamaForCausalLM
     from titans_distil.teacher import embedded_teacher_dir
 
     config = MACLlamaConfig(

@@ -547,6 +547,7 @@ def test_memory_reads_on_state_pages_equal_the_memory_retrieval(heads):
     `NeuralMemory.retrieve` with the absolute weights, for requests in any page order, on several rows each,
     from either weights part of a page."""
     from titans_distil.models.neural_memory import MemoryState, NeuralMemory
+
     from titans_distil.vllm_mac_llama import StateLayout
 
     torch.manual_seed(0)
