@@ -500,11 +500,17 @@ def cache_teacher(
 
     from .data import load_blocks
     from .model_folder import check_output_path
+    from .pairs import pairs_source
     from .teacher import load_teacher
     from .teacher_cache import write_teacher_cache
     from .train import resolve_precision
 
     check_output_path(output)  # under a file, read-only: before the teacher runs
+    if pairs_source(data) is not None:
+        raise UserError(
+            "cache-teacher stores targets of packed text blocks, and --data holds input/output pairs, which "
+            "train with the live teacher; pass a text source to --data"
+        )
     max_length = max_length or 512
     dtype = torch.bfloat16 if resolve_precision(precision) == "bf16" else torch.float32
     click.echo(f"loading the teacher from {teacher} ...", err=True)
