@@ -800,7 +800,8 @@ def distil(cfg: DistilConfig) -> Path:
         accelerator.print(
             f"pairs: {len(train_blocks)} training and {len(val.blocks)} validation examples "
             f"({len(val_blocks)} evaluated), one per block padded to {cfg.max_length} tokens; longer ones "
-            f"dropped: {train.dropped} of {train.examples} training, {val.dropped} of {val.examples} validation"
+            f"dropped: {train.dropped} of {train.examples} training, {val.dropped} of {val.examples} "
+            "validation"
         )
     else:
         train_blocks, val_blocks = _text_blocks(cfg, tokenizer, accelerator)
