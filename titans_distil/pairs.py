@@ -1,7 +1,8 @@
 """Input/output pairs for training with the loss on the output tokens only (teacher and student see it all).
 
-A ``--data`` source is read as pairs when its rows have ``input`` and ``output`` fields and no ``#field``
-names a text field: a ``.jsonl`` or ``.parquet`` file (split into train / validation by row, with the same
+A ``--data`` source is read as pairs when its first row has ``input`` and ``output`` fields (or one of them
+and no ``text``/``content``/``code`` field, so a missing one is named) and no ``#field`` picks a text field:
+a ``.jsonl`` or ``.parquet`` file (split into train / validation by row, with the same
 hash rule as documents, see `data.split_documents`) or a dataset folder ``folder:config`` such as the output
 of ``build_dataset.py fim`` (its own ``train`` and ``validation`` splits, made by commit or repository, so
 ``--validation-fraction`` does not apply). Pairs cannot be mixed with other sources.
@@ -32,7 +33,16 @@ from typing import Any
 
 import torch
 
-from .data import _ROW_FIELDS, DataError, _encode, _resolve_source, _Source, parse_data_spec, split_documents
+from .data import (
+    _ROW_FIELDS,
+    DataError,
+    _encode,
+    _resolve_source,
+    _Source,
+    dataset_configs,
+    parse_data_spec,
+    split_documents,
+)
 from .dataset_build.samples import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 
 #: Between input and output when the tokenizer has no chat template.
@@ -45,7 +55,7 @@ FIM_TOKENS = ((FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE), ("<|fim_prefix|>", "<|fim_su
 @dataclass
 class PairBlocks:
     """One example per block: ``blocks`` (n, max_length) int64, ``weights`` (n, max_length - 1) float32 (1
-    where the position predicts an output token), and how many examples were too long and dropped."""
+    where the position predicts an output token); of the split's ``examples``, ``dropped`` were too long."""
 
     blocks: torch.Tensor
     weights: torch.Tensor
@@ -111,8 +121,6 @@ def _rows(src: _Source, split: str, validation_fraction: float) -> list[dict]:
     import pyarrow.parquet as pq
 
     if src.kind == "dataset":
-        from .data import dataset_configs
-
         files = (dataset_configs(src.path) or {}).get(src.config, {}).get(split)
         if not files:
             raise DataError(
