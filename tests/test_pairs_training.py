@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from tests.tiny_models import tiny_mac
 from titans_distil.cli import distil
-from titans_distil.dataset_build.samples import dataset_card
+from titans_distil.dataset_build.samples import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, dataset_card
 from titans_distil.pairs import load_pairs
 from titans_distil.train import Distiller, teacher_targets
 
@@ -166,25 +166,61 @@ def test_plain_separator_without_a_template_and_fim_sentinels(tokenizer, tmp_pat
     assert fim.blocks[0, 0] == qwen.convert_tokens_to_ids("<|fim_prefix|>")
 
 
-def test_dataset_folder_uses_its_own_splits(tokenizer, tmp_path):
+def fim_row(i: int) -> dict:
+    prefix, middle, suffix = f"def f{i}():\n", f"    x = {i}\n", "    return x\n"
+    model_input = f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
     meta = {"repository": "r", "language": "python", "operation": "modified"}
-    splits = {"train": [{**meta, **r} for r in PAIRS[:5]], "validation": [{**meta, **r} for r in PAIRS[5:7]]}
+    return {
+        **meta,
+        "prefix": prefix,
+        "middle": middle,
+        "suffix": suffix,
+        "input": model_input,
+        "output": middle,
+        "text": model_input + middle,
+    }
+
+
+def test_dataset_folder_trains_on_its_own_splits(tiny_teacher_dir, tokenizer, tmp_path):
+    """A build_dataset.py-shaped folder: `fim` with train and validation splits, `pairs` with train only."""
+    built = {
+        "fim": {"train": [fim_row(i) for i in range(6)], "validation": [fim_row(i) for i in range(6, 8)]},
+        "pairs": {"train": [{**fim_row(0), **PAIRS[0]}]},
+    }
     folder = tmp_path / "dataset"
-    (folder / "pairs").mkdir(parents=True)
-    for split, rows in splits.items():
-        pq.write_table(pa.Table.from_pylist(rows), folder / "pairs" / f"{split}.parquet")
-    card = dataset_card({"pairs": splits}, {"pairs": 0}, {}, "commit", (0.1, 0.1))
-    (folder / "README.md").write_text(card)
-    train = load_pairs(f"{folder}:pairs", tokenizer, 96, "train", validation_fraction=0.05)
-    val = load_pairs(f"{folder}:pairs", tokenizer, 96, "validation", validation_fraction=0.05)
-    assert (train.examples, val.examples) == (5, 2)
-    code, out = invoke("--data", folder, "--max-steps", 1)
-    assert (
-        code == 1
-        and out == f"Error: {str(folder)!r} is a dataset folder (configs: pairs); name one as {folder}:pairs"
-    )
-    code, out = invoke("--data", f"{folder}:fim", "--max-steps", 1)
-    assert code == 1 and out == f"Error: dataset folder {str(folder)!r} has no config 'fim'; use one of pairs"
+    for name, splits in built.items():
+        (folder / name).mkdir(parents=True)
+        for split, rows in splits.items():
+            pq.write_table(pa.Table.from_pylist(rows), folder / name / f"{split}.parquet")
+    (folder / "README.md").write_text(dataset_card(built, {"fim": 0, "pairs": 0}, {}, "commit", (0.1, 0.1)))
+    train = load_pairs(f"{folder}:fim", tokenizer, 64, "train", validation_fraction=0.05)
+    val = load_pairs(f"{folder}:fim", tokenizer, 64, "validation", validation_fraction=0.05)
+    assert (train.examples, val.examples) == (6, 2)
+    first = int((val.weights[0] == 1).nonzero()[0]) + 1
+    assert tokenizer.decode(val.blocks[0, :first]) == fim_row(6)["input"]
+    assert tokenizer.decode(val.blocks[0, 1:][val.weights[0] == 1]) == "    x = 6\n<|im_end|>"
+
+    args = ("--max-length", 64, "--save-every", 0, "--eval-every", 0)
+    code, out = invoke(*run_args(tiny_teacher_dir, f"{folder}:fim", tmp_path, "fim", *args))
+    assert code == 0 and "pairs: 6 training and 2 validation examples" in out, out
+    assert records(tmp_path / "fim")[-1]["step"] == 2
+    shown = repr(str(folder))
+    for data, message in [
+        (folder, f"{shown} is a dataset folder (configs: fim, pairs); name one as {folder}:fim"),
+        (f"{folder}:nope", f"dataset folder {shown} has no config 'nope'; use one of fim, pairs"),
+        (
+            f"{folder}:pairs",
+            f"dataset folder '{folder}:pairs' has no validation split; build it with a "
+            "validation fraction > 0",
+        ),
+        (
+            f"{folder}:fim#text",
+            f"a dataset folder is read as input/output pairs, so '#text' does not apply to "
+            f"'{folder}:fim#text'; for plain text point --data at one of its .parquet files with #text",
+        ),
+    ]:
+        code, out = invoke(*run_args(tiny_teacher_dir, data, tmp_path, "bad"))
+        assert (code, out) == (1, f"Error: {message}"), out
 
 
 # ------------------------------------------------------------------------------------------------ loss
