@@ -336,7 +336,7 @@ def _resolve_source(name: str) -> _Source:
             )
         return _Source(spec, "stdlib", path=Path(sysconfig.get_paths()["stdlib"]).resolve())
     folder, colon, config = base.rpartition(":")
-    if colon and not Path(base).expanduser().exists() and Path(folder).expanduser().is_dir():
+    if folder and colon and not Path(base).expanduser().exists() and Path(folder).expanduser().is_dir():
         return _dataset_source(spec, Path(folder).expanduser().resolve(), config, fld)
     path = Path(base).expanduser()
     if not path.exists():

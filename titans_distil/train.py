@@ -704,7 +704,9 @@ def perplexity(
     return math.exp(total / max(count, 1))
 
 
-def _text_blocks(cfg: DistilConfig, tokenizer, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+def _text_blocks(
+    cfg: DistilConfig, tokenizer, accelerator: Accelerator, val_cap: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The packed (train, validation) blocks of a text --data; the main process tokenizes (and caches)
     first."""
     with accelerator.main_process_first():
@@ -718,10 +720,7 @@ def _text_blocks(cfg: DistilConfig, tokenizer, accelerator: Accelerator) -> tupl
                 validation_fraction=cfg.validation_fraction,
                 max_blocks=cap,
             )
-            for split, cap in (
-                ("train", cfg.max_train_blocks),
-                ("validation", cfg.eval_batches * cfg.batch_size * accelerator.num_processes),
-            )
+            for split, cap in (("train", cfg.max_train_blocks), ("validation", val_cap))
         )
 
 
@@ -782,8 +781,8 @@ def distil(cfg: DistilConfig) -> Path:
             f"{teacher.config.vocab_size}; use the tokenizer that belongs to this teacher"
         )
     val_weights = position_weights = None
+    val_cap = cfg.eval_batches * cfg.batch_size * accelerator.num_processes
     if pairs:  # one example per block; the weights keep the loss on the outputs
-        val_cap = cfg.eval_batches * cfg.batch_size * accelerator.num_processes
         train = load_pairs(
             cfg.data,
             tokenizer,
@@ -804,7 +803,7 @@ def distil(cfg: DistilConfig) -> Path:
             "validation"
         )
     else:
-        train_blocks, val_blocks = _text_blocks(cfg, tokenizer, accelerator)
+        train_blocks, val_blocks = _text_blocks(cfg, tokenizer, accelerator, val_cap)
     calibration_blocks = train_blocks[
         :CALIBRATION_BLOCKS
     ]  # before mixing: the student's init ignores the mix
