@@ -125,6 +125,17 @@ def test_chat_template_prompt_output_and_pads(tokenizer, tmp_path):
     assert (block[end:] == tokenizer.pad_token_id).all() and not weight[end - 1 :].any()
 
 
+def test_parquet_pairs_give_the_blocks_of_the_same_jsonl(tokenizer, tmp_path):
+    pq.write_table(pa.Table.from_pylist(PAIRS), tmp_path / "p.parquet")
+    write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    rows, lines = (
+        load_pairs(str(tmp_path / name), tokenizer, 80, "train", validation_fraction=0.0)
+        for name in ("p.parquet", "p.jsonl")
+    )
+    assert rows.examples == lines.examples == len(PAIRS)
+    assert {tuple(b.tolist()) for b in rows.blocks} == {tuple(b.tolist()) for b in lines.blocks}
+
+
 def test_plain_separator_without_a_template_and_fim_sentinels(tokenizer, tmp_path):
     plain = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     plain.chat_template = None
