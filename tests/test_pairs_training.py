@@ -85,6 +85,12 @@ def run_args(teacher, data, out, name, *extra):
     ]
 
 
+def own_split(args: list) -> list:
+    """The run's arguments without --validation-fraction, which a dataset folder refuses."""
+    at = args.index("--validation-fraction")
+    return args[:at] + args[at + 2 :]
+
+
 def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -211,8 +217,13 @@ def test_dataset_folder_trains_on_its_own_splits(tiny_teacher_dir, tokenizer, tm
     assert tokenizer.decode(val.blocks[0, :first]) == fim_row(6)["input"]
     assert tokenizer.decode(val.blocks[0, 1:][val.weights[0] == 1]) == "    x = 6\n<|im_end|>"
 
-    args = ("--max-length", 64, "--save-every", 0, "--eval-every", 0)
-    code, out = invoke(*run_args(tiny_teacher_dir, f"{folder}:fim", tmp_path, "fim", *args))
+    args = run_args(tiny_teacher_dir, f"{folder}:fim", tmp_path, "fim", "--max-length", 64, "--save-every", 0)
+    code, out = invoke(*args)
+    assert code == 1 and out == (
+        f"Error: --validation-fraction does not apply to dataset folder {folder}:fim, which brings its own "
+        "validation split; drop --validation-fraction"
+    )
+    code, out = invoke(*own_split(args), "--eval-every", 0)
     assert code == 0 and "pairs: 6 training and 2 validation examples" in out, out
     assert records(tmp_path / "fim")[-1]["step"] == 2
     shown = repr(str(folder))
@@ -230,7 +241,7 @@ def test_dataset_folder_trains_on_its_own_splits(tiny_teacher_dir, tokenizer, tm
             f"'{folder}:fim#text'; for plain text point --data at one of its .parquet files with #text",
         ),
     ]:
-        code, out = invoke(*run_args(tiny_teacher_dir, data, tmp_path, "bad"))
+        code, out = invoke(*own_split(run_args(tiny_teacher_dir, data, tmp_path, "bad")))
         assert (code, out) == (1, f"Error: {message}"), out
 
 

@@ -449,6 +449,14 @@ def distil(ctx, max_steps, num_epochs, loss_kind, max_length, use_mac, save_ever
             save_every=save_every,
             **options,
         )
+        from .pairs import pairs_source
+
+        given = ctx.get_parameter_source("validation_fraction") != click.core.ParameterSource.DEFAULT
+        if given and getattr(pairs_source(cfg.data), "kind", None) == "dataset":
+            raise UserError(
+                f"--validation-fraction does not apply to dataset folder {cfg.data}, which brings its own "
+                "validation split; drop --validation-fraction"
+            )
     final = run(cfg)
     click.echo(f"student saved to {final}")
 

@@ -5,7 +5,7 @@ and no ``text``/``content``/``code`` field, so a missing one is named) and no ``
 a ``.jsonl`` or ``.parquet`` file (split into train / validation by row, with the same
 hash rule as documents, see `data.split_documents`) or a dataset folder ``folder:config`` such as the output
 of ``build_dataset.py fim`` (its own ``train`` and ``validation`` splits, made by commit or repository, so
-``--validation-fraction`` does not apply). Pairs cannot be mixed with other sources.
+``--validation-fraction`` does not apply: the command refuses it). Pairs cannot be mixed with other sources.
 
 One example per block: the prompt tokens, the output tokens, then pad tokens up to ``max_length``. Padding
 is on the right, so under causal attention no real token ever sees a pad or another example, and no
