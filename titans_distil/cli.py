@@ -449,6 +449,14 @@ def distil(ctx, max_steps, num_epochs, loss_kind, max_length, use_mac, save_ever
             save_every=save_every,
             **options,
         )
+        from .pairs import pairs_source
+
+        given = ctx.get_parameter_source("validation_fraction") != click.core.ParameterSource.DEFAULT
+        if given and getattr(pairs_source(cfg.data), "kind", None) == "dataset":
+            raise UserError(
+                f"--validation-fraction does not apply to dataset folder {cfg.data}, which brings its own "
+                "validation split; drop --validation-fraction"
+            )
     final = run(cfg)
     click.echo(f"student saved to {final}")
 
@@ -500,11 +508,17 @@ def cache_teacher(
 
     from .data import load_blocks
     from .model_folder import check_output_path
+    from .pairs import pairs_source
     from .teacher import load_teacher
     from .teacher_cache import write_teacher_cache
     from .train import resolve_precision
 
     check_output_path(output)  # under a file, read-only: before the teacher runs
+    if pairs_source(data) is not None:
+        raise UserError(
+            "cache-teacher stores targets of packed text blocks, and --data holds input/output pairs, which "
+            "train with the live teacher; pass a text source to --data"
+        )
     max_length = max_length or 512
     dtype = torch.bfloat16 if resolve_precision(precision) == "bf16" else torch.float32
     click.echo(f"loading the teacher from {teacher} ...", err=True)

@@ -8,6 +8,7 @@ A *data spec* (the ``--data`` flag) names one source or a weighted mixture of so
     rows.jsonl  rows.jsonl#body             one document per line; field `text`, `content` or `code`
     rows.parquet  rows.parquet#body         same field rules, read with pyarrow
     hf:<name>[:<config>][#field]            a Hub dataset through `datasets` (streamed, bounded)
+    path/to/dataset:<config>                a dataset folder with a card (`build_dataset.py fim`): pairs only
     codesearchnet[:<lang>]  the-stack[:<lang>]  apps      presets for common code sets (Hub)
     stdlib:0.7,notes.jsonl:0.3              a mixture: comma-separated `source:weight` pairs
 
@@ -251,10 +252,11 @@ PRESETS: dict[str, HubPreset] = {
 @dataclass(frozen=True)
 class _Source:
     spec: str  # as the user wrote it (without weight)
-    kind: str  # stdlib | folder | txt | jsonl | parquet | hub
+    kind: str  # stdlib | folder | txt | jsonl | parquet | hub | dataset
     path: Path | None = None
     field: str | None = None
     hub: HubPreset | None = None
+    config: str | None = None  # of a dataset folder
 
     def identity(self) -> dict[str, Any]:
         """What the source reads, for the cache key (no file contents: those enter via the fingerprint)."""
@@ -333,6 +335,9 @@ def _resolve_source(name: str) -> _Source:
                 f"'#field' applies to .jsonl, .parquet and Hub sources, not {spec!r}; drop '#{fld}'"
             )
         return _Source(spec, "stdlib", path=Path(sysconfig.get_paths()["stdlib"]).resolve())
+    folder, colon, config = base.rpartition(":")
+    if folder and colon and not Path(base).expanduser().exists() and Path(folder).expanduser().is_dir():
+        return _dataset_source(spec, Path(folder).expanduser().resolve(), config, fld)
     path = Path(base).expanduser()
     if not path.exists():
         if any(c in base for c in "/\\.~") or os.sep in base:
@@ -343,6 +348,12 @@ def _resolve_source(name: str) -> _Source:
         )
     path = path.resolve()
     if path.is_dir():
+        configs = dataset_configs(path)
+        if configs:
+            raise DataError(
+                f"{base!r} is a dataset folder (configs: {', '.join(configs)}); name one as "
+                f"{base}:{next(iter(configs))}"
+            )
         kind = "folder"
     else:
         suffix = path.suffix.lower()
@@ -355,6 +366,56 @@ def _resolve_source(name: str) -> _Source:
     if fld and kind not in ("jsonl", "parquet"):
         raise DataError(f"'#field' applies to .jsonl, .parquet and Hub sources, not {spec!r}; drop '#{fld}'")
     return _Source(spec, kind, path=path, field=fld)
+
+
+def dataset_configs(folder: Path) -> dict[str, dict[str, list[Path]]] | None:
+    """{config: {split: parquet files}} that the folder's README.md dataset card declares (the YAML
+    `configs:` that `datasets.load_dataset(folder, config)` reads), or None for a folder without one."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return None
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---\n") or "\n---" not in text[3:]:
+        return None
+    import yaml
+
+    try:
+        meta = yaml.safe_load(text[4 : text.index("\n---", 3)])
+    except yaml.YAMLError:
+        return None
+    configs = meta.get("configs") if isinstance(meta, dict) else None
+    if not isinstance(configs, list):
+        return None
+    found: dict[str, dict[str, list[Path]]] = {}
+    for entry in configs:
+        if not isinstance(entry, dict) or not isinstance(entry.get("data_files"), list):
+            continue
+        splits: dict[str, list[Path]] = {}
+        for files in entry["data_files"]:
+            paths = files.get("path") if isinstance(files, dict) else None
+            for pattern in [paths] if isinstance(paths, str) else paths or []:
+                splits.setdefault(str(files.get("split", "train")), []).extend(sorted(folder.glob(pattern)))
+        found[str(entry.get("config_name", "default"))] = splits
+    return found or None
+
+
+def _dataset_source(spec: str, folder: Path, config: str, fld: str | None) -> _Source:
+    configs = dataset_configs(folder)
+    if not configs:
+        raise DataError(
+            f"{str(folder)!r} has no dataset card declaring configs (README.md with YAML 'configs:'); "
+            "point --data at the folder itself for its code/text files"
+        )
+    if config not in configs:
+        raise DataError(
+            f"dataset folder {str(folder)!r} has no config {config!r}; use one of {', '.join(configs)}"
+        )
+    if fld:
+        raise DataError(
+            f"a dataset folder is read as input/output pairs, so '#{fld}' does not apply to {spec!r}; "
+            f"for plain text point --data at one of its .parquet files with #{fld}"
+        )
+    return _Source(spec, "dataset", path=folder, config=config)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -575,6 +636,11 @@ def _read_documents(
         docs = _read_jsonl(src, max_documents)
     elif src.kind == "parquet":
         docs = _read_parquet(src, max_documents)
+    elif src.kind == "dataset":
+        raise DataError(
+            f"dataset folder {src.spec!r} holds input/output pairs, which only distil.py trains on; for "
+            "plain text point --data at one of its .parquet files"
+        )
     else:
         docs = _read_hub(src, max_documents)
     if not docs:

@@ -31,7 +31,7 @@ from . import checkpoint as ckpt
 from .data import LONG_RANGE_ROOM, BlockSampler, load_blocks, mix_long_range
 from .errors import UserError
 from .long_range import KINDS
-from .losses import DenseTeacher, distillation_loss
+from .losses import IGNORE_INDEX, DenseTeacher, distillation_loss
 from .model_folder import (
     atomic_file,
     atomic_folder,
@@ -44,6 +44,7 @@ from .model_folder import (
 )
 from .models.configuration_mac_llama import MACLlamaConfig
 from .models.neural_memory import NeuralMemory
+from .pairs import load_pairs, pairs_source
 from .run_folder import CHECKPOINTS
 from .student import CALIBRATION_BLOCKS, build_student, calibrate_memory, pick_layers, student_config
 from .teacher import load_teacher, load_teacher_config
@@ -158,8 +159,18 @@ class DistilConfig:
         return kinds, distance
 
 
-def check_recipe(cfg: DistilConfig, has_memory: bool) -> None:
+def check_recipe(cfg: DistilConfig, has_memory: bool, pairs: bool = False) -> None:
     """Refuse recipe settings that are out of range or would silently do nothing (click lets nan through)."""
+    if pairs and cfg.long_range_rate:
+        raise UserError(
+            "--long-range-rate rewrites packed text blocks, and --data holds input/output pairs; drop "
+            "--long-range-rate or train on a text source"
+        )
+    if pairs and cfg.teacher_cache:
+        raise UserError(
+            "--teacher-cache holds targets of packed text blocks, and --data holds input/output pairs; drop "
+            "--teacher-cache (pairs train with the live teacher)"
+        )
     if cfg.memory_lr is not None and not (math.isfinite(cfg.memory_lr) and cfg.memory_lr > 0):
         example = MEMORY_LR_FACTOR * cfg.lr
         raise UserError(f"--memory-lr {cfg.memory_lr} is not positive; pass e.g. --memory-lr {example:g}")
@@ -607,12 +618,12 @@ class Distiller(torch.nn.Module):
         """(loss, kd, ce, stats). With ``layer_targets`` ({student layer: what its teacher layer produced,
         see `layer_outputs`}) the loss adds ``layer_weight`` x the layers' mean `layer_loss`, reported as
         ``stats[LAYER_LOSS_STAT[layer_part]]``; the other stats are the memory's. ``position_weights``
-        (B, T - 1) weight the loss of each predicted position."""
+        (B, T - 1) weight the loss of each predicted position (see `next_token_labels` for weight 0)."""
         layers = self.student.model.layers
         with layer_outputs(layers, list(layer_targets or ()), layer_part) as captured:
             out = self.student.model(input_ids=input_ids)
         hidden = out.last_hidden_state[:, :-1].reshape(-1, out.last_hidden_state.shape[-1])
-        labels = input_ids[:, 1:].reshape(-1)
+        labels = next_token_labels(input_ids, position_weights)
         loss, kd, ce = distillation_loss(
             hidden,
             self.student.lm_head.weight,
@@ -631,6 +642,15 @@ class Distiller(torch.nn.Module):
             loss = loss + layer_weight * mean_error
             stats[LAYER_LOSS_STAT[layer_part]] = mean_error.detach()
         return loss, kd, ce, stats
+
+
+def next_token_labels(input_ids: torch.Tensor, position_weights: torch.Tensor | None) -> torch.Tensor:
+    """The flat next-token labels; a position of weight 0 (a pair's prompt or pad) gets IGNORE_INDEX, so it
+    is out of KD and CE alike and the reported means and perplexities are over the positions that count."""
+    labels = input_ids[:, 1:]
+    if position_weights is not None:
+        labels = labels.masked_fill(position_weights == 0, IGNORE_INDEX)
+    return labels.reshape(-1)
 
 
 def answer_weights(shape: tuple[int, int], items, weight: float) -> torch.Tensor | None:
@@ -653,28 +673,55 @@ def teacher_targets(teacher, input_ids: torch.Tensor) -> DenseTeacher:
 
 @torch.no_grad()
 def perplexity(
-    model, blocks: torch.Tensor, batch_size: int, accelerator: Accelerator, chunk_size: int
+    model,
+    blocks: torch.Tensor,
+    batch_size: int,
+    accelerator: Accelerator,
+    chunk_size: int,
+    weights: torch.Tensor | None = None,
 ) -> float:
-    """exp(mean next-token cross-entropy) over `blocks`, computed with the chunked head (no full logits)."""
+    """exp(mean next-token cross-entropy) over `blocks` (only the positions of non-zero `weights`, e.g. the
+    outputs of pairs), computed with the chunked head (no full logits)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(blocks), batch_size):
         ids = blocks[start : start + batch_size].to(accelerator.device)
+        labels = next_token_labels(ids, None if weights is None else weights[start : start + batch_size])
         with accelerator.autocast():
             hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
             _, _, ce = distillation_loss(
                 hidden.reshape(-1, hidden.shape[-1]),
                 model.lm_head.weight,
-                ids[:, 1:].reshape(-1),
+                labels.to(accelerator.device),
                 None,
                 alpha=0.0,
                 chunk_size=chunk_size,
             )
-        n = ids[:, 1:].numel()
+        n = int((labels != IGNORE_INDEX).sum())
         total, count = total + ce.item() * n, count + n
     model.train(was_training)
     return math.exp(total / max(count, 1))
+
+
+def _text_blocks(
+    cfg: DistilConfig, tokenizer, accelerator: Accelerator, val_cap: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed (train, validation) blocks of a text --data; the main process tokenizes (and caches)
+    first."""
+    with accelerator.main_process_first():
+        return tuple(
+            load_blocks(
+                cfg.data,
+                tokenizer,
+                cfg.max_length,
+                split,
+                seed=cfg.seed,
+                validation_fraction=cfg.validation_fraction,
+                max_blocks=cap,
+            )
+            for split, cap in (("train", cfg.max_train_blocks), ("validation", val_cap))
+        )
 
 
 def distil(cfg: DistilConfig) -> Path:
@@ -706,7 +753,8 @@ def distil(cfg: DistilConfig) -> Path:
     layers = pick_layers(teacher_config.num_hidden_layers, cfg.student_layers)
     # invalid memory settings fail here, not later
     config = student_config(teacher_config, layers, cfg.mac_settings())
-    check_recipe(cfg, has_memory=bool(getattr(config, "memory_layers", None)))
+    pairs = pairs_source(cfg.data) is not None
+    check_recipe(cfg, has_memory=bool(getattr(config, "memory_layers", None)), pairs=pairs)
     # student layer -> the teacher layer whose output it is pulled to (attention: the memory layers only)
     matched = config.memory_layers if cfg.layer_loss_target == "attention" else range(len(layers))
     layer_pairs = {s: layers[s] for s in matched}
@@ -732,25 +780,30 @@ def distil(cfg: DistilConfig) -> Path:
             f"the teacher's tokenizer has {len(tokenizer)} tokens but its embeddings only "
             f"{teacher.config.vocab_size}; use the tokenizer that belongs to this teacher"
         )
-    with accelerator.main_process_first():
-        train_blocks = load_blocks(
+    val_weights = position_weights = None
+    val_cap = cfg.eval_batches * cfg.batch_size * accelerator.num_processes
+    if pairs:  # one example per block; the weights keep the loss on the outputs
+        train = load_pairs(
             cfg.data,
             tokenizer,
             cfg.max_length,
             "train",
-            seed=cfg.seed,
             validation_fraction=cfg.validation_fraction,
             max_blocks=cfg.max_train_blocks,
         )
-        val_blocks = load_blocks(
-            cfg.data,
-            tokenizer,
-            cfg.max_length,
-            "validation",
-            seed=cfg.seed,
-            validation_fraction=cfg.validation_fraction,
-            max_blocks=cfg.eval_batches * cfg.batch_size * accelerator.num_processes,
+        val = load_pairs(
+            cfg.data, tokenizer, cfg.max_length, "validation", validation_fraction=cfg.validation_fraction
         )
+        train_blocks, position_weights = train.blocks, train.weights
+        val_blocks, val_weights = val.blocks[:val_cap], val.weights[:val_cap]
+        accelerator.print(
+            f"pairs: {len(train_blocks)} training and {len(val.blocks)} validation examples "
+            f"({len(val_blocks)} evaluated), one per block padded to {cfg.max_length} tokens; longer ones "
+            f"dropped: {train.dropped} of {train.examples} training, {val.dropped} of {val.examples} "
+            "validation"
+        )
+    else:
+        train_blocks, val_blocks = _text_blocks(cfg, tokenizer, accelerator, val_cap)
     calibration_blocks = train_blocks[
         :CALIBRATION_BLOCKS
     ]  # before mixing: the student's init ignores the mix
@@ -762,9 +815,7 @@ def distil(cfg: DistilConfig) -> Path:
             f"long-range items ({','.join(kinds)}, distance {distance}) in {len(items)} of "
             f"{len(train_blocks)} training blocks"
         )
-    position_weights = (
-        answer_weights(train_blocks.shape, items, cfg.answer_loss_weight) if cfg.long_range_rate else None
-    )
+        position_weights = answer_weights(train_blocks.shape, items, cfg.answer_loss_weight)
     cache = None
     if cfg.teacher_cache:
         cache = TeacherCache(cfg.teacher_cache)
@@ -854,13 +905,10 @@ def distil(cfg: DistilConfig) -> Path:
 
     def evaluate() -> dict:
         unwrapped = accelerator.unwrap_model(distiller).student
-        record = {
-            "val_ppl": perplexity(unwrapped, val_blocks, cfg.batch_size, accelerator, cfg.kd_chunk_size)
-        }
+        settings = (val_blocks, cfg.batch_size, accelerator, cfg.kd_chunk_size, val_weights)
+        record = {"val_ppl": perplexity(unwrapped, *settings)}
         if not cfg.resume and step == 0 and teacher is not None:
-            record["teacher_val_ppl"] = perplexity(
-                teacher, val_blocks, cfg.batch_size, accelerator, cfg.kd_chunk_size
-            )
+            record["teacher_val_ppl"] = perplexity(teacher, *settings)
         return record
 
     if step == 0:
